@@ -1,0 +1,1 @@
+"""braze: graph-level fusion compiler for LLM inference, built on torch.compile."""
