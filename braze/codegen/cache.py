@@ -1,0 +1,81 @@
+"""Kernel cache: generated source -> importable module -> Triton JIT function, keyed by signature.
+
+Sources are written to files (Triton and Inductor read kernel source through
+`inspect`), under `$BRAZE_CACHE_DIR` or Inductor's cache dir. The same file is
+the readable dump of the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from braze.patterns.stages import RowChain
+
+from . import rowwise
+
+
+def cache_root() -> Path:
+    env = os.environ.get("BRAZE_CACHE_DIR")
+    if env:
+        return Path(env)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "braze"
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    source: rowwise.KernelSource
+    path: Path
+    jit: object  # triton.runtime.jit.JITFunction
+
+    @functools.cached_property
+    def interpreted(self) -> object:
+        """The same kernel for the Triton interpreter (runs on CPU tensors)."""
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(self.jit.fn)
+
+
+def _load_module(name: str, source: str) -> tuple[Path, object]:
+    folder = cache_root() / "kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"braze_kernels.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return path, module
+
+
+@functools.lru_cache(maxsize=None)
+def _rowwise_kernel(signature: str) -> LoadedKernel:
+    chain = RowChain.from_json(signature)
+    src = rowwise.generate(chain)
+    path, module = _load_module(src.name, src.source)
+    jit = getattr(module, src.name)
+    # When TRITON_INTERPRET=1 is set, triton.jit already returns an interpreted function.
+    return LoadedKernel(src, path, jit)
+
+
+def rowwise_kernel(chain: RowChain) -> LoadedKernel:
+    return _rowwise_kernel(chain.to_json())
+
+
+def dump(kernel: LoadedKernel, directory: str | os.PathLike) -> Path:
+    """Copy a kernel's source into `directory` (the config's dump dir)."""
+    out = Path(directory) / "kernels"
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / kernel.path.name
+    shutil.copyfile(kernel.path, dest)
+    return dest

@@ -1,0 +1,227 @@
+"""RowChain -> Triton source: one program per row, every stage fused, no intermediates in memory.
+
+Bytes moved per row of D values (bf16 activations, fp8 out, G scale groups):
+read x (2D) [+ residual 2D] [+ weight 2D, cached across rows], write
+[h 2D] [norm out 2D] q (D) + scales (4G). Every intermediate lives in
+registers. A row is held as a [BLOCK_G, BLOCK_GS] tile (groups x group
+elements) so per-group reductions are one `tl.max` along axis 1.
+
+Numerics follow the graph: each value is computed in fp32 and rounded to the
+dtype the graph gives it, with explicit round-to-nearest-even helpers. They are
+bit operations, so the same source is exact on the GPU and under the Triton
+interpreter (whose own bf16/fp8 conversions truncate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from braze.patterns.stages import (
+    Cast,
+    FP8Quant,
+    RMSNorm,
+    RowChain,
+    UnaryOp,
+    WeightMul,
+)
+
+_TL_DTYPE = {
+    "float32": "tl.float32",
+    "bfloat16": "tl.bfloat16",
+    "float16": "tl.float16",
+    "float8_e4m3fn": "tl.float8e4nv",
+}
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    name: str
+    source: str
+    block_g: int
+    block_gs: int
+    num_warps: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _Emitter:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.count = 0
+
+    def fresh(self, stem: str = "t") -> str:
+        self.count += 1
+        return f"{stem}{self.count}"
+
+    def line(self, text: str) -> None:
+        self.lines.append("    " + text)
+
+    def let(self, expr: str, stem: str = "t") -> str:
+        name = self.fresh(stem)
+        self.line(f"{name} = {expr}")
+        return name
+
+    def round_to(self, v: str, dtype: str) -> str:
+        """fp32 value rounded (RNE) to `dtype`, still held in fp32."""
+        if dtype == "float32":
+            return v
+        if dtype == "bfloat16":
+            b = self.let(f"{v}.to(tl.uint32, bitcast=True)", "bits")
+            r = self.let(f"((({b} + 0x7FFF + (({b} >> 16) & 1)) & 0xFFFF0000)).to(tl.float32, bitcast=True)", "r")
+            return self.let(f"tl.where({v} != {v}, {v}, {r})", "bf")
+        if dtype == "float16":
+            return self._round_ulp(v, mant=10, emin=-14, max_finite=65504.0, stem="hf")
+        if dtype == "float8_e4m3fn":
+            # the graph clamps to +-448 before the cast; out-of-range values are not saturated here
+            return self._round_ulp(v, mant=3, emin=-6, max_finite=None, stem="f8")
+        raise AssertionError(dtype)
+
+    def _round_ulp(self, v: str, mant: int, emin: int, max_finite: float | None, stem: str) -> str:
+        # ulp of v in the target format; v / ulp is exact, and adding 1.5 * 2^23
+        # rounds it to an integer with round-to-nearest-even.
+        b = self.let(f"{v}.to(tl.int32, bitcast=True)", "bits")
+        e = self.let(f"tl.maximum((({b} >> 23) & 0xFF) - 127, {emin}) - {mant}", "e")
+        ulp = self.let(f"(({e} + 127) << 23).to(tl.float32, bitcast=True)", "ulp")
+        r = self.let(f"((tl.math.div_rn({v}, {ulp}) + 12582912.0) - 12582912.0) * {ulp}", "r")
+        r = self.let(f"({r}.to(tl.int32, bitcast=True) | ({b} & -2147483648)).to(tl.float32, bitcast=True)", "r")
+        if max_finite is not None:
+            r = self.let(f"tl.where(tl.abs({r}) > {max_finite!r}, {v} * float('inf'), {r})", "r")
+        return self.let(f"tl.where((tl.abs({v}) == float('inf')) | ({v} != {v}), {v}, {r})", stem)
+
+    def unary(self, v: str, op: UnaryOp) -> str:
+        c = repr(op.const) if op.const is not None else None
+        expr = {
+            "cast": v,
+            "mul": f"{v} * {c}",
+            "div": f"tl.math.div_rn({v}, {c})",
+            "rdiv": f"tl.math.div_rn({c} + tl.zeros_like({v}), {v})",
+            "add": f"{v} + {c}",
+            "clamp_min": f"tl.maximum({v}, {c}, propagate_nan=tl.PropagateNan.ALL)",
+            "clamp_max": f"tl.minimum({v}, {c}, propagate_nan=tl.PropagateNan.ALL)",
+            "reciprocal": f"tl.math.div_rn(1.0 + tl.zeros_like({v}), {v})",
+            "log2": f"tl.math.log2({v})",
+            "ceil": f"tl.math.ceil({v})",
+            "exp2": f"tl.math.exp2({v})",
+        }[op.op]
+        return self.round_to(self.let(expr), op.dtype)
+
+
+def _fmt_float(x: float) -> str:
+    if x != x:
+        return "float('nan')"
+    if x in (float("inf"), float("-inf")):
+        return f"float('{x}')"
+    return repr(float(x))
+
+
+def generate(chain: RowChain) -> KernelSource:
+    """Triton source for `chain`, specialized on its sizes and dtypes."""
+    signature = chain.to_json()
+    digest = hashlib.sha256(signature.encode()).hexdigest()[:12]
+    name = f"braze_{chain.name}_{digest}"
+    D = chain.width
+    G = chain.n_groups
+    GS = D // G
+    block_g, block_gs = _next_pow2(G), _next_pow2(GS)
+    elems = block_g * block_gs
+    num_warps = 1 if elems <= 256 else 2 if elems <= 1024 else 4 if elems <= 4096 else 8 if elems <= 16384 else 16
+
+    params = ["x_ptr", "x_row_stride"]
+    if chain.residual:
+        params += ["r_ptr", "r_row_stride"]
+    if chain.norm.has_weight:
+        params.append("w_ptr")
+    outs = [o[0] for o in chain.output_specs()]
+    params += [f"{o}_ptr" for o in outs]
+    params += ["n_rows", "D: tl.constexpr", "G: tl.constexpr", "GS: tl.constexpr",
+               "BLOCK_G: tl.constexpr", "BLOCK_GS: tl.constexpr"]
+
+    em = _Emitter()
+    em.line("row = tl.program_id(0).to(tl.int64)")
+    em.line("g = tl.arange(0, BLOCK_G)[:, None]")
+    em.line("e = tl.arange(0, BLOCK_GS)[None, :]")
+    em.line("col = g * GS + e  # [BLOCK_G, BLOCK_GS]: element (group, i) of the row")
+    em.line("mask = (g < G) & (e < GS)")
+    em.line("x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
+    h = "x"
+    if chain.residual:
+        em.line("# residual add: h = x + r, the new residual")
+        em.line("r = tl.load(r_ptr + row * r_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
+        h = em.round_to(em.let("x + r", "h"), chain.residual.dtype)
+        if chain.residual.store:
+            em.line(f"tl.store(residual_out_ptr + row * D + col, {h}.to({_TL_DTYPE[chain.residual.dtype]}), mask=mask)")
+    y = _emit_rmsnorm(em, chain.norm, h)
+    if chain.norm.store:
+        em.line(f"tl.store(norm_out_ptr + row * D + col, {y}.to({_TL_DTYPE[chain.norm.out_dtype]}), mask=mask)")
+    if chain.quant:
+        _emit_quant(em, chain.quant, y)
+
+    header = [
+        f'"""Generated by braze.codegen.rowwise for the chain:',
+        f"{signature}",
+        '"""',
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}(",
+        *[f"    {p}," for p in params],
+        "):",
+    ]
+    source = "\n".join(header + em.lines) + "\n"
+    return KernelSource(name, source, block_g, block_gs, num_warps)
+
+
+def _emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str) -> str:
+    em.line(f"# rmsnorm over {norm.width} values, eps={norm.eps!r}")
+    sq = em.round_to(em.let(f"{x} * {x}", "sq"), norm.square)
+    total = em.let(f"tl.sum(tl.sum({sq}, axis=1), axis=0)", "ssum")
+    mean = em.round_to(em.let(f"tl.math.div_rn({total}, {float(norm.width)!r})", "mean"), norm.mean)
+    var = em.round_to(em.let(f"{mean} + {_fmt_float(norm.eps)}", "var"), norm.rstd)
+    if norm.inverse == "rsqrt":
+        rstd = em.round_to(em.let(f"tl.math.rsqrt({var})", "rstd"), norm.rstd)
+        y = em.round_to(em.let(f"{x} * {rstd}", "y"), norm.normed)
+    elif norm.inverse == "recip_sqrt":
+        rms = em.round_to(em.let(f"tl.sqrt_rn({var})", "rms"), norm.rstd)
+        rstd = em.round_to(em.let(f"tl.math.div_rn(1.0, {rms})", "rstd"), norm.rstd)
+        y = em.round_to(em.let(f"{x} * {rstd}", "y"), norm.normed)
+    else:
+        rms = em.round_to(em.let(f"tl.sqrt_rn({var})", "rms"), norm.rstd)
+        y = em.round_to(em.let(f"tl.math.div_rn({x}, {rms} + tl.zeros_like({x}))", "y"), norm.normed)
+    for op in norm.epilogue:
+        if isinstance(op, Cast):
+            y = em.round_to(y, op.dtype)
+        elif isinstance(op, WeightMul):
+            w = em.let("tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)", "w")
+            if op.zero_centered:
+                w = em.round_to(em.let(f"1.0 + {w}", "w"), op.offset_dtype or "float32")
+            y = em.round_to(em.let(f"{y} * {w}", "y"), op.dtype)
+    return y
+
+
+def _emit_quant(em: _Emitter, quant: FP8Quant, y: str) -> None:
+    em.line(f"# fp8 quant, {quant.group_size} values per scale")
+    amax = em.let(f"tl.max(tl.abs({y}), axis=1)[:, None]  # [BLOCK_G, 1]", "amax")
+    for i, prog in enumerate(quant.scales):
+        s = amax
+        for op in prog:
+            s = em.unary(s, op)
+        em.line(f"tl.store(scale{i}_ptr + row * G + g, {s}.to({_TL_DTYPE[prog[-1].dtype]}), mask=g < G)")
+    operand = amax
+    for op in quant.operand:
+        operand = em.unary(operand, op)
+    if quant.combine == "div":
+        v = em.let(f"tl.math.div_rn({y}, {operand} + tl.zeros_like({y}))", "v")
+    else:
+        v = em.let(f"{y} * {operand}", "v")
+    v = em.round_to(v, quant.value_dtype)
+    if quant.clamp is not None:
+        lo, hi = quant.clamp
+        v = em.let(f"tl.minimum(tl.maximum({v}, {_fmt_float(lo)}, propagate_nan=tl.PropagateNan.ALL), "
+                       f"{_fmt_float(hi)}, propagate_nan=tl.PropagateNan.ALL)", "v")
+    v = em.round_to(v, quant.fp8_dtype)
+    em.line(f"tl.store(q_ptr + row * D + col, {v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask=mask)")

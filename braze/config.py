@@ -1,0 +1,107 @@
+"""FusionConfig: what braze may fuse, where, and how it checks itself."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+# Fusion families with a switch and a token range each. A family appears here
+# only once braze implements it.
+FAMILIES = ("norm_quant",)
+VERIFY_MODES = ("off", "compile")
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """Token counts [lo, hi] (inclusive; hi None = unbounded) where a fusion applies."""
+
+    lo: int = 1
+    hi: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lo, int) or isinstance(self.lo, bool) or self.lo < 0:
+            raise ValueError(f"TokenRange.lo={self.lo!r}: expected an int >= 0")
+        if self.hi is not None and (not isinstance(self.hi, int) or isinstance(self.hi, bool) or self.hi < self.lo):
+            raise ValueError(f"TokenRange.hi={self.hi!r}: expected None or an int >= lo ({self.lo})")
+
+    def __contains__(self, n: int) -> bool:
+        return self.lo <= n and (self.hi is None or n <= self.hi)
+
+    def __str__(self) -> str:
+        return f"[{self.lo}, {'inf' if self.hi is None else self.hi}]"
+
+
+def _default_ranges() -> tuple[tuple[str, TokenRange], ...]:
+    return tuple((f, TokenRange()) for f in FAMILIES)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Everything that changes what braze does to a graph (it is part of the cache key).
+
+    norm_quant: fuse RMSNorm (+ residual add) -> FP8 dynamic quant.
+    verify: "off", or "compile" to run each candidate site fused vs unfused on
+        random inputs of its real shapes at compile time and refuse mismatches.
+    verify_rtol: relative error allowed by the numerics gate, as a multiple of
+        the output dtype's resolution.
+    token_ranges: family -> TokenRange (or (lo, hi)) of token counts where it applies.
+    dump_dir: where to write generated kernels and graphs before/after braze.
+    count_stock_kernels: also compile each graph with stock Inductor to count
+        its kernels for the report (doubles compile time).
+    """
+
+    norm_quant: bool = True
+    verify: str = "off"
+    verify_rtol: float = 1.0
+    token_ranges: Mapping[str, TokenRange] | tuple = field(default_factory=_default_ranges)
+    dump_dir: str | None = None
+    count_stock_kernels: bool = False
+
+    def __post_init__(self) -> None:
+        for f in ("norm_quant", "count_stock_kernels"):
+            v = getattr(self, f)
+            if not isinstance(v, bool):
+                raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"FusionConfig.verify={self.verify!r}: expected one of {VERIFY_MODES}")
+        if not isinstance(self.verify_rtol, (int, float)) or isinstance(self.verify_rtol, bool) or self.verify_rtol <= 0:
+            raise ValueError(f"FusionConfig.verify_rtol={self.verify_rtol!r}: expected a number > 0")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, str):
+            raise ValueError(f"FusionConfig.dump_dir={self.dump_dir!r}: expected None or a path string")
+        object.__setattr__(self, "token_ranges", self._normalize_ranges(self.token_ranges))
+
+    @staticmethod
+    def _normalize_ranges(ranges: object) -> tuple[tuple[str, TokenRange], ...]:
+        items = ranges.items() if isinstance(ranges, Mapping) else ranges
+        merged = dict(_default_ranges())
+        try:
+            pairs = list(items)
+        except TypeError:
+            raise ValueError(f"FusionConfig.token_ranges={ranges!r}: expected a mapping family -> TokenRange") from None
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ValueError(f"FusionConfig.token_ranges={ranges!r}: expected a mapping family -> TokenRange")
+            family, rng = pair
+            if family not in FAMILIES:
+                raise ValueError(f"FusionConfig.token_ranges: unknown family {family!r}; expected one of {FAMILIES}")
+            if isinstance(rng, tuple) and len(rng) == 2:
+                rng = TokenRange(*rng)
+            if not isinstance(rng, TokenRange):
+                raise ValueError(
+                    f"FusionConfig.token_ranges[{family!r}]={rng!r}: expected a TokenRange or a (lo, hi) pair"
+                )
+            merged[family] = rng
+        return tuple(sorted(merged.items()))
+
+    def enabled(self, family: str) -> bool:
+        return bool(getattr(self, family))
+
+    def token_range(self, family: str) -> TokenRange:
+        return dict(self.token_ranges)[family]
+
+    def fingerprint(self) -> str:
+        """A stable text of every field, for cache keys."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["token_ranges"] = [(k, r.lo, r.hi) for k, r in self.token_ranges]
+        return json.dumps(d, sort_keys=True, default=str)

@@ -1,0 +1,237 @@
+"""Stage descriptions: what a recognizer finds and what codegen turns into Triton.
+
+A stage is a frozen, hashable, JSON-serializable description of one per-row step
+of a fused chain (residual add, RMSNorm, FP8 quant, ...). It carries every
+parameter that changes the numerics, including the dtype each intermediate is
+rounded to in the original graph, so the generated kernel reproduces eager
+rounding step for step. Stages know nothing about FX or Triton.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Union
+
+import torch
+
+# Dtypes a stage may name, by their torch name (JSON-friendly).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+FP8_DTYPES = ("float8_e4m3fn",)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+# Unary ops a scale program may apply, each followed by rounding to `dtype`.
+# `const` is the scalar operand where the op has one.
+UNARY_OPS = (
+    "cast",  # x
+    "mul",  # x * c
+    "div",  # x / c
+    "rdiv",  # c / x
+    "add",  # x + c
+    "clamp_min",  # max(x, c)
+    "clamp_max",  # min(x, c)
+    "reciprocal",  # 1 / x
+    "log2",
+    "ceil",
+    "exp2",  # 2 ** x
+)
+
+
+@dataclass(frozen=True)
+class UnaryOp:
+    op: str
+    dtype: str
+    const: float | None = None
+
+    def __post_init__(self) -> None:
+        assert self.op in UNARY_OPS, self.op
+        assert self.dtype in FLOAT_DTYPES, self.dtype
+
+
+@dataclass(frozen=True)
+class ResidualAdd:
+    """h = x + r, rounded to `dtype`; `store` when h is also the new residual."""
+
+    dtype: str
+    store: bool
+    kind: str = field(default="residual_add", init=False)
+
+
+@dataclass(frozen=True)
+class WeightMul:
+    """y = y * w (or y * (1 + w) when zero_centered), result rounded to `dtype`.
+
+    `weight_dtype` is the dtype of the stored weight; `offset_dtype` the dtype
+    `1 + w` is rounded to before the multiply (zero-centered only).
+    """
+
+    dtype: str
+    weight_dtype: str
+    zero_centered: bool = False
+    offset_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Cast:
+    dtype: str
+
+
+EpilogueOp = Union[WeightMul, Cast]
+
+
+@dataclass(frozen=True)
+class RMSNorm:
+    """y = x * rsqrt(mean(x^2) + eps), then the epilogue ops in order.
+
+    The dtypes record what the graph rounds each intermediate to: `square`
+    for x^2, `mean` for the mean, `rstd` for rsqrt(mean + eps) (the add is
+    rounded to `rstd` as well), `normed` for x * rstd; `inverse` how the graph
+    spells the inverse RMS. `store` when the norm
+    output has users besides the next stage.
+    """
+
+    eps: float
+    width: int
+    square: str
+    mean: str
+    rstd: str
+    normed: str
+    epilogue: tuple[EpilogueOp, ...]
+    store: bool
+    inverse: str = "rsqrt"  # x * rsqrt(v) | "div_sqrt": x / sqrt(v) | "recip_sqrt": x * (1 / sqrt(v))
+    kind: str = field(default="rmsnorm", init=False)
+
+    @property
+    def out_dtype(self) -> str:
+        return self.epilogue[-1].dtype if self.epilogue else self.normed
+
+    @property
+    def has_weight(self) -> bool:
+        return any(isinstance(op, WeightMul) for op in self.epilogue)
+
+    @property
+    def weight_dtype(self) -> str | None:
+        for op in self.epilogue:
+            if isinstance(op, WeightMul):
+                return op.weight_dtype
+        return None
+
+
+@dataclass(frozen=True)
+class FP8Quant:
+    """Dynamic FP8 quant of each group of `group_size` values of a row.
+
+    amax = max|y| over the group (exact in any dtype). Each scale output and
+    the operand are unary programs of amax. The value is cast to
+    `value_dtype`, combined with the operand (`div` or `mul`, rounded to
+    `value_dtype`), clamped to [clamp_lo, clamp_hi] if given, and cast to fp8.
+    """
+
+    group_size: int
+    fp8_dtype: str
+    value_dtype: str
+    combine: str
+    operand: tuple[UnaryOp, ...]
+    clamp: tuple[float, float] | None
+    scales: tuple[tuple[UnaryOp, ...], ...]
+    kind: str = field(default="fp8_quant", init=False)
+
+    def __post_init__(self) -> None:
+        assert self.combine in ("div", "mul"), self.combine
+        assert self.fp8_dtype in FP8_DTYPES, self.fp8_dtype
+
+
+Stage = Union[ResidualAdd, RMSNorm, FP8Quant]
+
+
+@dataclass(frozen=True)
+class RowChain:
+    """A fused chain over rows of `width` values: the unit codegen compiles.
+
+    Inputs, in order: x, the residual (if `residual`), the weight (if the norm
+    has one). Outputs, in order: h (if residual.store), the norm output (if
+    norm.store), q and each scale (if quant). Every output is contiguous with
+    the leading (row) dims of x.
+    """
+
+    in_dtype: str
+    residual: ResidualAdd | None
+    norm: RMSNorm
+    quant: FP8Quant | None
+
+    @property
+    def width(self) -> int:
+        return self.norm.width
+
+    @property
+    def n_groups(self) -> int:
+        return self.width // self.quant.group_size if self.quant else 1
+
+    @property
+    def name(self) -> str:
+        parts = (["add"] if self.residual else []) + ["rmsnorm"] + (["fp8_quant"] if self.quant else [])
+        return "_".join(parts)
+
+    def input_names(self) -> list[str]:
+        names = ["x"]
+        if self.residual:
+            names.append("residual")
+        if self.norm.has_weight:
+            names.append("weight")
+        return names
+
+    def output_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, trailing shape) of each output, in order."""
+        out: list[tuple[str, str, tuple[int, ...]]] = []
+        if self.residual and self.residual.store:
+            out.append(("residual_out", self.residual.dtype, (self.width,)))
+        if self.norm.store:
+            out.append(("norm_out", self.norm.out_dtype, (self.width,)))
+        if self.quant:
+            out.append(("q", self.quant.fp8_dtype, (self.width,)))
+            for i, prog in enumerate(self.quant.scales):
+                out.append((f"scale{i}", prog[-1].dtype if prog else "float32", (self.n_groups,)))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> RowChain:
+        return _decode_chain(json.loads(text))
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_encode(o) for o in obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        d = {f.name: _encode(getattr(obj, f.name)) for f in fields(obj) if f.init}
+        d["__type__"] = type(obj).__name__
+        return d
+    return obj
+
+
+_TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm, FP8Quant, RowChain)}
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_decode(o) for o in obj)
+    if isinstance(obj, dict):
+        cls = _TYPES[obj.pop("__type__")]
+        return cls(**{k: _decode(v) for k, v in obj.items()})
+    return obj
+
+
+def _decode_chain(obj: dict) -> RowChain:
+    chain = _decode(obj)
+    assert isinstance(chain, RowChain)
+    return chain
