@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, CustomSchedulerPass
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, GraphModule
 
 from braze.config import FusionConfig
@@ -31,6 +31,11 @@ PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
     NormQuantFusion,
 )
+
+try:  # torch >= 2.12 checks scheduler passes for a uuid before caching
+    from torch._inductor.custom_graph_pass import CustomSchedulerPass
+except ImportError:  # torch 2.11 takes any callable there
+    CustomSchedulerPass = object  # type: ignore[assignment,misc]
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 _HASHED_DIRS = ("patterns", "passes", "codegen", "runtime")
@@ -132,7 +137,7 @@ class KernelCounter(CustomSchedulerPass):
         return nodes
 
     def uuid(self) -> str:
-        user = repr(self.user_pass.uuid()) if isinstance(self.user_pass, CustomSchedulerPass) else ""
+        user = repr(self.user_pass.uuid()) if hasattr(self.user_pass, "uuid") else ""
         return "braze-kernel-counter-1" + user
 
 
