@@ -51,57 +51,81 @@ class _Emitter:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.count = 0
+        self.indent = 1
 
     def fresh(self, stem: str = "t") -> str:
         self.count += 1
         return f"{stem}{self.count}"
 
     def line(self, text: str) -> None:
-        self.lines.append("    " + text)
+        self.lines.append("    " * self.indent + text)
 
     def let(self, expr: str, stem: str = "t") -> str:
         name = self.fresh(stem)
         self.line(f"{name} = {expr}")
         return name
 
+    def div(self, a: str, b: str, per_element: bool = False) -> str:
+        """a / b. Scalars and per-group values divide with IEEE rounding, as eager
+        PyTorch does; per-element divides use it only when DIV_RN (it costs ~2x the
+        kernel time on H100/H200), else the fast divide that Inductor also emits."""
+        if per_element:
+            return f"(tl.math.div_rn({a}, {b}) if DIV_RN else {a} / {b})"
+        return f"tl.math.div_rn({a}, {b})"
+
     def round_to(self, v: str, dtype: str) -> str:
-        """fp32 value rounded (RNE) to `dtype`, still held in fp32."""
+        """fp32 value rounded (RNE) to `dtype`, still held in fp32.
+
+        SOFT_ROUND selects bit-exact rounding written out in integer ops (for the
+        interpreter, whose conversions truncate); otherwise the hardware converts.
+        """
         if dtype == "float32":
             return v
+        out = self.fresh({"bfloat16": "bf", "float16": "hf", "float8_e4m3fn": "f8"}[dtype])
+        self.line("if SOFT_ROUND:")
+        self.indent += 1
         if dtype == "bfloat16":
             b = self.let(f"{v}.to(tl.uint32, bitcast=True)", "bits")
             r = self.let(f"((({b} + 0x7FFF + (({b} >> 16) & 1)) & 0xFFFF0000)).to(tl.float32, bitcast=True)", "r")
-            return self.let(f"tl.where({v} != {v}, {v}, {r})", "bf")
-        if dtype == "float16":
-            return self._round_ulp(v, mant=10, emin=-14, max_finite=65504.0, stem="hf")
-        if dtype == "float8_e4m3fn":
+            self.line(f"{out} = tl.where({v} != {v}, {v}, {r})")
+        elif dtype == "float16":
+            self._round_ulp(v, out, mant=10, emin=-14, max_finite=65504.0)
+        elif dtype == "float8_e4m3fn":
             # the graph clamps to +-448 before the cast; out-of-range values are not saturated here
-            return self._round_ulp(v, mant=3, emin=-6, max_finite=None, stem="f8")
-        raise AssertionError(dtype)
+            self._round_ulp(v, out, mant=3, emin=-6, max_finite=None)
+        else:
+            raise AssertionError(dtype)
+        self.indent -= 1
+        self.line("else:")
+        self.indent += 1
+        self.line(f"{out} = {v}.to({_TL_DTYPE[dtype]}).to(tl.float32)")
+        self.indent -= 1
+        return out
 
-    def _round_ulp(self, v: str, mant: int, emin: int, max_finite: float | None, stem: str) -> str:
-        # ulp of v in the target format; v / ulp is exact, and adding 1.5 * 2^23
-        # rounds it to an integer with round-to-nearest-even.
+    def _round_ulp(self, v: str, out: str, mant: int, emin: int, max_finite: float | None) -> None:
+        # ulp of v in the target format (a power of two, so scaling by it is exact);
+        # adding 1.5 * 2^23 to v / ulp rounds it to an integer, ties to even.
         b = self.let(f"{v}.to(tl.int32, bitcast=True)", "bits")
         e = self.let(f"tl.maximum((({b} >> 23) & 0xFF) - 127, {emin}) - {mant}", "e")
         ulp = self.let(f"(({e} + 127) << 23).to(tl.float32, bitcast=True)", "ulp")
-        r = self.let(f"((tl.math.div_rn({v}, {ulp}) + 12582912.0) - 12582912.0) * {ulp}", "r")
+        inv = self.let(f"((127 - {e}) << 23).to(tl.float32, bitcast=True)", "inv_ulp")
+        r = self.let(f"((({v} * {inv}) + 12582912.0) - 12582912.0) * {ulp}", "r")
         r = self.let(f"({r}.to(tl.int32, bitcast=True) | ({b} & -2147483648)).to(tl.float32, bitcast=True)", "r")
         if max_finite is not None:
             r = self.let(f"tl.where(tl.abs({r}) > {max_finite!r}, {v} * float('inf'), {r})", "r")
-        return self.let(f"tl.where((tl.abs({v}) == float('inf')) | ({v} != {v}), {v}, {r})", stem)
+        self.line(f"{out} = tl.where((tl.abs({v}) == float('inf')) | ({v} != {v}), {v}, {r})")
 
     def unary(self, v: str, op: UnaryOp) -> str:
         c = repr(op.const) if op.const is not None else None
         expr = {
             "cast": v,
             "mul": f"{v} * {c}",
-            "div": f"tl.math.div_rn({v}, {c})",
-            "rdiv": f"tl.math.div_rn({c} + tl.zeros_like({v}), {v})",
+            "div": self.div(v, c),
+            "rdiv": self.div(f"({c} + tl.zeros_like({v}))", v),
             "add": f"{v} + {c}",
             "clamp_min": f"tl.maximum({v}, {c}, propagate_nan=tl.PropagateNan.ALL)",
             "clamp_max": f"tl.minimum({v}, {c}, propagate_nan=tl.PropagateNan.ALL)",
-            "reciprocal": f"tl.math.div_rn(1.0 + tl.zeros_like({v}), {v})",
+            "reciprocal": self.div(f"(1.0 + tl.zeros_like({v}))", v),
             "log2": f"tl.math.log2({v})",
             "ceil": f"tl.math.ceil({v})",
             "exp2": f"tl.math.exp2({v})",
@@ -137,7 +161,7 @@ def generate(chain: RowChain) -> KernelSource:
     outs = [o[0] for o in chain.output_specs()]
     params += [f"{o}_ptr" for o in outs]
     params += ["n_rows", "D: tl.constexpr", "G: tl.constexpr", "GS: tl.constexpr",
-               "BLOCK_G: tl.constexpr", "BLOCK_GS: tl.constexpr"]
+               "BLOCK_G: tl.constexpr", "BLOCK_GS: tl.constexpr", "SOFT_ROUND: tl.constexpr", "DIV_RN: tl.constexpr"]
 
     em = _Emitter()
     em.line("row = tl.program_id(0).to(tl.int64)")
@@ -180,18 +204,18 @@ def _emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str) -> str:
     em.line(f"# rmsnorm over {norm.width} values, eps={norm.eps!r}")
     sq = em.round_to(em.let(f"{x} * {x}", "sq"), norm.square)
     total = em.let(f"tl.sum(tl.sum({sq}, axis=1), axis=0)", "ssum")
-    mean = em.round_to(em.let(f"tl.math.div_rn({total}, {float(norm.width)!r})", "mean"), norm.mean)
+    mean = em.round_to(em.let(em.div(total, repr(float(norm.width))), "mean"), norm.mean)
     var = em.round_to(em.let(f"{mean} + {_fmt_float(norm.eps)}", "var"), norm.rstd)
     if norm.inverse == "rsqrt":
         rstd = em.round_to(em.let(f"tl.math.rsqrt({var})", "rstd"), norm.rstd)
         y = em.round_to(em.let(f"{x} * {rstd}", "y"), norm.normed)
     elif norm.inverse == "recip_sqrt":
         rms = em.round_to(em.let(f"tl.sqrt_rn({var})", "rms"), norm.rstd)
-        rstd = em.round_to(em.let(f"tl.math.div_rn(1.0, {rms})", "rstd"), norm.rstd)
+        rstd = em.round_to(em.let(em.div(f"(1.0 + tl.zeros_like({rms}))", rms), "rstd"), norm.rstd)
         y = em.round_to(em.let(f"{x} * {rstd}", "y"), norm.normed)
     else:
         rms = em.round_to(em.let(f"tl.sqrt_rn({var})", "rms"), norm.rstd)
-        y = em.round_to(em.let(f"tl.math.div_rn({x}, {rms} + tl.zeros_like({x}))", "y"), norm.normed)
+        y = em.round_to(em.let(em.div(x, f"({rms} + tl.zeros_like({x}))", per_element=True), "y"), norm.normed)
     for op in norm.epilogue:
         if isinstance(op, Cast):
             y = em.round_to(y, op.dtype)
@@ -214,8 +238,12 @@ def _emit_quant(em: _Emitter, quant: FP8Quant, y: str) -> None:
     operand = amax
     for op in quant.operand:
         operand = em.unary(operand, op)
-    if quant.combine == "div":
-        v = em.let(f"tl.math.div_rn({y}, {operand} + tl.zeros_like({y}))", "v")
+    if quant.combine == "div" and _power_of_two(quant.operand):
+        # dividing by 2^k is multiplying by 2^-k exactly: one divide per group, not per value
+        inv = em.let(em.div(f"(1.0 + tl.zeros_like({operand}))", operand), "inv")
+        v = em.let(f"{y} * {inv}", "v")
+    elif quant.combine == "div":
+        v = em.let(em.div(y, f"({operand} + tl.zeros_like({y}))", per_element=True), "v")
     else:
         v = em.let(f"{y} * {operand}", "v")
     v = em.round_to(v, quant.value_dtype)
@@ -225,3 +253,10 @@ def _emit_quant(em: _Emitter, quant: FP8Quant, y: str) -> None:
                        f"{_fmt_float(hi)}, propagate_nan=tl.PropagateNan.ALL)", "v")
     v = em.round_to(v, quant.fp8_dtype)
     em.line(f"tl.store(q_ptr + row * D + col, {v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask=mask)")
+
+
+def _power_of_two(prog: tuple[UnaryOp, ...]) -> bool:
+    """Whether a scale program always yields a power of two (ends in exp2 of an integer)."""
+    ops = [op for op in prog if op.op != "cast" or op.dtype == "float32"]
+    return len(ops) >= 2 and ops[-1].op == "exp2" and ops[-2].op == "ceil" and all(
+        op.dtype == "float32" for op in prog[prog.index(ops[-2]):])

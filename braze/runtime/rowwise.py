@@ -21,6 +21,10 @@ from braze.patterns.reference import row_chain_reference
 from braze.patterns.stages import RowChain, to_dtype
 
 _CPU_BACKENDS = ("interpret", "reference")
+# Per-element divides with IEEE rounding (as eager PyTorch) on the GPU: off, it
+# doubles the kernel time; the fast divide is what Inductor emits too. The
+# interpreter always divides exactly.
+DIV_RN = False
 _cpu_backend = os.environ.get("BRAZE_CPU_BACKEND", "interpret")
 
 
@@ -82,10 +86,11 @@ def _launch_args(chain: RowChain, inputs: list[torch.Tensor], outs: list[torch.T
     return args, x.shape[0]
 
 
-def _constexprs(chain: RowChain, kernel) -> dict:
+def _constexprs(chain: RowChain, kernel, *, interpreted: bool) -> dict:
     src = kernel.source
     return dict(D=chain.width, G=chain.n_groups, GS=chain.width // chain.n_groups,
-                BLOCK_G=src.block_g, BLOCK_GS=src.block_gs)
+                BLOCK_G=src.block_g, BLOCK_GS=src.block_gs,
+                SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN)
 
 
 @triton_op("braze::fused_rowwise", mutates_args=())
@@ -96,7 +101,8 @@ def fused_rowwise(inputs: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
     kernel = rowwise_kernel(chain)
     outs = _empty_outputs(chain, inputs[0])
     args, n_rows = _launch_args(chain, inputs, outs)
-    wrap_triton(kernel.jit)[(n_rows,)](*args, **_constexprs(chain, kernel), num_warps=kernel.source.num_warps)
+    wrap_triton(kernel.jit)[(n_rows,)](*args, **_constexprs(chain, kernel, interpreted=False),
+                                       num_warps=kernel.source.num_warps)
     return outs
 
 
@@ -109,7 +115,7 @@ def fused_rowwise_cpu(inputs: list[torch.Tensor], spec: str) -> list[torch.Tenso
     outs = _empty_outputs(chain, inputs[0])
     args, n_rows = _launch_args(chain, inputs, outs)
     if n_rows > 0:
-        kernel.interpreted[(n_rows,)](*args, **_constexprs(chain, kernel))
+        kernel.interpreted[(n_rows,)](*args, **_constexprs(chain, kernel, interpreted=True))
     return outs
 
 
