@@ -23,12 +23,15 @@ from braze.report import GraphRecord
 def aten_graph(fn: Callable[..., object], *args: torch.Tensor) -> GraphModule:
     """`fn` traced to a functional ATen graph with Inductor's decompositions (meta['val'] set)."""
     from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.functional_tensor import dispatch_functionalize
 
     def wrapper(*xs):
         return fn(*xs)
 
     with torch.no_grad():
-        return make_fx(wrapper, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
+        traced = make_fx(dispatch_functionalize(wrapper), decomposition_table=select_decomp_table(),
+                         tracing_mode="fake", _allow_non_fake_inputs=True)
+        return traced(*args)
 
 
 def run_passes(

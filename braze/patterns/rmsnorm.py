@@ -99,33 +99,40 @@ def match_rmsnorm(mean: Node) -> NormMatch | Miss:
         return Miss(f"input dtype {dtype_of(squared)} is not a float dtype", candidate=False)
 
     core = [mean.args[0], mean]
+    if len(mean.users) > 1:
+        return Miss(f"the variance {describe(mean)} is read by {len(mean.users)} ops (e.g. two different eps)",
+                    "compute each norm's variance once, with one eps")
     add = single_user(mean)
     eps = _add_scalar(add) if add is not None else None
     if eps is None:
         return Miss(f"the variance {describe(mean)} is not followed by `+ eps` with a constant eps",
                     "write mean(x^2) + eps with a Python float eps")
     core.append(add)
-    root = single_user(add)
+    # pick the chain's next op among the users; any other user is reported as an escape below
+    root = next((u for u in add.users if is_op(u, aten.rsqrt, aten.sqrt)), None)
     normalized: Node | None = None
     inverse = "rsqrt"
+
+    def multiplies_x(rstd: Node) -> Node | None:
+        return next((u for u in rstd.users if is_op(u, aten.mul) and same_value(_other(u, rstd), squared)), None)
+
     if is_op(root, aten.rsqrt):
         rstd = root
         core.append(rstd)
-        user = single_user(rstd)
-        if is_op(user, aten.mul) and same_value(_other(user, rstd), squared):
-            normalized = user
+        normalized = multiplies_x(rstd)
     elif is_op(root, aten.sqrt):
         core.append(root)
-        user = single_user(root)
-        if is_op(user, aten.reciprocal):
-            core.append(user)
-            inverse, rstd, user = "recip_sqrt", user, single_user(user)
-            if is_op(user, aten.mul) and same_value(_other(user, rstd), squared):
-                normalized = user
-        elif is_op(user, aten.div) and user.args[1] is root and same_value(user.args[0], squared):
-            normalized, rstd, inverse = user, root, "div_sqrt"
+        recip = next((u for u in root.users if is_op(u, aten.reciprocal)), None)
+        div = next((u for u in root.users if is_op(u, aten.div) and u.args[1] is root
+                    and same_value(u.args[0], squared)), None)
+        if recip is not None:
+            core.append(recip)
+            inverse, rstd = "recip_sqrt", recip
+            normalized = multiplies_x(recip)
+        elif div is not None:
+            normalized, rstd, inverse = div, root, "div_sqrt"
     else:
-        return Miss(f"`mean + eps` feeds {describe(root) if root else 'several users'}, not rsqrt",
+        return Miss(f"`mean + eps` feeds {describe(next(iter(add.users)))}, not rsqrt or sqrt",
                     "use torch.rsqrt(var + eps)")
     if normalized is None:
         return Miss("the inverse RMS does not multiply the same tensor whose variance it is",
