@@ -38,12 +38,13 @@ class Backend:
         self.config = config or FusionConfig()
         self.passes = tuple(passes) if passes is not None else PASSES
         self.report = Report()
-        import braze.runtime.rowwise  # noqa: F401  fused ops must exist before a cached graph loads
 
     def __repr__(self) -> str:
         return f"braze.backend({self.config!r})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[object]):
+        import braze.runtime.rowwise  # noqa: F401  fused ops must exist before a cached graph loads
+
         record = GraphRecord(index=len(self.report.graphs), device=_device_of(example_inputs))
         manager = PassManager(self.config, self.passes, user_pass=inductor_config.post_grad_custom_post_pass)
         counter = KernelCounter(user_pass=inductor_config._post_fusion_custom_pass)
