@@ -111,3 +111,21 @@ def test_user_post_grad_pass_still_runs():
 def test_report_of_something_not_compiled_with_braze_says_so():
     with pytest.raises(ValueError, match="was not compiled with braze"):
         braze.report(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_demo_model_on_gpu_launches_the_kernel_directly():
+    from torch._inductor.utils import run_and_get_code
+
+    model = build_demo("cuda")
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    be = braze.backend(braze.FusionConfig(verify="compile"))
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, x)
+        ref = model(x)
+    src = "\n".join(code)
+    assert "braze_add_rmsnorm_fp8_quant" in src and "fused_rowwise" not in src
+    assert len(be.report.applied) == 2 and not be.report.failed
+    assert (out.float() - ref.float()).abs().max() <= 0.1 * ref.float().abs().max()

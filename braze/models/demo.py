@@ -44,7 +44,13 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.t().contiguous().float())  # [1, out]
 
     def forward(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return torch._scaled_mm(q, self.weight.t(), scale_a=s, scale_b=self.weight_scale, out_dtype=torch.bfloat16)
+        # q: [T, in] fp8, s: [T, 1] fp32
+        if q.is_cuda:
+            return torch._scaled_mm(q, self.weight.t(), scale_a=s, scale_b=self.weight_scale,
+                                    out_dtype=torch.bfloat16)
+        # CPU _scaled_mm takes per-tensor scales only before torch 2.13: the same math, dequantized
+        w = self.weight.float() * self.weight_scale.t()
+        return ((q.float() * s) @ w.t()).to(torch.bfloat16)
 
 
 class Layer(nn.Module):
