@@ -55,7 +55,7 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None, size: int) -> torch.
 
 def mark(t: torch.Tensor, *, dim: int | None = None, parts: tuple[int, ...] | None = None,
          init: str = "normal") -> torch.Tensor:
-    """Record how `t` is sharded (along `dim`, each of `parts` split evenly) and drawn at random init.
+    """Record on `t` (a Parameter or buffer, after it is wrapped) how it is sharded (along `dim`, each of `parts` split evenly) and drawn at random init.
 
     init: "normal" (std 0.02), "one" (1 + 0.1·N, norm weights), "small" (0.1·N: zero-centered
     norm weights, biases), "zero".
@@ -156,8 +156,8 @@ class Linear(nn.Module):
         if fp8 is not None and fp8.block and in_local % 128:
             raise ValueError(f"block FP8 needs a local input width divisible by 128, got {in_local}; use FP8_CHANNEL")
         w = torch.empty(out_local, in_local, device=device, dtype=FP8 if fp8 else dtype)
-        self.weight = nn.Parameter(mark(w, dim=dim, parts=output_sizes if parallel == "column" else None),
-                                   requires_grad=False)
+        self.weight = mark(nn.Parameter(w, requires_grad=False), dim=dim,
+                           parts=output_sizes if parallel == "column" else None)
         if fp8 is not None:
             n_s = (out_local, 1) if not fp8.block else (-(-out_local // 128), in_local // 128)
             self.weight_scale = nn.Parameter(torch.ones(n_s, device=device), requires_grad=False)
@@ -210,7 +210,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.zero_centered = eps, zero_centered
         w = torch.empty(dim, device=device, dtype=dtype)
-        self.weight = nn.Parameter(mark(w, init="small" if zero_centered else "one"), requires_grad=False)
+        self.weight = mark(nn.Parameter(w, requires_grad=False), init="small" if zero_centered else "one")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -446,8 +446,8 @@ class Experts(nn.Module):
         wdt = FP8 if fp8 else dtype
         w13 = torch.empty(num_experts, 2 * il, hidden, device=device, dtype=wdt)  # gate rows, then up rows
         w2 = torch.empty(num_experts, hidden, il, device=device, dtype=wdt)
-        self.w13 = nn.Parameter(mark(w13, dim=1, parts=(inter, inter)), requires_grad=False)
-        self.w2 = nn.Parameter(mark(w2, dim=2), requires_grad=False)
+        self.w13 = mark(nn.Parameter(w13, requires_grad=False), dim=1, parts=(inter, inter))
+        self.w2 = mark(nn.Parameter(w2, requires_grad=False), dim=2)
         if fp8 is not None:
             s13 = (2 * il, 1) if not fp8.block else (-(-2 * il // 128), hidden // 128)
             s2 = (hidden, 1) if not fp8.block else (-(-hidden // 128), -(-il // 128))
