@@ -86,16 +86,14 @@ def _marked(model: nn.Module):
                 yield mod, name, f"{mod_name}.{name}" if mod_name else name, t
 
 
+def _full_shape(t: torch.Tensor, size: int) -> tuple[int, ...]:
+    dim = t._braze[0]
+    return tuple(n * size if i == dim else n for i, n in enumerate(t.shape))
+
+
 def full_shapes(model: nn.Module, size: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (full TP=1 shape, init kind) for every marked parameter and buffer."""
-    out = {}
-    for _, _, key, t in _marked(model):
-        dim, _, init = t._braze
-        shape = list(t.shape)
-        if dim is not None:
-            shape[dim] *= size
-        out[key] = (tuple(shape), init)
-    return out
+    return {key: (_full_shape(t, size), t._braze[2]) for _, _, key, t in _marked(model)}
 
 
 @torch.no_grad()
@@ -107,24 +105,42 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group:
         raise KeyError(f"full state dict lacks {len(missing)} tensors, e.g. {missing[:4]}")
     for mod, name, key, t in _marked(model):
         dim, parts, _ = t._braze
-        local = shard(full[key], dim, parts, rank, size).to(t.device)
-        if hasattr(mod, "load_local"):
-            mod.load_local(name, local)
-        else:
-            if local.shape != t.shape:
-                raise ValueError(f"{key}: expected local shape {tuple(t.shape)}, got {tuple(local.shape)}")
-            t.copy_(local)
+        _load(mod, name, key, t, shard(full[key], dim, parts, rank, size).to(t.device))
+
+
+def _load(mod: nn.Module, name: str, key: str, t: torch.Tensor, local: torch.Tensor) -> None:
+    if hasattr(mod, "load_local"):  # FP8 weights quantize their slice
+        mod.load_local(name, local)
+        return
+    if local.shape != t.shape:
+        raise ValueError(f"{key}: expected local shape {tuple(t.shape)}, got {tuple(local.shape)}")
+    t.copy_(local)
+
+
+def _draw(shape, init: str, generator: torch.Generator, device, std: float) -> torch.Tensor:
+    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    scale = {"normal": std, "one": 0.1, "small": 0.1, "zero": 0.0}[init]
+    return x * scale + (1.0 if init == "one" else 0.0)
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, seed: int, group: ProcessGroup | None = None, std: float = 0.02) -> None:
+    """Fill every marked tensor with a seeded draw at full shape, sliced for this rank, one tensor at a
+    time (no full state dict in memory). The generator lives on the model's device."""
+    rank, size = tp_rank(group), tp_size(group)
+    marked = list(_marked(model))
+    device = marked[0][3].device if marked else torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for mod, name, key, t in marked:
+        dim, parts, init = t._braze
+        _load(mod, name, key, t, shard(_draw(_full_shape(t, size), init, generator, device, std), dim, parts, rank, size))
 
 
 def random_full_state_dict(model: nn.Module, generator: torch.Generator, size: int, device: torch.device | str,
                            dtype: torch.dtype, std: float = 0.02) -> dict[str, torch.Tensor]:
     """Draw every marked tensor at full shape, in a fixed order, from `generator` (seeded on `device`)."""
-    out = {}
-    for key, (shape, init) in full_shapes(model, size).items():
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        scale = {"normal": std, "one": 0.1, "small": 0.1, "zero": 0.0}[init]
-        out[key] = (x * scale + (1.0 if init == "one" else 0.0)).to(dtype)
-    return out
+    return {key: _draw(shape, init, generator, device, std).to(dtype)
+            for key, (shape, init) in full_shapes(model, size).items()}
 
 
 # ----------------------------------------------------------------------------
@@ -443,6 +459,8 @@ class Experts(nn.Module):
         super().__init__()
         self.fp8, self.tp = fp8, tp_size(group)
         il = inter // self.tp
+        if fp8 is not None and fp8.block and il % 128:
+            raise ValueError(f"block FP8 experts need a local intermediate width divisible by 128, got {il}")
         wdt = FP8 if fp8 else dtype
         w13 = torch.empty(num_experts, 2 * il, hidden, device=device, dtype=wdt)  # gate rows, then up rows
         w2 = torch.empty(num_experts, hidden, il, device=device, dtype=wdt)
