@@ -35,7 +35,7 @@ MODEL_NAMES = ("deepseek-v3.2", "minimax-m2.5", "qwen3.5")
 _FAMILIES = {
     "deepseek-v3.2": ("braze.models.deepseek_v32", "DeepseekV32Config", "DeepseekV32ForCausalLM"),
     "minimax-m2.5": ("braze.models.minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM"),
-    "qwen3.5": ("braze.models.qwen3_5", "Qwen3_5Config", "Qwen3_5ForCausalLM"),
+    "qwen3.5": ("braze.models.qwen3_5", "Qwen35Config", "Qwen35ForCausalLM"),
 }
 
 
