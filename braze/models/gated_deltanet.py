@@ -138,9 +138,55 @@ def gated_delta_rule_prefill(
     if initial_state is not None:
         state[0] = initial_state
     slot = torch.zeros(1, dtype=torch.long, device=v.device)
-    out = [gated_delta_rule_step(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], state, slot)
-           for t in range(S_len)]
+    out = []
+    for t in range(S_len):
+        row = slice(t, t + 1)
+        out.append(gated_delta_rule_step(q[row], k[row], v[row], g[row], beta[row], state, slot))
     return torch.cat(out, dim=0), state[0]
+
+
+def gated_delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as `gated_delta_rule_prefill`, a chunk of tokens at a time (for long prompts).
+
+    Within a chunk, with γ_t = Σ_{s≤t} g_s and S₀ the state before it, the recurrence unrolls to
+      δ_t = β_t (v_t − e^{γ_t} S₀ᵀk_t − Σ_{s<t} e^{γ_t−γ_s} (k_t·k_s) δ_s)   (a unit lower-triangular solve)
+      o_t = e^{γ_t} S₀ᵀq_t + Σ_{s≤t} e^{γ_t−γ_s} (q_t·k_s) δ_s
+      S_L = e^{γ_L} S₀ + Σ_s e^{γ_L−γ_s} k_s δ_sᵀ
+    Every exponent is ≤ 0 (g ≤ 0), so nothing overflows.
+    """
+    S_len, num_v_heads, dv = v.shape
+    dk = q.shape[-1]
+    q = expand_to_value_heads(q.float(), num_v_heads).transpose(0, 1) * dk**-0.5  # [Hv, S, dk]
+    k = expand_to_value_heads(k.float(), num_v_heads).transpose(0, 1)  # [Hv, S, dk]
+    v, g, beta = v.float().transpose(0, 1), g.float().t(), beta.float().t()  # [Hv, S, dv], [Hv, S], [Hv, S]
+    state = torch.zeros(num_v_heads, dk, dv, dtype=torch.float32, device=v.device)
+    if initial_state is not None:
+        state = state + initial_state
+    out = []
+    for start in range(0, S_len, chunk):
+        sl = slice(start, start + chunk)
+        qc, kc, vc, bc = q[:, sl], k[:, sl], v[:, sl], beta[:, sl]
+        gamma = g[:, sl].cumsum(-1)  # [Hv, L]
+        L = gamma.shape[-1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=v.device).tril()  # s ≤ t
+        strict = causal.tril(-1)  # s < t
+        decay = (gamma[:, :, None] - gamma[:, None, :]).masked_fill(~causal, float("-inf")).exp()  # [Hv, L, L]
+        lower = (bc[:, :, None] * decay * (kc @ kc.transpose(-1, -2))).masked_fill(~strict, 0.0)  # A[t, s]
+        rhs = bc[..., None] * (vc - gamma.exp()[..., None] * (kc @ state))  # [Hv, L, dv]
+        eye = torch.eye(L, device=v.device)
+        delta = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)  # [Hv, L, dv]
+        out.append(gamma.exp()[..., None] * (qc @ state) + (decay * (qc @ kc.transpose(-1, -2))) @ delta)
+        last = gamma[:, -1:]  # [Hv, 1]
+        state = last.exp()[..., None] * state + (kc * (last - gamma).exp()[..., None]).transpose(-1, -2) @ delta
+    return torch.cat(out, dim=1).transpose(0, 1), state  # [S, Hv, dv], [Hv, dk, dv]
 
 
 # ----------------------------------------------------------------------------

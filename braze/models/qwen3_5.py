@@ -31,7 +31,7 @@ from braze.models.common import (  # noqa: F401  (make_decode_inputs: part of th
     paged_attention, random_full_state_dict, rope_inv_freq, tp_rank, tp_size, write_slots,
 )
 from braze.models.gated_deltanet import (
-    RMSNormGated, causal_conv1d_prefill, causal_conv1d_update, gated_delta_rule_prefill, gated_delta_rule_step,
+    RMSNormGated, causal_conv1d_prefill, causal_conv1d_update, gated_delta_rule_chunked, gated_delta_rule_step,
     gdn_gating, l2norm,
 )
 
@@ -97,7 +97,7 @@ class Qwen35Config:
         key and 64/8 = 8 value heads; one [GDN×3, full] group. Experts cut from 512 to 16 (top-10
         kept): common's MoE runs every expert densely, so E is what each step reads."""
         return cls(num_layers=4, num_attention_heads=4, num_kv_heads=1, linear_num_key_heads=2,
-                   linear_num_value_heads=8, num_experts=16)
+                   linear_num_value_heads=8, num_experts=16, block_size=64)
 
 
 Qwen3_5Config = Qwen35Config  # the name `braze.models.build` looks up
@@ -176,7 +176,8 @@ class GatedDeltaNet(nn.Module):
         if prefill_slot is None:
             o = gated_delta_rule_step(q, k, v, g, beta, self.ssm_state, step.state_indices)  # [T, Hv', dv] fp32
         else:
-            o, self.ssm_state[prefill_slot] = gated_delta_rule_prefill(q, k, v, g, beta, self.ssm_state[prefill_slot])
+            o, final = gated_delta_rule_chunked(q, k, v, g, beta, self.ssm_state[prefill_slot])
+            self.ssm_state[prefill_slot] = final
         o = self.norm(o.to(x.dtype), z.view(T, hv, dv))  # [T, Hv', dv]
         return self.out_proj(o.reshape(T, hv * dv))  # [T, hidden], all-reduced
 

@@ -15,6 +15,7 @@ from braze.models.gated_deltanet import (
     causal_conv1d_prefill,
     causal_conv1d_update,
     expand_to_value_heads,
+    gated_delta_rule_chunked,
     gated_delta_rule_prefill,
     gated_delta_rule_step,
     gdn_gating,
@@ -184,6 +185,24 @@ def test_delta_rule_prefill_carries_state_like_steps():
         assert_close(o[t].double(), o_ref[0], atol=1e-5)
         s = s_ref[0].float()
     assert_close(final, s, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    S=st.sampled_from([1, 3, 9, 41, 70]),
+    chunk=st.sampled_from([1, 4, 16, 64]),
+    Hk=st.sampled_from([1, 2]),
+    ratio=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_prefill_equals_recurrent(S, chunk, Hk, ratio, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, gate, beta, state = random_gdn_inputs(g, S, Hk, Hk * ratio, dk=8, dv=5, slots=1)
+    gate = gate * 4  # strong decay too: e^γ underflows within a chunk
+    o_ref, s_ref = gated_delta_rule_prefill(q, k, v, gate, beta, state[0])
+    o, s = gated_delta_rule_chunked(q, k, v, gate, beta, state[0], chunk=chunk)
+    assert_close(o, o_ref, atol=1e-5)
+    assert_close(s, s_ref, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- gating and norms
