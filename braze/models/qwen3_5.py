@@ -100,8 +100,6 @@ class Qwen35Config:
                    linear_num_value_heads=8, num_experts=16, block_size=64)
 
 
-Qwen3_5Config = Qwen35Config  # the name `braze.models.build` looks up
-
 
 class StepInputs(NamedTuple):
     """What the token mixers of one step need besides the hidden states."""
@@ -345,8 +343,6 @@ class Qwen35ForCausalLM(nn.Module):
             out.append(self._run(*chunk, state_indices=None, prefill_slot=seq_idx))
         return torch.cat(out)
 
-
-Qwen3_5ForCausalLM = Qwen35ForCausalLM  # the name `braze.models.build` looks up
 
 
 # ----------------------------------------------------------------------------

@@ -228,6 +228,34 @@ def test_configs():
     assert bench.num_kv_heads == 1
 
 
+@torch.no_grad()
+def test_build_by_name_and_fp8():
+    """fp8=True: 128x128 block-quantized linears (router, shared-expert gate and in_proj_ba stay bf16).
+    Each FP8 GEMM is ~4-6% off (weights and activations quantized); downstream, that tips near-ties of
+    the random tiny router, so closeness is checked on the token mixers, whose input is unquantized."""
+    import dataclasses
+
+    from braze.models import build
+
+    kw = dict(max_batch=2, max_context=16, seed=2)
+    model = build("qwen3.5", "tiny", fp8=True, **kw)
+    assert model.layers[0].linear_attn.in_proj_qkvz.weight.dtype == torch.float8_e4m3fn
+    assert model.layers[0].linear_attn.in_proj_ba.weight.dtype == torch.bfloat16
+    assert model(*make_decode_inputs(model, 2, [3, 5], torch.Generator().manual_seed(1))).isfinite().all()
+
+    for interval in (4, 1):  # a GDN layer, an attention layer: their mixers see the same (unquantized) input
+        cfg = dataclasses.replace(Qwen35Config.tiny(), num_layers=1, full_attention_interval=interval)
+        outs = []
+        for scheme in (False, True):
+            m = Qwen35ForCausalLM(cfg, fp8=scheme, **kw)
+            mixer = m.layers[0].linear_attn if interval == 4 else m.layers[0].self_attn
+            mixer.register_forward_hook(lambda mod, args, out: outs.append(out.float()))
+            m(*make_decode_inputs(m, 2, [3, 5], torch.Generator().manual_seed(1)))
+        a, b = outs[2], outs[5]  # the decode step's mixer output (after 2 prefills) of each model
+        err = ((a - b).norm(dim=-1) / a.norm(dim=-1)).max()
+        assert err < 0.15, f"{cfg.layer_types[0]}: fp8 vs bf16 relative error {err:.3f}"
+
+
 def test_meta_device_builds_bench_without_memory():
     model = Qwen35ForCausalLM(Qwen35Config.bench(), device="meta", max_batch=64, max_context=4096)
     n = sum(p.numel() for p in model.parameters())
