@@ -100,7 +100,6 @@ class Qwen35Config:
                    linear_num_value_heads=8, num_experts=16, block_size=64)
 
 
-
 class StepInputs(NamedTuple):
     """What the token mixers of one step need besides the hidden states."""
 
@@ -133,7 +132,7 @@ class GatedDeltaNet(nn.Module):
         self.hk, self.hv = cfg.linear_num_key_heads // P, cfg.linear_num_value_heads // P
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         key, value = cfg.linear_num_key_heads * self.dk, cfg.linear_num_value_heads * self.dv  # full widths
-        self.conv_dim = (2 * self.hk * self.dk + self.hv * self.dv)  # C': local conv channels [q‖k‖v]
+        self.conv_dim = 2 * self.hk * self.dk + self.hv * self.dv  # C': local conv channels [q‖k‖v]
         kw = dict(group=group, device=device, dtype=dtype)
         self.in_proj_qkvz = ColumnParallelLinear(cfg.hidden_size, 2 * key + 2 * value,
                                                  output_sizes=(key, key, value, value), fp8=fp8, **kw)
@@ -164,8 +163,8 @@ class GatedDeltaNet(nn.Module):
         if prefill_slot is None:
             mixed_qkv = causal_conv1d_update(mixed_qkv, self.conv_state, self.conv_weight, step.state_indices)
         else:
-            mixed_qkv, self.conv_state[prefill_slot] = causal_conv1d_prefill(
-                mixed_qkv, self.conv_weight, self.conv_state[prefill_slot])
+            mixed_qkv, final = causal_conv1d_prefill(mixed_qkv, self.conv_weight, self.conv_state[prefill_slot])
+            self.conv_state[prefill_slot] = final
         q, k, v = mixed_qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
         q = l2norm(q.view(T, hk, dk))  # [T, Hk', dk] fp32
         k = l2norm(k.view(T, hk, dk))  # [T, Hk', dk] fp32
