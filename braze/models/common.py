@@ -24,7 +24,7 @@ from torch import nn
 
 from braze.models.fp8 import (  # noqa: F401  (re-exported: part of common's API)
     FP8, FP8_BLOCK, FP8_BLOCK_UE8M0, FP8_CHANNEL, FP8_MAX, FP8_MIN_SCALE, Fp8Scheme, dequant_weight_fp8,
-    fp8_linear, quant_fp8_group, quant_fp8_per_token, quant_weight_fp8, scaled_mm_supported,
+    fp8_linear, quant_fp8_group, quant_fp8_per_token, quant_weight_fp8, scaled_mm_supported, use_scaled_mm,
 )
 
 ProcessGroup = dist.ProcessGroup
@@ -130,6 +130,8 @@ def init_random(model: nn.Module, seed: int, group: ProcessGroup | None = None, 
     rank, size = tp_rank(group), tp_size(group)
     marked = list(_marked(model))
     device = marked[0][3].device if marked else torch.device("cpu")
+    if device.type == "meta":  # shapes only (e.g. to check a bench config without allocating it)
+        return
     generator = torch.Generator(device=device).manual_seed(seed)
     for mod, name, key, t in marked:
         dim, parts, init = t._braze
@@ -177,7 +179,7 @@ class Linear(nn.Module):
         if fp8 is not None:
             n_s = (out_local, 1) if not fp8.block else (-(-out_local // 128), in_local // 128)
             self.weight_scale = nn.Parameter(torch.ones(n_s, device=device), requires_grad=False)
-            self.use_scaled_mm = scaled_mm_supported(w.device, fp8)
+            self.use_scaled_mm = use_scaled_mm(w.device, fp8, dtype, out_local, in_local)
 
     def load_local(self, name: str, local: torch.Tensor) -> None:
         if self.fp8 is None:
@@ -471,7 +473,8 @@ class Experts(nn.Module):
             s2 = (hidden, 1) if not fp8.block else (-(-hidden // 128), -(-il // 128))
             self.w13_scale = nn.Parameter(torch.ones(num_experts, *s13, device=device), requires_grad=False)
             self.w2_scale = nn.Parameter(torch.ones(num_experts, *s2, device=device), requires_grad=False)
-            self.use_scaled_mm = scaled_mm_supported(w13.device, fp8)
+            self.use_scaled_mm = (use_scaled_mm(w13.device, fp8, dtype, 2 * il, hidden)
+                                  and use_scaled_mm(w13.device, fp8, dtype, hidden, il))
 
     def load_local(self, name: str, local: torch.Tensor) -> None:
         if self.fp8 is None:

@@ -87,36 +87,44 @@ def _scaled_mm(xq, xs, wq, ws, scheme: Fp8Scheme, out_dtype) -> torch.Tensor:
     return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=out_dtype)
 
 
-_SCALED_MM_OK: dict[tuple[str, Fp8Scheme], bool] = {}
+_SCALED_MM_OK: dict[tuple[str, Fp8Scheme, torch.dtype], bool] = {}
 
 
-def scaled_mm_supported(device: torch.device, scheme: Fp8Scheme) -> bool:
-    """Whether torch._scaled_mm runs `scheme` on `device` and agrees with the dequantized reference (cached)."""
-    key = (torch.device(device).type, scheme)
+def scaled_mm_supported(device: torch.device | str, scheme: Fp8Scheme, out_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether torch._scaled_mm runs `scheme` on `device` with `out_dtype` output and agrees with the
+    dequantized reference. Probed once per (device type, scheme, dtype), eagerly, outside any trace."""
+    key = (torch.device(device).type, scheme, out_dtype)
     if key not in _SCALED_MM_OK:
-        ok = False
         try:
             g = torch.Generator(device="cpu").manual_seed(0)
             x = torch.randn(32, 256, generator=g).to(device)
             w = torch.randn(256, 256, generator=g).to(device)
             wq, ws = quant_weight_fp8(w, scheme)
             xq, xs = quant_fp8_group(x, 128, scheme.ue8m0) if scheme.block else quant_fp8_per_token(x)
-            got = _scaled_mm(xq, xs, wq, ws, scheme, torch.float32)
-            ok = torch.allclose(got, _scaled_mm_reference(xq, xs, wq, ws, scheme, torch.float32), rtol=1e-2, atol=1e-2)
-        except (RuntimeError, NotImplementedError, ValueError):
-            ok = False
-        _SCALED_MM_OK[key] = ok
+            got = _scaled_mm(xq, xs, wq, ws, scheme, out_dtype).float()
+            ref = _scaled_mm_reference(xq, xs, wq, ws, scheme, torch.float32)
+            _SCALED_MM_OK[key] = bool((got - ref).norm() <= 1e-2 * ref.norm())
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):
+            _SCALED_MM_OK[key] = False
     return _SCALED_MM_OK[key]
 
 
-def fp8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, scheme: Fp8Scheme, use_scaled_mm: bool) -> torch.Tensor:
-    """x [..., K] @ dequant(wq [N, K])ᵀ with x quantized on the fly -> [..., N] in x.dtype."""
+def use_scaled_mm(device: torch.device | str, scheme: Fp8Scheme, out_dtype: torch.dtype, n: int, k: int) -> bool:
+    """torch._scaled_mm for an [M, k] x [k, n] GEMM: when the scheme runs here and the shape suits it
+    (dims multiples of 16; whole 128-blocks for block scaling)."""
+    shape_ok = n % 16 == 0 and k % 16 == 0 and (not scheme.block or (n % 128 == 0 and k % 128 == 0))
+    return shape_ok and scaled_mm_supported(device, scheme, out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, scheme: Fp8Scheme, scaled_mm: bool) -> torch.Tensor:
+    """x [..., K] @ dequant(wq [N, K])ᵀ with x quantized on the fly -> [..., N] in x.dtype.
+    scaled_mm: use torch._scaled_mm (see `use_scaled_mm`), else the same math dequantized."""
     x2 = x.reshape(-1, x.shape[-1])
     if scheme.block:
         xq, xs = quant_fp8_group(x2, 128, scheme.ue8m0)  # xs: [M, K/128]
     else:
         xq, xs = quant_fp8_per_token(x2)  # xs: [M, 1]
-    mm = _scaled_mm if use_scaled_mm else _scaled_mm_reference
+    mm = _scaled_mm if scaled_mm else _scaled_mm_reference
     return mm(xq, xs, wq, ws, scheme, x.dtype).reshape(*x.shape[:-1], wq.shape[0])
 
 

@@ -208,6 +208,18 @@ def test_cache_writes_in_place_and_only_at_slots():
         assert set(changed.tolist()) <= slots and changed.numel() > 0, f"{name}: rows {changed.tolist()} vs {slots}"
 
 
+def count_collectives(model, batch) -> int:
+    """Trace one step with Dynamo (fullgraph) and count the all-reduces in the captured graph."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=record, fullgraph=True)(*batch)
+    return sum(1 for gm in graphs for n in gm.graph.nodes if "all_reduce" in str(n.target))
+
+
 def _tp_worker(rank: int, world_size: int) -> None:
     cfg = DeepseekV32Config.tiny()
     kw = dict(dtype=torch.float32, max_batch=3, max_context=48, seed=3)
@@ -217,6 +229,8 @@ def _tp_worker(rank: int, world_size: int) -> None:
     with torch.no_grad():
         a = full(*make_decode_inputs(full, 3, [7, 16, 30], torch.Generator().manual_seed(5)))
         b = tp(*make_decode_inputs(tp, 3, [7, 16, 30], torch.Generator().manual_seed(5)))
+        # all-reduces per layer, as in the deployments: o_proj, MoE (the indexer is replicated)
+        assert count_collectives(tp, tp.pages.append([0, 1, 2], torch.tensor([1, 2, 3]))) == 2 * cfg.num_layers
     # The all-reduce sums in another order; an fp32 ulp that moves an FP8 cache value across a rounding
     # boundary shows up as ~1e-5 in the logits, so the bar is a little above fp32 noise.
     assert torch.allclose(a, b, atol=2e-4), f"rank {rank}: max |diff| {(a - b).abs().max():.2e}"
@@ -253,3 +267,15 @@ def test_fp8_linears_and_caches_stay_close_to_unquantized():
     a = ref(*make_decode_inputs(ref, 2, [6, 12], torch.Generator().manual_seed(10)))  # dense regime: no top-k
     b = q(*make_decode_inputs(q, 2, [6, 12], torch.Generator().manual_seed(10)))
     assert (a - b).norm() / a.norm() < 0.1
+
+
+@torch.no_grad()
+def test_bench_config_runs_on_meta():
+    # The bench model (real widths, 16 heads = 128 at TP=8, 64 indexer heads, top-2048) on the meta device.
+    model = build("deepseek-v3.2", "bench", device="meta", max_batch=8, max_context=4096, fp8=True)
+    attn = model.layers[1].self_attn
+    assert attn.heads == 16 and attn.mla_cache.shape[-1] == 656
+    t = 8
+    ids = torch.zeros(t, dtype=torch.long, device="meta")
+    logits = model(ids, ids, ids, model.pages.table[:t], ids.int())
+    assert logits.shape == (t, 129280)
