@@ -6,8 +6,9 @@ control flow, so a model built from them traces with `torch.compile(fullgraph=Tr
 
 Weights are described at their full (TP=1) shape: a parameter is marked with how it
 is sharded (`mark`), `load_full_state_dict` slices a full state dict into the local
-shards (and quantizes FP8 weights), and `random_full_state_dict` draws one from a
-seeded generator, so TP=1 and TP=P models built from the same seed hold the same math.
+shards (FP8 weights are quantized whole, as in a checkpoint, then sliced), and
+`init_random` draws each tensor at full shape from a seeded generator and loads it the same
+way, so TP=1 and TP=P models built from the same seed hold the same math.
 FP8 quantization and the scaled GEMM live in `fp8.py` and are re-exported here.
 """
 
@@ -55,7 +56,8 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None, size: int) -> torch.
 
 def mark(t: torch.Tensor, *, dim: int | None = None, parts: tuple[int, ...] | None = None,
          init: str = "normal") -> torch.Tensor:
-    """Record on `t` (a Parameter or buffer, after it is wrapped) how it is sharded (along `dim`, each of `parts` split evenly) and drawn at random init.
+    """Record on `t` (a Parameter or buffer, once wrapped) how it is sharded (along `dim`, each segment
+    of `parts` split evenly over the ranks) and how it is drawn at random init.
 
     init: "normal" (std 0.02), "one" (1 + 0.1·N, norm weights), "small" (0.1·N: zero-centered
     norm weights, biases), "zero".
@@ -104,17 +106,36 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group:
     if missing:
         raise KeyError(f"full state dict lacks {len(missing)} tensors, e.g. {missing[:4]}")
     for mod, name, key, t in _marked(model):
-        dim, parts, _ = t._braze
-        _load(mod, name, key, t, shard(full[key], dim, parts, rank, size).to(t.device))
+        _load(mod, name, key, t, full[key].to(t.device), rank, size)
 
 
-def _load(mod: nn.Module, name: str, key: str, t: torch.Tensor, local: torch.Tensor) -> None:
-    if hasattr(mod, "load_local"):  # FP8 weights quantize their slice
-        mod.load_local(name, local)
+def _load(mod: nn.Module, name: str, key: str, t: torch.Tensor, full: torch.Tensor, rank: int, size: int) -> None:
+    if hasattr(mod, "load_full"):  # FP8 weights: quantized whole, as a checkpoint is, then sliced
+        mod.load_full(name, full, rank, size)
         return
+    dim, parts, _ = t._braze
+    local = shard(full, dim, parts, rank, size)
     if local.shape != t.shape:
         raise ValueError(f"{key}: expected local shape {tuple(t.shape)}, got {tuple(local.shape)}")
     t.copy_(local)
+
+
+def shard_fp8(q: torch.Tensor, s: torch.Tensor, scheme: Fp8Scheme, dim: int | None, parts: tuple[int, ...] | None,
+              rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice a quantized weight q [..., N, K] and its scales like `shard` slices the weight. Per-channel
+    scales [..., N, 1] follow the rows (a K split leaves them whole); 128x128 block scales follow
+    their blocks, so every shard must hold whole blocks."""
+    if dim is None or size == 1:
+        return q, s
+    k_dim = q.dim() - 1
+    if not scheme.block:
+        return shard(q, dim, parts, rank, size), (s if dim == k_dim else shard(s, dim, parts, rank, size))
+    for seg in parts or (q.shape[dim],):
+        if seg % (128 * size):
+            raise ValueError(f"block FP8 under TP={size} needs shards of whole 128-blocks; a segment of {seg} "
+                             f"along dim {dim} does not split so. Use FP8_CHANNEL or another TP size")
+    block_parts = tuple(p // 128 for p in parts) if parts else None
+    return shard(q, dim, parts, rank, size), shard(s, dim, block_parts, rank, size)
 
 
 def _draw(shape, init: str, generator: torch.Generator, device, std: float) -> torch.Tensor:
@@ -134,8 +155,7 @@ def init_random(model: nn.Module, seed: int, group: ProcessGroup | None = None, 
         return
     generator = torch.Generator(device=device).manual_seed(seed)
     for mod, name, key, t in marked:
-        dim, parts, init = t._braze
-        _load(mod, name, key, t, shard(_draw(_full_shape(t, size), init, generator, device, std), dim, parts, rank, size))
+        _load(mod, name, key, t, _draw(_full_shape(t, size), t._braze[2], generator, device, std), rank, size)
 
 
 def random_full_state_dict(model: nn.Module, generator: torch.Generator, size: int, device: torch.device | str,
@@ -181,13 +201,15 @@ class Linear(nn.Module):
             self.weight_scale = nn.Parameter(torch.ones(n_s, device=device), requires_grad=False)
             self.use_scaled_mm = use_scaled_mm(w.device, fp8, dtype, out_local, in_local)
 
-    def load_local(self, name: str, local: torch.Tensor) -> None:
+    def load_full(self, name: str, full: torch.Tensor, rank: int, size: int) -> None:
+        """Set the weight from its full [out, in] value: sliced for this rank (quantized first if FP8)."""
+        dim, parts, _ = self.weight._braze
         if self.fp8 is None:
-            self.weight.copy_(local)
-        else:
-            q, s = quant_weight_fp8(local, self.fp8)
-            self.weight.copy_(q)
-            self.weight_scale.copy_(s)
+            self.weight.copy_(shard(full, dim, parts, rank, size))
+            return
+        q, s = shard_fp8(*quant_weight_fp8(full, self.fp8), self.fp8, dim, parts, rank, size)
+        self.weight.copy_(q)
+        self.weight_scale.copy_(s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8 is None:
@@ -476,14 +498,16 @@ class Experts(nn.Module):
             self.use_scaled_mm = (use_scaled_mm(w13.device, fp8, dtype, 2 * il, hidden)
                                   and use_scaled_mm(w13.device, fp8, dtype, hidden, il))
 
-    def load_local(self, name: str, local: torch.Tensor) -> None:
+    def load_full(self, name: str, full: torch.Tensor, rank: int, size: int) -> None:
+        """Set w13 [E, 2I, H] or w2 [E, H, I] from the full value (each expert quantized whole if FP8)."""
+        dim, parts, _ = getattr(self, name)._braze
         if self.fp8 is None:
-            getattr(self, name).copy_(local)
+            getattr(self, name).copy_(shard(full, dim, parts, rank, size))
             return
-        for e in range(local.shape[0]):
-            q, s = quant_weight_fp8(local[e], self.fp8)
-            getattr(self, name)[e].copy_(q)
-            getattr(self, f"{name}_scale")[e].copy_(s)
+        q, s = zip(*(quant_weight_fp8(w, self.fp8) for w in full))
+        q, s = shard_fp8(torch.stack(q), torch.stack(s), self.fp8, dim, parts, rank, size)
+        getattr(self, name).copy_(q)
+        getattr(self, f"{name}_scale").copy_(s)
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; routing: [T, E] fp32

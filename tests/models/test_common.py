@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from braze.models.common import (
     FP8_BLOCK, FP8_BLOCK_UE8M0, FP8_CHANNEL, MoE, PageTable, ReplicatedLinear, RMSNorm, RouterSpec,
     apply_rope, context_mask, gather_pages, load_full_state_dict, paged_attention, quant_fp8_group,
-    quant_fp8_per_token, random_full_state_dict, rope_inv_freq, route, shard, write_slots, yarn_inv_freq,
+    quant_fp8_per_token, quant_weight_fp8, random_full_state_dict, rope_inv_freq, route, shard, shard_fp8, write_slots,
+    yarn_inv_freq, dequant_weight_fp8,
 )
 
 
@@ -44,7 +45,7 @@ def test_fp8_linear_close_to_full_precision(scheme):
     w = torch.randn(320, 256, generator=gen(2)) * 0.02  # 320 rows: a ragged last weight block
     x = torch.randn(9, 256, generator=gen(3))
     lin = ReplicatedLinear(256, 320, fp8=scheme, dtype=torch.float32)
-    lin.load_local("weight", w)
+    lin.load_full("weight", w, rank=0, size=1)
     ref = x @ w.t()
     err = (lin(x) - ref).norm() / ref.norm()
     assert err < 0.08, f"relative error {err:.3f}"
@@ -52,6 +53,20 @@ def test_fp8_linear_close_to_full_precision(scheme):
         y = lin(x)
         lin.use_scaled_mm = False
         assert torch.allclose(lin(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", [FP8_CHANNEL, FP8_BLOCK], ids=["channel", "block"])
+@pytest.mark.parametrize("dim,parts", [(0, (256, 512)), (1, None)], ids=["column", "row"])
+def test_fp8_shards_are_slices_of_the_whole_quantized_weight(scheme, dim, parts):
+    w = torch.randn(768, 512, generator=gen(12))
+    q, s = quant_weight_fp8(w, scheme)
+    whole = dequant_weight_fp8(q, s, scheme)
+    for rank in range(2):
+        qr, sr = shard_fp8(q, s, scheme, dim, parts, rank, 2)
+        assert torch.equal(dequant_weight_fp8(qr, sr, scheme), shard(whole, dim, parts, rank, 2))
+    if scheme.block:
+        with pytest.raises(ValueError, match="whole 128-blocks"):
+            shard_fp8(q, s, scheme, 0, (128, 640), 0, 2)
 
 
 def test_rmsnorm_plain_and_zero_centered():
