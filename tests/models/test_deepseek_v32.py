@@ -53,17 +53,20 @@ def hf_tiny(c: DeepseekV32Config, seed: int = 0):
     return hf
 
 
+@pytest.mark.parametrize("index_heads,lengths", [(4, (5, 12)), (16, (9, 40))], ids=["tiny-dense", "16heads-sparse"])
 @torch.no_grad()
-def test_matches_transformers_prefill_and_decode():
-    # 16 indexer heads instead of tiny's 4: with 4, a key whose four head dots are all negative scores
-    # exactly 0 (ReLU), so zeros tie at the top-k boundary and torch.topk's (unspecified) tie order
-    # would decide which tokens attend. The indexer at 4 heads is tested tie-aware below.
-    cfg = DeepseekV32Config.tiny().replace(fp8_cache=False, index_heads=16)
+def test_matches_transformers_prefill_and_decode(index_heads, lengths):
+    # tiny-dense: the tiny config with contexts up to index_topk (16), where every token is selected.
+    # 16heads-sparse: contexts past index_topk need more than tiny's 4 indexer heads: with 4, a key
+    # whose four head dots are all negative scores exactly 0 (ReLU), zeros tie at the top-k boundary,
+    # and torch.topk's unspecified tie order would decide which tokens attend. The indexer at 4 heads
+    # is tested tie-aware against the reference below.
+    cfg = DeepseekV32Config.tiny().replace(fp8_cache=False, index_heads=index_heads)
     hf = hf_tiny(cfg)
     model = DeepseekV32ForCausalLM(cfg, dtype=torch.float32, max_batch=2, max_context=64)
     load_hf_state_dict(model, hf)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(cfg.vocab_size, (n,), generator=g) for n in (9, 40)]  # dense and sparse regime
+    prompts = [torch.randint(cfg.vocab_size, (n,), generator=g) for n in lengths]
     steps = torch.randint(cfg.vocab_size, (4, 2), generator=g)
     ours = [[model.prefill(p, seq)] for seq, p in enumerate(prompts)]
     for step in steps:
@@ -155,6 +158,16 @@ def test_mla_cache_rows_are_packed_fp8_ds_mla():
     latent, rope = attn.unpack(rows)
     assert ((latent - kv_c.float()).abs() <= scales.repeat_interleave(128, 1) * 16 + 1e-6).all()
     assert torch.equal(rope, k_pe.float())
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_chunk():
+    models = [build("deepseek-v3.2", dtype=torch.float32, max_batch=1, max_context=48, seed=11) for _ in range(2)]
+    prompt = torch.randint(1024, (37,), generator=torch.Generator().manual_seed(12))
+    a, b = models[0].prefill(prompt, 0), models[1].prefill(prompt, 0, chunk=10)
+    # (the caches are not compared bytewise: a GEMM of another height rounds differently in fp32,
+    # which can move an FP8 value across a rounding boundary)
+    assert torch.allclose(a, b, atol=1e-4), f"max |diff| {(a - b).abs().max():.2e}"
 
 
 def test_softmax_scale():
