@@ -433,7 +433,8 @@ class RouterSpec:
     dtype: torch.dtype = torch.float32  # dtype of the router GEMM
 
 
-def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, spec: RouterSpec,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (weights [T, k] fp32, expert ids [T, k])."""
     t, e = logits.shape
     if spec.scoring == "softmax":

@@ -173,7 +173,8 @@ class MLAAttention(nn.Module):
         self.block_size, self.scale = pages.block_size, cfg.softmax_scale
         kw = dict(fp8=fp8, device=device, dtype=dtype)
         qk_dim = cfg.qk_nope_dim + cfg.qk_rope_dim
-        self.fused_qkv_a_proj = ReplicatedLinear(cfg.hidden_size, cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_dim, **kw)
+        qkv_a = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_dim
+        self.fused_qkv_a_proj = ReplicatedLinear(cfg.hidden_size, qkv_a, **kw)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, cfg.num_heads * qk_dim, group=group, **kw)
@@ -304,7 +305,8 @@ def load_hf_state_dict(model: DeepseekV32ForCausalLM, hf_model: nn.Module) -> No
             "lm_head.weight": sd["lm_head.weight"]}
     for i, layer in enumerate(model.layers):
         p, a = f"layers.{i}.", f"layers.{i}.self_attn."
-        full[a + "fused_qkv_a_proj.weight"] = torch.cat([sd[a + "q_a_proj.weight"], sd[a + "kv_a_proj_with_mqa.weight"]])
+        full[a + "fused_qkv_a_proj.weight"] = torch.cat([sd[a + "q_a_proj.weight"],
+                                                         sd[a + "kv_a_proj_with_mqa.weight"]])
         full[a + "indexer.wk_weights_proj.weight"] = torch.cat(
             [sd[a + "indexer.wk.weight"], sd[a + "indexer.weights_proj.weight"].to(sd[a + "indexer.wk.weight"].dtype)])
         for name in ("q_a_layernorm.weight", "kv_a_layernorm.weight", "q_b_proj.weight", "kv_b_proj.weight",
@@ -322,6 +324,7 @@ def load_hf_state_dict(model: DeepseekV32ForCausalLM, hf_model: nn.Module) -> No
         full[m + "experts.w13"] = sd[m + "experts.gate_up_proj"]  # [E, 2I, H], gate rows first
         full[m + "experts.w2"] = sd[m + "experts.down_proj"]  # [E, H, I]
         s = m + "shared_experts."
-        full[m + "shared_expert.gate_up_proj.weight"] = torch.cat([sd[s + "gate_proj.weight"], sd[s + "up_proj.weight"]])
+        full[m + "shared_expert.gate_up_proj.weight"] = torch.cat([sd[s + "gate_proj.weight"],
+                                                                   sd[s + "up_proj.weight"]])
         full[m + "shared_expert.down_proj.weight"] = sd[s + "down_proj.weight"]
     load_full_state_dict(model, full, model.group)

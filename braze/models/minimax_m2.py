@@ -65,12 +65,14 @@ class MiniMaxM2Attention(nn.Module):
         super().__init__()
         self.group, self.tp = group, tp_size(group)
         if cfg.num_kv_heads % self.tp:
-            raise ValueError(f"TP={self.tp} must divide the {cfg.num_kv_heads} kv heads (kv replication is not modeled)")
+            raise ValueError(f"TP={self.tp} must divide the {cfg.num_kv_heads} kv heads "
+                             "(replicating kv heads for a larger TP is not modeled)")
         self.heads, self.kv_heads = cfg.num_heads // self.tp, cfg.num_kv_heads // self.tp
         self.head_dim, self.eps, self.scale = cfg.head_dim, cfg.rms_norm_eps, cfg.head_dim ** -0.5
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q_size + 2 * kv_size, output_sizes=(q_size, kv_size, kv_size),
-                                             group=group, fp8=fp8, device=device, dtype=dtype)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q_size + 2 * kv_size,
+                                             output_sizes=(q_size, kv_size, kv_size), group=group, fp8=fp8,
+                                             device=device, dtype=dtype)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, group=group, fp8=fp8, device=device, dtype=dtype)
         # Norm weights over the full width, sharded with their heads (only .weight is used).
         self.q_norm = RMSNorm(q_size // self.tp, cfg.rms_norm_eps, device=device, dtype=dtype)

@@ -107,7 +107,8 @@ def ref_index_scores(ind: Indexer, x: torch.Tensor, q_c: torch.Tensor, cos, sin)
     """Dense causal index scores [S, S] of one sequence: L[t,n] = Σ_h w[t,h]·relu(q[t,h]·k[n]) / √(128·H)."""
     d, h = ind.dim, ind.heads
     wk, wproj = ind.wk_weights_proj.weight.float().split([d, h])
-    k = torch.nn.functional.layer_norm(x.float() @ wk.t(), (d,), ind.k_norm.weight.float(), ind.k_norm.bias.float(), 1e-6)
+    k = torch.nn.functional.layer_norm(x.float() @ wk.t(), (d,), ind.k_norm.weight.float(),
+                                       ind.k_norm.bias.float(), 1e-6)
     k = ref_fp8_ue8m0(ref_neox_first64(k, cos, sin))  # [S, 128]
     q = ref_fp8_ue8m0(ref_neox_first64((q_c.float() @ ind.wq_b.weight.float().t()).view(-1, h, d), cos, sin))
     w = x.float() @ wproj.t()  # [S, H]
