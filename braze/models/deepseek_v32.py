@@ -116,12 +116,13 @@ class Indexer(nn.Module):
 
     def __init__(self, cfg: DeepseekV32Config, pages: PageTable, *, fp8: Fp8Scheme | None, device, dtype):
         super().__init__()
-        self.heads, self.dim, self.topk, self.fp8 = cfg.index_heads, cfg.index_head_dim, cfg.index_topk, cfg.fp8_cache
+        self.heads, self.dim, self.topk = cfg.index_heads, cfg.index_head_dim, cfg.index_topk
+        self.quantized = cfg.fp8_cache  # FP8 keys and queries, paged key cache of fp8 rows + fp32 scales
         self.block_size = pages.block_size
         self.wq_b = ReplicatedLinear(cfg.q_lora_rank, self.heads * self.dim, fp8=fp8, device=device, dtype=dtype)
         self.wk_weights_proj = ReplicatedLinear(cfg.hidden_size, self.dim + self.heads, device=device, dtype=dtype)
         self.k_norm = LayerNorm(self.dim, 1e-6, device, dtype)
-        if self.fp8:
+        if self.quantized:
             cache = torch.zeros(pages.num_blocks, pages.block_size * (self.dim + 4), device=device, dtype=torch.uint8)
         else:
             cache = torch.zeros(pages.num_blocks, pages.block_size, self.dim, device=device, dtype=dtype)
@@ -141,7 +142,7 @@ class Indexer(nn.Module):
         k = apply_rope(self.k_norm(k), cos, sin, style="neox")  # rope dims FIRST in the indexer
         q = apply_rope(self.wq_b(q_c).view(t, self.heads, self.dim), cos, sin, style="neox")  # [T, Hi, 128]
         w = w.float() * (self.dim ** -0.5 * self.heads ** -0.5)  # [T, Hi]
-        if self.fp8:
+        if self.quantized:
             k8, k_scale = quant_fp8_group(k, self.dim, ue8m0=True)  # [T, 128] fp8, [T, 1]
             keys, scales = self._pages()
             blk, off = slot_mapping // self.block_size, slot_mapping % self.block_size
