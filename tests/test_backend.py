@@ -95,6 +95,25 @@ def test_string_backend_and_graph_breaks_aggregate():
     assert locations == ["a.layers.0.norm", "b.layers.0.norm"]
 
 
+def test_dynamic_token_count_fuses_in_an_unbounded_range_and_is_missed_in_a_bounded_one():
+    model = build_demo(layers=1)
+    x = torch.randn(6, 256, dtype=torch.bfloat16)
+    torch._dynamo.mark_dynamic(x, 0)
+    compiled, _ = run(model, x, braze.backend(braze.FusionConfig(token_ranges={"norm_quant": (1, 64)})))
+    [rm] = [r for r in braze.report(compiled).remarks if r.name == "token-range"]
+    assert "is dynamic" in rm.reason and "[1, 64]" in rm.reason
+    torch._dynamo.reset()
+    be = braze.backend()
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        for t in (6, 9, 2):
+            y = torch.randn(t, 256, dtype=torch.bfloat16)
+            torch._dynamo.mark_dynamic(y, 0)
+            out, ref = compiled(y), model(y)
+            assert (out.float() - ref.float()).abs().max() <= 0.1 * ref.float().abs().max()
+    assert len(be.report.graphs) == 1 and len(be.report.applied) == 1
+
+
 class CountingPass(CustomGraphPass):
     calls = 0
 

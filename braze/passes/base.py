@@ -83,8 +83,15 @@ class PassContext:
 
 
 def _symbol_bounds(s: torch.SymInt) -> tuple[int, int | None]:
+    """The value range the shape env knows for a symbolic size (hi None = unbounded)."""
     node = s.node
     ranges = node.shape_env.bound_sympy(node.expr)
-    lo = int(ranges.lower) if ranges.lower.is_finite else 0
-    hi = int(ranges.upper) if ranges.upper.is_finite else None
-    return lo, hi
+
+    def finite(v: object) -> int | None:
+        try:
+            f = float(v)
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return int(f) if abs(f) != float("inf") else None
+
+    return finite(ranges.lower) or 0, finite(ranges.upper)

@@ -73,31 +73,45 @@ class NormQuantFusion(Pass):
             if not is_fp8_cast(node) or node.graph is not graph:
                 continue
             ctx.bump("fp8-casts-seen")
-            site = self._site(node, norms, norm_misses, ctx)
-            if site is None:
+            try:
+                planned = self._plan(node, norms, norm_misses, fake_mode, ctx)
+            except Exception as e:  # a bug in braze must not break the user's compile
+                ctx.remark("failed", "internal-error", node, "RMSNorm -> FP8 quant left unfused after an error in braze",
+                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug, with this remark",
+                           ops=("rmsnorm", "fp8_quant"))
                 continue
-            rows = _rows(site.inputs[0])
-            why = ctx.token_check(self.family, rows)
-            if why:
-                ctx.remark("missed", "token-range", site.anchor, "RMSNorm -> FP8 quant not fused here",
-                           reason=why, suggestion="widen FusionConfig.token_ranges['norm_quant']",
-                           ops=_ops(site))
+            if planned is None:
                 continue
-            if ctx.config.verify == "compile":
-                result = gate(site.inputs, site.outputs, lambda xs: fused_call(site.chain.to_json())(*xs),
-                              ctx.config.verify_rtol, dequant=_dequantizer(site.chain))
-                ctx.bump("sites-verified")
-                if not result.ok:
-                    ctx.remark("failed", "numerics-gate", site.anchor,
-                               "fused RMSNorm -> FP8 quant disagrees with the unfused graph; left unfused",
-                               reason=result.detail,
-                               suggestion="report this as a braze bug, with the model and this remark",
-                               ops=_ops(site), args={"error_ratio": round(result.worst, 4)})
-                    continue
-            self._replace(graph, site, fake_mode, ctx)
+            site, traced = planned
+            self._replace(graph, site, traced, ctx)
             ctx.remark("applied", "norm-quant", site.anchor,
                        f"fused {' -> '.join(_ops(site))} into one kernel",
                        ops=_ops(site), args=_args(site.chain))
+
+    def _plan(self, node: Node, norms: dict[Node, NormMatch], norm_misses: dict[Node, Miss], fake_mode,
+              ctx: PassContext) -> tuple[Site, torch.fx.GraphModule] | None:
+        """Everything short of changing the graph: the site, its checks, the traced replacement."""
+        site = self._site(node, norms, norm_misses, ctx)
+        if site is None:
+            return None
+        why = ctx.token_check(self.family, _rows(site.inputs[0]))
+        if why:
+            ctx.remark("missed", "token-range", site.anchor, "RMSNorm -> FP8 quant not fused",
+                       reason=why, suggestion="widen FusionConfig.token_ranges['norm_quant']", ops=_ops(site))
+            return None
+        spec = site.chain.to_json()
+        if ctx.config.verify == "compile":
+            result = gate(site.inputs, site.outputs, lambda xs: fused_call(spec)(*xs),
+                          ctx.config.verify_rtol, dequant=_dequantizer(site.chain))
+            ctx.bump("sites-verified")
+            if not result.ok:
+                ctx.remark("failed", "numerics-gate", site.anchor,
+                           "fused RMSNorm -> FP8 quant disagrees with the unfused graph; left unfused",
+                           reason=result.detail, suggestion="report this as a braze bug, with the model and this remark",
+                           ops=_ops(site), args={"error_ratio": round(result.worst, 4)})
+                return None
+        traced = trace_functional(fused_call(spec), [n.meta["val"] for n in site.inputs], fake_mode)
+        return site, traced
 
     def _site(self, q: Node, norms: dict[Node, NormMatch], norm_misses: dict[Node, Miss],
               ctx: PassContext) -> Site | None:
@@ -127,7 +141,7 @@ class NormQuantFusion(Pass):
             return None
         inside = norm.nodes | quant.nodes
         norm_store = any(u not in inside for u in norm.output.users)
-        residual = match_residual_add(norm.x, norm.nodes)
+        residual = match_residual_add(norm.x)
         inputs: list[Node] = [norm.x]
         outputs: list[Node] = []
         res_stage = None
@@ -149,10 +163,7 @@ class NormQuantFusion(Pass):
         chain = self.build_chain(norm, quant, res_stage, norm_store)
         return Site(chain, tuple(inputs), tuple(outputs), norm.anchor)
 
-    def _replace(self, graph: torch.fx.Graph, site: Site, fake_mode, ctx: PassContext) -> None:
-        spec = site.chain.to_json()
-        example = [n.meta["val"] for n in site.inputs]
-        traced = trace_functional(fused_call(spec), example, fake_mode)
+    def _replace(self, graph: torch.fx.Graph, site: Site, traced: torch.fx.GraphModule, ctx: PassContext) -> None:
         new_outputs = splice(graph, traced, site.inputs, site.anchor)
         assert len(new_outputs) == len(site.outputs)
         for old, new in zip(site.outputs, new_outputs):

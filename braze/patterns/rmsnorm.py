@@ -224,7 +224,7 @@ def _epilogue(normalized: Node, width: int) -> tuple[list[EpilogueOp], Node | No
     return ops, weight, y, tail
 
 
-def match_residual_add(x: Node, norm_nodes: frozenset[Node]) -> ResidualMatch | None:
+def match_residual_add(x: Node) -> ResidualMatch | None:
     """`x = a + b` of two same-shape, same-dtype tensors feeding the norm."""
     if not is_op(x, aten.add) or x.kwargs.get("alpha", 1) != 1 or len(x.args) < 2:
         return None

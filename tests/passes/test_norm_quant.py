@@ -179,3 +179,4 @@ def test_two_layers_two_sites(dtype):
     record = run_passes(gm)
     assert [rm.kind for rm in record.remarks] == ["applied", "applied"]
     assert_close_quant(gm(x, r, w1, w2), fn(x, r, w1, w2), 128)
+

@@ -62,3 +62,17 @@ def test_gate_passes_the_right_replacement():
     record = run_passes(gm, FusionConfig(verify="compile"))
     assert [r.kind for r in record.remarks] == ["applied"]
     assert record.stats["norm-quant"]["sites-verified"] == 1
+
+
+class BrokenNormQuant(NormQuantFusion):
+    def build_chain(self, *args):
+        raise RuntimeError("planted bug")
+
+
+def test_an_error_inside_braze_leaves_the_site_unfused_with_a_failed_remark():
+    gm, fn, args = graph()
+    record = run_passes(gm, passes=(Canonicalize, BrokenNormQuant))
+    [rm] = record.remarks
+    assert (rm.kind, rm.name, rm.reason) == ("failed", "internal-error", "RuntimeError: planted bug")
+    out, ref = gm(*args), fn(*args)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(out, ref))

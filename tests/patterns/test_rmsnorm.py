@@ -52,7 +52,7 @@ def test_residual_add_feeding_the_norm(width, dtype):
     x, r, w = torch.randn(2, width, dtype=dtype), torch.randn(2, width, dtype=dtype), torch.randn(width, dtype=dtype)
     gm = aten_graph(fn, x, r, w)
     [m] = norms_in(gm)
-    res = match_residual_add(m.x, m.nodes)
+    res = match_residual_add(m.x)
     assert res is not None and {res.a.name, res.b.name} == {"arg0_1", "arg1_1"}
 
 
