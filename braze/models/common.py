@@ -473,11 +473,46 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def sparse_experts(tokens: int, top_k: int, num_experts: int) -> bool:
+    """The MoE rule, decided from static shapes at trace time: a step with fewer (token, expert) pairs
+    than experts (T·k < E) runs only the chosen experts; otherwise every expert runs on every token."""
+    return tokens * top_k < num_experts
+
+
+def experts_read(tokens: int, top_k: int, num_experts: int) -> int:
+    """Experts whose weights a decode step must read under `sparse_experts`: T·k (an upper bound on the
+    distinct ones; exact at T=1) when sparse, else all E."""
+    return tokens * top_k if sparse_experts(tokens, top_k, num_experts) else num_experts
+
+
+def grouped_mm_supported(device: torch.device | str | None, dtype: torch.dtype, *widths: int) -> bool:
+    """Whether `torch._grouped_mm` runs here without reading its offsets on the host (so a CUDA graph
+    can capture it): bf16 only (its fake/meta function accepts nothing else), on CPU or on CUDA
+    sm90/sm100 (PyTorch's CUTLASS path; other GPUs take a fallback that syncs). Every width must be a
+    multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
+        return False
+    if any(w * 2 % 16 for w in widths):
+        return False
+    dev = torch.empty(0, device=device).device
+    if dev.type in ("cpu", "meta"):
+        return True
+    if dev.type == "cuda":
+        return torch.cuda.get_device_capability(dev)[0] in (9, 10)
+    return False
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts with the intermediate width split over TP. Every expert runs on every token and
-    the outputs are weighted by a dense routing matrix [T, E] (zero off the top-k): exact, no
-    data-dependent control flow, and at decode sizes it reads the same weights a grouped GEMM would.
-    Under TP the result is a partial sum; the caller reduces it."""
+    """E SwiGLU experts with the intermediate width split over TP. Under TP the result is a partial sum;
+    the caller reduces it.
+
+    Two exact paths, picked from static shapes (`sparse_experts`): with T·k < E (small decode steps),
+    the chosen (token, expert) pairs are sorted by expert and run as two grouped GEMMs that read only
+    the chosen experts' weights, in place; otherwise every expert runs on every token and the outputs
+    are weighted by a dense routing matrix [T, E] (zero off the top-k), which at T·k >= E reads the same
+    weights a grouped GEMM would. The sparse path needs `torch._grouped_mm` (bf16, see
+    `grouped_mm_supported`); FP8 experts and other dtypes always run dense.
+    """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, *, group: ProcessGroup | None = None,
                  fp8: Fp8Scheme | None = None, device=None, dtype: torch.dtype = torch.bfloat16):
@@ -498,6 +533,7 @@ class Experts(nn.Module):
             self.w2_scale = nn.Parameter(torch.ones(num_experts, *s2, device=device), requires_grad=False)
             self.use_scaled_mm = (use_scaled_mm(w13.device, fp8, dtype, 2 * il, hidden)
                                   and use_scaled_mm(w13.device, fp8, dtype, hidden, il))
+        self.grouped_mm = fp8 is None and grouped_mm_supported(w13.device, dtype, hidden, il)
 
     def load_full(self, name: str, full: torch.Tensor, rank: int, size: int) -> None:
         """Set w13 [E, 2I, H] or w2 [E, H, I] from the full value (each expert quantized whole if FP8)."""
@@ -510,7 +546,34 @@ class Experts(nn.Module):
         getattr(self, name).copy_(q)
         getattr(self, f"{name}_scale").copy_(s)
 
-    def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+    def is_sparse(self, tokens: int, top_k: int) -> bool:
+        """Whether a step of `tokens` tokens with `top_k` experts each takes the sparse path."""
+        return self.grouped_mm and sparse_experts(tokens, top_k, self.w13.shape[0])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]; weights: [T, k] fp32; idx: [T, k] expert ids
+        t, k = idx.shape
+        if self.is_sparse(t, k):
+            return self._forward_sparse(x, weights, idx)
+        routing = torch.zeros(t, self.w13.shape[0], device=x.device, dtype=torch.float32)
+        routing = routing.scatter_(1, idx, weights)  # [T, E]
+        return self._forward_dense(x, routing)
+
+    def _forward_sparse(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t, k = idx.shape
+        e = self.w13.shape[0]
+        pair_expert = idx.flatten()  # [T·k], pair p = (token p // k, slot p % k)
+        order = pair_expert.argsort(stable=True)  # pairs grouped by expert
+        counts = (pair_expert[:, None] == torch.arange(e, device=idx.device)).sum(0)  # [E]
+        offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's group (empty groups allowed)
+        xs = x[order // k]  # [T·k, H] token of each pair, in expert order
+        gate_up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs)  # [T·k, 2I']
+        gate, up = gate_up.chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # [T·k, H]
+        y = ys[order.argsort()].view(t, k, -1)  # [T, k, H] back in (token, slot) order
+        return (y.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+
+    def _forward_dense(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; routing: [T, E] fp32
         if self.fp8 is None:
             gate_up = torch.einsum("th,eih->eti", x, self.w13)  # [E, T, 2I']
@@ -548,8 +611,7 @@ class MoE(nn.Module):
         # x: [T, H]
         logits = self.gate(x.to(self.router.dtype))  # [T, E]
         weights, idx = route(logits, self.router, self.e_score_correction_bias)
-        routing = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, idx, weights)  # [T, E]
-        y = self.experts(x, routing)
+        y = self.experts(x, weights, idx)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
