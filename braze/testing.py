@@ -58,3 +58,35 @@ def fused_ops(gm: GraphModule) -> list[str]:
         if "braze" in name or "triton_kernel_wrapper" in name:
             out.append(name)
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(world_size: int, fn: Callable[..., None], *args: object) -> None:
+    """Run fn(rank, world_size, *args) in `world_size` CPU processes joined by a gloo group.
+
+    fn must be a module-level function (it is pickled to the workers); a failure
+    on any rank fails the caller.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
