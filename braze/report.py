@@ -208,7 +208,8 @@ class Report:
             lines.append(f"{hits} graph(s) restored from the warm cache")
         cpu = {g.cpu_execution for g in self.graphs if g.cpu_execution}
         if cpu:
-            lines.append(f"fused ops on CPU run: {', '.join(sorted(cpu))}")
+            lines.append(f"fused ops on CPU run: {', '.join(sorted(cpu))} (a correctness path for testing, "
+                         "not a fast one; CPU kernel counts only illustrate)")
         for title, rs in (("applied", self.applied), ("missed", self.missed), ("failed", self.failed)):
             if rs:
                 lines.append("")
