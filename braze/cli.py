@@ -20,6 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="FILE", help="also draw kernels per layer as a PNG")
     r.add_argument("--verify", action="store_true", help="run the compile-time numerics gate")
     r.add_argument("--dump-dir", help="write generated kernels and graphs here")
+    b = sub.add_parser("bench", help="time a decode step of built-in models: eager vs stock Inductor vs braze")
+    from braze.bench import add_arguments
+
+    add_arguments(b)
     return p
 
 
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             argv = sys.argv[1:] if argv is None else argv
             os.execve(sys.executable, [sys.executable, "-m", "braze", *argv], env)
         return report_command(args)
+    if args.command == "bench":
+        from braze.bench import bench_command
+
+        return bench_command(args, argv)
     return 1
 
 

@@ -1,0 +1,226 @@
+"""Measurement on the device for `python -m braze bench`: the card's two ceilings, CUDA-graph timing,
+kernel counts from the profiler, and a CPU stand-in that is labelled as such.
+
+Every timer takes `step`, a zero-argument callable that runs one decode step.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CPU_TIMING = "CPU wall clock (time.perf_counter, median of calls after one warm-up): NOT comparable with GPU numbers"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per decode step: median and the 10th/90th percentiles over n samples."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    n: int
+    method: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KernelCount:
+    """Device activity of one decode step as the profiler saw it (launched outside a CUDA graph)."""
+
+    kernels: int
+    memcpy: int
+    memset: int
+    names: dict[str, int]  # kernel name -> launches in the step (memcpy/memset excluded)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantiles(samples: list[float], method: str) -> Timing:
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
+    return Timing(statistics.median(s), pick(0.1), pick(0.9), len(s), method)
+
+
+# ----------------------------------------------------------------------------
+# the card's ceilings
+# ----------------------------------------------------------------------------
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written (median of `repeats`)."""
+    a = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            b.copy_(a)
+            times.append(time.perf_counter() - t0)
+        return 2 * nbytes / statistics.median(times)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
+    """Flop/s of an n×n×n matrix product in `dtype` (median of `repeats`); CUDA only."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------
+# timing a step
+# ----------------------------------------------------------------------------
+
+
+def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Timing:
+    """Capture one step in a CUDA graph and time `replays` replays with device events, back to back after
+    `warmup` replays. The step's weights (hundreds of MB and up) exceed L2, so replays read HBM as a
+    real decode step does; caches written in place are rewritten at the same slots each replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # lazy init (cuBLAS workspaces, kernel loading) outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    samples = [start.elapsed_time(end) / 1e3 for start, end in events]
+    del graph
+    method = (f"CUDA graph of one decode step, median of {replays} back-to-back replays after {warmup} "
+              "warm-up replays, device events")
+    return _quantiles(samples, method)
+
+
+def time_cpu(step: Callable[[], object], repeats: int) -> Timing:
+    """Wall-clock seconds per step on the CPU (after one warm-up call): a smoke-test number only."""
+    step()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t0)
+    return _quantiles(samples, CPU_TIMING)
+
+
+def count_cuda_kernels(step: Callable[[], object]) -> KernelCount:
+    """Kernels, memcpys and memsets of one step, from the profiler's CUDA activity."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels: Counter = Counter()
+    memcpy = memset = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        low = e.name.lower()
+        if low.startswith("memcpy"):
+            memcpy += 1
+        elif low.startswith("memset"):
+            memset += 1
+        else:
+            kernels[e.name] += 1
+    return KernelCount(sum(kernels.values()), memcpy, memset, dict(kernels.most_common()))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------
+# the machine
+# ----------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    """Card, library versions, and the code's commit."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - CPU machines without triton
+        triton_version = None
+    env = {
+        "device": device.type,
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "host_cpus": os.cpu_count(),
+        "git_commit": _git_commit(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(sm=f"{props.major}.{props.minor}", gpu_memory_GiB=round(props.total_memory / 2**30, 1),
+                   l2_MiB=round(getattr(props, "L2_cache_size", 0) / 2**20, 1), driver=_driver_version())
+    return env
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None

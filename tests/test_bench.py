@@ -1,0 +1,168 @@
+"""`python -m braze bench`: the no-GPU exit, argument errors, the harness end to end on CPU (tiny models),
+tensor parallel under torchrun (gloo), and the GPU-only parts of the output rendered from a synthetic run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from braze.bench import compare_logits, compare_state
+from braze.bench_output import markdown, write_results
+from braze.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["bench", "--device", "cpu", "--size", "tiny", "--context", "12"]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _load(out: Path, stem: str) -> dict:
+    for ext in ("json", "md", "png"):
+        assert (out / f"{stem}.{ext}").stat().st_size > 0, f"{stem}.{ext} missing or empty"
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_no_gpu_is_a_clear_nonzero_exit():
+    proc = subprocess.run([sys.executable, "-m", "braze", "bench", "--model", "minimax-m2.5", "--size", "tiny"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    assert proc.returncode == 2
+    assert "no CUDA GPU on this machine" in proc.stderr and "--device cpu" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "llama"], "unknown ['llama']"),
+    (["--tokens", "1,x"], "comma list of positive integers"),
+    (["--tokens", "0"], "comma list of positive integers"),
+    (["--variants", "eager,tvm"], "comma list of"),
+    (["--context", "0"], "at least 1 cached token"),
+])
+def test_bad_arguments_exit_2_and_say_why(args, message, capsys):
+    assert main([*TINY, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_run_of_every_model_writes_json_markdown_plot(tmp_path):
+    rc = main([*TINY, "--model", "all", "--tokens", "1,3", "--variants", "eager", "--out", str(tmp_path)])
+    assert rc == 0
+    for name in ("deepseek-v3.2", "minimax-m2.5", "qwen3.5"):
+        doc = _load(tmp_path, f"{name}_tiny_tp1_cpu")
+        assert doc["meta"]["device"] == "cpu" and "NOT comparable" in doc["meta"]["timing"]
+        assert doc["meta"]["command"].startswith("python -m braze bench --device cpu")
+        assert [(r["tokens"], r["variant"]) for r in doc["rows"]] == [(1, "eager"), (3, "eager")]
+        for r in doc["rows"]:
+            c = r["correctness"]
+            assert r["ok"] and c["passed"] and c["finite"] and c["rel_fro"] == 0.0 and c["top1_agree"] == 1.0
+            assert r["state"]["written"], "the step writes its caches"
+            assert r["time"]["median_s"] > 0 and r["kernels"] is None
+        for T in ("1", "3"):
+            f = doc["floors"][T]
+            assert f["floor_s"] == f["bytes_s"] > 0 and f["bytes_by_kind"]["weights"] > 0
+        md = (tmp_path / f"{name}_tiny_tp1_cpu.md").read_text()
+        assert "CPU run" in md and "| 3 | eager |" in md and "## Floor" in md
+    qwen = json.loads((tmp_path / "qwen3.5_tiny_tp1_cpu.json").read_text())
+    assert qwen["floors"]["1"]["moe_path"] == "sparse" and qwen["floors"]["1"]["experts_read"]["layers.0.mlp"] == 2
+
+
+def test_time_budget_skips_and_exits_1(tmp_path):
+    rc = main([*TINY, "--model", "minimax-m2.5", "--tokens", "1", "--budget-s", "0", "--out", str(tmp_path)])
+    assert rc == 1
+    assert not list(tmp_path.iterdir()), "a model skipped whole writes nothing"
+
+
+@pytest.mark.slow
+def test_cpu_run_with_compiled_variants(tmp_path):
+    # One tiny model through stock Inductor and braze (two CPU compiles, ~30 s).
+    torch._dynamo.reset()
+    rc = main([*TINY, "--model", "minimax-m2.5", "--tokens", "1", "--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = _load(tmp_path, "minimax-m2.5_tiny_tp1_cpu")
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == {"eager", "inductor", "braze"}
+    for v in ("inductor", "braze"):
+        c = rows[v]["correctness"]
+        assert rows[v]["ok"] and c["finite"] and c["rel_fro"] < 5e-2 and rows[v]["compile_s"] > 0
+        assert rows[v]["state"]["max_rel_err"] < 5e-2
+    b = rows["braze"]["braze"]
+    assert b["summary"].startswith("braze report: 1 graph(s)") and b["kernels_total"] > 0
+    assert "layers.0" in b["kernels_per_layer"]
+    assert "## braze report" in (tmp_path / "minimax-m2.5_tiny_tp1_cpu.md").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tensor_parallel_under_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "braze", *TINY, "--model", "minimax-m2.5", "--tokens", "1,2",
+           "--variants", "eager", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"minimax-m2.5_tiny_tp2_cpu.{e}" for e in ("json", "md", "png")]
+    doc = _load(tmp_path, "minimax-m2.5_tiny_tp2_cpu")
+    assert doc["meta"]["tp"] == 2 and doc["meta"]["command"].startswith("torchrun --nproc-per-node 2 -m braze bench")
+    for r in doc["rows"]:
+        assert len(r["ranks"]) == 2 and all(x["ok"] for x in r["ranks"])
+        assert r["time"]["median_s"] == max(x["median_s"] for x in r["ranks"])
+
+
+def test_compare_logits_fails_nan_and_shape():
+    ref = torch.randn(3, 50)
+    good = compare_logits(ref + 1e-4 * torch.randn(3, 50), ref, 1e-2)
+    assert good["passed"] and good["top1_agree"] == 1.0 and good["rel_fro"] < 1e-3
+    bad = ref.clone()
+    bad[1, 7] = float("nan")
+    res = compare_logits(bad, ref, 1e-2)
+    assert not res["passed"] and not res["finite"] and res["rel_fro"] is None
+    assert not compare_logits(ref[:2], ref, 1e-2)["passed"]
+    assert not compare_logits(ref * 2, ref, 1e-2)["passed"]
+
+
+def test_compare_state_floats_and_bytes():
+    a, b = torch.randn(4, 8), torch.randint(0, 255, (4, 16), dtype=torch.uint8)
+    b2 = b.clone()
+    b2[0, :4] += 1
+    res = compare_state({"a": a * 1.01, "b": b2}, {"a": a, "b": b})
+    assert res["max_rel_err_buffer"] == "a" and abs(res["max_rel_err"] - 0.01) < 1e-4
+    assert res["max_bytes_differing_buffer"] == "b" and res["max_bytes_differing"] == 4 / 64
+
+
+def test_gpu_shaped_results_render(tmp_path):
+    # What a GPU run adds (kernel counts, memory, TP ranks, a failure, a skip) renders in markdown and plot.
+    main([*TINY, "--model", "minimax-m2.5", "--tokens", "1", "--variants", "eager", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "minimax-m2.5_tiny_tp1_cpu.json").read_text())
+    doc["meta"].update(device="cuda", card="NVIDIA H100 80GB HBM3", matmul_bf16_TFLOPs=700.0)
+    doc["model"]["variants"] = ["eager", "inductor", "braze"]
+    eager = doc["rows"][0]
+    eager.update(kernels={"kernels": 120, "memcpy": 2, "memset": 1, "names": {"gemv": 40}},
+                 peak_mem_bytes=3 * 2**30, extra_mem_bytes=5 * 2**20)
+    braze_row = copy.deepcopy(eager)
+    braze_row.update(variant="braze", compile_s=12.5, kernels={"kernels": 80, "memcpy": 0, "memset": 0, "names": {}},
+                     braze={"summary": "braze report: 1 graph(s), 2 applied, 1 missed, 0 failed", "applied": 2,
+                            "missed": 1, "failed": 0, "kernels_per_layer": {"layers.0": 30, "layers.1": 30},
+                            "stock_kernels_per_layer": None, "kernels_total": 60, "pass_seconds": 0.1,
+                            "applied_names": ["norm-quant"], "missed_reasons": ["norm-quant: no quant consumer"]})
+    braze_row["time"] = dict(eager["time"], median_s=eager["time"]["median_s"] / 2)
+    doc["rows"] += [{"tokens": 1, "variant": "inductor", "ok": False, "error": "RuntimeError: boom | here\nmore"},
+                    braze_row, {"tokens": 1, "variant": "braze", "skipped": "time budget of 5 s spent"}]
+    md = markdown(doc)
+    assert "CPU run" not in md and "| 1 | eager |" in md and "120 (2, 1)" in md and "3.00 (+5)" in md
+    assert "FAILED: RuntimeError: boom / here" in md and "skipped: time budget" in md
+    assert "2.00×" in md and "| 60 |" in md and "missed norm-quant: no quant consumer" in md
+    assert "## Failures" in md
+    paths = write_results(doc, tmp_path / "gpu", "fake")
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size for p in paths)
