@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from braze import bench_device as dev
+from braze.bench_checks import CacheSnapshot, compare_logits, compare_state, dense_moe
 from braze.bench_floor import decode_floor
 
 VARIANTS = ("eager", "inductor", "braze")
@@ -221,30 +222,26 @@ def _setup(device: torch.device) -> Context:
 # ----------------------------------------------------------------------------
 
 
-class CacheSnapshot:
-    """Every buffer of the model as it was after prefill; `restore` puts it back in place."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.buffers = list(model.named_buffers())
-        self.saved = [b.detach().clone() for _, b in self.buffers]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for (_, b), s in zip(self.buffers, self.saved):
-            b.copy_(s)
-
-    def changed(self) -> dict[str, torch.Tensor]:
-        """Copies of the buffers that differ from the snapshot (what a step wrote)."""
-        return {name: b.detach().clone() for (name, b), s in zip(self.buffers, self.saved) if not torch.equal(b, s)}
-
-
 @torch.no_grad()
 def bench_model(name: str, s: Settings, ctx: Context) -> bool:
-    from braze import models
-
+    """Every T and variant of one model; True if all ran and matched eager. Never raises: a model that
+    cannot be built or prefilled is reported and the run moves on."""
     if s.budget_s is not None and any(ctx.gather(time.perf_counter() - ctx.start > s.budget_s)):
         ctx.log(f"{name}: skipped, the time budget of {s.budget_s:.0f} s is spent")
         return False
+    try:
+        return _bench_model(name, s, ctx)
+    except Exception:
+        print(f"[rank {ctx.rank}] {name} failed outside any variant:\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        return False
+    finally:
+        _release(ctx.device)
+
+
+def _bench_model(name: str, s: Settings, ctx: Context) -> bool:
+    from braze import models
+
     ctx.log(f"{name} ({s.size}): building, max_batch={max(s.tokens)}, context={s.context}")
     model = models.build(name, s.size, device=ctx.device, dtype=s.dtype, group=ctx.group, fp8=s.fp8,
                          max_batch=max(s.tokens), max_context=s.context + 1, seed=s.seed)
@@ -253,22 +250,30 @@ def bench_model(name: str, s: Settings, ctx: Context) -> bool:
     full = models.make_decode_inputs(model, max(s.tokens), s.context, gen)  # prefill max(T) sequences
     dev.synchronize(ctx.device)
     snapshot = CacheSnapshot(model)
-    doc = {"meta": _meta(s, ctx), "model": _model_info(name, model, s, ctx), "floors": {}, "rows": []}
+    doc = {"meta": _meta(s, ctx), "model": _model_info(name, model, s, ctx), "floors": {}, "checks": {},
+           "rows": []}
     ok = True
     for T in s.tokens:
         batch = tuple(x[:T] for x in full)  # sequences 0..T-1, each one new token
         floor = decode_floor(model, T, s.context, batch)
         times = floor.seconds(ctx.copy_bw, ctx.matmul_rate)
         doc["floors"][str(T)] = {**floor.to_dict(), **times, "moe_path": _moe_path(model, T)}
-        ctx.log(f"{name} T={T}: floor {times['floor_s'] * 1e6:.1f} us ({floor.total_bytes / 1e9:.3f} GB)")
-        snapshot.restore()
-        ref_logits = model(*batch)  # the eager reference
-        dev.synchronize(ctx.device)
-        ref_state = snapshot.changed()
+        ctx.log(f"{name} T={T}: floor {times['floor_s'] * 1e6:.1f} us ({floor.total_bytes / 1e9:.3f} GB), "
+                f"MoE {doc['floors'][str(T)]['moe_path']}")
+        try:
+            ref_logits, ref_state, checks = _reference(model, batch, snapshot, s, ctx)
+        except Exception as e:  # without eager there is nothing to compare against: every variant fails
+            print(f"[rank {ctx.rank}] {name} T={T}: the eager reference failed:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            ref_logits, ref_state, checks = None, {}, {"eager_reference": f"{type(e).__name__}: {e}"[:2000]}
+        doc["checks"][str(T)] = checks
+        ok &= all(c.get("passed", False) for c in checks.values() if isinstance(c, dict)) and ref_logits is not None
         for variant in s.variants:
             over = s.budget_s is not None and time.perf_counter() - ctx.start > s.budget_s
             if any(ctx.gather(over)):  # decided together: a rank that skipped alone would hang the others
                 row = {"tokens": T, "variant": variant, "skipped": f"time budget of {s.budget_s:.0f} s spent"}
+            elif ref_logits is None:
+                row = {"tokens": T, "variant": variant, "ok": False, "error": f"no eager reference: {checks}"}
             else:
                 row = _run_variant(variant, model, batch, snapshot, ref_logits, ref_state, s, ctx)
             row = _merge_ranks(row, ctx)
@@ -283,9 +288,27 @@ def bench_model(name: str, s: Settings, ctx: Context) -> bool:
             write_results(doc, s.out, _stem(name, s, ctx))
     if ctx.rank == 0:
         ctx.log(f"{name}: wrote {s.out / _stem(name, s, ctx)}.{{json,md,png}}")
-    del model, snapshot, full
-    _release(ctx.device)
     return ok
+
+
+def _reference(model, batch, snapshot: CacheSnapshot, s: Settings,
+               ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """One eager step: its logits and the caches it wrote. Where the step takes the sparse MoE path, also
+    the same step with every MoE dense, compared with it: the grouped GEMM is checked on this device."""
+    snapshot.restore()
+    ref_logits = model(*batch)
+    dev.synchronize(ctx.device)
+    ref_state = snapshot.changed()
+    checks: dict = {}
+    if "sparse" in (_moe_path(model, batch[0].shape[0]) or ""):
+        snapshot.restore()
+        with dense_moe(model):
+            dense = model(*batch)
+        checks["sparse_moe_vs_dense"] = compare_logits(ref_logits, dense, s.tol)
+        del dense
+        ctx.log(f"  eager sparse MoE vs dense: rel err {checks['sparse_moe_vs_dense']['rel_fro']}")
+    snapshot.restore()
+    return ref_logits, ref_state, checks
 
 
 def _run_variant(variant: str, model, batch, snapshot: CacheSnapshot, ref_logits: torch.Tensor,
@@ -358,47 +381,6 @@ def _release(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------
-# checks
-# ----------------------------------------------------------------------------
-
-
-def compare_logits(got: torch.Tensor, want: torch.Tensor, tol: float) -> dict:
-    """Relative Frobenius error, max |diff|, worst token's relative error, top-1 agreement; NaN fails."""
-    g, w = got.detach().float(), want.detach().float()
-    if g.shape != w.shape:
-        return {"passed": False, "finite": None, "tol": tol, "error": f"shape {tuple(g.shape)} != {tuple(w.shape)}"}
-    finite = bool(torch.isfinite(g).all())
-    diff = g - w
-    rel = (diff.norm() / w.norm().clamp_min(1e-30)).item()
-    token_rel = (diff.norm(dim=-1) / w.norm(dim=-1).clamp_min(1e-30)).max().item()
-    return {"passed": finite and rel <= tol, "finite": finite, "tol": tol, "rel_fro": _num(rel),
-            "max_abs": _num(diff.abs().max().item()), "worst_token_rel": _num(token_rel),
-            "top1_agree": (g.argmax(-1) == w.argmax(-1)).float().mean().item()}
-
-
-def compare_state(buffers: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict:
-    """The caches a step wrote against eager's: worst relative error over floating buffers, and the
-    fraction of differing bytes over byte-packed ones (FP8 caches: a rounding step shows here)."""
-    worst_rel, worst_rel_name, worst_bytes, worst_bytes_name = 0.0, None, 0.0, None
-    for name, w in want.items():
-        b = buffers[name]
-        if w.is_floating_point():
-            rel = ((b.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
-            if not rel <= worst_rel:  # NaN wins
-                worst_rel, worst_rel_name = rel, name
-        else:
-            frac = (b.view(torch.uint8) != w.view(torch.uint8)).float().mean().item()
-            if frac > worst_bytes:
-                worst_bytes, worst_bytes_name = frac, name
-    return {"written": sorted(want), "max_rel_err": _num(worst_rel), "max_rel_err_buffer": worst_rel_name,
-            "max_bytes_differing": worst_bytes, "max_bytes_differing_buffer": worst_bytes_name}
-
-
-def _num(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None  # JSON has no NaN/inf
-
-
-# ----------------------------------------------------------------------------
 # bookkeeping
 # ----------------------------------------------------------------------------
 
@@ -455,6 +437,10 @@ def _meta(s: Settings, ctx: Context) -> dict:
     return {**ctx.env, "command": s.command, "tp": ctx.world, "copy_bandwidth_GBps": ctx.copy_bw / 1e9,
             "matmul_bf16_TFLOPs": ctx.matmul_rate / 1e12 if ctx.matmul_rate else None, "timing": timing,
             "tolerance": s.tol, "shapes": "static (dynamic=False, fullgraph=True), one compile per T and variant",
+            "compile_time": "wall time of the first call (Dynamo, AOT, Inductor, kernel compiles, one step). Variants "
+                            "compile in the order listed; a later one reuses kernels Inductor already compiled from "
+                            "identical source, so it reads lower than a cold compile. braze's own share is its "
+                            "report's pass time",
             "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
             "torch_symm_mem_disable_multicast": os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")}
 

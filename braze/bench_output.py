@@ -47,12 +47,13 @@ def markdown(doc: dict) -> str:
         + (f"; bf16 matmul {meta['matmul_bf16_TFLOPs']:.0f} TFLOP/s." if meta.get("matmul_bf16_TFLOPs") else "."),
         f"Command: `{meta['command']}`",
         f"Timing: {meta['timing']}. Shapes: {meta['shapes']}.",
+        f"Compile time: {meta.get('compile_time', 'first call')}.",
         f"Each of T sequences holds {model['context']} cached tokens and decodes one token "
         f"(max_context {model['max_context']}, max_batch {model['max_batch']}); caches restored before every "
         f"variant. Correct = finite logits with relative Frobenius error vs eager <= {meta['tolerance']}.",
         "",
         "| T | variant | µs / step | vs eager | floor µs | × floor | kernels / step (memcpy, memset) "
-        "| braze kernels (report) | compile s | peak GiB (+variant MiB) | rel err vs eager | top-1 agree | ok |",
+        "| braze kernels (report) | compile s | peak GiB (+variant MiB) | rel err vs eager (median token) | top-1 agree | ok |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     eager_time = {r["tokens"]: r["time"]["median_s"] for r in doc["rows"]
@@ -74,10 +75,26 @@ def markdown(doc: dict) -> str:
                if r.get("peak_mem_bytes") is not None else "-")
         c = r["correctness"]
         lines.append(f"| {T} | {label} | {_us(t)} | {vs} | {_us(floor['floor_s'])} | {t / floor['floor_s']:.2f} | "
-                     f"{kern} | {bz} | {_fmt(r.get('compile_s'), '.1f')} | {mem} | {_fmt(c.get('rel_fro'))} | "
+                     f"{kern} | {bz} | {_fmt(r.get('compile_s'), '.1f')} | {mem} | {_fmt(c.get('rel_fro'))} ({_fmt(c.get('median_token_rel'))}) | "
                      f"{_fmt(c.get('top1_agree'), '.3f')} | {'yes' if r['ok'] else '**NO**'} |")
-    lines += ["", *_floor_table(doc), "", *_braze_section(doc), *_failures(doc)]
+    lines += ["", *_checks(doc), *_floor_table(doc), "", *_braze_section(doc), *_failures(doc)]
     return "\n".join(lines) + "\n"
+
+
+def _checks(doc: dict) -> list[str]:
+    """The per-T checks of the eager step itself (sparse MoE path vs dense; a failed eager reference)."""
+    lines = []
+    for T, checks in doc.get("checks", {}).items():
+        for name, c in checks.items():
+            if isinstance(c, dict):
+                lines.append(f"- T={T} {name}: rel err {_fmt(c.get('rel_fro'))}, top-1 agree "
+                             f"{_fmt(c.get('top1_agree'), '.3f')}: {'ok' if c['passed'] else '**FAILS**'}")
+            else:
+                lines.append(f"- T={T} {name}: **FAILED** `{str(c)[:300]}`")
+    if not lines:
+        return []
+    return ["Checks of the eager step (the sparse MoE path's grouped GEMMs against the dense path, on this "
+            "device):", "", *lines, ""]
 
 
 def _floor_table(doc: dict) -> list[str]:
@@ -108,8 +125,8 @@ def _braze_section(doc: dict) -> list[str]:
     for r in rows:
         b = r["braze"]
         per_layer = ", ".join(f"{k}: {v}" for k, v in b["kernels_per_layer"].items())
-        lines.append(f"- T={r['tokens']}: {b['summary']}. Applied: {', '.join(b['applied_names']) or 'none'}. "
-                     f"Kernels per layer: {per_layer or '-'}.")
+        lines.append(f"- T={r['tokens']}: {b['summary']}; braze passes {b['pass_seconds']:.2f} s of the compile. "
+                     f"Applied: {', '.join(b['applied_names']) or 'none'}. Kernels per layer: {per_layer or '-'}.")
         for reason in b["missed_reasons"][:8]:
             lines.append(f"  - missed {reason}")
     return lines + [""]

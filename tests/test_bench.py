@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from braze.bench import compare_logits, compare_state
+from braze.bench_checks import compare_logits, compare_state
 from braze.bench_output import markdown, write_results
 from braze.cli import main
 
@@ -166,3 +166,15 @@ def test_gpu_shaped_results_render(tmp_path):
     assert "## Failures" in md
     paths = write_results(doc, tmp_path / "gpu", "fake")
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size for p in paths)
+
+
+def test_dense_moe_switches_every_moe_and_restores():
+    from braze.bench_checks import dense_moe
+    from braze.models import build
+
+    m = build("deepseek-v3.2", "tiny", max_batch=1, max_context=8)
+    moes = [layer.mlp for layer in m.layers[m.config.first_k_dense:]]
+    assert all(moe.experts.is_sparse(1, moe.router.top_k) for moe in moes)
+    with dense_moe(m):
+        assert not any(moe.experts.is_sparse(1, moe.router.top_k) for moe in moes)
+    assert all(moe.experts.is_sparse(1, moe.router.top_k) for moe in moes)
