@@ -17,10 +17,12 @@ T take the first T sequences. Then per T, per variant (caches restored before ev
 - the floor (`braze.bench_floor`): bytes that must move over the measured copy bandwidth, and weight
   GEMM flops over the measured matmul rate.
 
-Shapes are static: each T is its own graph (`dynamic=False`), as a CUDA-graph decode deployment captures
-one graph per batch size, so kernel counts and braze's per-token-count decisions (its token ranges, the
-sparse-MoE rule) are exact per T. Compile time dominates the run: 2 compiled variants × len(T) compiles
-per model.
+Shapes are static by default: each T is its own graph (`dynamic=False`), as a CUDA-graph decode
+deployment captures one graph per batch size, so kernel counts and braze's per-token-count decisions (its
+token ranges, the sparse-MoE rule) are exact per T. Compile time dominates the run: 2 compiled variants ×
+len(T) compiles per model. `--shapes dynamic` marks T dynamic instead (as vLLM compiles one graph for all
+batch sizes): T=1 keeps its own graph (Dynamo specializes size 1, and it takes the sparse MoE path), the
+T > 1 steps share one, which saves a third of the compiles at T = 1,8,64.
 
 Results go to `--out` as `<model>_<size>_tp<P>[_fp8][_cpu].{json,md,png}`, rewritten after every T so a
 run cut short keeps what it measured; only rank 0 writes. On CPU (`--device cpu`) nothing is captured
@@ -69,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "(default 5e-2 bf16, 1e-3 fp32, 1e-1 with --fp8)")
     p.add_argument("--budget-s", type=float, help="stop starting new variants after this many seconds "
                                                   "(the rest are recorded as skipped); results are still written")
+    p.add_argument("--shapes", default="static", choices=("static", "dynamic"),
+                   help="static: one compile per T and variant (exact per-T graphs); dynamic: T marked dynamic, "
+                        "one compile per variant for T=1 and one for T>1 where the MoE path agrees (faster)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -87,6 +92,7 @@ class Settings:
     cpu_repeats: int
     tol: float
     budget_s: float | None
+    shapes: str
     seed: int
     command: str
 
@@ -151,7 +157,7 @@ def settings_from_args(args: argparse.Namespace, argv: list[str] | None) -> Sett
     launcher = f"torchrun --nproc-per-node {os.environ.get('WORLD_SIZE')} -m braze" \
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python -m braze"
     return Settings(models, args.size, tokens, args.context, variants, Path(args.out), args.fp8, dtype, warmup,
-                    args.replays or replays, 1 if args.quick else 3, tol, args.budget_s, args.seed,
+                    args.replays or replays, 1 if args.quick else 3, tol, args.budget_s, args.shapes, args.seed,
                     f"{launcher} {' '.join(argv)}")
 
 
@@ -236,6 +242,7 @@ def bench_model(name: str, s: Settings, ctx: Context) -> bool:
               flush=True)
         return False
     finally:
+        torch._dynamo.reset()
         _release(ctx.device)
 
 
@@ -253,6 +260,7 @@ def _bench_model(name: str, s: Settings, ctx: Context) -> bool:
     doc = {"meta": _meta(s, ctx), "model": _model_info(name, model, s, ctx), "floors": {}, "checks": {},
            "rows": []}
     ok = True
+    variants = Variants(model, s.shapes)
     for T in s.tokens:
         batch = tuple(x[:T] for x in full)  # sequences 0..T-1, each one new token
         floor = decode_floor(model, T, s.context, batch)
@@ -275,12 +283,12 @@ def _bench_model(name: str, s: Settings, ctx: Context) -> bool:
             elif ref_logits is None:
                 row = {"tokens": T, "variant": variant, "ok": False, "error": f"no eager reference: {checks}"}
             else:
-                row = _run_variant(variant, model, batch, snapshot, ref_logits, ref_state, s, ctx)
+                row = _run_variant(variant, variants, batch, snapshot, ref_logits, ref_state, s, ctx)
             row = _merge_ranks(row, ctx)
             ok &= bool(row.get("ok"))  # a skipped variant leaves the run incomplete: not ok either
             doc["rows"].append(row)
             ctx.log(_row_line(name, row, times["floor_s"]))
-        del ref_logits, ref_state
+        del ref_logits, ref_state, batch
         snapshot.restore()
         if ctx.rank == 0:
             from braze.bench_output import write_results
@@ -311,8 +319,54 @@ def _reference(model, batch, snapshot: CacheSnapshot, s: Settings,
     return ref_logits, ref_state, checks
 
 
-def _run_variant(variant: str, model, batch, snapshot: CacheSnapshot, ref_logits: torch.Tensor,
+class Variants:
+    """The callables under test. static: after a Dynamo reset, a fresh compile for every (T, variant)
+    with `dynamic=False`. dynamic: one compile per variant, reused across T; T > 1 is marked dynamic
+    (T = 1 is specialized by Dynamo anyway), so the T > 1 steps share a graph wherever the shape-decided
+    choices (the sparse-MoE rule) agree."""
+
+    def __init__(self, model, shapes: str):
+        self.model, self.shapes = model, shapes
+        self.compiled: dict[str, tuple[object, object]] = {}
+        self.last_graphs: dict[str, list] = {}  # variant -> braze graph records of the last compile
+
+    def get(self, variant: str, batch: tuple[torch.Tensor, ...]) -> tuple[object, object]:
+        """(callable, braze backend or None) for `variant`, ready for `batch`."""
+        if self.shapes == "static":
+            torch._dynamo.reset()
+            return _compile(variant, self.model, dynamic=False)
+        if batch[0].shape[0] > 1:
+            for x in batch:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+        if variant not in self.compiled:
+            self.compiled[variant] = _compile(variant, self.model, dynamic=None)
+        return self.compiled[variant]
+
+    def graphs(self, variant: str, backend, since: int) -> tuple[list, bool]:
+        """braze's graph records for this T: the new ones, or (reused=True) those of the graph that served it."""
+        new = backend.report.graphs[since:]
+        if new:
+            self.last_graphs[variant] = new
+            return new, False
+        return self.last_graphs.get(variant, []), True
+
+
+def _compile(variant: str, model, dynamic: bool | None) -> tuple[object, object]:
+    """The callable for a variant, and its braze backend (None for the others)."""
+    if variant == "eager":
+        return model, None
+    if variant == "inductor":
+        return torch.compile(model, dynamic=dynamic, fullgraph=True), None
+    import braze
+
+    backend = braze.backend(braze.FusionConfig())
+    return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
+
+
+def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapshot, ref_logits: torch.Tensor,
                  ref_state: dict[str, torch.Tensor], s: Settings, ctx: Context) -> dict:
+    from torch._dynamo.utils import counters
+
     row: dict = {"tokens": batch[0].shape[0], "variant": variant, "rank": ctx.rank}
     _release(ctx.device)
     cuda = ctx.device.type == "cuda"
@@ -320,21 +374,26 @@ def _run_variant(variant: str, model, batch, snapshot: CacheSnapshot, ref_logits
         if cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
             base = torch.cuda.memory_allocated(ctx.device)
-        fn, backend = _compile(variant, model)
-        cache_before = _fxgraph_counters()
+        fn, backend = variants.get(variant, batch)
+        graphs_before = len(backend.report.graphs) if backend is not None else 0
+        cache_before, compiles_before = _fxgraph_counters(), counters["stats"]["unique_graphs"]
         snapshot.restore()
         t0 = time.perf_counter()
         out = fn(*batch)
         dev.synchronize(ctx.device)
         row["first_call_s"] = time.perf_counter() - t0
-        row["compile_s"] = row["first_call_s"] if variant != "eager" else None
+        row["compiled_graphs"] = counters["stats"]["unique_graphs"] - compiles_before
+        # With --shapes dynamic a T can run on a graph compiled for an earlier T: no compile time then.
+        row["compile_s"] = row["first_call_s"] if variant != "eager" and row["compiled_graphs"] else None
         row["fxgraph_cache"] = {k: v - cache_before.get(k, 0) for k, v in _fxgraph_counters().items()}
         row["correctness"] = compare_logits(out, ref_logits, s.tol)
         row["state"] = compare_state(dict(snapshot.buffers), ref_state)
         del out
         if backend is not None:
-            row["braze"] = _braze_summary(backend)
-            print(f"[rank {ctx.rank}] braze T={row['tokens']}: {row['braze']['summary']}", flush=True)
+            graphs, reused = variants.graphs(variant, backend, graphs_before)
+            row["braze"] = {**_braze_summary(graphs), "reused_graph": reused}
+            print(f"[rank {ctx.rank}] braze T={row['tokens']}: {row['braze']['summary']}"
+                  + (" (graph of an earlier T)" if reused else ""), flush=True)
         step = lambda: fn(*batch)  # noqa: E731
         if cuda:
             snapshot.restore()
@@ -359,21 +418,8 @@ def _run_variant(variant: str, model, batch, snapshot: CacheSnapshot, ref_logits
     return row
 
 
-def _compile(variant: str, model) -> tuple[object, object]:
-    """The callable for a variant, and its braze backend (None for the others). Static shapes: see the
-    module docstring."""
-    if variant == "eager":
-        return model, None
-    if variant == "inductor":
-        return torch.compile(model, dynamic=False, fullgraph=True), None
-    import braze
-
-    backend = braze.backend(braze.FusionConfig())
-    return torch.compile(model, backend=backend, dynamic=False, fullgraph=True), backend
-
-
 def _release(device: torch.device) -> None:
-    torch._dynamo.reset()
+    """Free what the last variant left (Dynamo's compiled code only when shapes are static: the caller resets)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -385,10 +431,10 @@ def _release(device: torch.device) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _braze_summary(backend) -> dict:
-    import braze
+def _braze_summary(graphs: list) -> dict:
+    from braze.report import Report
 
-    rep = braze.report(backend)
+    rep = Report(list(graphs))
     after, before = rep.kernels_per_layer()
     return {"summary": str(rep).splitlines()[0], "applied": len(rep.applied), "missed": len(rep.missed),
             "failed": len(rep.failed), "kernels_per_layer": after, "stock_kernels_per_layer": before,
@@ -436,7 +482,10 @@ def _meta(s: Settings, ctx: Context) -> dict:
               "device events" if ctx.device.type == "cuda" else dev.CPU_TIMING)
     return {**ctx.env, "command": s.command, "tp": ctx.world, "copy_bandwidth_GBps": ctx.copy_bw / 1e9,
             "matmul_bf16_TFLOPs": ctx.matmul_rate / 1e12 if ctx.matmul_rate else None, "timing": timing,
-            "tolerance": s.tol, "shapes": "static (dynamic=False, fullgraph=True), one compile per T and variant",
+            "tolerance": s.tol,
+            "shapes": ("static (dynamic=False, fullgraph=True), one compile per T and variant" if s.shapes == "static"
+                       else "dynamic T (maybe_mark_dynamic on dim 0 for T > 1, fullgraph=True), compiles reused "
+                            "across T"),
             "compile_time": "wall time of the first call (Dynamo, AOT, Inductor, kernel compiles, one step). Variants "
                             "compile in the order listed; a later one reuses kernels Inductor already compiled from "
                             "identical source, so it reads lower than a cold compile. braze's own share is its "

@@ -117,7 +117,8 @@ def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Ti
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads (the NCCL watchdog under TP) may query the device during the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
     for _ in range(warmup):
         graph.replay()

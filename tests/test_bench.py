@@ -178,3 +178,31 @@ def test_dense_moe_switches_every_moe_and_restores():
     with dense_moe(m):
         assert not any(moe.experts.is_sparse(1, moe.router.top_k) for moe in moes)
     assert all(moe.experts.is_sparse(1, moe.router.top_k) for moe in moes)
+
+
+@pytest.mark.slow
+def test_dynamic_shapes_reuse_one_compile(tmp_path):
+    # T=2 and T=3 both take the sparse MoE path of the tiny model (T·2 < 8): one compile serves both.
+    torch._dynamo.reset()
+    rc = main([*TINY, "--model", "minimax-m2.5", "--tokens", "2,3", "--shapes", "dynamic", "--variants", "inductor",
+               "--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = _load(tmp_path, "minimax-m2.5_tiny_tp1_cpu")
+    first, second = doc["rows"]
+    assert first["compiled_graphs"] == 1 and first["compile_s"] > 0
+    assert second["compiled_graphs"] == 0 and second["compile_s"] is None and second["ok"]
+    assert "dynamic T" in doc["meta"]["shapes"]
+
+
+def test_braze_graphs_of_a_reused_compile():
+    # With dynamic shapes a T may run on the graph an earlier T compiled: its report is that graph's.
+    from types import SimpleNamespace
+
+    from braze.bench import Variants
+
+    backend = SimpleNamespace(report=SimpleNamespace(graphs=["g0"]))
+    v = Variants(model=None, shapes="dynamic")
+    assert v.graphs("braze", backend, since=0) == (["g0"], False)
+    assert v.graphs("braze", backend, since=1) == (["g0"], True)
+    backend.report.graphs.append("g1")
+    assert v.graphs("braze", backend, since=1) == (["g1"], False)
