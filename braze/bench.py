@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from braze import bench_device as dev
-from braze.bench_checks import CacheSnapshot, compare_logits, compare_state, dense_moe
+from braze.bench_checks import CacheSnapshot, compare_logits, compare_state, dense_moe, router_margins
 from braze.bench_floor import decode_floor
 
 VARIANTS = ("eager", "inductor", "braze")
@@ -269,11 +269,12 @@ def _bench_model(name: str, s: Settings, ctx: Context) -> bool:
         ctx.log(f"{name} T={T}: floor {times['floor_s'] * 1e6:.1f} us ({floor.total_bytes / 1e9:.3f} GB), "
                 f"MoE {doc['floors'][str(T)]['moe_path']}")
         try:
-            ref_logits, ref_state, checks = _reference(model, batch, snapshot, s, ctx)
+            ref_logits, ref_state, margin, checks = _reference(model, batch, snapshot, s, ctx)
         except Exception as e:  # without eager there is nothing to compare against: every variant fails
             print(f"[rank {ctx.rank}] {name} T={T}: the eager reference failed:\n{traceback.format_exc()}",
                   file=sys.stderr, flush=True)
-            ref_logits, ref_state, checks = None, {}, {"eager_reference": f"{type(e).__name__}: {e}"[:2000]}
+            ref_logits, ref_state, margin = None, {}, None
+            checks = {"eager_reference": f"{type(e).__name__}: {e}"[:2000]}
         doc["checks"][str(T)] = checks
         ok &= all(c.get("passed", False) for c in checks.values() if isinstance(c, dict)) and ref_logits is not None
         for variant in s.variants:
@@ -283,12 +284,12 @@ def _bench_model(name: str, s: Settings, ctx: Context) -> bool:
             elif ref_logits is None:
                 row = {"tokens": T, "variant": variant, "ok": False, "error": f"no eager reference: {checks}"}
             else:
-                row = _run_variant(variant, variants, batch, snapshot, ref_logits, ref_state, s, ctx)
+                row = _run_variant(variant, variants, batch, snapshot, (ref_logits, ref_state, margin), s, ctx)
             row = _merge_ranks(row, ctx)
             ok &= bool(row.get("ok"))  # a skipped variant leaves the run incomplete: not ok either
             doc["rows"].append(row)
             ctx.log(_row_line(name, row, times["floor_s"]))
-        del ref_logits, ref_state, batch
+        del ref_logits, ref_state, margin, batch
         snapshot.restore()
         if ctx.rank == 0:
             from braze.bench_output import write_results
@@ -300,23 +301,26 @@ def _bench_model(name: str, s: Settings, ctx: Context) -> bool:
 
 
 def _reference(model, batch, snapshot: CacheSnapshot, s: Settings,
-               ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-    """One eager step: its logits and the caches it wrote. Where the step takes the sparse MoE path, also
-    the same step with every MoE dense, compared with it: the grouped GEMM is checked on this device."""
+               ctx: Context) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, dict]:
+    """One eager step: its logits, the caches it wrote, each token's router margin (`router_margins`).
+    Where the step takes the sparse MoE path, also the same step with every MoE dense, compared with it:
+    the grouped GEMM is checked on this device."""
     snapshot.restore()
-    ref_logits = model(*batch)
+    with router_margins(model) as margins:
+        ref_logits = model(*batch)
     dev.synchronize(ctx.device)
     ref_state = snapshot.changed()
+    margin = margins[0] if margins else None
     checks: dict = {}
     if "sparse" in (_moe_path(model, batch[0].shape[0]) or ""):
         snapshot.restore()
         with dense_moe(model):
             dense = model(*batch)
-        checks["sparse_moe_vs_dense"] = compare_logits(ref_logits, dense, s.tol)
+        checks["sparse_moe_vs_dense"] = compare_logits(ref_logits, dense, s.tol, margin)
         del dense
         ctx.log(f"  eager sparse MoE vs dense: rel err {checks['sparse_moe_vs_dense']['rel_fro']}")
     snapshot.restore()
-    return ref_logits, ref_state, checks
+    return ref_logits, ref_state, margin, checks
 
 
 class Variants:
@@ -363,9 +367,12 @@ def _compile(variant: str, model, dynamic: bool | None) -> tuple[object, object]
     return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
 
 
-def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapshot, ref_logits: torch.Tensor,
-                 ref_state: dict[str, torch.Tensor], s: Settings, ctx: Context) -> dict:
+def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapshot, ref: tuple, s: Settings,
+                 ctx: Context) -> dict:
+    """One variant at one T; `ref` is `_reference`'s (logits, written caches, router margins)."""
     from torch._dynamo.utils import counters
+
+    ref_logits, ref_state, margin = ref
 
     row: dict = {"tokens": batch[0].shape[0], "variant": variant, "rank": ctx.rank}
     _release(ctx.device)
@@ -386,7 +393,7 @@ def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapsho
         # With --shapes dynamic a T can run on a graph compiled for an earlier T: no compile time then.
         row["compile_s"] = row["first_call_s"] if variant != "eager" and row["compiled_graphs"] else None
         row["fxgraph_cache"] = {k: v - cache_before.get(k, 0) for k, v in _fxgraph_counters().items()}
-        row["correctness"] = compare_logits(out, ref_logits, s.tol)
+        row["correctness"] = compare_logits(out, ref_logits, s.tol, margin)
         row["state"] = compare_state(dict(snapshot.buffers), ref_state)
         del out
         if backend is not None:

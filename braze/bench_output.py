@@ -50,7 +50,9 @@ def markdown(doc: dict) -> str:
         f"Compile time: {meta.get('compile_time', 'first call')}.",
         f"Each of T sequences holds {model['context']} cached tokens and decodes one token "
         f"(max_context {model['max_context']}, max_batch {model['max_batch']}); caches restored before every "
-        f"variant. Correct = finite logits with relative Frobenius error vs eager <= {meta['tolerance']}.",
+        f"variant. Correct = finite logits with relative Frobenius error vs eager <= {meta['tolerance']}, or at "
+        "most T/8 tokens beyond it, each at a router near-tie in the eager step (flagged: rounding upstream of "
+        "a near-tie picks another expert; see `braze/bench_checks.py`).",
         "",
         "| T | variant | µs / step | vs eager | floor µs | × floor | kernels / step (memcpy, memset) "
         "| braze kernels (report) | compile s | peak GiB (+variant MiB) | rel err vs eager (median token) | top-1 agree | ok |",
@@ -76,9 +78,18 @@ def markdown(doc: dict) -> str:
         c = r["correctness"]
         lines.append(f"| {T} | {label} | {_us(t)} | {vs} | {_us(floor['floor_s'])} | {t / floor['floor_s']:.2f} | "
                      f"{kern} | {bz} | {_fmt(r.get('compile_s'), '.1f')} | {mem} | {_fmt(c.get('rel_fro'))} ({_fmt(c.get('median_token_rel'))}) | "
-                     f"{_fmt(c.get('top1_agree'), '.3f')} | {'yes' if r['ok'] else '**NO**'} |")
+                     f"{_fmt(c.get('top1_agree'), '.3f')} | {_verdict(r)} |")
     lines += ["", *_checks(doc), *_floor_table(doc), "", *_braze_section(doc), *_failures(doc)]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(r: dict) -> str:
+    c = r["correctness"]
+    if not r["ok"]:
+        return "**NO**" if not c.get("passed") else "**NO** (on another rank)"
+    if c.get("verdict") == "router near-tie":
+        return f"yes: token(s) {c['diverged_tokens']} took other experts at a router near-tie"
+    return "yes"
 
 
 def _checks(doc: dict) -> list[str]:

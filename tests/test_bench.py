@@ -206,3 +206,40 @@ def test_braze_graphs_of_a_reused_compile():
     assert v.graphs("braze", backend, since=1) == (["g0"], True)
     backend.report.graphs.append("g1")
     assert v.graphs("braze", backend, since=1) == (["g1"], False)
+
+
+def test_router_margins_and_near_tie_verdict():
+    from braze.bench_checks import NEAR_TIE, router_margins
+    from braze.models import build, make_decode_inputs
+
+    m = build("minimax-m2.5", "tiny", dtype=torch.float32, max_batch=3, max_context=16)  # E=8, top-2, sigmoid+bias
+    batch = make_decode_inputs(m, 3, 6, torch.Generator().manual_seed(1))
+    seen = []
+    moe = m.layers[1].mlp
+    handle = moe.gate.register_forward_hook(lambda mod, a, out: seen.append(out.detach()))
+    with torch.no_grad(), router_margins(m) as ties:
+        m(*batch)
+    handle.remove()
+    assert not moe.gate._forward_hooks, "router_margins removes its hooks"
+    (tie,) = ties
+    choice = (seen[0].sigmoid() + moe.e_score_correction_bias).sort(-1, descending=True).values
+    layer1 = (choice[:, 1] - choice[:, 2]) / choice[:, 1] / NEAR_TIE[torch.float32]
+    assert tie.shape == (3,) and (tie <= layer1 + 1e-5).all() and (tie > 0).all()
+
+
+def test_verdict_tolerates_few_tokens_at_router_near_ties():
+    ref = torch.randn(16, 40)
+    got = ref + 1e-4 * torch.randn(16, 40)
+    got[1] += ref[1].norm()
+    far, tie = torch.full((16,), 5.0), torch.full((16,), 5.0)
+    tie[1] = tie[2] = tie[3] = 0.5
+    assert compare_logits(got, ref, 1e-2, far)["verdict"] == "mismatch"
+    res = compare_logits(got, ref, 1e-2, tie)
+    assert res["passed"] and res["verdict"] == "router near-tie" and res["diverged_tokens"] == [1]
+    got[0] += ref[0].norm()  # a diverged token without a near-tie: fails
+    assert compare_logits(got, ref, 1e-2, tie)["verdict"] == "mismatch"
+    got = ref.clone()
+    got[1:4] += ref[1:4].norm(dim=-1, keepdim=True)  # 3 of 16 tokens > 16/8: too many to be ties
+    assert compare_logits(got, ref, 1e-2, tie)["verdict"] == "mismatch"
+    one = compare_logits(ref[:1] * 2, ref[:1], 1e-2, torch.tensor([0.5]))  # T=1: the tie alone decides
+    assert one["verdict"] == "router near-tie"
