@@ -162,7 +162,7 @@ def plot(doc: dict, path: Path) -> None:
 
     meta, model = doc["meta"], doc["model"]
     tokens = sorted({r["tokens"] for r in doc["rows"]})
-    variants = [v for v in model["variants"]]
+    variants = list(model["variants"])
     ok_rows = {(r["tokens"], r["variant"]): r for r in doc["rows"] if r.get("time")}
     fig, (ax_t, ax_k) = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(variants))
@@ -170,13 +170,15 @@ def plot(doc: dict, path: Path) -> None:
     for i, v in enumerate(variants):
         offs = [x - 0.4 + width * (i + 0.5) for x in xs]
         times = [ok_rows[(T, v)]["time"]["median_s"] * 1e6 if (T, v) in ok_rows else 0 for T in tokens]
-        ax_t.bar(offs, times, width, label=VARIANT_LABEL.get(v, v))
+        bars = ax_t.bar(offs, times, width, label=VARIANT_LABEL.get(v, v))
+        ax_t.bar_label(bars, labels=[f"{t:.0f}" if t else "" for t in times], fontsize=7)
         kernels = []
         for T in tokens:
             r = ok_rows.get((T, v))
             k = (r or {}).get("kernels")
             kernels.append(k["kernels"] if k else ((r or {}).get("braze") or {}).get("kernels_total", 0))
-        ax_k.bar(offs, kernels, width, label=VARIANT_LABEL.get(v, v))
+        bars = ax_k.bar(offs, kernels, width, label=VARIANT_LABEL.get(v, v))
+        ax_k.bar_label(bars, labels=[str(k) if k else "" for k in kernels], fontsize=7)
     floors = [doc["floors"][str(T)]["floor_s"] * 1e6 for T in tokens]
     ax_t.hlines(floors, [x - 0.45 for x in xs], [x + 0.45 for x in xs], colors="black", linestyles="dashed",
                 label="floor")
