@@ -2,14 +2,17 @@
 by side on the same model object and the same inputs.
 
     python -m braze bench --model all --size bench --tokens 1,8,64 [--context 512] [--fp8] [--quick]
-    torchrun --nproc-per-node 2 -m braze bench --model minimax-m2.5 ...      # tensor parallel (NCCL)
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+        torchrun --nproc-per-node 2 -m braze bench --model minimax-m2.5 ...   # tensor parallel (NCCL)
 
 For each model: build it once (max_batch = the largest T, max_context = context + 1), prefill that
 many random sequences once, snapshot every buffer (the caches the step writes in place), and for each
 T take the first T sequences. Then per T, per variant (caches restored before every run):
 
 - correctness: the variant's logits against one eager step (relative Frobenius error, max |diff|,
-  top-1 agreement; NaN fails), and the caches it wrote against eager's;
+  per-token errors, top-1 agreement; NaN fails; a few tokens off at MoE-router near-ties pass, flagged:
+  `braze.bench_checks.compare_logits`), and the caches it wrote against eager's; where the step takes
+  the sparse MoE path, eager's sparse path is also checked against its dense path on the device;
 - kernels per step: the profiler's CUDA activity of one step (memcpy/memset counted apart), and for
   braze its report's kernels per layer;
 - time per step: the step captured in a CUDA graph, median of many replays, device events;
