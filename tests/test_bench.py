@@ -112,7 +112,8 @@ def test_tensor_parallel_under_torchrun(tmp_path):
            "--variants", "eager", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"minimax-m2.5_tiny_tp2_cpu.{e}" for e in ("json", "md", "png")]
+    stem = "minimax-m2.5_tiny_tp2_cpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.{e}" for e in ("json", "md", "png")]
     doc = _load(tmp_path, "minimax-m2.5_tiny_tp2_cpu")
     assert doc["meta"]["tp"] == 2 and doc["meta"]["command"].startswith("torchrun --nproc-per-node 2 -m braze bench")
     for r in doc["rows"]:
