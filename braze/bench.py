@@ -407,7 +407,7 @@ def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapsho
         step = lambda: fn(*batch)  # noqa: E731
         if cuda:
             snapshot.restore()
-            row["kernels"] = dev.count_cuda_kernels(step).to_dict()
+            row["kernels"] = _count_kernels(step, row)
             snapshot.restore()
             ctx.barrier()
             row["time"] = dev.time_cuda_graph(step, s.warmup, s.replays).to_dict()
@@ -426,6 +426,20 @@ def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapsho
     finally:
         snapshot.restore()
     return row
+
+
+def _count_kernels(step, row: dict) -> dict | None:
+    """The profiler's count, or None with the reason in row["kernels_error"]: a profiler that cannot run
+    here must not cost the variant its time."""
+    try:
+        count = dev.count_cuda_kernels(step)
+    except Exception as e:
+        row["kernels_error"] = f"{type(e).__name__}: {e}"[:500]
+        return None
+    if count.kernels == 0:
+        row["kernels_error"] = "the profiler saw no CUDA kernels (no CUPTI activity on this machine?)"
+        return None
+    return count.to_dict()
 
 
 def _release(device: torch.device) -> None:
