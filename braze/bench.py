@@ -20,12 +20,13 @@ T take the first T sequences. Then per T, per variant (caches restored before ev
 - the floor (`braze.bench_floor`): bytes that must move over the measured copy bandwidth, and weight
   GEMM flops over the measured matmul rate.
 
-Shapes are static by default: each T is its own graph (`dynamic=False`), as a CUDA-graph decode
-deployment captures one graph per batch size, so kernel counts and braze's per-token-count decisions (its
-token ranges, the sparse-MoE rule) are exact per T. Compile time dominates the run: 2 compiled variants ×
-len(T) compiles per model. `--shapes dynamic` marks T dynamic instead (as vLLM compiles one graph for all
-batch sizes): T=1 keeps its own graph (Dynamo specializes size 1, and it takes the sparse MoE path), the
-T > 1 steps share one, which saves a third of the compiles at T = 1,8,64.
+Shapes: by default T is marked dynamic (`--shapes dynamic`), as vLLM compiles one graph for all batch
+sizes and captures a CUDA graph per size. T=1 gets its own graph (Dynamo specializes size 1, and the step
+takes the sparse MoE path there) and the T > 1 steps share one wherever the shape-decided choices agree:
+2 compiled variants × 2 graphs per model at T = 1,8,64 instead of × 3, because compile time dominates the
+run (a cold Inductor compile of one bench model is 20-40 s). Kernel counts and times are still measured
+per T. `--shapes static` compiles every T on its own (`dynamic=False`), so each graph and braze's
+per-token-count decisions are exact for that T; it costs a third more compile time.
 
 Results go to `--out` as `<model>_<size>_tp<P>[_fp8][_cpu].{json,md,png}`, rewritten after every T so a
 run cut short keeps what it measured; only rank 0 writes. On CPU (`--device cpu`) nothing is captured
@@ -74,9 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "(default 5e-2 bf16, 1e-3 fp32, 1e-1 with --fp8)")
     p.add_argument("--budget-s", type=float, help="stop starting new variants after this many seconds "
                                                   "(the rest are recorded as skipped); results are still written")
-    p.add_argument("--shapes", default="static", choices=("static", "dynamic"),
-                   help="static: one compile per T and variant (exact per-T graphs); dynamic: T marked dynamic, "
-                        "one compile per variant for T=1 and one for T>1 where the MoE path agrees (faster)")
+    p.add_argument("--shapes", default="dynamic", choices=("dynamic", "static"),
+                   help="dynamic (default): T marked dynamic, one compile per variant for T=1 and one shared by "
+                        "the T>1 steps; static: one compile per T and variant (exact per-T graphs, 1/3 slower)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -185,8 +186,9 @@ def bench_command(args: argparse.Namespace, argv: list[str] | None = None) -> in
     ctx = _setup(torch.device(args.device))
     try:
         ok = True
-        for name in s.models:
-            ok &= bench_model(name, s, ctx)
+        with _dynamo_limits():
+            for name in s.models:
+                ok &= bench_model(name, s, ctx)
         ctx.log("done: every variant ran and matched eager" if ok else
                 "done: some variant failed, mismatched eager or was skipped (see the tables)")
         return 0 if ok else 1
@@ -195,6 +197,15 @@ def bench_command(args: argparse.Namespace, argv: list[str] | None = None) -> in
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _dynamo_limits():
+    """Room for every graph the run compiles, and an error instead of a silent fall-back to eager when a
+    variant still runs out of it (its numbers would be eager's)."""
+    import torch._dynamo.config as dynamo_config
+
+    limits = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
+    return dynamo_config.patch({k: v for k, v in limits.items() if hasattr(dynamo_config, k)})
 
 
 def _setup(device: torch.device) -> Context:

@@ -85,9 +85,11 @@ def test_time_budget_skips_and_exits_1(tmp_path):
 def test_cpu_run_with_compiled_variants(tmp_path):
     # One tiny model through stock Inductor and braze (two CPU compiles, ~30 s).
     torch._dynamo.reset()
-    rc = main([*TINY, "--model", "minimax-m2.5", "--tokens", "1", "--quick", "--out", str(tmp_path)])
+    rc = main([*TINY, "--model", "minimax-m2.5", "--tokens", "1", "--quick", "--shapes", "static",
+               "--out", str(tmp_path)])
     assert rc == 0
     doc = _load(tmp_path, "minimax-m2.5_tiny_tp1_cpu")
+    assert doc["meta"]["shapes"].startswith("static")
     rows = {r["variant"]: r for r in doc["rows"]}
     assert set(rows) == {"eager", "inductor", "braze"}
     for v in ("inductor", "braze"):
