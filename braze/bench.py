@@ -50,8 +50,8 @@ import torch
 from braze import bench_device as dev
 from braze.bench_checks import CacheSnapshot, compare_logits, compare_state, dense_moe, router_margins
 from braze.bench_floor import decode_floor
+from braze.bench_variants import VARIANTS, Variants, dynamo_limits
 
-VARIANTS = ("eager", "inductor", "braze")
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float32: 1e-3}  # relative Frobenius error of the logits vs eager
 FP8_TOLERANCE = 1e-1  # FP8 activation quant can round a value to the next step when upstream math differs
 
@@ -186,7 +186,7 @@ def bench_command(args: argparse.Namespace, argv: list[str] | None = None) -> in
     ctx = _setup(torch.device(args.device))
     try:
         ok = True
-        with _dynamo_limits():
+        with dynamo_limits():
             for name in s.models:
                 ok &= bench_model(name, s, ctx)
         ctx.log("done: every variant ran and matched eager" if ok else
@@ -197,15 +197,6 @@ def bench_command(args: argparse.Namespace, argv: list[str] | None = None) -> in
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-def _dynamo_limits():
-    """Room for every graph the run compiles, and an error instead of a silent fall-back to eager when a
-    variant still runs out of it (its numbers would be eager's)."""
-    import torch._dynamo.config as dynamo_config
-
-    limits = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
-    return dynamo_config.patch({k: v for k, v in limits.items() if hasattr(dynamo_config, k)})
 
 
 def _setup(device: torch.device) -> Context:
@@ -335,50 +326,6 @@ def _reference(model, batch, snapshot: CacheSnapshot, s: Settings,
         ctx.log(f"  eager sparse MoE vs dense: rel err {checks['sparse_moe_vs_dense']['rel_fro']}")
     snapshot.restore()
     return ref_logits, ref_state, margin, checks
-
-
-class Variants:
-    """The callables under test. static: after a Dynamo reset, a fresh compile for every (T, variant)
-    with `dynamic=False`. dynamic: one compile per variant, reused across T; T > 1 is marked dynamic
-    (T = 1 is specialized by Dynamo anyway), so the T > 1 steps share a graph wherever the shape-decided
-    choices (the sparse-MoE rule) agree."""
-
-    def __init__(self, model, shapes: str):
-        self.model, self.shapes = model, shapes
-        self.compiled: dict[str, tuple[object, object]] = {}
-        self.last_graphs: dict[str, list] = {}  # variant -> braze graph records of the last compile
-
-    def get(self, variant: str, batch: tuple[torch.Tensor, ...]) -> tuple[object, object]:
-        """(callable, braze backend or None) for `variant`, ready for `batch`."""
-        if self.shapes == "static":
-            torch._dynamo.reset()
-            return _compile(variant, self.model, dynamic=False)
-        if batch[0].shape[0] > 1:
-            for x in batch:
-                torch._dynamo.maybe_mark_dynamic(x, 0)
-        if variant not in self.compiled:
-            self.compiled[variant] = _compile(variant, self.model, dynamic=None)
-        return self.compiled[variant]
-
-    def graphs(self, variant: str, backend, since: int) -> tuple[list, bool]:
-        """braze's graph records for this T: the new ones, or (reused=True) those of the graph that served it."""
-        new = backend.report.graphs[since:]
-        if new:
-            self.last_graphs[variant] = new
-            return new, False
-        return self.last_graphs.get(variant, []), True
-
-
-def _compile(variant: str, model, dynamic: bool | None) -> tuple[object, object]:
-    """The callable for a variant, and its braze backend (None for the others)."""
-    if variant == "eager":
-        return model, None
-    if variant == "inductor":
-        return torch.compile(model, dynamic=dynamic, fullgraph=True), None
-    import braze
-
-    backend = braze.backend(braze.FusionConfig())
-    return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
 
 
 def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapshot, ref: tuple, s: Settings,

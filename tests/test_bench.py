@@ -201,7 +201,7 @@ def test_braze_graphs_of_a_reused_compile():
     # With dynamic shapes a T may run on the graph an earlier T compiled: its report is that graph's.
     from types import SimpleNamespace
 
-    from braze.bench import Variants
+    from braze.bench_variants import Variants
 
     backend = SimpleNamespace(report=SimpleNamespace(graphs=["g0"]))
     v = Variants(model=None, shapes="dynamic")

@@ -1,0 +1,61 @@
+"""The callables `python -m braze bench` compares: eager, stock Inductor and braze, compiled with static or
+dynamic token counts, and the Dynamo limits the run needs."""
+
+from __future__ import annotations
+
+import torch
+
+VARIANTS = ("eager", "inductor", "braze")
+
+
+class Variants:
+    """The callables under test. static: after a Dynamo reset, a fresh compile for every (T, variant)
+    with `dynamic=False`. dynamic: one compile per variant, reused across T; T > 1 is marked dynamic
+    (T = 1 is specialized by Dynamo anyway), so the T > 1 steps share a graph wherever the shape-decided
+    choices (the sparse-MoE rule) agree."""
+
+    def __init__(self, model, shapes: str):
+        self.model, self.shapes = model, shapes
+        self.compiled: dict[str, tuple[object, object]] = {}
+        self.last_graphs: dict[str, list] = {}  # variant -> braze graph records of the last compile
+
+    def get(self, variant: str, batch: tuple[torch.Tensor, ...]) -> tuple[object, object]:
+        """(callable, braze backend or None) for `variant`, ready for `batch`."""
+        if self.shapes == "static":
+            torch._dynamo.reset()
+            return compile_variant(variant, self.model, dynamic=False)
+        if batch[0].shape[0] > 1:
+            for x in batch:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+        if variant not in self.compiled:
+            self.compiled[variant] = compile_variant(variant, self.model, dynamic=None)
+        return self.compiled[variant]
+
+    def graphs(self, variant: str, backend, since: int) -> tuple[list, bool]:
+        """braze's graph records for this T: the new ones, or (reused=True) those of the graph that served it."""
+        new = backend.report.graphs[since:]
+        if new:
+            self.last_graphs[variant] = new
+            return new, False
+        return self.last_graphs.get(variant, []), True
+
+
+def compile_variant(variant: str, model, dynamic: bool | None) -> tuple[object, object]:
+    """The callable for a variant, and its braze backend (None for the others)."""
+    if variant == "eager":
+        return model, None
+    if variant == "inductor":
+        return torch.compile(model, dynamic=dynamic, fullgraph=True), None
+    import braze
+
+    backend = braze.backend(braze.FusionConfig())
+    return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
+
+
+def dynamo_limits():
+    """Room for every graph the run compiles, and an error instead of a silent fall-back to eager when a
+    variant still runs out of it (its numbers would be eager's)."""
+    import torch._dynamo.config as dynamo_config
+
+    limits = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
+    return dynamo_config.patch({k: v for k, v in limits.items() if hasattr(dynamo_config, k)})
