@@ -15,8 +15,9 @@ import operator
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from braze.patterns.fx import aten, dtype_of, is_cast, is_lossless, is_op, shape_of, val
+from braze.patterns.fx import aten, dtype_of, is_cast, is_lossless, is_op, is_view, same_shape, shape_of, val
 
 from .base import Pass, PassContext
 
@@ -49,8 +50,8 @@ class Canonicalize(Pass):
         if not isinstance(src, Node) or val(src) is None:
             return None
         s = val(src)
-        same_meta = s.shape == v.shape and s.stride() == v.stride() and s.dtype == v.dtype
-        if is_op(node, aten.view, aten.reshape, aten._unsafe_view) and same_meta:
+        same_meta = same_shape(s.shape, v.shape) and same_shape(s.stride(), v.stride()) and s.dtype == v.dtype
+        if is_view(node) and same_meta:
             node.replace_all_uses_with(src)
             return "noop-views"
         if is_op(node, aten.permute) and list(node.args[1]) == list(range(len(s.shape))):
@@ -63,16 +64,16 @@ class Canonicalize(Pass):
 
     @staticmethod
     def _view_chain(node: Node) -> str | None:
-        if not is_op(node, aten.view, aten.reshape, aten._unsafe_view):
+        if not is_view(node):
             return None
         src = node.args[0]
         if is_op(node, aten.reshape, aten._unsafe_view):
             s = val(src)
-            if s is None or not s.is_contiguous():
+            if s is None or not statically_known_true(s.is_contiguous()):
                 return None
             node.target = aten.view.default
             return "reshape-to-view"
-        if is_op(src, aten.view) and val(src.args[0]) is not None:
+        if src.target is aten.view.default and val(src.args[0]) is not None:
             node.args = (src.args[0], *node.args[1:])
             return "view-chains"
         return None

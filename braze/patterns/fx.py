@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -52,6 +53,24 @@ def dtype_of(node: object) -> torch.dtype | None:
 def shape_of(node: object) -> tuple | None:
     v = val(node)
     return tuple(v.shape) if v is not None else None
+
+
+def is_view(node: object) -> bool:
+    """A shape view/reshape (not `view.dtype`, which reinterprets bytes)."""
+    return isinstance(node, Node) and node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def known_eq(a: object, b: object) -> bool:
+    """a == b for ints or symbolic sizes, without adding a guard (unknown -> False)."""
+    return bool(statically_known_true(sym_eq(a, b)))
+
+
+def same_shape(a: object, b: object) -> bool:
+    """Shapes (or strides) equal dim by dim, without adding guards."""
+    if a is None or b is None:
+        return False
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(known_eq(x, y) for x, y in zip(a, b))
 
 
 def scalar(arg: object) -> float | None:

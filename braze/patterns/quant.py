@@ -23,7 +23,10 @@ from .fx import (
     dtype_of,
     is_cast,
     is_op,
+    is_view,
+    known_eq,
     prims,
+    same_shape,
     same_value,
     scalar,
     shape_of,
@@ -160,17 +163,17 @@ def match_fp8_quant(q: Node) -> QuantMatch | Miss:
     if not same_value(absval.args[0], value):
         return Miss("the amax is taken of a different tensor than the one scaled",
                     "take amax of the tensor being quantized")
-    if shape_of(value) != x_shape or shape_of(q) != x_shape:
+    if not (same_shape(shape_of(value), x_shape) and same_shape(shape_of(q), x_shape)):
         return Miss("the scaled tensor and the amax input differ in shape", candidate=True)
 
     # groups: value is y viewed as [..., G, g] or y itself with one group per row
     grouped = strip_lossless_casts(value)
     y = grouped
     group_size = x_shape[-1]
-    if is_op(grouped, aten.view, aten.reshape, aten._unsafe_view):
+    if is_view(grouped):
         y = grouped.args[0]
         y_shape = shape_of(y)
-        if not y_shape or tuple(y_shape[:-1]) != tuple(x_shape[:-2]) or y_shape[-1] != x_shape[-2] * x_shape[-1]:
+        if not y_shape or not same_shape(y_shape[:-1], x_shape[:-2]) or not known_eq(y_shape[-1], x_shape[-2] * x_shape[-1]):
             return Miss("the group view does not split the last dim into [groups, group_size]",
                         "view the row as x.view(*lead, D // g, g)")
     if not isinstance(group_size, int):

@@ -22,6 +22,8 @@ from .fx import (
     dtype_of,
     is_cast,
     is_op,
+    known_eq,
+    same_shape,
     same_value,
     scalar,
     shape_of,
@@ -190,7 +192,7 @@ def _weight_operand(node: Node, y: Node, width: int) -> tuple[Node, bool, str | 
         zero_centered, offset_dtype, other = True, dtype_name(dtype_of(other)), inner
     w = strip_lossless_casts(other)
     shape = shape_of(w)
-    if shape is None or len(shape) == 0 or shape[-1] != width or any(s != 1 for s in shape[:-1]):
+    if shape is None or len(shape) == 0 or not known_eq(shape[-1], width) or not all(known_eq(s, 1) for s in shape[:-1]):
         return None
     if dtype_of(w) not in FLOAT_DTYPES:
         return None
@@ -234,7 +236,7 @@ def match_residual_add(x: Node) -> ResidualMatch | None:
     va, vb, vx = val(a), val(b), val(x)
     if va is None or vb is None or vx is None:
         return None
-    if va.shape != vx.shape or vb.shape != vx.shape or va.dtype != vx.dtype or vb.dtype != vx.dtype:
+    if not (same_shape(va.shape, vx.shape) and same_shape(vb.shape, vx.shape)) or not (va.dtype == vb.dtype == vx.dtype):
         return None
     return ResidualMatch(x, a, b)
 

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .fx import Miss, aten, binary_operands, dtype_of, is_cast, is_op, same_value, shape_of, strip_lossless_casts
+from .fx import (
+    Miss, aten, binary_operands, dtype_of, is_cast, is_op, known_eq, same_shape, same_value, shape_of,
+    strip_lossless_casts,
+)
 from .stages import dtype_name
 
 _FULL = 2**62
@@ -73,8 +76,11 @@ def _slice(node: object) -> tuple[Node, int, int, int, int] | None:
 
 def _strip(node: object) -> object:
     """Through unsqueeze/view of size-1 dims and lossless casts (how cos/sin get broadcast)."""
+    def squeezed(shape: tuple) -> list:
+        return [s for s in shape if not known_eq(s, 1)]
+
     while isinstance(node, Node) and (is_op(node, aten.unsqueeze) or is_cast(node) or (
-            is_op(node, aten.view) and [s for s in shape_of(node) if s != 1] == [s for s in shape_of(node.args[0]) if s != 1])):
+            node.target is aten.view.default and same_shape(squeezed(shape_of(node)), squeezed(shape_of(node.args[0]))))):
         node = node.args[0]
     return node
 
@@ -90,7 +96,7 @@ def _product(node: object) -> tuple[Node, Node] | None:
     if sa is None or sb is None:
         return None
     # the table broadcasts over heads: it has at least as many size-1 dims
-    if sum(1 for s in sb if s == 1) < sum(1 for s in sa if s == 1):
+    if sum(1 for s in sb if known_eq(s, 1)) < sum(1 for s in sa if known_eq(s, 1)):
         a, b = b, a
     return a, b
 
@@ -140,7 +146,7 @@ def match_rope(anchor: Node) -> RopeMatch | Miss:
     if is_op(node, aten.add):
         return _match_rotate_half(anchor, node, nodes)
     style = None
-    if is_op(node, aten.view) and is_op(node.args[0], aten.cat):
+    if node.target is aten.view.default and is_op(node.args[0], aten.cat):
         # GPT-J: stack([e0, e1], -1).flatten(-2) -> cat of unsqueezes, viewed back
         nodes.append(node)
         node = node.args[0]
@@ -169,7 +175,7 @@ def match_rope(anchor: Node) -> RopeMatch | Miss:
     if lane_style != style:
         return Miss(f"{lane_style}-style lanes recombined {style}-style", "rotate and recombine in one style")
     table = shape_of(_strip(c))
-    if table is None or table[-1] != r // 2:
+    if table is None or not known_eq(table[-1], r // 2):
         return Miss(f"cos/sin rows have {table and table[-1]} values, expected {r // 2}", candidate=True)
     x = strip_lossless_casts(src)
     return _finish(Rope(style, 0, r, 0, r // 2, dtype_name(dtype_of(pair_nodes[2])), dtype_name(out_dtype)),
@@ -194,7 +200,7 @@ def _match_rotate_half(anchor: Node, add: Node, nodes: list[Node]) -> RopeMatch 
                     "write x * cos + rotate_half(x) * sin with one x")
     r = lanes[2]
     table = shape_of(_strip(ta))
-    if table is None or table[-1] != r:
+    if table is None or not known_eq(table[-1], r):
         return Miss(f"cos/sin rows have {table and table[-1]} values, expected {r}", candidate=True)
     nodes += [add, *binary_operands(add), xb, neg]
     x = strip_lossless_casts(lanes[0])

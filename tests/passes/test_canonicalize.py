@@ -54,3 +54,12 @@ def test_view_chain_collapses():
 
     gm, stats = run_canon(fn, torch.randn(4, 3))
     assert stats.get("view-chains", 0) >= 1
+
+
+def test_a_byte_view_is_not_a_shape_view():
+    # DeepSeek's MLA cache packs scales as bytes: view(t, 4).view(uint8) must keep both views
+    def fn(s):
+        return torch.cat([s.view(s.shape[0], 4).view(torch.uint8), torch.zeros(s.shape[0], 2, dtype=torch.uint8)], -1)
+
+    gm, _ = run_canon(fn, torch.randn(3, 2, 2))
+    assert gm(torch.ones(3, 2, 2)).shape == (3, 18)
