@@ -95,7 +95,7 @@ class Qwen35Config:
         """Real hidden size and one rank's heads of the published TEP=8 deployment, run at TP=1:
         attention 32/8 = 4 q heads and 1 kv head (2 kv heads replicated over 8 ranks), GDN 16/8 = 2
         key and 64/8 = 8 value heads; one [GDN×3, full] group. Experts cut from 512 to 16 (top-10
-        kept): common's MoE runs every expert densely, so E is what each step reads."""
+        kept): common's MoE reads only the chosen experts when T·k < E, else runs all E densely."""
         return cls(num_layers=4, num_attention_heads=4, num_kv_heads=1, linear_num_key_heads=2,
                    linear_num_value_heads=8, num_experts=16, block_size=64)
 
