@@ -25,13 +25,11 @@ from .fx import (
     is_op,
     is_view,
     known_eq,
-    prims,
     same_shape,
     same_value,
     scalar,
     shape_of,
     strip_lossless_casts,
-    val,
 )
 from .stages import FP8Quant, UnaryOp, dtype_name
 

@@ -115,7 +115,7 @@ def test_yarn_matches_transformers():
 
 def brute_force_route(logits, spec, bias):
     # One token at a time, with Python sorting.
-    out_w, out_i = [], []
+    out_w = []
     for row in logits.float():
         s = row.sigmoid() if spec.scoring == "sigmoid" else row.softmax(-1)
         c = s + bias if bias is not None else s
