@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import braze
+from braze.bench_device import copy_bandwidth
 
 
 def norm_quant_per_token(x, r, w, eps: float = 1e-6):
@@ -49,23 +50,6 @@ def norm_quant_group128_ue8m0(x, r, w, eps: float = 1e-6):
 
 
 FLAVOURS = {"per-token": norm_quant_per_token, "group128-ue8m0": norm_quant_group128_ue8m0}
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a device-to-device copy, counting read + write."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * nbytes / statistics.median(times)
 
 
 def time_graph(fn, arg_sets, inner: int, replays: int) -> float:
@@ -134,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     D = args.hidden
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
     for flavour, fn in FLAVOURS.items():
