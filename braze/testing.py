@@ -31,7 +31,10 @@ def aten_graph(fn: Callable[..., object], *args: torch.Tensor) -> GraphModule:
     with torch.no_grad():
         traced = make_fx(dispatch_functionalize(wrapper), decomposition_table=select_decomp_table(),
                          tracing_mode="fake", _allow_non_fake_inputs=True)
-        return traced(*args)
+        gm = traced(*args)
+    gm.graph.eliminate_dead_code()  # as Inductor's post-grad passes start with
+    gm.recompile()
+    return gm
 
 
 def run_passes(
