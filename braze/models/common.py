@@ -24,7 +24,8 @@ from torch import nn
 
 from braze.models.fp8 import (  # noqa: F401  (re-exported: part of common's API)
     FP8, FP8_BLOCK, FP8_BLOCK_UE8M0, FP8_CHANNEL, FP8_MAX, FP8_MIN_SCALE, Fp8Scheme, dequant_weight_fp8,
-    fp8_linear, quant_fp8_group, quant_fp8_per_token, quant_weight_fp8, scaled_mm_supported, use_scaled_mm,
+    fp8_linear, from_bytes, quant_fp8_group, quant_fp8_per_token, quant_weight_fp8, scaled_mm_supported, to_bytes,
+    use_scaled_mm,
 )
 
 ProcessGroup = dist.ProcessGroup

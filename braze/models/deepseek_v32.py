@@ -30,7 +30,8 @@ from torch import nn
 from braze.models.common import (
     FP8, FP8_BLOCK_UE8M0, FP8_MAX, ColumnParallelLinear, DecodeBatch, Fp8Scheme, GatedMLP, MoE, PageTable,
     ProcessGroup, ReplicatedLinear, RMSNorm, RotaryCache, RouterSpec, RowParallelLinear, apply_rope, context_mask,
-    init_random, load_full_state_dict, make_decode_inputs, mark, quant_fp8_group, tp_size, write_slots, yarn_inv_freq,
+    from_bytes, init_random, load_full_state_dict, make_decode_inputs, mark, quant_fp8_group, to_bytes, tp_size,
+    write_slots, yarn_inv_freq,
 )
 
 __all__ = ["DeepseekV32Config", "DeepseekV32ForCausalLM", "load_hf_state_dict", "make_decode_inputs", "DecodeBatch"]
@@ -146,12 +147,12 @@ class Indexer(nn.Module):
             k8, k_scale = quant_fp8_group(k, self.dim, ue8m0=True)  # [T, 128] fp8, [T, 1]
             keys, scales = self._pages()
             blk, off = slot_mapping // self.block_size, slot_mapping % self.block_size
-            keys.view(FP8)[blk, off] = k8
-            scales.view(torch.float32)[blk, off] = k_scale  # [T, 1]: written as fp32, not as bytes
+            keys[blk, off] = to_bytes(k8)
+            scales[blk, off] = to_bytes(k_scale)  # [T, 1] fp32 -> [T, 4] bytes
             q8, q_scale = quant_fp8_group(q, self.dim, ue8m0=True)  # [T, Hi, 128] fp8, [T, Hi, 1]
             w = w * q_scale.squeeze(-1)
-            ctx_k = keys[block_table].view(FP8).flatten(1, 2).float()  # [T, N, 128]
-            ctx_s = scales[block_table].view(torch.float32).flatten(1)  # [T, N]
+            ctx_k = from_bytes(keys[block_table], FP8).flatten(1, 2).float()  # [T, N, 128]
+            ctx_s = from_bytes(scales[block_table], torch.float32).flatten(1)  # [T, N]
             dots = torch.einsum("thd,tnd->thn", q8.float(), ctx_k).relu()  # [T, Hi, N]
             scores = torch.einsum("thn,th->tn", dots, w) * ctx_s
         else:
@@ -202,36 +203,16 @@ class MLAAttention(nn.Module):
         blocks = kv_c.float().view(t, 4, 128)
         scale = (blocks.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [T, 4, 1]
         q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(t, 512)
-        return torch.cat([q.view(torch.uint8), scale.view(t, 4).view(torch.uint8),
-                          k_pe.to(torch.bfloat16).view(torch.uint8)], dim=-1)
-
-    def write_cache(self, slot_mapping: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> None:
-        """The rows `pack` builds, written at slot_mapping [T] through typed views of the cache.
-
-        Writing the fp8 values, the fp32 scales and the bf16 rope part each through a view of
-        the cache of its own dtype avoids reinterpreting computed tensors as bytes (Inductor
-        may give a computed [T, 1] buffer a stride that such a byte view rejects).
-        """
-        if not self.cfg.fp8_cache:
-            write_slots(self.mla_cache, slot_mapping, self.pack(kv_c, k_pe))
-            return
-        t = kv_c.shape[0]
-        blocks = kv_c.float().view(t, 4, 128)
-        scale = (blocks.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [T, 4, 1]
-        q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(t, 512)
-        rows = self.mla_cache.view(-1, MLA_ROW_BYTES)  # [slots, 656] uint8
-        rows[:, :512].view(FP8)[slot_mapping] = q
-        rows[:, 512:528].view(torch.float32)[slot_mapping] = scale.view(t, 4)
-        rows[:, 528:].view(torch.bfloat16)[slot_mapping] = k_pe.to(torch.bfloat16)
+        return torch.cat([to_bytes(q), to_bytes(scale.view(t, 4)), to_bytes(k_pe.to(torch.bfloat16))], dim=-1)
 
     def unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """rows [..., 656] -> latent [..., 512] and rope [..., 64], fp32."""
         c = self.cfg.kv_lora_rank
         if not self.cfg.fp8_cache:
             return rows[..., :c].float(), rows[..., c:].float()
-        scale = rows[..., 512:528].view(torch.float32)  # [..., 4]
-        latent = (rows[..., :512].view(FP8).float().unflatten(-1, (4, 128)) * scale[..., None]).flatten(-2)
-        return latent, rows[..., 528:].view(torch.bfloat16).float()
+        scale = from_bytes(rows[..., 512:528], torch.float32)  # [..., 4]
+        latent = (from_bytes(rows[..., :512], FP8).float().unflatten(-1, (4, 128)) * scale[..., None]).flatten(-2)
+        return latent, from_bytes(rows[..., 528:], torch.bfloat16).float()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                 block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -240,7 +221,7 @@ class MLAAttention(nn.Module):
         q_c = self.q_a_layernorm(q_c)  # [T, q_lora]
         kv_c = self.kv_a_layernorm(kv_c)  # [T, 512]
         k_pe = apply_rope(k_pe, cos, sin, style="gptj")  # [T, 64]
-        self.write_cache(slot_mapping, kv_c, k_pe)
+        write_slots(self.mla_cache, slot_mapping, self.pack(kv_c, k_pe))
         topk = self.indexer(x, q_c, cos, sin, slot_mapping, block_table, seq_lens)  # [T, K]
 
         q = self.q_b_proj(q_c).view(t, self.heads, cfg.qk_nope_dim + cfg.qk_rope_dim)

@@ -52,6 +52,34 @@ def quant_fp8_group(x: torch.Tensor, group: int = 128, ue8m0: bool = False,
     return q.flatten(-2), s.squeeze(-1)
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t [..., n] of a 1-, 2- or 4-byte dtype -> its little-endian bytes [..., n * size] uint8.
+
+    Written with a same-size view and shifts, not `t.view(torch.uint8)`: Inductor (torch 2.11,
+    CUDA) rejects a size-changing view of a computed tensor whose layout it chose itself.
+    """
+    size = t.element_size()
+    if size == 1:
+        return t.view(torch.uint8)
+    i = t.view(_SAME_SIZE_INT[size]).to(torch.int32)
+    return torch.stack([(i >> (8 * k)) & 0xFF for k in range(size)], dim=-1).to(torch.uint8).flatten(-2)
+
+
+def from_bytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Little-endian bytes [..., n * size] uint8 -> [..., n] of `dtype` (the inverse of to_bytes)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if size == 1:
+        return b.view(dtype)
+    parts = b.unflatten(-1, (-1, size)).to(torch.int32)
+    i = parts[..., 0]
+    for k in range(1, size):
+        i = i | (parts[..., k] << (8 * k))
+    return i.to(_SAME_SIZE_INT[size]).view(dtype)
+
+
 def quant_weight_fp8(w: torch.Tensor, scheme: Fp8Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (fp8 [N, K], fp32 scale [N, 1] or [⌈N/128⌉, ⌈K/128⌉]); ragged edge blocks are zero-padded."""
     if not scheme.block:

@@ -197,3 +197,13 @@ def test_paged_attention_matches_dense_causal():
     ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
                                          v.repeat_interleave(2, 1).transpose(0, 1), is_causal=True, scale=0.3)
     assert torch.allclose(got, ref.transpose(0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_to_bytes_is_the_byte_view_and_from_bytes_inverts_it(dtype):
+    from braze.models.common import from_bytes, to_bytes
+
+    x = (torch.randn(4, 3, 6) * 50).to(dtype)
+    x.view(torch.uint8)[0, 0, :4] = 0xFF  # NaN / negative bit patterns too
+    assert torch.equal(to_bytes(x), x.view(torch.uint8))
+    assert torch.equal(from_bytes(to_bytes(x), dtype).view(torch.uint8), x.view(torch.uint8))
