@@ -23,15 +23,18 @@ from braze.report import GraphRecord
 def aten_graph(fn: Callable[..., object], *args: torch.Tensor) -> GraphModule:
     """`fn` traced to a functional ATen graph with Inductor's decompositions (meta['val'] set)."""
     from torch._inductor.decomposition import select_decomp_table
-    from torch._subclasses.functional_tensor import dispatch_functionalize
 
     def wrapper(*xs):
         return fn(*xs)
 
     with torch.no_grad():
-        traced = make_fx(dispatch_functionalize(wrapper), decomposition_table=select_decomp_table(),
-                         tracing_mode="fake", _allow_non_fake_inputs=True)
-        gm = traced(*args)
+        # Decompose first (decompositions may emit in-place ops), then functionalize that graph
+        # like AOTAutograd: in-place ops become functional and a mutated input gets its new value
+        # back with one copy_ at the end, as in Inductor's post-grad graph.
+        decomposed = make_fx(wrapper, decomposition_table=select_decomp_table(), tracing_mode="fake",
+                             _allow_non_fake_inputs=True)(*args)
+        gm = make_fx(torch.func.functionalize(decomposed, remove="mutations"), tracing_mode="fake",
+                     _allow_non_fake_inputs=True)(*args)
     gm.graph.eliminate_dead_code()  # as Inductor's post-grad passes start with
     gm.recompile()
     return gm
