@@ -15,9 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from braze.patterns.stages import RowChain
+from braze.patterns.stages import HeadChain, RowChain
 
-from . import rowwise
+from . import heads, rowwise
 
 
 def cache_root() -> Path:
@@ -31,7 +31,7 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class LoadedKernel:
-    source: rowwise.KernelSource
+    source: object  # rowwise.KernelSource | heads.HeadKernelSource
     path: Path
     jit: object  # triton.runtime.jit.JITFunction
 
@@ -70,6 +70,17 @@ def _rowwise_kernel(signature: str) -> LoadedKernel:
 
 def rowwise_kernel(chain: RowChain) -> LoadedKernel:
     return _rowwise_kernel(chain.to_json())
+
+
+@functools.lru_cache(maxsize=None)
+def _heads_kernel(signature: str) -> LoadedKernel:
+    src = heads.generate(HeadChain.from_json(signature))
+    path, module = _load_module(src.name, src.source)
+    return LoadedKernel(src, path, getattr(module, src.name))
+
+
+def heads_kernel(chain: HeadChain) -> LoadedKernel:
+    return _heads_kernel(chain.to_json())
 
 
 def dump(kernel: LoadedKernel, directory: str | os.PathLike) -> Path:

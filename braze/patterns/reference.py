@@ -6,7 +6,8 @@ import torch
 
 from .quant import fp8_quant_reference
 from .rmsnorm import residual_add_reference, rmsnorm_reference
-from .stages import RowChain
+from .rope import rope_reference
+from .stages import HeadChain, RowChain
 
 
 def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -26,3 +27,25 @@ def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[tor
         outs.append(q)
         outs.extend(s.to(getattr(torch, p[-1].dtype)) for s, p in zip(scales, chain.quant.scales))
     return outs
+
+
+def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of `chain` for `inputs` (HeadChain.input_names order); writes `caches` in place like the kernel."""
+    named = dict(zip(chain.input_names(), inputs))
+    t = named["x"].shape[0]
+    x = named["x"].reshape(t, chain.heads, chain.head_dim).float()
+    if chain.norm is not None:
+        if chain.norm.width == chain.head_dim:
+            x = rmsnorm_reference(x, named.get("weight"), chain.norm)
+        else:
+            x = rmsnorm_reference(x.reshape(t, -1), named.get("weight"), chain.norm).reshape(x.shape)
+    if chain.rope is not None:
+        cos, sin = named["cos"], named["sin"]
+        if chain.gather:
+            cos, sin = cos[named["positions"]], sin[named["positions"]]
+        x = rope_reference(x, cos.reshape(t, -1), sin.reshape(t, -1), chain.rope)
+    result = x.to(getattr(torch, chain.out_dtype))
+    if chain.write is not None:
+        cache = caches[0]
+        cache.view(-1, chain.heads, chain.head_dim)[named["slots"]] = result.to(cache.dtype)
+    return [result] if chain.out else []

@@ -209,6 +209,70 @@ class RowChain:
         return _decode_chain(json.loads(text))
 
 
+@dataclass(frozen=True)
+class CacheWrite:
+    """Write the chain's result rows in place into a cache viewed as [slots, heads, head_dim].
+
+    `dtype` is the cache's dtype; the rows are rounded to it (the graph's index_put does).
+    """
+
+    dtype: str
+    kind: str = field(default="cache_write", init=False)
+
+
+@dataclass(frozen=True)
+class HeadChain:
+    """norm -> RoPE -> (output and/or cache write) over the heads of each token.
+
+    The source is x [T, heads, head_dim] (any row stride, unit element stride). The
+    norm is per head (width == head_dim) or over the whole row (width == heads·head_dim).
+    Inputs, in order: x, the norm weight (if any), cos and sin tables and positions
+    (if rope; `gather`: cos/sin [P, table] indexed by positions [T]; else cos/sin are
+    [T, table] rows), slot indices [T] (if a cache write). The cache goes in the op's
+    separate list of mutated tensors. Outputs: the result [T, heads, head_dim] if `out`.
+    """
+
+    in_dtype: str
+    heads: int
+    head_dim: int
+    norm: RMSNorm | None
+    rope: Any  # braze.patterns.rope.Rope | None
+    gather: bool
+    out: bool
+    write: CacheWrite | None
+
+    @property
+    def name(self) -> str:
+        parts = (["rmsnorm"] if self.norm else []) + (["rope"] if self.rope else []) + (
+            ["store"] if self.write else [])
+        return "_".join(parts) or "copy"
+
+    @property
+    def out_dtype(self) -> str:
+        if self.rope is not None:
+            return self.rope.out
+        return self.norm.out_dtype if self.norm else self.in_dtype
+
+    def input_names(self) -> list[str]:
+        names = ["x"]
+        if self.norm is not None and self.norm.has_weight:
+            names.append("weight")
+        if self.rope is not None:
+            names += ["cos", "sin"] + (["positions"] if self.gather else [])
+        if self.write is not None:
+            names.append("slots")
+        return names
+
+    def to_json(self) -> str:
+        return json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> HeadChain:
+        chain = _decode(json.loads(text))
+        assert isinstance(chain, HeadChain)
+        return chain
+
+
 def _encode(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return [_encode(o) for o in obj]
@@ -219,10 +283,20 @@ def _encode(obj: Any) -> Any:
     return obj
 
 
-_TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm, FP8Quant, RowChain)}
+_TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm, FP8Quant, RowChain, CacheWrite,
+                                   HeadChain)}
+
+
+def _register_late_types() -> None:
+    """Stage types defined in recognizer modules (RoPE) join the JSON codec."""
+    from .rope import Rope
+
+    _TYPES["Rope"] = Rope
 
 
 def _decode(obj: Any) -> Any:
+    if "Rope" not in _TYPES:
+        _register_late_types()
     if isinstance(obj, list):
         return tuple(_decode(o) for o in obj)
     if isinstance(obj, dict):

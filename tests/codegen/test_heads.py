@@ -1,0 +1,107 @@
+"""Generated head-chain kernels (norm -> RoPE -> output / in-place cache write) against the reference.
+
+Caches are poisoned; only the written slots may change, and they must hold the result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from braze.patterns.reference import head_chain_reference
+from braze.patterns.rope import Rope
+from braze.patterns.stages import CacheWrite, Cast, HeadChain, RMSNorm, WeightMul
+from braze.runtime import heads as rt
+from braze.runtime.rowwise import _interpreter_ready
+
+F32 = "float32"
+
+
+@st.composite
+def head_chains(draw) -> HeadChain:
+    dtype = draw(st.sampled_from(["bfloat16", "float32"]))
+    heads = draw(st.sampled_from([1, 2, 3, 8]))
+    head_dim = draw(st.sampled_from([16, 64, 128]))
+    norm = None
+    if draw(st.booleans()):
+        width = draw(st.sampled_from([head_dim, heads * head_dim]))
+        zc = draw(st.booleans())
+        epilogue = (WeightMul(F32, dtype, zc, F32 if zc else None), Cast(dtype))
+        norm = RMSNorm(draw(st.sampled_from([1e-6, 1e-5])), width, F32, F32, F32, F32, epilogue, False)
+    rope = None
+    if draw(st.booleans()) or norm is None:
+        r = int(head_dim * draw(st.sampled_from([1.0, 0.5, 0.25])))
+        first = draw(st.booleans())
+        full_table = draw(st.booleans())
+        style = "neox" if full_table else draw(st.sampled_from(["neox", "gptj"]))
+        mul = dtype if full_table else F32
+        rope = Rope(style, head_dim, r, 0 if first else head_dim - r, r if full_table else r // 2, mul, dtype)
+    write = CacheWrite(draw(st.sampled_from([dtype, "float32"]))) if draw(st.booleans()) else None
+    out = draw(st.booleans()) or write is None
+    return HeadChain(dtype, heads, head_dim, norm, rope, draw(st.booleans()), out, write)
+
+
+def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
+    dt = getattr(torch, chain.in_dtype)
+    wide = torch.randn(t, chain.heads * chain.head_dim + 5, generator=gen).to(device, dt)
+    x = wide[:, 3:3 + chain.heads * chain.head_dim].view(t, chain.heads, chain.head_dim)  # strided rows
+    inputs = [x]
+    if chain.norm is not None:
+        inputs.append((1 + 0.3 * torch.randn(chain.norm.width, generator=gen)).to(device, dt))
+    if chain.rope is not None:
+        rows = 16 if chain.gather else t
+        inputs += [torch.randn(rows, chain.rope.table, generator=gen).to(device),
+                   torch.randn(rows, chain.rope.table, generator=gen).to(device)]
+        if chain.gather:
+            inputs.append(torch.randint(0, rows, (t,), generator=gen).to(device))
+    caches = []
+    if chain.write is not None:
+        slots = torch.randperm(12, generator=gen)[:t].to(device)
+        slots[0] = slots[0] - 12  # a negative slot wraps, as in eager indexing
+        inputs.append(slots)
+        caches.append(torch.full((3, 4, chain.heads, chain.head_dim), float("nan"),
+                                 dtype=getattr(torch, chain.write.dtype), device=device))
+    return inputs, caches
+
+
+@given(chain=head_chains(), t=st.sampled_from([1, 3, 5]), seed=st.integers(0, 999))
+def test_kernel_matches_reference(chain, t, seed, device):
+    if device == "cpu" and not _interpreter_ready():
+        pytest.skip("needs the Triton interpreter")
+    gen = torch.Generator().manual_seed(seed)
+    inputs, caches = make_inputs(chain, t, device, gen)
+    ref_caches = [c.cpu().clone() for c in caches]
+    ref = head_chain_reference(chain, [i.cpu() for i in inputs], ref_caches)
+    kernel = rt.heads_kernel(chain)
+    outs = rt._outputs(chain, inputs[0])
+    for o in outs:
+        o.fill_(float("nan"))
+    fn = kernel.interpreted if device == "cpu" else torch.library.wrap_triton(kernel.jit)
+    rt._launch(kernel, kernel.interpreted if device == "cpu" else kernel.jit, chain, inputs, caches, outs,
+               interpreted=device == "cpu")
+    del fn
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o.cpu().float(), r.float(), rtol=tol[r.dtype], atol=1e-5)
+    for c, r in zip(caches, ref_caches):
+        c = c.cpu()
+        untouched = r.isnan()
+        assert torch.equal(c.isnan(), untouched), "a slot outside the written ones changed, or one was not written"
+        torch.testing.assert_close(c[~untouched].float(), r[~untouched].float(), rtol=tol[r.dtype], atol=1e-5)
+
+
+def test_op_writes_the_cache_in_place(device):
+    chain = HeadChain("bfloat16", 2, 64, None, Rope("neox", 64, 32, 0, 16, F32, "bfloat16"), False, True,
+                      CacheWrite("bfloat16"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 64, generator=gen).to(device, torch.bfloat16)
+    cos, sin = torch.randn(3, 16, generator=gen).to(device), torch.randn(3, 16, generator=gen).to(device)
+    cache = torch.zeros(4, 2, 2, 64, dtype=torch.bfloat16, device=device)
+    slots = torch.tensor([5, 0, 2], device=device)
+    ptr = cache.data_ptr()
+    [out] = torch.ops.braze.fused_heads([x, cos, sin, slots], [cache], chain.to_json())
+    assert cache.data_ptr() == ptr
+    flat = cache.view(-1, 2, 64)
+    assert torch.equal(flat[slots], out) and flat[[1, 3, 4, 6, 7]].abs().sum() == 0
