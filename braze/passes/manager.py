@@ -24,12 +24,14 @@ from braze.report import GraphRecord, layer_of
 
 from .base import Pass, PassContext, current_record
 from .canonicalize import Canonicalize
+from .chain import HeadChainFusion
 from .norm_quant import NormQuantFusion
 
 # Every pass braze runs, in order.
 PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
     NormQuantFusion,
+    HeadChainFusion,
 )
 
 try:  # torch >= 2.12 checks scheduler passes for a uuid before caching

@@ -209,20 +209,25 @@ def _match_rotate_half(anchor: Node, add: Node, nodes: list[Node]) -> RopeMatch 
 
 
 def _finish(stage: Rope, x: Node, cos: Node, sin: Node, output: Node, nodes: list[Node]) -> RopeMatch:
-    """Fill in head_dim/offset: the rotated x may be a slice of the head (partial rotary)."""
+    """Fill in head_dim/offset: the rotated x may be a slice of the head (partial rotary).
+
+    It is partial only when the rotated dims are concatenated back with the rest of the
+    same head; a slice rotated on its own (k_pe split off a fused projection) is the head.
+    """
     head = x
     offset = 0
     sl = _slice(x)
-    if sl is not None and sl[4] == 1 and sl[1] == len(shape_of(sl[0])) - 1:
-        head, offset = strip_lossless_casts(sl[0]), sl[2]
-        nodes.append(x)
-    # a partial rotation is concatenated back with the untouched dims of the head
     user = next(iter(output.users)) if len(output.users) == 1 else None
-    if head is not x and is_op(user, aten.cat) and len(user.args[0]) == 2:
+    if sl is not None and sl[4] == 1 and sl[1] == len(shape_of(sl[0])) - 1 and is_op(user, aten.cat) \
+            and len(user.args[0]) == 2:
         other = [a for a in user.args[0] if a is not output]
         ps = _slice(other[0]) if other else None
-        if ps is not None and strip_lossless_casts(ps[0]) is head:
-            nodes += [user, other[0]]
+        src = strip_lossless_casts(sl[0])
+        rest = (0, sl[2]) if sl[2] > 0 else (sl[3], shape_of(src)[-1])
+        if ps is not None and strip_lossless_casts(ps[0]) is src and (ps[2], ps[3]) == rest \
+                and (user.args[0][0] is output) == (sl[2] == 0):
+            head, offset = src, sl[2]
+            nodes += [x, user, other[0]]
             output = user
     head_dim = shape_of(head)[-1]
     stage = dataclasses.replace(stage, head_dim=head_dim, offset=offset)

@@ -21,9 +21,9 @@ from .rowwise import DIV_RN, cpu_backend
 
 
 def _outputs(chain: HeadChain, x: torch.Tensor) -> list[torch.Tensor]:
-    if not chain.out:
-        return []
-    return [torch.empty((x.shape[0], chain.heads, chain.head_dim), dtype=to_dtype(chain.out_dtype), device=x.device)]
+    """The chain's output buffer; a 0-element stand-in when it has none (ops return one Tensor)."""
+    shape = (x.shape[0], chain.heads, chain.head_dim) if chain.out else (0,)
+    return [torch.empty(shape, dtype=to_dtype(chain.out_dtype), device=x.device)]
 
 
 def _launch(kernel, fn, chain: HeadChain, inputs: list[torch.Tensor], caches: list[torch.Tensor],
@@ -44,7 +44,8 @@ def _launch(kernel, fn, chain: HeadChain, inputs: list[torch.Tensor], caches: li
     if chain.write is not None:
         cache = caches[0]
         args += [named["slots"], cache, cache.numel() // (chain.heads * chain.head_dim)]
-    args += outs
+    if chain.out:
+        args += outs
     args.append(t)
     const = dict(kernel.source.constexprs, SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN)
     extra = {} if interpreted else {"num_warps": kernel.source.num_warps}
@@ -52,28 +53,55 @@ def _launch(kernel, fn, chain: HeadChain, inputs: list[torch.Tensor], caches: li
 
 
 @triton_op("braze::fused_heads", mutates_args=("caches",))
-def fused_heads(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
+def fused_heads(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
     if inputs[0].device.type == "cpu":
         return torch.ops.braze.fused_heads_cpu(inputs, caches, spec)
     chain = HeadChain.from_json(spec)
     kernel = heads_kernel(chain)
     outs = _outputs(chain, inputs[0])
     _launch(kernel, wrap_triton(kernel.jit), chain, inputs, caches, outs, interpreted=False)
-    return outs
+    return outs[0]
 
 
 @custom_op("braze::fused_heads_cpu", mutates_args=("caches",))
-def fused_heads_cpu(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
+def fused_heads_cpu(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
     chain = HeadChain.from_json(spec)
-    if cpu_backend() == "reference":
-        return head_chain_reference(chain, inputs, caches)
-    kernel = heads_kernel(chain)
     outs = _outputs(chain, inputs[0])
+    if cpu_backend() == "reference":
+        ref = head_chain_reference(chain, inputs, caches)
+        return ref[0] if ref else outs[0]
+    kernel = heads_kernel(chain)
     if inputs[0].shape[0] > 0:
         _launch(kernel, kernel.interpreted, chain, inputs, caches, outs, interpreted=True)
-    return outs
+    return outs[0]
 
 
 @fused_heads_cpu.register_fake
-def _(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
-    return _outputs(HeadChain.from_json(spec), inputs[0])
+def _(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
+    return _outputs(HeadChain.from_json(spec), inputs[0])[0]
+
+
+# Chains without a cache write mutate nothing: a pure op, so functionalization adds no
+# auto_functionalized wrapper with an empty list of mutated tensors (Inductor's decomposition
+# of that left a dangling getitem on torch 2.13).
+
+
+@triton_op("braze::fused_heads_pure", mutates_args=())
+def fused_heads_pure(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
+    if inputs[0].device.type == "cpu":
+        return torch.ops.braze.fused_heads_pure_cpu(inputs, spec)
+    chain = HeadChain.from_json(spec)
+    kernel = heads_kernel(chain)
+    outs = _outputs(chain, inputs[0])
+    _launch(kernel, wrap_triton(kernel.jit), chain, inputs, [], outs, interpreted=False)
+    return outs[0]
+
+
+@custom_op("braze::fused_heads_pure_cpu", mutates_args=())
+def fused_heads_pure_cpu(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
+    return fused_heads_cpu(inputs, [], spec)
+
+
+@fused_heads_pure_cpu.register_fake
+def _(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
+    return _outputs(HeadChain.from_json(spec), inputs[0])[0]

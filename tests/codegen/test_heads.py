@@ -76,14 +76,13 @@ def test_kernel_matches_reference(chain, t, seed, device):
     ref = head_chain_reference(chain, [i.cpu() for i in inputs], ref_caches)
     kernel = rt.heads_kernel(chain)
     outs = rt._outputs(chain, inputs[0])
-    for o in outs:
-        o.fill_(float("nan"))
+    outs[0].fill_(float("nan"))
     fn = kernel.interpreted if device == "cpu" else torch.library.wrap_triton(kernel.jit)
     rt._launch(kernel, kernel.interpreted if device == "cpu" else kernel.jit, chain, inputs, caches, outs,
                interpreted=device == "cpu")
     del fn
     tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
-    for o, r in zip(outs, ref):
+    for o, r in zip(outs if chain.out else [], ref):
         torch.testing.assert_close(o.cpu().float(), r.float(), rtol=tol[r.dtype], atol=1e-5)
     for c, r in zip(caches, ref_caches):
         c = c.cpu()
@@ -101,7 +100,7 @@ def test_op_writes_the_cache_in_place(device):
     cache = torch.zeros(4, 2, 2, 64, dtype=torch.bfloat16, device=device)
     slots = torch.tensor([5, 0, 2], device=device)
     ptr = cache.data_ptr()
-    [out] = torch.ops.braze.fused_heads([x, cos, sin, slots], [cache], chain.to_json())
+    out = torch.ops.braze.fused_heads([x, cos, sin, slots], [cache], chain.to_json())
     assert cache.data_ptr() == ptr
     flat = cache.view(-1, 2, 64)
     assert torch.equal(flat[slots], out) and flat[[1, 3, 4, 6, 7]].abs().sum() == 0

@@ -1,0 +1,203 @@
+"""Chain fusion, first step: per-head [RMSNorm ->] RoPE [-> in-place cache write] as one kernel.
+
+For every RoPE the recognizer finds, the pass grows the chain backwards to an RMSNorm
+whose output only the rotation reads, and forwards to a cache write of the rotated
+rows; the chain becomes one generated kernel (braze.codegen.heads). A cache write is
+taken over in place: the fused op mutates the cache, so Inductor's reinplacing removes
+the functional copy (CHAIN_DESIGN.md). Quant stages, LayerNorm, packed rows and
+sibling-chain launches come next; their sites are not touched yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from braze.patterns.fx import Miss, aten, describe, is_op, is_view, known_eq, shape_of, strip_lossless_casts, val
+from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
+from braze.patterns.rope import RopeMatch, _strip, match_rope
+from braze.patterns.stages import HeadChain, dtype_name
+from braze.patterns.store import StoreMatch, match_store
+
+from .base import Pass, PassContext
+from .rewrite import graph_fake_mode, splice, trace_functional, view_as
+
+
+@dataclass(frozen=True)
+class HeadSite:
+    chain: HeadChain
+    inputs: tuple[Node, ...]  # HeadChain.input_names order
+    cache: Node | None
+    result: Node | None  # the node the chain's output replaces (None: nothing else reads it)
+    store: StoreMatch | None
+    anchor: Node
+
+
+def fused_heads_call(spec: str, n_inputs: int):
+    import braze.runtime.heads  # noqa: F401  registers the op
+
+    def fn(*args: torch.Tensor) -> list[torch.Tensor]:
+        inputs, caches = list(args[:n_inputs]), list(args[n_inputs:])
+        if not caches:
+            return [torch.ops.braze.fused_heads_pure(inputs, spec)]
+        out = torch.ops.braze.fused_heads(inputs, caches, spec)
+        return [out] + caches  # returning the caches gives their written values
+
+    return fn
+
+
+def _through_views(node: Node) -> Node:
+    while is_view(node):
+        node = node.args[0]
+    return node
+
+
+def _only_feeds(node: Node, targets: set[Node]) -> bool:
+    """Every use of `node` (through views and lossless casts) ends in `targets`."""
+    for u in node.users:
+        if u in targets:
+            continue
+        if (is_view(u) or is_op(u, aten.unsqueeze)) or (u.target is torch.ops.prims.convert_element_type.default):
+            if not _only_feeds(u, targets):
+                return False
+            continue
+        return False
+    return True
+
+
+class HeadChainFusion(Pass):
+    name = "head-chain"
+    family = "chain"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> None:
+        graph = gm.graph
+        norms = {}
+        for n in graph.nodes:
+            if is_op(n, aten.mean):
+                m = match_rmsnorm(n)
+                if isinstance(m, NormMatch):
+                    norms[strip_lossless_casts(m.output)] = m
+        ropes = []
+        for n in graph.nodes:
+            if n.op == "call_function" and is_op(n, aten.cat, aten.add, aten.view, torch.ops.prims.convert_element_type):
+                m = match_rope(n)
+                if isinstance(m, RopeMatch):
+                    ropes.append(m)
+        ropes = [m for m in ropes if not any(m.output in o.nodes and o is not m for o in ropes)]
+        stores: dict[Node, StoreMatch] = {}
+        for n in graph.nodes:
+            if n.target is aten.copy_.default:
+                s = match_store(n)
+                if isinstance(s, StoreMatch):
+                    stores[_through_views(strip_lossless_casts(s.rows))] = s
+                elif s.candidate:
+                    ctx.remark("missed", "store-not-recognized", n, "cache write not fused",
+                               reason=s.reason, suggestion=s.suggestion, ops=("store",))
+        ctx.bump("ropes-recognized", len(ropes))
+        fake_mode = graph_fake_mode(graph)
+        for rope in ropes:
+            try:
+                site = self._site(rope, norms, stores, ctx)
+                if site is None:
+                    continue
+                why = ctx.token_check(self.family, val(site.inputs[0]).shape[0])
+                if why:
+                    ctx.remark("missed", "token-range", site.anchor, "head chain not fused", reason=why,
+                               suggestion="widen FusionConfig.token_ranges['chain']", ops=self._ops(site))
+                    continue
+                n_in = len(site.inputs)
+                args = list(site.inputs) + ([site.cache] if site.cache is not None else [])
+                traced = trace_functional(fused_heads_call(site.chain.to_json(), n_in),
+                                          [a.meta["val"] for a in args], fake_mode)
+            except Exception as e:  # a bug in braze must not break the user's compile
+                ctx.remark("failed", "internal-error", rope.output, "head chain left unfused after an error in braze",
+                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug",
+                           ops=("rope",))
+                continue
+            self._replace(graph, site, traced, args)
+            ctx.remark("applied", "head-chain", site.anchor, f"fused {' -> '.join(self._ops(site))} into one kernel",
+                       ops=self._ops(site), args=self._args(site.chain))
+            ctx.bump("chains-fused")
+
+    @staticmethod
+    def _ops(site: HeadSite) -> tuple[str, ...]:
+        c = site.chain
+        return tuple((["rmsnorm"] if c.norm else []) + (["rope"] if c.rope else []) + (["store"] if c.write else []))
+
+    @staticmethod
+    def _args(chain: HeadChain) -> dict[str, object]:
+        args: dict[str, object] = {"heads": chain.heads, "head_dim": chain.head_dim}
+        if chain.rope is not None:
+            args.update(rope=chain.rope.style, rotary_dim=chain.rope.rotary_dim, rope_offset=chain.rope.offset)
+        if chain.norm is not None:
+            args.update(eps=chain.norm.eps, norm="per-head" if chain.norm.width == chain.head_dim else "row")
+        return args
+
+    def _site(self, rope: RopeMatch, norms: dict[Node, NormMatch], stores: dict[Node, StoreMatch],
+              ctx: PassContext) -> HeadSite | None:
+        stage = rope.stage
+        x = rope.x
+        x_shape = shape_of(x)
+        if x_shape is None or len(x_shape) not in (2, 3):
+            ctx.remark("missed", "rope-layout", rope.output, "RoPE not fused",
+                       reason=f"rotates a tensor of shape {x_shape}; braze takes [T, heads, head_dim] or [T, head_dim]",
+                       suggestion="flatten batch and sequence into one token dim", ops=("rope",))
+            return None
+        heads = x_shape[1] if len(x_shape) == 3 else 1
+        if not isinstance(heads, int):
+            return None
+        # grow backwards: an RMSNorm whose output only this rotation reads
+        norm = norms.get(_through_views(x)) or norms.get(x)
+        source = x
+        if norm is not None and not _only_feeds(norm.output, set(rope.nodes) | {x}):
+            norm = None
+        if norm is not None:
+            width = norm.stage.width
+            if not (known_eq(width, stage.head_dim) or known_eq(width, heads * stage.head_dim)):
+                norm = None
+            else:
+                source = norm.x
+        # the tables: cos = table[positions] (gathered in the kernel) or given rows
+        cos, sin = _strip(rope.cos), _strip(rope.sin)
+        gather = is_op(cos, aten.index) and is_op(sin, aten.index) and cos.args[1][0] is sin.args[1][0]
+        tables = [cos.args[0], sin.args[0], cos.args[1][0]] if gather else [cos, sin]
+        # grow forwards: a cache write of the rotated rows
+        store = stores.get(_through_views(rope.output)) or stores.get(rope.output)
+        if store is not None:
+            row = 1
+            for s in store.row_shape:
+                row *= s
+            cache_val = val(store.cache)
+            if row != heads * stage.head_dim or cache_val is None or not cache_val.is_contiguous():
+                ctx.remark("missed", "store-layout", store.copy, "cache write left unfused",
+                           reason=f"cache rows of {store.row_shape} do not hold the {heads}x{stage.head_dim} rotated "
+                                  f"values contiguously", ops=("rope", "store"))
+                store = None
+        result_users = [u for u in rope.output.users if store is None or not _only_feeds(u, {store.index_put})]
+        chain = HeadChain(
+            in_dtype=dtype_name(val(source).dtype), heads=heads, head_dim=stage.head_dim,
+            norm=norm.stage if norm is not None else None, rope=stage, gather=gather,
+            out=bool(result_users) or store is None, write=store.stage if store is not None else None)
+        inputs = [source]
+        if norm is not None and norm.weight is not None:
+            inputs.append(norm.weight)
+        inputs += tables
+        if store is not None:
+            inputs.append(store.slots)
+        return HeadSite(chain, tuple(inputs), store.cache if store else None,
+                        rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output)
+
+    @staticmethod
+    def _replace(graph: torch.fx.Graph, site: HeadSite, traced: GraphModule, args: list[Node]) -> None:
+        new = splice(graph, traced, args, site.anchor)
+        if site.chain.out:
+            site.result.replace_all_uses_with(view_as(graph, new[0], site.result))
+        if site.store is not None:
+            new_cache = new[1]
+            put, copy = site.store.index_put, site.store.copy
+            # readers of the written cache read the fused op's result; the copy_ back into the
+            # input takes it directly, which is what lets Inductor drop the functional clone
+            put.replace_all_uses_with(view_as(graph, new_cache, put))
+            copy.args = (copy.args[0], new_cache)
