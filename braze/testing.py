@@ -61,6 +61,8 @@ def fused_ops(gm: GraphModule) -> list[str]:
     out = []
     for n in gm.graph.nodes:
         name = str(n.target)
+        if "auto_functionalized" in name and n.args:  # a mutating op, functionalized
+            name = str(n.args[0])
         if "braze" in name or "triton_kernel_wrapper" in name:
             out.append(name)
     return out

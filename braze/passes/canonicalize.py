@@ -1,7 +1,8 @@
 """Canonicalize the post-grad graph so harmless spelling differences do not defeat matching.
 
 Every rewrite keeps the graph's values and strides exactly:
-- a view/reshape to the shape it already has, and an identity permute, is its input;
+- a view/reshape to the shape it already has, an identity permute, an alias and a
+  slice over a whole dim are their input;
 - view(view(x)) is one view of x; reshape/_unsafe_view of a contiguous input is a view;
 - a cast to the dtype a tensor already has is the tensor; cast(cast(x, a), b) is
   cast(x, b) when the first cast loses nothing;
@@ -60,6 +61,10 @@ class Canonicalize(Pass):
         if is_cast(node) and same_meta:
             node.replace_all_uses_with(src)
             return "noop-casts"
+        if is_op(node, aten.alias, aten.slice) and same_meta and node.target is not aten.slice_scatter.default:
+            # alias, and a slice over a whole dim: what Inductor's remove_noop_ops drops too
+            node.replace_all_uses_with(src)
+            return "noop-slices"
         return None
 
     @staticmethod

@@ -132,6 +132,18 @@ def _lanes(x1: Node, x2: Node) -> tuple[Node, str, int] | None:
     return None
 
 
+def _lane_nodes(x1: Node, x2: Node, src: Node) -> list[Node]:
+    """The slices (and casts) between the rotated tensor and its two lanes."""
+    out = []
+    for n in (x1, x2):
+        while isinstance(n, Node) and n is not src and (is_cast(n) or _slice(n) is not None):
+            out.append(n)
+            n = n.args[0]
+    if is_cast(src):
+        out.append(src)
+    return out
+
+
 def match_rope(anchor: Node) -> RopeMatch | Miss:
     """Recognize the rotation whose result is `anchor` (a cat, a GPT-J view, or an HF add)."""
     nodes: list[Node] = []
@@ -170,6 +182,7 @@ def match_rope(anchor: Node) -> RopeMatch | Miss:
         return Miss("the rotated values are not the halves or even/odd lanes of one tensor's last dim",
                     "slice x[..., :r/2], x[..., r/2:r] (NeoX) or x[..., 0::2], x[..., 1::2] (GPT-J)")
     src, lane_style, r = lanes
+    nodes += _lane_nodes(x1, x2, src)
     if style is None:
         style = "neox"
     if lane_style != style:
@@ -199,6 +212,7 @@ def _match_rotate_half(anchor: Node, add: Node, nodes: list[Node]) -> RopeMatch 
         return Miss("rotate_half is not of the tensor multiplied by cos",
                     "write x * cos + rotate_half(x) * sin with one x")
     r = lanes[2]
+    nodes += _lane_nodes(x1, neg.args[0], lanes[0])
     table = shape_of(_strip(ta))
     if table is None or not known_eq(table[-1], r):
         return Miss(f"cos/sin rows have {table and table[-1]} values, expected {r}", candidate=True)

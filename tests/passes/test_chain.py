@@ -1,0 +1,117 @@
+"""Head-chain fusion on ATen graphs: random valid chains fuse and match eager, caches outside the slots untouched."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from braze import FusionConfig
+from braze.models.common import apply_rope
+from braze.testing import aten_graph, fused_ops, run_passes
+
+
+def rms(x, w, eps, zero_centered):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    w = (1.0 + w.float()) if zero_centered else w.float()
+    return (h * w).to(x.dtype)
+
+
+def make_chain(heads, head_dim, norm, style, rotary, first, store, keep_out):
+    r = int(head_dim * rotary)
+
+    def fn(x, w, cos_t, sin_t, pos, cache, slots):
+        t = x.shape[0]
+        h = x
+        if norm == "row":
+            h = rms(h, w, 1e-6, False)
+        h = h.view(t, heads, head_dim)
+        if norm in ("head", "head-zero-centered"):
+            h = rms(h, w[:head_dim], 1e-6, norm == "head-zero-centered")
+        y = apply_rope(h, cos_t[pos][:, : r // 2], sin_t[pos][:, : r // 2], style=style, first=first)
+        outs = []
+        if store:
+            cache.view(-1, heads, head_dim)[slots] = y
+        if keep_out or not store:
+            outs.append(y * 1)
+        return tuple(outs) + (cache.sum(),) if store else tuple(outs)
+
+    return fn
+
+
+@given(heads=st.sampled_from([1, 3, 4]), head_dim=st.sampled_from([32, 64]),
+       norm=st.sampled_from(["none", "row", "head", "head-zero-centered"]), style=st.sampled_from(["neox", "gptj"]),
+       rotary=st.sampled_from([1.0, 0.5]), first=st.booleans(), store=st.booleans(), keep=st.booleans(),
+       t=st.sampled_from([1, 3]), seed=st.integers(0, 999))
+def test_random_chains_fuse_and_match_eager(heads, head_dim, norm, style, rotary, first, store, keep, t, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+    x = torch.randn(t, heads * head_dim, generator=gen).to(dt)
+    w = (1 + 0.3 * torch.randn(heads * head_dim, generator=gen)).to(dt)
+    cos_t, sin_t = torch.randn(16, head_dim // 2, generator=gen), torch.randn(16, head_dim // 2, generator=gen)
+    pos = torch.randint(0, 16, (t,), generator=gen)
+    cache = torch.full((4, 2, heads, head_dim), float("nan"), dtype=dt)
+    slots = torch.randperm(8, generator=gen)[:t]
+    fn = make_chain(heads, head_dim, norm, style, rotary, first, store, keep)
+    args = (x, w, cos_t, sin_t, pos, cache, slots)
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    applied = [r for r in record.remarks if r.kind == "applied"]
+    assert len(applied) == 1, [str(r) for r in record.remarks]
+    expected = (["rmsnorm"] if norm != "none" else []) + ["rope"] + (["store"] if store else [])
+    assert list(applied[0].ops) == expected
+    assert fused_ops(gm)
+    c_fused, c_eager = cache.clone(), cache.clone()
+    got = gm(x, w, cos_t, sin_t, pos, c_fused, slots)
+    want = fn(x, w, cos_t, sin_t, pos, c_eager, slots)
+    for a, b in zip(got, want):
+        if a.dim() > 0:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-5)
+    assert torch.equal(c_fused.isnan(), c_eager.isnan())  # the same slots written, nothing else
+    written = ~c_eager.isnan()
+    torch.testing.assert_close(c_fused[written].float(), c_eager[written].float(), rtol=2 ** -7, atol=1e-5)
+
+
+def test_norm_whose_output_escapes_stays_out_of_the_chain():
+    def fn(x, w, cos, sin):
+        h = rms(x.view(2, 2, 32), w, 1e-6, False)
+        return apply_rope(h, cos, sin, style="neox"), h.sum()
+
+    args = (torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(32, dtype=torch.bfloat16), torch.randn(2, 16),
+            torch.randn(2, 16))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    [rm] = [r for r in record.remarks if r.kind == "applied"]
+    assert rm.ops == ("rope",)
+    got, want = gm(*args), fn(*args)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2 ** -7, atol=1e-5)
+
+
+def test_accumulating_cache_write_is_missed_with_a_reason():
+    def fn(x, cos, sin, cache, slots):
+        y = apply_rope(x.view(2, 1, 32), cos, sin, style="neox")
+        cache.view(-1, 1, 32).index_put_((slots,), y, accumulate=True)
+        return y * 1
+
+    args = (torch.randn(2, 32), torch.randn(2, 16), torch.randn(2, 16), torch.zeros(4, 1, 32), torch.tensor([0, 2]))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    missed = [r for r in record.remarks if r.kind == "missed"]
+    assert [r.name for r in missed] == ["store-not-recognized"] and "accumulates" in missed[0].reason
+    applied = [r for r in record.remarks if r.kind == "applied"]
+    assert [r.ops for r in applied] == [("rope",)]  # the rotation still fuses; the write stays as it was
+    c1, c2 = torch.zeros(4, 1, 32), torch.zeros(4, 1, 32)
+    gm(*args[:3], c1, args[4])
+    fn(*args[:3], c2, args[4])
+    torch.testing.assert_close(c1, c2)
+
+
+def test_chain_family_switch():
+    fn = make_chain(2, 32, "head", "neox", 1.0, True, True, False)
+    args = (torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16), torch.randn(16, 16),
+            torch.randn(16, 16), torch.tensor([1, 2]), torch.zeros(2, 2, 2, 32, dtype=torch.bfloat16),
+            torch.tensor([0, 1]))
+    gm = aten_graph(fn, *args)
+    assert run_passes(gm, FusionConfig(chain=False, norm_quant=False)).remarks == []
+    assert not fused_ops(gm)
