@@ -1,0 +1,33 @@
+"""Head-chain fusion on a built-in model end to end: Qwen 3.5 tiny compiled with braze equals eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import braze
+from braze import models
+
+pytestmark = pytest.mark.slow
+
+
+def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
+    torch._dynamo.reset()
+    model = models.build("qwen3.5", "tiny", dtype=torch.float32)
+    inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    with torch.no_grad():
+        ref = model(*inputs)
+        ref_bufs = {k: v.clone() for k, v in model.named_buffers()}
+        for k, v in model.named_buffers():
+            v.copy_(saved[k])
+        be = braze.backend(braze.FusionConfig(norm_quant=False))
+        out = torch.compile(model, backend=be, fullgraph=True)(*inputs)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(v, ref_bufs[k], rtol=1e-5, atol=1e-5, msg=k)
+    applied = [(r.location, r.ops) for r in braze.report(be).applied]
+    for layer in (3, 7):  # the full-attention layers of 2 x [GDN x 3, full]
+        assert (f"layers.{layer}.self_attn.q_norm", ("rmsnorm", "rope")) in applied
+        assert (f"layers.{layer}.self_attn.k_norm", ("rmsnorm", "rope", "store")) in applied
+    torch._dynamo.reset()
