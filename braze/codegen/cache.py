@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from braze.patterns.stages import HeadChain, RowChain
+from braze.patterns.stages import HeadGroup, RowChain
 
 from . import heads, rowwise
 
@@ -74,13 +74,13 @@ def rowwise_kernel(chain: RowChain) -> LoadedKernel:
 
 @functools.lru_cache(maxsize=None)
 def _heads_kernel(signature: str) -> LoadedKernel:
-    src = heads.generate(HeadChain.from_json(signature))
+    src = heads.generate(HeadGroup.from_json(signature))
     path, module = _load_module(src.name, src.source)
     return LoadedKernel(src, path, getattr(module, src.name))
 
 
-def heads_kernel(chain: HeadChain) -> LoadedKernel:
-    return _heads_kernel(chain.to_json())
+def heads_kernel(group: HeadGroup) -> LoadedKernel:
+    return _heads_kernel(group.to_json())
 
 
 def dump(kernel: LoadedKernel, directory: str | os.PathLike) -> Path:

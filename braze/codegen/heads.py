@@ -1,11 +1,14 @@
-"""HeadChain -> Triton source: per token, norm -> RoPE -> output and/or in-place cache write.
+"""HeadGroup -> Triton source: per token, norm -> RoPE -> output and/or in-place cache write.
 
-One program per token. A token's heads are held as segments (CHAIN_DESIGN.md): with
-RoPE, the rotated dims as a [BLOCK_H, BLOCK_R2, 2] tile laid out so that `tl.split`
-yields the two lanes of each rotation pair (NeoX: i and i + r/2; GPT-J: 2i and 2i+1),
-plus the untouched dims as [BLOCK_H, BLOCK_P]; without RoPE one [BLOCK_H, BLOCK_D] tile.
-Bytes per token: read x (H·hd) + weight (cached) + two cos/sin rows, write the result
-and/or one cache row; nothing in between touches memory.
+Grid (tokens, chains): program (t, k) runs chain k of the group on token t, so sibling
+chains over the same tokens (q and k of one attention layer) are one launch. A token's
+heads are held as segments (CHAIN_DESIGN.md): with RoPE, the rotated dims as a
+[BLOCK_H, BLOCK_R2, 2] tile laid out so that `tl.split` yields the two lanes of each
+rotation pair (NeoX: i and i + r/2; GPT-J: 2i and 2i+1), plus the untouched dims as
+[BLOCK_H, BLOCK_P]; without RoPE one [BLOCK_H, BLOCK_D] tile.
+Bytes per token and chain: read x (H·hd) + weight (cached) + two cos/sin rows, write the
+result and/or one cache row; nothing in between touches memory. Outputs of all chains
+share one flat buffer: chain k's [T, H, hd] slab starts at T · (widths of earlier outputs).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from braze.patterns.stages import Cast, HeadChain, WeightMul
+from braze.patterns.stages import Cast, HeadChain, HeadGroup, WeightMul
 
 from .rowwise import _TL_DTYPE, _Emitter, _fmt_float, _next_pow2
 
@@ -43,81 +46,43 @@ class _Segment:
         return f"{v}[:, None, None]" if self.rank == 3 else f"{v}[:, None]"
 
 
-def generate(chain: HeadChain) -> HeadKernelSource:
-    signature = chain.to_json()
-    digest = hashlib.sha256(signature.encode()).hexdigest()[:12]
-    name = f"braze_heads_{chain.name}_{digest}"
-    H, HD = chain.heads, chain.head_dim
-    rope = chain.rope
-    const = {"H": H, "HD": HD, "BLOCK_H": _next_pow2(H)}
-
+def chain_params(chain: HeadChain) -> list[str]:
+    """Pointer/stride parameters of one chain, unprefixed, in launch order."""
     params = ["x_ptr", "x_row_stride"]
     if chain.norm is not None and chain.norm.has_weight:
         params.append("w_ptr")
-    if rope is not None:
+    if chain.rope is not None:
         params += ["cos_ptr", "sin_ptr", "cos_row_stride", "sin_row_stride"]
         if chain.gather:
             params.append("pos_ptr")
     if chain.write is not None:
         params += ["slots_ptr", "cache_ptr", "n_slots"]
-    if chain.out:
-        params.append("out_ptr")
-    params += ["n_rows"]
+    return params
 
+
+def generate(group: HeadGroup) -> HeadKernelSource:
+    signature = group.to_json()
+    digest = hashlib.sha256(signature.encode()).hexdigest()[:12]
+    name = f"braze_heads_{group.name}_{digest}"
+    params: list[str] = []
+    const: dict[str, int] = {}
     em = _Emitter()
     em.line("row = tl.program_id(0).to(tl.int64)")
-    segments: list[_Segment] = []
-    if rope is not None:
-        r2 = rope.rotary_dim // 2
-        const.update(R2=r2, BLOCK_R2=_next_pow2(r2), OFF=rope.offset, P=HD - rope.rotary_dim,
-                     BLOCK_P=_next_pow2(max(1, HD - rope.rotary_dim)))
-        em.line("h3 = tl.arange(0, BLOCK_H)[:, None, None]")
-        em.line("i3 = tl.arange(0, BLOCK_R2)[None, :, None]")
-        em.line("j3 = tl.arange(0, 2)[None, None, :]")
-        lane = "j3 * R2 + i3" if rope.style == "neox" else "2 * i3 + j3"
-        em.line(f"col_rot = h3 * HD + OFF + {lane}  # {rope.style} pairs on dims [{rope.offset}, "
-                f"{rope.offset + rope.rotary_dim}) of each head")
-        em.line("mask_rot = (h3 < H) & (i3 < R2) & (j3 < 2)")
-        segments.append(_Segment("col_rot", "mask_rot", "h3", 3))
-        if HD > rope.rotary_dim:
-            start = "R2 * 2" if rope.offset == 0 else "0"
-            em.line("h2 = tl.arange(0, BLOCK_H)[:, None]")
-            em.line("p2 = tl.arange(0, BLOCK_P)[None, :]")
-            em.line(f"col_pass = h2 * HD + {start} + p2  # the dims RoPE leaves alone")
-            em.line("mask_pass = (h2 < H) & (p2 < P)")
-            segments.append(_Segment("col_pass", "mask_pass", "h2", 2))
-    else:
-        const.update(BLOCK_D=_next_pow2(HD))
-        em.line("h2 = tl.arange(0, BLOCK_H)[:, None]")
-        em.line("d2 = tl.arange(0, BLOCK_D)[None, :]")
-        em.line("col = h2 * HD + d2")
-        em.line("mask = (h2 < H) & (d2 < HD)")
-        segments.append(_Segment("col", "mask", "h2", 2))
-    for k, seg in enumerate(segments):
-        seg.value = em.let(f"tl.load(x_ptr + row * x_row_stride + {seg.col}, mask={seg.mask}, other=0.0)"
-                           f".to(tl.float32)", f"x{k}_")
-    if chain.norm is not None:
-        _emit_norm(em, chain, segments)
-    if rope is not None:
-        _emit_rope(em, chain, segments)
-    out_dtype = chain.out_dtype
-    for seg in segments:
-        seg.value = em.round_to(seg.value, out_dtype)
+    em.line("chain = tl.program_id(1)")
+    out_offset = 0
+    for k, chain in enumerate(group.chains):
+        p = f"c{k}_"
+        params += [p + q for q in chain_params(chain)]
+        em.line(f"if chain == {k}:  # {chain.name}: {chain.heads} x {chain.head_dim}")
+        em.indent += 1
+        _emit_chain(em, chain, p, const, out_offset)
+        em.indent -= 1
         if chain.out:
-            em.line(f"tl.store(out_ptr + row * (H * HD) + {seg.col}, {seg.value}.to({_TL_DTYPE[out_dtype]}), "
-                    f"mask={seg.mask})")
-    if chain.write is not None:
-        em.line("slot = tl.load(slots_ptr + row).to(tl.int64)")
-        em.line("slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives")
-        em.line("in_range = (slot >= 0) & (slot < n_slots)")
-        for seg in segments:
-            v = em.round_to(seg.value, chain.write.dtype)
-            em.line(f"tl.store(cache_ptr + slot * (H * HD) + {seg.col}, {v}.to({_TL_DTYPE[chain.write.dtype]}), "
-                    f"mask={seg.mask} & in_range)")
-
+            out_offset += chain.heads * chain.head_dim
+    params += ["out_ptr", "n_rows"]
     consts = [f"{k}: tl.constexpr" for k in const] + ["SOFT_ROUND: tl.constexpr", "DIV_RN: tl.constexpr"]
     header = [
-        '"""Generated by braze.codegen.heads for the chain:',
+        '"""Generated by braze.codegen.heads for the chains:',
         signature,
         '"""',
         "import triton",
@@ -126,15 +91,69 @@ def generate(chain: HeadChain) -> HeadKernelSource:
         "",
         "@triton.jit",
         f"def {name}(",
-        *[f"    {p}," for p in params + consts],
+        *[f"    {q}," for q in params + consts],
         "):",
     ]
-    elems = const["BLOCK_H"] * _next_pow2(HD)
+    elems = max(_next_pow2(c.heads) * _next_pow2(c.head_dim) for c in group.chains)
     num_warps = 1 if elems <= 256 else 2 if elems <= 1024 else 4 if elems <= 4096 else 8
     return HeadKernelSource(name, "\n".join(header + em.lines) + "\n", const, num_warps)
 
 
-def _emit_norm(em: _Emitter, chain: HeadChain, segments: list[_Segment]) -> None:
+def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset: int) -> None:
+    H, HD = chain.heads, chain.head_dim
+    rope = chain.rope
+    const.update({f"{p}H": H, f"{p}HD": HD, f"{p}BLOCK_H": _next_pow2(H)})
+    segments: list[_Segment] = []
+    if rope is not None:
+        r2 = rope.rotary_dim // 2
+        const.update({f"{p}R2": r2, f"{p}BLOCK_R2": _next_pow2(r2), f"{p}OFF": rope.offset,
+                      f"{p}P": HD - rope.rotary_dim, f"{p}BLOCK_P": _next_pow2(max(1, HD - rope.rotary_dim))})
+        em.line(f"{p}h3 = tl.arange(0, {p}BLOCK_H)[:, None, None]")
+        em.line(f"{p}i3 = tl.arange(0, {p}BLOCK_R2)[None, :, None]")
+        em.line(f"{p}j3 = tl.arange(0, 2)[None, None, :]")
+        lane = f"{p}j3 * {p}R2 + {p}i3" if rope.style == "neox" else f"2 * {p}i3 + {p}j3"
+        em.line(f"{p}col_rot = {p}h3 * {p}HD + {p}OFF + {lane}  # {rope.style} pairs on dims "
+                f"[{rope.offset}, {rope.offset + rope.rotary_dim}) of each head")
+        em.line(f"{p}mask_rot = ({p}h3 < {p}H) & ({p}i3 < {p}R2) & ({p}j3 < 2)")
+        segments.append(_Segment(f"{p}col_rot", f"{p}mask_rot", f"{p}h3", 3))
+        if HD > rope.rotary_dim:
+            start = f"{p}R2 * 2" if rope.offset == 0 else "0"
+            em.line(f"{p}h2 = tl.arange(0, {p}BLOCK_H)[:, None]")
+            em.line(f"{p}p2 = tl.arange(0, {p}BLOCK_P)[None, :]")
+            em.line(f"{p}col_pass = {p}h2 * {p}HD + {start} + {p}p2  # the dims RoPE leaves alone")
+            em.line(f"{p}mask_pass = ({p}h2 < {p}H) & ({p}p2 < {p}P)")
+            segments.append(_Segment(f"{p}col_pass", f"{p}mask_pass", f"{p}h2", 2))
+    else:
+        const[f"{p}BLOCK_D"] = _next_pow2(HD)
+        em.line(f"{p}h2 = tl.arange(0, {p}BLOCK_H)[:, None]")
+        em.line(f"{p}d2 = tl.arange(0, {p}BLOCK_D)[None, :]")
+        em.line(f"{p}col = {p}h2 * {p}HD + {p}d2")
+        em.line(f"{p}mask = ({p}h2 < {p}H) & ({p}d2 < {p}HD)")
+        segments.append(_Segment(f"{p}col", f"{p}mask", f"{p}h2", 2))
+    for k, seg in enumerate(segments):
+        seg.value = em.let(f"tl.load({p}x_ptr + row * {p}x_row_stride + {seg.col}, mask={seg.mask}, other=0.0)"
+                           f".to(tl.float32)", f"{p}x{k}_")
+    if chain.norm is not None:
+        _emit_norm(em, chain, segments, p)
+    if rope is not None:
+        _emit_rope(em, chain, segments, p)
+    out_dtype = chain.out_dtype
+    for seg in segments:
+        seg.value = em.round_to(seg.value, out_dtype)
+        if chain.out:
+            base = f"n_rows * {out_offset} + row * {H * HD}"
+            em.line(f"tl.store(out_ptr + {base} + {seg.col}, {seg.value}.to({_TL_DTYPE[out_dtype]}), mask={seg.mask})")
+    if chain.write is not None:
+        em.line(f"{p}slot = tl.load({p}slots_ptr + row).to(tl.int64)")
+        em.line(f"{p}slot = tl.where({p}slot < 0, {p}slot + {p}n_slots, {p}slot)  # eager indexing wraps negatives")
+        em.line(f"{p}in_range = ({p}slot >= 0) & ({p}slot < {p}n_slots)")
+        for seg in segments:
+            v = em.round_to(seg.value, chain.write.dtype)
+            em.line(f"tl.store({p}cache_ptr + {p}slot * ({p}H * {p}HD) + {seg.col}, "
+                    f"{v}.to({_TL_DTYPE[chain.write.dtype]}), mask={seg.mask} & {p}in_range)")
+
+
+def _emit_norm(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str) -> None:
     norm = chain.norm
     per_head = norm.width == chain.head_dim and chain.heads > 1
     em.line(f"# rmsnorm over {norm.width} values ({'each head' if per_head else 'the row'}), eps={norm.eps!r}")
@@ -147,50 +166,51 @@ def _emit_norm(em: _Emitter, chain: HeadChain, segments: list[_Segment]) -> None
         total = em.let(f"tl.sum({total}, axis=0)", "ssum")
     mean = em.round_to(em.let(em.div(total, repr(float(norm.width))), "mean"), norm.mean)
     var = em.round_to(em.let(f"{mean} + {_fmt_float(norm.eps)}", "var"), norm.rstd)
+    rms = None
     if norm.inverse == "rsqrt":
         inv = em.round_to(em.let(f"tl.math.rsqrt({var})", "rstd"), norm.rstd)
     else:
         rms = em.round_to(em.let(f"tl.sqrt_rn({var})", "rms"), norm.rstd)
         inv = em.round_to(em.let(em.div(f"(1.0 + tl.zeros_like({rms}))", rms), "rstd"), norm.rstd)
     for seg in segments:
-        factor = seg.bcast(inv) if per_head else inv
         if norm.inverse == "div_sqrt":
             rms_b = seg.bcast(rms) if per_head else rms
             y = em.let(em.div(seg.value, f"({rms_b} + tl.zeros_like({seg.value}))", per_element=True), "y")
         else:
-            y = em.let(f"{seg.value} * {factor}", "y")
+            y = em.let(f"{seg.value} * {seg.bcast(inv) if per_head else inv}", "y")
         y = em.round_to(y, norm.normed)
         for op in norm.epilogue:
             if isinstance(op, Cast):
                 y = em.round_to(y, op.dtype)
             elif isinstance(op, WeightMul):
-                index = f"({seg.col} - {seg.head} * HD)" if norm.width == chain.head_dim else seg.col
-                w = em.let(f"tl.load(w_ptr + {index}, mask={seg.mask}, other=0.0).to(tl.float32)", "w")
+                index = f"({seg.col} - {seg.head} * {p}HD)" if norm.width == chain.head_dim else seg.col
+                w = em.let(f"tl.load({p}w_ptr + {index}, mask={seg.mask}, other=0.0).to(tl.float32)", "w")
                 if op.zero_centered:
                     w = em.round_to(em.let(f"1.0 + {w}", "w"), op.offset_dtype or "float32")
                 y = em.round_to(em.let(f"{y} * {w}", "y"), op.dtype)
         seg.value = y
 
 
-def _emit_rope(em: _Emitter, chain: HeadChain, segments: list[_Segment]) -> None:
+def _emit_rope(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str) -> None:
     rope = chain.rope
     rot = segments[0]
     em.line(f"# rope ({rope.style}) on {rope.rotary_dim} of {rope.head_dim} dims")
-    em.line("trow = tl.load(pos_ptr + row).to(tl.int64)" if chain.gather else "trow = row")
-    em.line("i2 = tl.arange(0, BLOCK_R2)[None, :]")
-    em.line("mask_i = i2 < R2")
+    em.line(f"{p}trow = tl.load({p}pos_ptr + row).to(tl.int64)" if chain.gather else f"{p}trow = row")
+    em.line(f"{p}i2 = tl.arange(0, {p}BLOCK_R2)[None, :]")
+    em.line(f"{p}mask_i = {p}i2 < {p}R2")
     x1, x2 = em.fresh("x1_"), em.fresh("x2_")
     em.line(f"{x1}, {x2} = tl.split({rot.value})  # [BLOCK_H, BLOCK_R2] each")
 
     def table(ptr: str, stride: str, shift: str = "") -> str:
-        return em.let(f"tl.load({ptr} + trow * {stride} + i2{shift}, mask=mask_i, other=0.0).to(tl.float32)", "tb")
+        return em.let(f"tl.load({p}{ptr} + {p}trow * {p}{stride} + {p}i2{shift}, mask={p}mask_i, other=0.0)"
+                      f".to(tl.float32)", "tb")
 
     def prod(a: str, b: str) -> str:
         return em.round_to(em.let(f"{a} * {b}", "m"), rope.mul)
 
     if rope.table == rope.rotary_dim:  # rotate-half with full-width tables
         c1, s1 = table("cos_ptr", "cos_row_stride"), table("sin_ptr", "sin_row_stride")
-        c2, s2 = table("cos_ptr", "cos_row_stride", " + R2"), table("sin_ptr", "sin_row_stride", " + R2")
+        c2, s2 = table("cos_ptr", "cos_row_stride", f" + {p}R2"), table("sin_ptr", "sin_row_stride", f" + {p}R2")
         y1 = em.let(f"{prod(x1, c1)} + {prod(f'(-{x2})', s1)}", "y1_")
         y2 = em.let(f"{prod(x2, c2)} + {prod(x1, s2)}", "y2_")
     else:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from braze.patterns.fx import Miss, aten, describe, is_op, is_view, known_eq, shape_of, strip_lossless_casts, val
+from braze.patterns.fx import aten, is_op, is_view, known_eq, shape_of, strip_lossless_casts, val
 from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
 from braze.patterns.rope import RopeMatch, _strip, match_rope
-from braze.patterns.stages import HeadChain, dtype_name
+from braze.patterns.stages import HeadChain, HeadGroup, dtype_name
 from braze.patterns.store import StoreMatch, match_store
 
 from .base import Pass, PassContext
@@ -35,15 +35,25 @@ class HeadSite:
     anchor: Node
 
 
-def fused_heads_call(spec: str, n_inputs: int):
-    import braze.runtime.heads  # noqa: F401  registers the op
+def fused_heads_call(group: HeadGroup, n_inputs: int):
+    """The replacement: one launch for the group; returns each output chain's [T, H, hd] and the written caches."""
+    import braze.runtime.heads  # noqa: F401  registers the ops
+
+    spec = group.to_json()
 
     def fn(*args: torch.Tensor) -> list[torch.Tensor]:
         inputs, caches = list(args[:n_inputs]), list(args[n_inputs:])
-        if not caches:
-            return [torch.ops.braze.fused_heads_pure(inputs, spec)]
-        out = torch.ops.braze.fused_heads(inputs, caches, spec)
-        return [out] + caches  # returning the caches gives their written values
+        if caches:
+            flat = torch.ops.braze.fused_heads(inputs, caches, spec)
+        else:
+            flat = torch.ops.braze.fused_heads_pure(inputs, spec)
+        t = inputs[0].shape[0]
+        outs, off = [], 0
+        for chain, width in zip(group.chains, group.out_widths()):
+            if width:
+                outs.append(flat[t * off:t * (off + width)].view(t, chain.heads, chain.head_dim))
+                off += width
+        return outs + caches  # returning the caches gives their written values
 
     return fn
 
@@ -91,35 +101,47 @@ class HeadChainFusion(Pass):
             if n.target is aten.copy_.default:
                 s = match_store(n)
                 if isinstance(s, StoreMatch):
-                    stores[_through_views(strip_lossless_casts(s.rows))] = s
+                    for src in s.sources():
+                        stores[src] = s
                 elif s.candidate:
                     ctx.remark("missed", "store-not-recognized", n, "cache write not fused",
                                reason=s.reason, suggestion=s.suggestion, ops=("store",))
         ctx.bump("ropes-recognized", len(ropes))
-        fake_mode = graph_fake_mode(graph)
+        sites: list[HeadSite] = []
         for rope in ropes:
             try:
                 site = self._site(rope, norms, stores, ctx)
-                if site is None:
-                    continue
-                why = ctx.token_check(self.family, val(site.inputs[0]).shape[0])
-                if why:
-                    ctx.remark("missed", "token-range", site.anchor, "head chain not fused", reason=why,
-                               suggestion="widen FusionConfig.token_ranges['chain']", ops=self._ops(site))
-                    continue
-                n_in = len(site.inputs)
-                args = list(site.inputs) + ([site.cache] if site.cache is not None else [])
-                traced = trace_functional(fused_heads_call(site.chain.to_json(), n_in),
-                                          [a.meta["val"] for a in args], fake_mode)
             except Exception as e:  # a bug in braze must not break the user's compile
                 ctx.remark("failed", "internal-error", rope.output, "head chain left unfused after an error in braze",
-                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug",
-                           ops=("rope",))
+                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug", ops=("rope",))
                 continue
-            self._replace(graph, site, traced, args)
-            ctx.remark("applied", "head-chain", site.anchor, f"fused {' -> '.join(self._ops(site))} into one kernel",
-                       ops=self._ops(site), args=self._args(site.chain))
-            ctx.bump("chains-fused")
+            if site is None:
+                continue
+            why = ctx.token_check(self.family, val(site.inputs[0]).shape[0])
+            if why:
+                ctx.remark("missed", "token-range", site.anchor, "head chain not fused", reason=why,
+                           suggestion="widen FusionConfig.token_ranges['chain']", ops=self._ops(site))
+                continue
+            sites.append(site)
+        fake_mode = graph_fake_mode(graph)
+        for group in _group_siblings(graph, sites):
+            spec = HeadGroup(tuple(s.chain for s in group))
+            args = [a for s in group for a in s.inputs] + [s.cache for s in group if s.cache is not None]
+            n_in = sum(len(s.inputs) for s in group)
+            try:
+                traced = trace_functional(fused_heads_call(spec, n_in), [a.meta["val"] for a in args], fake_mode)
+            except Exception as e:
+                ctx.remark("failed", "internal-error", group[0].anchor, "head chains left unfused after an error in braze",
+                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug", ops=("rope",))
+                continue
+            self._replace(graph, group, traced, args)
+            for site in group:
+                note = f" (one launch with {len(group) - 1} sibling chain(s))" if len(group) > 1 else ""
+                ctx.remark("applied", "head-chain", site.anchor,
+                           f"fused {' -> '.join(self._ops(site))} into one kernel{note}",
+                           ops=self._ops(site), args={**self._args(site.chain), "group": len(group)})
+            ctx.bump("chains-fused", len(group))
+            ctx.bump("launches", 1)
 
     @staticmethod
     def _ops(site: HeadSite) -> tuple[str, ...]:
@@ -190,14 +212,53 @@ class HeadChainFusion(Pass):
                         rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output)
 
     @staticmethod
-    def _replace(graph: torch.fx.Graph, site: HeadSite, traced: GraphModule, args: list[Node]) -> None:
-        new = splice(graph, traced, args, site.anchor)
-        if site.chain.out:
-            site.result.replace_all_uses_with(view_as(graph, new[0], site.result))
+    def _replace(graph: torch.fx.Graph, group: list[HeadSite], traced: GraphModule, args: list[Node]) -> None:
+        new = splice(graph, traced, args, group[0].anchor)
+        outs = iter(new[: sum(1 for s in group if s.chain.out)])
+        caches = iter(new[sum(1 for s in group if s.chain.out):])
+        for site in group:
+            if site.chain.out:
+                site.result.replace_all_uses_with(view_as(graph, next(outs), site.result))
+        for site in group:
+            if site.store is not None:
+                new_cache = next(caches)
+                put, copy = site.store.index_put, site.store.copy
+                # readers of the written cache read the fused op's result; the copy_ back into the
+                # input takes it directly, which is what lets Inductor drop the functional clone
+                put.replace_all_uses_with(view_as(graph, new_cache, put))
+                copy.args = (copy.args[0], new_cache)
+
+
+def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[HeadSite]]:
+    """Greedy groups of chains that can share one launch.
+
+    A group is inserted after the last of its inputs, so it may hold chains only while
+    every node its chains replace is first used after every input of the group; chains
+    over different token counts or output dtypes never share a launch.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def last_input(site: HeadSite) -> int:
+        return max(order[n] for n in (*site.inputs, *([site.cache] if site.cache is not None else [])))
+
+    def first_use(site: HeadSite) -> int:
+        used = []
+        if site.result is not None:
+            used += [order[u] for u in site.result.users]
         if site.store is not None:
-            new_cache = new[1]
-            put, copy = site.store.index_put, site.store.copy
-            # readers of the written cache read the fused op's result; the copy_ back into the
-            # input takes it directly, which is what lets Inductor drop the functional clone
-            put.replace_all_uses_with(view_as(graph, new_cache, put))
-            copy.args = (copy.args[0], new_cache)
+            used += [order[u] for u in site.store.index_put.users]
+        return min(used, default=len(order))
+
+    def tokens(site: HeadSite) -> object:
+        return val(site.inputs[0]).shape[0]
+
+    groups: list[list[HeadSite]] = []
+    for site in sorted(sites, key=last_input):
+        g = groups[-1] if groups else None
+        if g is not None and known_eq(tokens(g[0]), tokens(site)) and (
+                not site.chain.out or all(s.chain.out_dtype == site.chain.out_dtype for s in g if s.chain.out)) \
+                and max(last_input(s) for s in g + [site]) < min(first_use(s) for s in g + [site]):
+            g.append(site)
+        else:
+            groups.append([site])
+    return groups

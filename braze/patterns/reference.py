@@ -7,7 +7,7 @@ import torch
 from .quant import fp8_quant_reference
 from .rmsnorm import residual_add_reference, rmsnorm_reference
 from .rope import rope_reference
-from .stages import HeadChain, RowChain
+from .stages import HeadChain, HeadGroup, RowChain
 
 
 def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -49,3 +49,15 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
         cache = caches[0]
         cache.view(-1, chain.heads, chain.head_dim)[named["slots"]] = result.to(cache.dtype)
     return [result] if chain.out else []
+
+
+def head_group_reference(group: HeadGroup, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> torch.Tensor:
+    """The group's flat output buffer; writes `caches` in place (see HeadGroup)."""
+    outs, i, c = [], 0, 0
+    for chain in group.chains:
+        n_in, n_c = len(chain.input_names()), 1 if chain.write is not None else 0
+        res = head_chain_reference(chain, inputs[i:i + n_in], caches[c:c + n_c])
+        outs += [r.reshape(-1).to(getattr(torch, group.out_dtype)) for r in res]
+        i, c = i + n_in, c + n_c
+    dev = inputs[0].device
+    return torch.cat(outs) if outs else torch.empty(0, dtype=getattr(torch, group.out_dtype), device=dev)

@@ -273,6 +273,43 @@ class HeadChain:
         return chain
 
 
+@dataclass(frozen=True)
+class HeadGroup:
+    """Sibling HeadChains over the same tokens, run as one launch (grid: tokens x chains).
+
+    The op's inputs are each chain's inputs in order; its mutated caches are the written
+    caches in chain order; its one output is a flat buffer holding, chain after chain,
+    each output chain's [T, heads, head_dim] result (all outputs share one dtype).
+    """
+
+    chains: tuple[HeadChain, ...]
+
+    def __post_init__(self) -> None:
+        dtypes = {c.out_dtype for c in self.chains if c.out}
+        assert len(dtypes) <= 1, f"grouped chains must share an output dtype, got {dtypes}"
+
+    @property
+    def name(self) -> str:
+        return "_".join(c.name for c in self.chains) if len(self.chains) <= 2 else f"{len(self.chains)}chains"
+
+    @property
+    def out_dtype(self) -> str:
+        return next((c.out_dtype for c in self.chains if c.out), self.chains[0].in_dtype)
+
+    def out_widths(self) -> list[int]:
+        """Elements per token of each chain's output (0 for chains without one)."""
+        return [c.heads * c.head_dim if c.out else 0 for c in self.chains]
+
+    def to_json(self) -> str:
+        return json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> HeadGroup:
+        group = _decode(json.loads(text))
+        assert isinstance(group, HeadGroup)
+        return group
+
+
 def _encode(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return [_encode(o) for o in obj]
@@ -284,7 +321,7 @@ def _encode(obj: Any) -> Any:
 
 
 _TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm, FP8Quant, RowChain, CacheWrite,
-                                   HeadChain)}
+                                   HeadChain, HeadGroup)}
 
 
 def _register_late_types() -> None:

@@ -23,7 +23,18 @@ class StoreMatch:
     cache: Node  # the graph input written in place
     row_shape: tuple[int, ...]  # trailing dims of the written rows (the cache viewed as [-1, *row])
     slots: Node  # [T] indices into the flattened slots
-    rows: Node  # [T, *row] the values written (before the cast to the cache dtype)
+    rows: Node  # [T, *row] the values written
+
+    def sources(self) -> list[Node]:
+        """The rows, and what they were cast from when the cast is to the cache dtype (the
+        kernel's write rounds to it anyway)."""
+        out, n = [self.rows], self.rows
+        while is_view(n):
+            n = n.args[0]
+            out.append(n)
+        if is_cast(n) and dtype_of(n) == dtype_of(self.cache):
+            out.append(n.args[0])
+        return out
     index_put: Node
     copy: Node  # the copy_ epilogue
 
@@ -59,6 +70,4 @@ def match_store(copy: Node) -> StoreMatch | Miss:
     if not all(isinstance(s, int) for s in row_shape):
         return Miss("the cache row shape is dynamic", "use a static cache layout")
     rows = values
-    if is_cast(rows) and dtype_of(rows) == dtype_of(cache):
-        rows = rows.args[0]  # the write itself rounds to the cache dtype
     return StoreMatch(CacheWrite(dtype_name(dtype_of(cache))), cache, row_shape, slots, rows, put, copy)

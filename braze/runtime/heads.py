@@ -1,11 +1,12 @@
 """The fused head-chain ops: `braze::fused_heads` (CUDA, a `triton_op`) and its CPU twin.
 
-`fused_heads(inputs, caches, spec)` runs the HeadChain described by the JSON `spec`:
-norm -> RoPE per token, returning the result if the chain has an output, and writing
-it in place into `caches[0]` at the slot indices if the chain has a cache write.
-Traced with functionalization, the kernel launch lands in the graph with the cache
-as its only cloned argument, which Inductor reinplaces when the cache is a graph
-input written back at the end (CHAIN_DESIGN.md).
+`fused_heads(inputs, caches, spec)` runs the HeadGroup described by the JSON `spec`:
+per token and chain, norm -> RoPE, the results in one flat output buffer, and the
+chains with a cache write writing their rows in place into `caches` (in chain order).
+Traced with functionalization, the kernel launch lands in the graph with the caches as
+its only cloned arguments, which Inductor reinplaces when each cache is a graph input
+written back at the end (CHAIN_DESIGN.md). Groups without a cache write use the pure
+`fused_heads_pure`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,18 @@ import torch
 from torch.library import custom_op, triton_op, wrap_triton
 
 from braze.codegen.cache import heads_kernel
-from braze.patterns.reference import head_chain_reference
-from braze.patterns.stages import HeadChain, to_dtype
+from braze.patterns.reference import head_group_reference
+from braze.patterns.stages import HeadGroup, to_dtype
 
 from .rowwise import DIV_RN, cpu_backend
 
 
-def _outputs(chain: HeadChain, x: torch.Tensor) -> list[torch.Tensor]:
-    """The chain's output buffer; a 0-element stand-in when it has none (ops return one Tensor)."""
-    shape = (x.shape[0], chain.heads, chain.head_dim) if chain.out else (0,)
-    return [torch.empty(shape, dtype=to_dtype(chain.out_dtype), device=x.device)]
+def _output(group: HeadGroup, x: torch.Tensor) -> torch.Tensor:
+    """The flat output buffer: chain after chain, each output chain's [T, H, hd]."""
+    return torch.empty(x.shape[0] * sum(group.out_widths()), dtype=to_dtype(group.out_dtype), device=x.device)
 
 
-def _launch(kernel, fn, chain: HeadChain, inputs: list[torch.Tensor], caches: list[torch.Tensor],
-            outs: list[torch.Tensor], interpreted: bool) -> None:
+def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> list[object]:
     named = dict(zip(chain.input_names(), inputs))
     x = named["x"]
     t = x.shape[0]
@@ -37,71 +36,83 @@ def _launch(kernel, fn, chain: HeadChain, inputs: list[torch.Tensor], caches: li
         args.append(named["weight"].contiguous())
     if chain.rope is not None:
         cos, sin = named["cos"], named["sin"]
-        cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
+        width = chain.rope.table
+        cos = cos.reshape(-1, width) if cos.stride(-1) == 1 else cos.contiguous().reshape(-1, width)
+        sin = sin.reshape(-1, width) if sin.stride(-1) == 1 else sin.contiguous().reshape(-1, width)
         args += [cos, sin, cos.stride(0), sin.stride(0)]
         if chain.gather:
             args.append(named["positions"])
     if chain.write is not None:
         cache = caches[0]
         args += [named["slots"], cache, cache.numel() // (chain.heads * chain.head_dim)]
-    if chain.out:
-        args += outs
-    args.append(t)
+    return args
+
+
+def _launch(kernel, fn, group: HeadGroup, inputs: list[torch.Tensor], caches: list[torch.Tensor],
+            out: torch.Tensor, interpreted: bool) -> None:
+    args: list[object] = []
+    i = c = 0
+    for chain in group.chains:
+        n_in, n_c = len(chain.input_names()), 1 if chain.write is not None else 0
+        args += _chain_args(chain, inputs[i:i + n_in], caches[c:c + n_c])
+        i, c = i + n_in, c + n_c
+    t = inputs[0].shape[0]
+    args += [out, t]
     const = dict(kernel.source.constexprs, SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN)
     extra = {} if interpreted else {"num_warps": kernel.source.num_warps}
-    fn[(t,)](*args, **const, **extra)
+    fn[(t, len(group.chains))](*args, **const, **extra)
+
+
+def _run(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
+    group = HeadGroup.from_json(spec)
+    if inputs[0].device.type == "cpu":
+        if cpu_backend() == "reference":
+            return head_group_reference(group, inputs, caches)
+        out = _output(group, inputs[0])
+        kernel = heads_kernel(group)
+        if inputs[0].shape[0] > 0:
+            _launch(kernel, kernel.interpreted, group, inputs, caches, out, interpreted=True)
+        return out
+    kernel = heads_kernel(group)
+    out = _output(group, inputs[0])
+    _launch(kernel, wrap_triton(kernel.jit), group, inputs, caches, out, interpreted=False)
+    return out
 
 
 @triton_op("braze::fused_heads", mutates_args=("caches",))
 def fused_heads(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
     if inputs[0].device.type == "cpu":
         return torch.ops.braze.fused_heads_cpu(inputs, caches, spec)
-    chain = HeadChain.from_json(spec)
-    kernel = heads_kernel(chain)
-    outs = _outputs(chain, inputs[0])
-    _launch(kernel, wrap_triton(kernel.jit), chain, inputs, caches, outs, interpreted=False)
-    return outs[0]
+    return _run(inputs, caches, spec)
 
 
 @custom_op("braze::fused_heads_cpu", mutates_args=("caches",))
 def fused_heads_cpu(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
-    chain = HeadChain.from_json(spec)
-    outs = _outputs(chain, inputs[0])
-    if cpu_backend() == "reference":
-        ref = head_chain_reference(chain, inputs, caches)
-        return ref[0] if ref else outs[0]
-    kernel = heads_kernel(chain)
-    if inputs[0].shape[0] > 0:
-        _launch(kernel, kernel.interpreted, chain, inputs, caches, outs, interpreted=True)
-    return outs[0]
+    return _run(inputs, caches, spec)
 
 
 @fused_heads_cpu.register_fake
 def _(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
-    return _outputs(HeadChain.from_json(spec), inputs[0])[0]
+    return _output(HeadGroup.from_json(spec), inputs[0])
 
 
-# Chains without a cache write mutate nothing: a pure op, so functionalization adds no
-# auto_functionalized wrapper with an empty list of mutated tensors (Inductor's decomposition
-# of that left a dangling getitem on torch 2.13).
+# Groups without a cache write mutate nothing: a pure op, so functionalization adds no
+# auto_functionalized wrapper with an empty list of mutated tensors (Inductor's
+# decomposition of that left a dangling getitem on torch 2.13).
 
 
 @triton_op("braze::fused_heads_pure", mutates_args=())
 def fused_heads_pure(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
     if inputs[0].device.type == "cpu":
         return torch.ops.braze.fused_heads_pure_cpu(inputs, spec)
-    chain = HeadChain.from_json(spec)
-    kernel = heads_kernel(chain)
-    outs = _outputs(chain, inputs[0])
-    _launch(kernel, wrap_triton(kernel.jit), chain, inputs, [], outs, interpreted=False)
-    return outs[0]
+    return _run(inputs, [], spec)
 
 
 @custom_op("braze::fused_heads_pure_cpu", mutates_args=())
 def fused_heads_pure_cpu(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
-    return fused_heads_cpu(inputs, [], spec)
+    return _run(inputs, [], spec)
 
 
 @fused_heads_pure_cpu.register_fake
 def _(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
-    return _outputs(HeadChain.from_json(spec), inputs[0])[0]
+    return _output(HeadGroup.from_json(spec), inputs[0])

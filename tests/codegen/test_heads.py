@@ -10,9 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from braze.patterns.reference import head_chain_reference
+from braze.patterns.reference import head_group_reference
 from braze.patterns.rope import Rope
-from braze.patterns.stages import CacheWrite, Cast, HeadChain, RMSNorm, WeightMul
+from braze.patterns.stages import CacheWrite, Cast, HeadChain, HeadGroup, RMSNorm, WeightMul
 from braze.runtime import heads as rt
 from braze.runtime.rowwise import _interpreter_ready
 
@@ -66,24 +66,28 @@ def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
     return inputs, caches
 
 
-@given(chain=head_chains(), t=st.sampled_from([1, 3, 5]), seed=st.integers(0, 999))
-def test_kernel_matches_reference(chain, t, seed, device):
+@given(chains=st.lists(head_chains(), min_size=1, max_size=3), t=st.sampled_from([1, 3, 5]),
+       seed=st.integers(0, 999))
+def test_group_kernel_matches_reference(chains, t, seed, device):
     if device == "cpu" and not _interpreter_ready():
         pytest.skip("needs the Triton interpreter")
+    out_dtypes = {c.out_dtype for c in chains if c.out}
+    chains = [c for c in chains if not c.out or c.out_dtype == min(out_dtypes)]  # outputs share a dtype
+    group = HeadGroup(tuple(chains))
     gen = torch.Generator().manual_seed(seed)
-    inputs, caches = make_inputs(chain, t, device, gen)
+    inputs, caches = [], []
+    for chain in chains:
+        i, c = make_inputs(chain, t, device, gen)
+        inputs += i
+        caches += c
     ref_caches = [c.cpu().clone() for c in caches]
-    ref = head_chain_reference(chain, [i.cpu() for i in inputs], ref_caches)
-    kernel = rt.heads_kernel(chain)
-    outs = rt._outputs(chain, inputs[0])
-    outs[0].fill_(float("nan"))
-    fn = kernel.interpreted if device == "cpu" else torch.library.wrap_triton(kernel.jit)
-    rt._launch(kernel, kernel.interpreted if device == "cpu" else kernel.jit, chain, inputs, caches, outs,
-               interpreted=device == "cpu")
-    del fn
+    ref = head_group_reference(group, [i.cpu() for i in inputs], ref_caches)
+    kernel = rt.heads_kernel(group)
+    out = rt._output(group, inputs[0]).fill_(float("nan"))
+    on_cpu = device == "cpu"
+    rt._launch(kernel, kernel.interpreted if on_cpu else kernel.jit, group, inputs, caches, out, interpreted=on_cpu)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
-    for o, r in zip(outs if chain.out else [], ref):
-        torch.testing.assert_close(o.cpu().float(), r.float(), rtol=tol[r.dtype], atol=1e-5)
+    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=tol[ref.dtype], atol=1e-5)
     for c, r in zip(caches, ref_caches):
         c = c.cpu()
         untouched = r.isnan()
@@ -94,13 +98,14 @@ def test_kernel_matches_reference(chain, t, seed, device):
 def test_op_writes_the_cache_in_place(device):
     chain = HeadChain("bfloat16", 2, 64, None, Rope("neox", 64, 32, 0, 16, F32, "bfloat16"), False, True,
                       CacheWrite("bfloat16"))
+    group = HeadGroup((chain,))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 64, generator=gen).to(device, torch.bfloat16)
     cos, sin = torch.randn(3, 16, generator=gen).to(device), torch.randn(3, 16, generator=gen).to(device)
     cache = torch.zeros(4, 2, 2, 64, dtype=torch.bfloat16, device=device)
     slots = torch.tensor([5, 0, 2], device=device)
     ptr = cache.data_ptr()
-    out = torch.ops.braze.fused_heads([x, cos, sin, slots], [cache], chain.to_json())
+    out = torch.ops.braze.fused_heads([x, cos, sin, slots], [cache], group.to_json()).view(3, 2, 64)
     assert cache.data_ptr() == ptr
     flat = cache.view(-1, 2, 64)
     assert torch.equal(flat[slots], out) and flat[[1, 3, 4, 6, 7]].abs().sum() == 0

@@ -115,3 +115,46 @@ def test_chain_family_switch():
     gm = aten_graph(fn, *args)
     assert run_passes(gm, FusionConfig(chain=False, norm_quant=False)).remarks == []
     assert not fused_ops(gm)
+
+
+def qk_attention_prologue(x, wq, wk, cos_t, sin_t, pos, cache, slots):
+    # [T, (Hq + Hkv) * D] -> per-head RMSNorm + RoPE of q and k; k goes to the cache (Qwen3 style)
+    t = x.shape[0]
+    q, k = x.split([4 * 32, 2 * 32], dim=-1)
+    q = apply_rope(rms(q.view(t, 4, 32), wq, 1e-6, False), cos_t[pos], sin_t[pos])
+    k = apply_rope(rms(k.reshape(t, 2, 32), wk, 1e-6, False), cos_t[pos], sin_t[pos])
+    cache.view(-1, 2, 32)[slots] = k
+    return q * 2, cache.view(-1, 2, 32)[slots].float().sum()
+
+
+def test_q_and_k_chains_share_one_launch():
+    gen = torch.Generator().manual_seed(3)
+    dt = torch.bfloat16
+    args = (torch.randn(3, 192, generator=gen).to(dt), torch.randn(32, generator=gen).to(dt),
+            torch.randn(32, generator=gen).to(dt), torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen),
+            torch.tensor([1, 4, 9]), torch.full((4, 2, 2, 32), float("nan"), dtype=dt), torch.tensor([0, 5, 6]))
+    gm = aten_graph(qk_attention_prologue, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    applied = [r for r in record.remarks if r.kind == "applied"]
+    assert sorted(r.ops for r in applied) == [("rmsnorm", "rope"), ("rmsnorm", "rope", "store")]
+    assert all(dict(r.args)["group"] == 2 for r in applied)
+    assert len(fused_ops(gm)) == 1 and record.stats["head-chain"]["launches"] == 1
+    c1, c2 = args[6].clone(), args[6].clone()
+    got = gm(*args[:6], c1, args[7])
+    want = qk_attention_prologue(*args[:6], c2, args[7])
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2 ** -7, atol=1e-5)
+    assert torch.equal(c1.isnan(), c2.isnan())
+    torch.testing.assert_close(c1[~c2.isnan()].float(), c2[~c2.isnan()].float(), rtol=2 ** -7, atol=1e-5)
+
+
+def test_a_chain_reading_another_chains_output_gets_its_own_launch():
+    def fn(x, cos, sin):
+        y = apply_rope(x.view(2, 1, 32), cos, sin)
+        z = apply_rope(y * 1, cos, sin)
+        return z * 1
+
+    args = (torch.randn(2, 32), torch.randn(2, 16), torch.randn(2, 16))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert record.stats["head-chain"]["launches"] == 2
+    torch.testing.assert_close(gm(*args), fn(*args), rtol=1e-5, atol=1e-5)
