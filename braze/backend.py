@@ -43,7 +43,7 @@ class Backend:
         return f"braze.backend({self.config!r})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[object]):
-        import braze.runtime.rowwise  # noqa: F401  fused ops must exist before a cached graph loads
+        import braze.runtime  # noqa: F401  fused ops must exist before a cached graph loads
 
         record = GraphRecord(index=len(self.report.graphs), device=_device_of(example_inputs))
         manager = PassManager(self.config, self.passes, user_pass=inductor_config.post_grad_custom_post_pass)

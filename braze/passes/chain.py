@@ -104,7 +104,7 @@ class HeadChainFusion(Pass):
                     for src in s.sources():
                         stores[src] = s
                 elif s.candidate:
-                    ctx.remark("missed", "store-not-recognized", n, "cache write not fused",
+                    ctx.remark("missed", "store-not-recognized", s.node or n, "cache write not fused",
                                reason=s.reason, suggestion=s.suggestion, ops=("store",))
         ctx.bump("ropes-recognized", len(ropes))
         sites: list[HeadSite] = []
@@ -229,17 +229,48 @@ class HeadChainFusion(Pass):
                 copy.args = (copy.args[0], new_cache)
 
 
+# Pure, cheap ops that may move earlier in the graph so sibling chains can share a launch.
+_MOVABLE = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor, aten.select.int,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.permute.default, aten.alias.default, aten.expand.default,
+    torch.ops.prims.convert_element_type.default,
+}
+
+
+def _hoistable(node: Node, limit: int, order: dict[Node, int], out: list[Node]) -> bool:
+    """Whether `node` can be defined before position `limit` (moving cheap pure ops); collects them."""
+    if order[node] < limit:
+        return True
+    if node.op != "call_function" or node.target not in _MOVABLE:
+        return False
+    if not all(_hoistable(a, limit, order, out) for a in node.all_input_nodes):
+        return False
+    if node not in out:
+        out.append(node)
+    return True
+
+
+def _hoist(nodes: list[Node]) -> None:
+    """Move each node right after the last of its inputs (dependencies first)."""
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
+    for n in sorted(nodes, key=order.get):
+        order = {m: i for i, m in enumerate(n.graph.nodes)}
+        last = max(n.all_input_nodes, key=order.get)
+        last.append(n)
+
+
 def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[HeadSite]]:
     """Greedy groups of chains that can share one launch.
 
     A group is inserted after the last of its inputs, so it may hold chains only while
-    every node its chains replace is first used after every input of the group; chains
-    over different token counts or output dtypes never share a launch.
+    every node its chains replace is first used after every input of the group, once
+    the cheap pure ops (views, slices, casts) that produce late inputs move earlier.
+    Chains over different token counts or output dtypes never share a launch.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
 
-    def last_input(site: HeadSite) -> int:
-        return max(order[n] for n in (*site.inputs, *([site.cache] if site.cache is not None else [])))
+    def inputs(site: HeadSite) -> list[Node]:
+        return [*site.inputs, *([site.cache] if site.cache is not None else [])]
 
     def first_use(site: HeadSite) -> int:
         used = []
@@ -253,12 +284,20 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[H
         return val(site.inputs[0]).shape[0]
 
     groups: list[list[HeadSite]] = []
-    for site in sorted(sites, key=last_input):
+    moves: list[list[Node]] = []
+    for site in sorted(sites, key=first_use):
         g = groups[-1] if groups else None
         if g is not None and known_eq(tokens(g[0]), tokens(site)) and (
-                not site.chain.out or all(s.chain.out_dtype == site.chain.out_dtype for s in g if s.chain.out)) \
-                and max(last_input(s) for s in g + [site]) < min(first_use(s) for s in g + [site]):
-            g.append(site)
-        else:
-            groups.append([site])
+                not site.chain.out or all(s.chain.out_dtype == site.chain.out_dtype for s in g if s.chain.out)):
+            limit = min(first_use(s) for s in g + [site])
+            hoist: list[Node] = []
+            if all(_hoistable(n, limit, order, hoist) for s in g + [site] for n in inputs(s)):
+                g.append(site)
+                moves[-1] = hoist
+                continue
+        groups.append([site])
+        moves.append([])
+    for hoist in moves:
+        if hoist:
+            _hoist(hoist)
     return groups

@@ -54,14 +54,14 @@ def match_store(copy: Node) -> StoreMatch | Miss:
     base, indices, values = put.args[:3]
     accumulate = put.args[3] if len(put.args) > 3 else put.kwargs.get("accumulate", False)
     if accumulate:
-        return Miss(f"{describe(put)} accumulates into the cache", "write with `=`, not `+=`")
+        return Miss(f"{describe(put)} accumulates into the cache", "write with `=`, not `+=`", node=put)
     view = base
-    if not (is_view(view) and view.args[0] is cache):
-        return Miss(f"{describe(put)} writes into {describe(base)}, not a view of the cache",
-                    "write as cache.view(-1, *row)[slots] = rows")
+    if not (view is cache or (is_view(view) and view.args[0] is cache)):
+        return Miss(f"{describe(put)} writes into {describe(base)}, not the cache or a view of it",
+                    "write as cache.view(-1, *row)[slots] = rows", node=put)
     if len(indices) != 1 or not isinstance(indices[0], Node):
         return Miss(f"{describe(put)} indexes the cache with {len(indices)} index tensors",
-                    "flatten the block/offset pair into one slot index: cache.view(-1, *row)[slots]")
+                    "flatten the block/offset pair into one slot index: cache.view(-1, *row)[slots]", node=put)
     slots = indices[0]
     view_shape, slot_shape = shape_of(view), shape_of(slots)
     if view_shape is None or slot_shape is None or len(slot_shape) != 1:
