@@ -48,7 +48,7 @@ class _Segment:
 
 def chain_params(chain: HeadChain) -> list[str]:
     """Pointer/stride parameters of one chain, unprefixed, in launch order."""
-    params = ["x_ptr", "x_row_stride"]
+    params = ["x_ptr", "x_row_stride", "x_head_stride"]
     if chain.norm is not None and chain.norm.has_weight:
         params.append("w_ptr")
     if chain.rope is not None:
@@ -131,8 +131,9 @@ def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset:
         em.line(f"{p}mask = ({p}h2 < {p}H) & ({p}d2 < {p}HD)")
         segments.append(_Segment(f"{p}col", f"{p}mask", f"{p}h2", 2))
     for k, seg in enumerate(segments):
-        seg.value = em.let(f"tl.load({p}x_ptr + row * {p}x_row_stride + {seg.col}, mask={seg.mask}, other=0.0)"
-                           f".to(tl.float32)", f"{p}x{k}_")
+        # x may have gaps between heads (q split from an interleaved [q | gate] projection)
+        at = f"row * {p}x_row_stride + {seg.col} + {seg.head} * ({p}x_head_stride - {p}HD)"
+        seg.value = em.let(f"tl.load({p}x_ptr + {at}, mask={seg.mask}, other=0.0).to(tl.float32)", f"{p}x{k}_")
     if chain.norm is not None:
         _emit_norm(em, chain, segments, p)
     if rope is not None:

@@ -30,8 +30,10 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
     named = dict(zip(chain.input_names(), inputs))
     x = named["x"]
     t = x.shape[0]
-    x2 = x.reshape(t, chain.heads * chain.head_dim) if x.stride(-1) == 1 else x.contiguous().reshape(t, -1)
-    args: list[object] = [x2, x2.stride(0)]
+    x = x.reshape(t, chain.heads, chain.head_dim) if x.dim() == 2 else x  # [T, H, hd], no copy
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    args: list[object] = [x, x.stride(0), x.stride(1)]
     if "weight" in named:
         args.append(named["weight"].contiguous())
     if chain.rope is not None:

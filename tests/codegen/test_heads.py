@@ -45,8 +45,8 @@ def head_chains(draw) -> HeadChain:
 
 def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
     dt = getattr(torch, chain.in_dtype)
-    wide = torch.randn(t, chain.heads * chain.head_dim + 5, generator=gen).to(device, dt)
-    x = wide[:, 3:3 + chain.heads * chain.head_dim].view(t, chain.heads, chain.head_dim)  # strided rows
+    wide = torch.randn(t, chain.heads, chain.head_dim + 3, generator=gen).to(device, dt)
+    x = wide[:, :, 1:1 + chain.head_dim]  # strided rows and a gap between heads
     inputs = [x]
     if chain.norm is not None:
         inputs.append((1 + 0.3 * torch.randn(chain.norm.width, generator=gen)).to(device, dt))
