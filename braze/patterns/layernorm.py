@@ -29,7 +29,7 @@ from .fx import (
     strip_lossless_casts,
     users_outside,
 )
-from .stages import Cast, WeightMul, dtype_name
+from .stages import Cast, WeightMul, dtype_name, round_to as _round
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -153,9 +153,6 @@ def match_layernorm(var_mean: Node) -> LayerNormMatch | Miss:
 # ---------------------------------------------------------------------------
 # Reference: pure torch, x [..., D] fp32-held.
 
-
-def _round(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    return t.to(getattr(torch, dtype)).float()
 
 
 def layernorm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -32,7 +32,7 @@ from .fx import (
     users_outside,
     val,
 )
-from .stages import Cast, EpilogueOp, ResidualAdd, RMSNorm, WeightMul, dtype_name
+from .stages import Cast, EpilogueOp, ResidualAdd, RMSNorm, WeightMul, dtype_name, round_to as _round
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -250,9 +250,6 @@ def residual_stage(res: ResidualMatch, norm_nodes: frozenset[Node]) -> ResidualA
 # ---------------------------------------------------------------------------
 # Reference: pure torch, the same rounding as the graph. Shapes: x [..., D].
 
-
-def _round(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    return t.to(getattr(torch, dtype)).float()
 
 
 def residual_add_reference(x: torch.Tensor, r: torch.Tensor, stage: ResidualAdd) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .fx import (
     Miss, aten, binary_operands, dtype_of, is_cast, is_op, known_eq, same_shape, same_value, shape_of,
     strip_lossless_casts,
 )
-from .stages import dtype_name
+from .stages import dtype_name, round_to as _round
 
 _FULL = 2**62
 
@@ -251,9 +251,6 @@ def _finish(stage: Rope, x: Node, cos: Node, sin: Node, output: Node, nodes: lis
 # ---------------------------------------------------------------------------
 # Reference: pure torch. x [T, H, head_dim]; cos/sin [T, table] (fp32-held).
 
-
-def _round(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    return t.to(getattr(torch, dtype)).float()
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stage: Rope) -> torch.Tensor:

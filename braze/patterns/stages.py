@@ -28,6 +28,24 @@ def to_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def round_to(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """t rounded to `dtype` and held in fp32 again: how the references mirror the graph's rounding."""
+    return t.to(getattr(torch, dtype)).float()
+
+
+class _JsonSpec:
+    """JSON round trip for the specs that travel as a custom op's string argument."""
+
+    def to_json(self) -> str:
+        return json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str):
+        spec = _decode(json.loads(text))
+        assert isinstance(spec, cls), type(spec)
+        return spec
+
+
 # Unary ops a scale program may apply, each followed by rounding to `dtype`.
 # `const` is the scalar operand where the op has one.
 UNARY_OPS = (
@@ -153,7 +171,7 @@ Stage = Union[ResidualAdd, RMSNorm, FP8Quant]
 
 
 @dataclass(frozen=True)
-class RowChain:
+class RowChain(_JsonSpec):
     """A fused chain over rows of `width` values: the unit codegen compiles.
 
     Inputs, in order: x, the residual (if `residual`), the weight (if the norm
@@ -201,13 +219,6 @@ class RowChain:
                 out.append((f"scale{i}", prog[-1].dtype if prog else "float32", (self.n_groups,)))
         return out
 
-    def to_json(self) -> str:
-        return json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
-
-    @staticmethod
-    def from_json(text: str) -> RowChain:
-        return _decode_chain(json.loads(text))
-
 
 @dataclass(frozen=True)
 class CacheWrite:
@@ -221,7 +232,7 @@ class CacheWrite:
 
 
 @dataclass(frozen=True)
-class HeadChain:
+class HeadChain(_JsonSpec):
     """norm -> RoPE -> (output and/or cache write) over the heads of each token.
 
     The source is x [T, heads, head_dim] (any row stride, unit element stride). The
@@ -263,18 +274,10 @@ class HeadChain:
             names.append("slots")
         return names
 
-    def to_json(self) -> str:
-        return json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
-
-    @staticmethod
-    def from_json(text: str) -> HeadChain:
-        chain = _decode(json.loads(text))
-        assert isinstance(chain, HeadChain)
-        return chain
 
 
 @dataclass(frozen=True)
-class HeadGroup:
+class HeadGroup(_JsonSpec):
     """Sibling HeadChains over the same tokens, run as one launch (grid: tokens x chains).
 
     The op's inputs are each chain's inputs in order; its mutated caches are the written
@@ -300,14 +303,6 @@ class HeadGroup:
         """Elements per token of each chain's output (0 for chains without one)."""
         return [c.heads * c.head_dim if c.out else 0 for c in self.chains]
 
-    def to_json(self) -> str:
-        return json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
-
-    @staticmethod
-    def from_json(text: str) -> HeadGroup:
-        group = _decode(json.loads(text))
-        assert isinstance(group, HeadGroup)
-        return group
 
 
 def _encode(obj: Any) -> Any:
@@ -342,7 +337,3 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
-def _decode_chain(obj: dict) -> RowChain:
-    chain = _decode(obj)
-    assert isinstance(chain, RowChain)
-    return chain
