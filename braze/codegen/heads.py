@@ -147,11 +147,12 @@ def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset:
     if chain.write is not None:
         em.line(f"{p}slot = tl.load({p}slots_ptr + row).to(tl.int64)")
         em.line(f"{p}slot = tl.where({p}slot < 0, {p}slot + {p}n_slots, {p}slot)  # eager indexing wraps negatives")
-        em.line(f"{p}in_range = ({p}slot >= 0) & ({p}slot < {p}n_slots)")
         for seg in segments:
             v = em.round_to(seg.value, chain.write.dtype)
-            em.line(f"tl.store({p}cache_ptr + {p}slot * ({p}H * {p}HD) + {seg.col}, "
-                    f"{v}.to({_TL_DTYPE[chain.write.dtype]}), mask={seg.mask} & {p}in_range)")
+            # the slot broadcast over the tile, so the range check is a tensor mask like the others
+            at = em.let(f"tl.zeros_like({seg.col}).to(tl.int64) + {p}slot", f"{p}slot_")
+            em.line(f"tl.store({p}cache_ptr + {at} * ({p}H * {p}HD) + {seg.col}, "
+                    f"{v}.to({_TL_DTYPE[chain.write.dtype]}), mask={seg.mask} & ({at} >= 0) & ({at} < {p}n_slots))")
 
 
 def _emit_norm(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str) -> None:
