@@ -456,7 +456,8 @@ def _moe_path(model, T: int) -> str | None:
 
 
 def _stem(name: str, s: Settings, ctx: Context) -> str:
-    return f"{name}_{s.size}_tp{ctx.world}" + ("_fp8" if s.fp8 else "") + ("_cpu" if ctx.device.type == "cpu" else "")
+    return (f"{name}_{s.size}_tp{ctx.world}" + ("_fp8" if s.fp8 else "") + ("_fp32" if s.dtype == torch.float32 else "")
+            + ("_cpu" if ctx.device.type == "cpu" else ""))
 
 
 def _meta(s: Settings, ctx: Context) -> dict:

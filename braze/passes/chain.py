@@ -2,7 +2,8 @@
 
 For every RoPE the recognizer finds, the pass grows the chain backwards to an RMSNorm
 whose output only the rotation reads, and forwards to a cache write of the rotated
-rows; the chain becomes one generated kernel (braze.codegen.heads). A cache write is
+rows; the chain becomes one generated kernel (braze.codegen.heads). A cache write no
+chain reaches (the V rows) becomes a store-only chain, usually sharing the K chain's launch. A cache write is
 taken over in place: the fused op mutates the cache, so Inductor's reinplacing removes
 the functional copy (CHAIN_DESIGN.md). Quant stages, LayerNorm, packed rows and
 sibling-chain launches come next; their sites are not touched yet.
@@ -123,6 +124,20 @@ class HeadChainFusion(Pass):
                            suggestion="widen FusionConfig.token_ranges['chain']", ops=self._ops(site))
                 continue
             sites.append(site)
+        # cache writes no chain took: a plain store, fused alone (in place, O(T) bytes) or beside a sibling
+        taken = {s.store.copy for s in sites if s.store is not None}
+        for store in {s.copy: s for s in stores.values()}.values():
+            if store.copy in taken:
+                continue
+            site = self._store_site(store, ctx)
+            if site is None:
+                continue
+            why = ctx.token_check(self.family, val(site.inputs[0]).shape[0])
+            if why:
+                ctx.remark("missed", "token-range", site.anchor, "cache write not fused", reason=why,
+                           suggestion="widen FusionConfig.token_ranges['chain']", ops=("store",))
+                continue
+            sites.append(site)
         fake_mode = graph_fake_mode(graph)
         for group in _group_siblings(graph, sites):
             spec = HeadGroup(tuple(s.chain for s in group))
@@ -210,6 +225,48 @@ class HeadChainFusion(Pass):
             inputs.append(store.slots)
         return HeadSite(chain, tuple(inputs), store.cache if store else None,
                         rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output)
+
+    @staticmethod
+    def _store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
+        """A cache write of rows no chain produced: `cache.view(-1, *row)[slots] = rows` as a store-only chain.
+
+        Inductor lowers such a write into a view of a graph input as a functional copy of the whole
+        cache plus a copy back (torch 2.11-2.13); the fused op writes the T rows in place."""
+        cache_val, slots_val = val(store.cache), val(store.slots)
+        shape = tuple(store.row_shape)
+        if cache_val is None or slots_val is None or not cache_val.is_contiguous():
+            return None
+        t = slots_val.shape[0]
+        width = 1
+        for d in shape:
+            width *= d
+        # the rows as [T, *row] or [T, width]: index_put broadcasts, so at T=1 the graph may carry them
+        # without the token dim; the view chain back to the model's tensor usually still has it
+        rows = next((n for n in store.sources() if val(n) is not None and known_eq(val(n).shape[0], t)
+                     and (tuple(val(n).shape[1:]) == shape or tuple(val(n).shape[1:]) == (width,))), None)
+        if rows is None and known_eq(t, 1) and tuple(shape_of(store.rows) or ()) == shape:
+            with store.rows.graph.inserting_after(store.rows):
+                rows = store.rows.graph.call_function(aten.unsqueeze.default, (store.rows, 0))
+            rows.meta["val"] = val(store.rows).unsqueeze(0)
+        rows = rows if rows is not None else store.rows
+        rows_val = val(rows)
+        if rows_val is None:
+            return None
+        if not (rows_val.dtype.is_floating_point and rows_val.dtype.itemsize >= 2):
+            ctx.remark("missed", "store-dtype", store.copy, "cache write left to Inductor",
+                       reason=f"rows of {rows_val.dtype}: braze's plain store takes 16- and 32-bit floats",
+                       ops=("store",))
+            return None
+        if len(shape) > 2 or tuple(rows_val.shape[1:]) not in (shape, (width,)) or not all(isinstance(d, int) for d in shape):
+            ctx.remark("missed", "store-layout", store.copy, "cache write left to Inductor",
+                       reason=f"rows of shape {tuple(rows_val.shape)} into cache rows of {shape}: braze's plain "
+                              "store takes [T, heads, head_dim] or [T, width] rows",
+                       suggestion="view the cache as [slots, heads, head_dim] where its rows allow it", ops=("store",))
+            return None
+        heads, head_dim = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        chain = HeadChain(in_dtype=dtype_name(rows_val.dtype), heads=heads, head_dim=head_dim, norm=None, rope=None,
+                          gather=False, out=False, write=store.stage)
+        return HeadSite(chain, (rows, store.slots), store.cache, None, store, store.index_put)
 
     @staticmethod
     def _replace(graph: torch.fx.Graph, group: list[HeadSite], traced: GraphModule, args: list[Node]) -> None:

@@ -24,22 +24,23 @@ def head_chains(draw) -> HeadChain:
     dtype = draw(st.sampled_from(["bfloat16", "float32"]))
     heads = draw(st.sampled_from([1, 2, 3, 8]))
     head_dim = draw(st.sampled_from([16, 64, 128]))
+    bare = draw(st.integers(0, 5)) == 0  # a plain cache write: no norm, no rope
     norm = None
-    if draw(st.booleans()):
+    if not bare and draw(st.booleans()):
         width = draw(st.sampled_from([head_dim, heads * head_dim]))
         zc = draw(st.booleans())
         epilogue = (WeightMul(F32, dtype, zc, F32 if zc else None), Cast(dtype))
         norm = RMSNorm(draw(st.sampled_from([1e-6, 1e-5])), width, F32, F32, F32, F32, epilogue, False)
     rope = None
-    if draw(st.booleans()) or norm is None:
+    if not bare and (draw(st.booleans()) or norm is None):
         r = int(head_dim * draw(st.sampled_from([1.0, 0.5, 0.25])))
         first = draw(st.booleans())
         full_table = draw(st.booleans())
         style = "neox" if full_table else draw(st.sampled_from(["neox", "gptj"]))
         mul = dtype if full_table else F32
         rope = Rope(style, head_dim, r, 0 if first else head_dim - r, r if full_table else r // 2, mul, dtype)
-    write = CacheWrite(draw(st.sampled_from([dtype, "float32"]))) if draw(st.booleans()) else None
-    out = draw(st.booleans()) or write is None
+    write = CacheWrite(draw(st.sampled_from([dtype, "float32"]))) if bare or draw(st.booleans()) else None
+    out = (not bare and draw(st.booleans())) or write is None
     return HeadChain(dtype, heads, head_dim, norm, rope, draw(st.booleans()), out, write)
 
 

@@ -158,3 +158,52 @@ def test_a_chain_reading_another_chains_output_gets_its_own_launch():
     record = run_passes(gm, FusionConfig(norm_quant=False))
     assert record.stats["head-chain"]["launches"] == 2
     torch.testing.assert_close(gm(*args), fn(*args), rtol=1e-5, atol=1e-5)
+
+
+def kv_prologue(x, wk, cos_t, sin_t, pos, k_cache, v_cache, slots):
+    # [T, 2 * Hkv * D]: k normed, rotated and cached; v cached as it is (a plain store)
+    t = x.shape[0]
+    k, v = x.split([2 * 32, 2 * 32], dim=-1)
+    k = apply_rope(rms(k.reshape(t, 2, 32), wk, 1e-6, False), cos_t[pos], sin_t[pos])
+    k_cache.view(-1, 2, 32)[slots] = k
+    v_cache.view(-1, 2, 32)[slots] = v.view(t, 2, 32).to(v_cache.dtype)
+    return k_cache.view(-1, 2, 32)[slots].float().sum() + v_cache.view(-1, 2, 32)[slots].float().sum()
+
+
+@given(t=st.sampled_from([1, 3, 5]), seed=st.integers(0, 999), v_dtype=st.sampled_from([torch.bfloat16, torch.float32]))
+def test_plain_cache_write_joins_the_k_chain_in_place(t, seed, v_dtype):
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+    x = torch.randn(t, 128, generator=gen).to(dt)
+    args = (x, torch.randn(32, generator=gen).to(dt), torch.randn(16, 16, generator=gen),
+            torch.randn(16, 16, generator=gen), torch.randint(0, 16, (t,), generator=gen))
+    k_cache = torch.full((4, 2, 2, 32), float("nan"), dtype=dt)
+    v_cache = torch.full((4, 2, 2, 32), float("nan"), dtype=v_dtype)  # a wider cache: the rows are cast
+    slots = torch.randperm(8, generator=gen)[:t]
+    gm = aten_graph(kv_prologue, *args, k_cache, v_cache, slots)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    applied = [r for r in record.remarks if r.kind == "applied"]
+    assert sorted(r.ops for r in applied) == [("rmsnorm", "rope", "store"), ("store",)]
+    assert len(fused_ops(gm)) == 1 and record.stats["head-chain"]["launches"] == 1
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.index_put.default]
+    caches = [(k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())]
+    gm(*args, *caches[0], slots)
+    kv_prologue(*args, *caches[1], slots)
+    for got, want in zip(caches[0], caches[1]):
+        assert torch.equal(got.isnan(), want.isnan())  # the same slots written, nothing else
+        written = ~want.isnan()
+        torch.testing.assert_close(got[written].float(), want[written].float(), rtol=2 ** -7, atol=1e-5)
+    v_written = ~caches[1][1].isnan()
+    assert torch.equal(caches[0][1][v_written], caches[1][1][v_written])  # v: an exact copy
+
+
+def test_plain_store_of_bytes_is_left_to_inductor_with_a_reason():
+    def fn(rows, cache, slots):
+        cache.view(-1, 8)[slots] = rows
+        return cache.sum(dtype=torch.int64)
+
+    args = (torch.randint(0, 255, (2, 8), dtype=torch.uint8), torch.zeros(4, 8, dtype=torch.uint8), torch.tensor([3, 1]))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert [(r.kind, r.name) for r in record.remarks] == [("missed", "store-dtype")]
+    assert "torch.uint8" in record.remarks[0].reason and not fused_ops(gm)

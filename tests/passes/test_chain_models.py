@@ -30,4 +30,10 @@ def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
     for layer in (3, 7):  # the full-attention layers of 2 x [GDN x 3, full]
         assert (f"layers.{layer}.self_attn.q_norm", ("rmsnorm", "rope")) in applied
         assert (f"layers.{layer}.self_attn.k_norm", ("rmsnorm", "rope", "store")) in applied
+        assert (f"layers.{layer}.self_attn", ("store",)) in applied  # V: a plain store, in place
+    for layer in (0, 1, 2, 4, 5, 6):  # the conv-state update of each linear-attention layer: a plain store
+        assert (f"layers.{layer}.linear_attn", ("store",)) in applied
+    assert len(applied) == 12
+    missed = braze.report(be).missed
+    assert {r.name for r in missed} == {"store-layout"} and len(missed) == 6  # the [T, H, dk, dv] state rows
     torch._dynamo.reset()
