@@ -2,7 +2,8 @@
 # One GPU session's runs, batched (device time is scarce): the GPU-marked tests, the TP=1 decode
 # benchmark of the bench configs in bf16, and the same steps in fp32 as a correctness check (no
 # bf16 rounding near a router tie there, so compiled must equal eager to ~1e-6).
-# Usage (repo root, on the GPU machine): bash benchmarks/gpu_session.sh [tests|bench|fp32|all] [models]
+# Usage (repo root, on the GPU machine): BRAZE_COMMIT=<sha> bash benchmarks/gpu_session.sh [tests|bench|fp32|all] [models]
+# (BRAZE_COMMIT: the commit the copied tree holds; its git metadata there may be stale.)
 # Results land under $OUT (default ./gpu_out): env.txt, logs, results.tar (JSON, markdown, PNG).
 set -uo pipefail
 OUT=${OUT:-gpu_out}

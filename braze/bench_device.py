@@ -205,6 +205,9 @@ def environment(device: torch.device) -> dict:
 
 
 def _git_commit() -> str | None:
+    """BRAZE_COMMIT if set (a copied working tree can carry stale git metadata: say which code ran), else git's."""
+    if os.environ.get("BRAZE_COMMIT"):
+        return os.environ["BRAZE_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
