@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from braze.patterns.stages import Cast, HeadChain, HeadGroup, WeightMul
 
-from .rowwise import _TL_DTYPE, _Emitter, _fmt_float, _next_pow2
+from .rowwise import _TL_DTYPE, _Emitter, _fmt_float, _next_pow2, _power_of_two
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def chain_params(chain: HeadChain) -> list[str]:
             params.append("pos_ptr")
     if chain.write is not None:
         params += ["slots_ptr", "cache_ptr", "n_slots"]
+    if chain.quant is not None:
+        params += ["q_ptr"] + [f"s{i}_ptr" for i in range(len(chain.quant.scales))]
     return params
 
 
@@ -144,6 +146,8 @@ def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset:
         if chain.out:
             base = f"n_rows * {out_offset} + row * {H * HD}"
             em.line(f"tl.store(out_ptr + {base} + {seg.col}, {seg.value}.to({_TL_DTYPE[out_dtype]}), mask={seg.mask})")
+    if chain.quant is not None:
+        _emit_quant(em, chain, segments, p)
     if chain.write is not None:
         em.line(f"{p}slot = tl.load({p}slots_ptr + row).to(tl.int64)")
         em.line(f"{p}slot = tl.where({p}slot < 0, {p}slot + {p}n_slots, {p}slot)  # eager indexing wraps negatives")
@@ -221,3 +225,48 @@ def _emit_rope(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str)
         y2 = em.let(f"{prod(x2, c)} + {prod(x1, s)}", "y2_")
     y1, y2 = em.round_to(y1, rope.out), em.round_to(y2, rope.out)
     rot.value = em.let(f"tl.join({y1}, {y2})  # [BLOCK_H, BLOCK_R2, 2]", "rot")
+
+
+def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str) -> None:
+    """FP8 quant of each head (one scale per head): amax over the head's values as rounded to the
+    result dtype, the scale programs stored per [token, head], the fp8 values beside the result."""
+    quant = chain.quant
+    em.line(f"# fp8 quant, one scale per head of {chain.head_dim} values")
+    maxes = []
+    for seg in segments:
+        a = em.let(f"tl.where({seg.mask}, tl.abs({seg.value}), 0.0)", "a")
+        maxes.append(em.let(f"tl.max(tl.max({a}, axis=2), axis=1)" if seg.rank == 3 else f"tl.max({a}, axis=1)",
+                            "amax"))
+    amax = maxes[0]
+    for m in maxes[1:]:
+        amax = em.let(f"tl.maximum({amax}, {m})", "amax")  # [BLOCK_H]
+    em.line(f"{p}hq = tl.arange(0, {p}BLOCK_H)")
+    for i, prog in enumerate(quant.scales):
+        sc = amax
+        for op in prog:
+            sc = em.unary(sc, op)
+        em.line(f"tl.store({p}s{i}_ptr + row * {p}H + {p}hq, {sc}.to({_TL_DTYPE[prog[-1].dtype]}), "
+                f"mask={p}hq < {p}H)")
+    operand = amax
+    for op in quant.operand:
+        operand = em.unary(operand, op)
+    inv = None
+    if quant.combine == "div" and _power_of_two(quant.operand):
+        # dividing by 2^k is multiplying by 2^-k exactly: one divide per head, not per value
+        inv = em.let(em.div(f"(1.0 + tl.zeros_like({operand}))", operand), "inv")
+    for seg in segments:
+        if inv is not None:
+            v = em.let(f"{seg.value} * {seg.bcast(inv)}", "v")
+        elif quant.combine == "div":
+            v = em.let(em.div(seg.value, f"({seg.bcast(operand)} + tl.zeros_like({seg.value}))", per_element=True),
+                       "v")
+        else:
+            v = em.let(f"{seg.value} * {seg.bcast(operand)}", "v")
+        v = em.round_to(v, quant.value_dtype)
+        if quant.clamp is not None:
+            lo, hi = quant.clamp
+            v = em.let(f"tl.minimum(tl.maximum({v}, {_fmt_float(lo)}, propagate_nan=tl.PropagateNan.ALL), "
+                       f"{_fmt_float(hi)}, propagate_nan=tl.PropagateNan.ALL)", "v")
+        v = em.round_to(v, quant.fp8_dtype)
+        em.line(f"tl.store({p}q_ptr + row * {chain.heads * chain.head_dim} + {seg.col}, "
+                f"{v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask={seg.mask})")

@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from braze.patterns.fx import aten, is_op, is_view, known_eq, shape_of, strip_lossless_casts, val
+from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
 from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
 from braze.patterns.rope import RopeMatch, _strip, match_rope
 from braze.patterns.stages import HeadChain, HeadGroup, dtype_name
@@ -34,6 +35,7 @@ class HeadSite:
     result: Node | None  # the node the chain's output replaces (None: nothing else reads it)
     store: StoreMatch | None
     anchor: Node
+    quant: QuantMatch | None = None  # the FP8 quant of the result, per head (its q and scale nodes are replaced)
 
 
 def fused_heads_call(group: HeadGroup, n_inputs: int):
@@ -45,16 +47,18 @@ def fused_heads_call(group: HeadGroup, n_inputs: int):
     def fn(*args: torch.Tensor) -> list[torch.Tensor]:
         inputs, caches = list(args[:n_inputs]), list(args[n_inputs:])
         if caches:
-            flat = torch.ops.braze.fused_heads(inputs, caches, spec)
+            assert not group.quant_outputs(), "a writing group holds no quant chain"
+            flat, quant = torch.ops.braze.fused_heads(inputs, caches, spec), []
         else:
-            flat = torch.ops.braze.fused_heads_pure(inputs, spec)
+            flat, *quant = torch.ops.braze.fused_heads_pure(inputs, spec)
         t = inputs[0].shape[0]
         outs, off = [], 0
         for chain, width in zip(group.chains, group.out_widths()):
             if width:
                 outs.append(flat[t * off:t * (off + width)].view(t, chain.heads, chain.head_dim))
                 off += width
-        return outs + caches  # returning the caches gives their written values
+        shaped = [q.view(t, *shape) for q, (_, shape) in zip(quant, group.quant_outputs())]
+        return outs + shaped + caches  # returning the caches gives their written values
 
     return fn
 
@@ -107,11 +111,17 @@ class HeadChainFusion(Pass):
                 elif s.candidate:
                     ctx.remark("missed", "store-not-recognized", s.node or n, "cache write not fused",
                                reason=s.reason, suggestion=s.suggestion, ops=("store",))
+        quants: dict[Node, QuantMatch] = {}
+        for n in graph.nodes:
+            if is_fp8_cast(n):
+                q = match_fp8_quant(n)
+                if isinstance(q, QuantMatch):
+                    quants[_through_views(strip_lossless_casts(q.y))] = q
         ctx.bump("ropes-recognized", len(ropes))
         sites: list[HeadSite] = []
         for rope in ropes:
             try:
-                site = self._site(rope, norms, stores, ctx)
+                site = self._site(rope, norms, stores, quants, ctx)
             except Exception as e:  # a bug in braze must not break the user's compile
                 ctx.remark("failed", "internal-error", rope.output, "head chain left unfused after an error in braze",
                            reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug", ops=("rope",))
@@ -161,7 +171,8 @@ class HeadChainFusion(Pass):
     @staticmethod
     def _ops(site: HeadSite) -> tuple[str, ...]:
         c = site.chain
-        return tuple((["rmsnorm"] if c.norm else []) + (["rope"] if c.rope else []) + (["store"] if c.write else []))
+        return tuple((["rmsnorm"] if c.norm else []) + (["rope"] if c.rope else []) + (["fp8_quant"] if c.quant else [])
+                     + (["store"] if c.write else []))
 
     @staticmethod
     def _args(chain: HeadChain) -> dict[str, object]:
@@ -170,10 +181,12 @@ class HeadChainFusion(Pass):
             args.update(rope=chain.rope.style, rotary_dim=chain.rope.rotary_dim, rope_offset=chain.rope.offset)
         if chain.norm is not None:
             args.update(eps=chain.norm.eps, norm="per-head" if chain.norm.width == chain.head_dim else "row")
+        if chain.quant is not None:
+            args.update(quant_group=chain.quant.group_size, scales=len(chain.quant.scales))
         return args
 
     def _site(self, rope: RopeMatch, norms: dict[Node, NormMatch], stores: dict[Node, StoreMatch],
-              ctx: PassContext) -> HeadSite | None:
+              quants: dict[Node, QuantMatch], ctx: PassContext) -> HeadSite | None:
         stage = rope.stage
         x = rope.x
         x_shape = shape_of(x)
@@ -212,11 +225,27 @@ class HeadChainFusion(Pass):
                            reason=f"cache rows of {store.row_shape} do not hold the {heads}x{stage.head_dim} rotated "
                                   f"values contiguously", ops=("rope", "store"))
                 store = None
-        result_users = [u for u in rope.output.users if store is None or not _only_feeds(u, {store.index_put})]
+        # grow forwards: an FP8 quant of the rotated values, one scale per head (when nothing is stored)
+        quant = quants.get(_through_views(rope.output)) or quants.get(rope.output)
+        if quant is not None and (store is not None or not known_eq(quant.stage.group_size, stage.head_dim)):
+            ctx.remark("missed", "quant-layout", quant.q, "FP8 quant left out of the head chain",
+                       reason=(f"quantizes groups of {quant.stage.group_size} values; the chain quantizes each head "
+                               f"of {stage.head_dim}") if store is None else
+                              "the rotated values are also written to a cache: a chain quantizes or stores",
+                       ops=("rope", "fp8_quant"))
+            quant = None
+
+        def consumed(u: Node) -> bool:
+            if store is not None and _only_feeds(u, {store.index_put}):
+                return True
+            return quant is not None and (u in quant.nodes or _only_feeds(u, set(quant.nodes)))
+
+        result_users = [u for u in rope.output.users if not consumed(u)]
         chain = HeadChain(
             in_dtype=dtype_name(val(source).dtype), heads=heads, head_dim=stage.head_dim,
             norm=norm.stage if norm is not None else None, rope=stage, gather=gather,
-            out=bool(result_users) or store is None, write=store.stage if store is not None else None)
+            out=bool(result_users) or (store is None and quant is None), write=store.stage if store is not None else None,
+            quant=quant.stage if quant is not None else None)
         inputs = [source]
         if norm is not None and norm.weight is not None:
             inputs.append(norm.weight)
@@ -224,7 +253,8 @@ class HeadChainFusion(Pass):
         if store is not None:
             inputs.append(store.slots)
         return HeadSite(chain, tuple(inputs), store.cache if store else None,
-                        rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output)
+                        rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output,
+                        quant)
 
     @staticmethod
     def _store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
@@ -271,11 +301,17 @@ class HeadChainFusion(Pass):
     @staticmethod
     def _replace(graph: torch.fx.Graph, group: list[HeadSite], traced: GraphModule, args: list[Node]) -> None:
         new = splice(graph, traced, args, group[0].anchor)
-        outs = iter(new[: sum(1 for s in group if s.chain.out)])
-        caches = iter(new[sum(1 for s in group if s.chain.out):])
+        n_out = sum(1 for s in group if s.chain.out)
+        n_quant = sum(len(s.chain.quant_outputs()) for s in group)
+        outs, quant = iter(new[:n_out]), iter(new[n_out:n_out + n_quant])
+        caches = iter(new[n_out + n_quant:])
         for site in group:
             if site.chain.out:
                 site.result.replace_all_uses_with(view_as(graph, next(outs), site.result))
+        for site in group:
+            if site.quant is not None:
+                for old in (site.quant.q, *site.quant.scale_nodes):
+                    old.replace_all_uses_with(view_as(graph, next(quant), old))
         for site in group:
             if site.store is not None:
                 new_cache = next(caches)
@@ -322,7 +358,8 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[H
     A group is inserted after the last of its inputs, so it may hold chains only while
     every node its chains replace is first used after every input of the group, once
     the cheap pure ops (views, slices, casts) that produce late inputs move earlier.
-    Chains over different token counts or output dtypes never share a launch.
+    Chains over different token counts or output dtypes never share a launch, nor do quant
+    chains and writing chains (the writing op returns one buffer: runtime/heads.py).
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
 
@@ -335,6 +372,8 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[H
             used += [order[u] for u in site.result.users]
         if site.store is not None:
             used += [order[u] for u in site.store.index_put.users]
+        if site.quant is not None:
+            used += [order[u] for n in (site.quant.q, *site.quant.scale_nodes) for u in n.users]
         return min(used, default=len(order))
 
     def tokens(site: HeadSite) -> object:
@@ -344,7 +383,9 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[H
     moves: list[list[Node]] = []
     for site in sorted(sites, key=first_use):
         g = groups[-1] if groups else None
-        if g is not None and known_eq(tokens(g[0]), tokens(site)) and (
+        writes = any(s.chain.write is not None for s in g + [site]) if g is not None else False
+        quants = any(s.chain.quant is not None for s in g + [site]) if g is not None else False
+        if g is not None and known_eq(tokens(g[0]), tokens(site)) and not (writes and quants) and (
                 not site.chain.out or all(s.chain.out_dtype == site.chain.out_dtype for s in g if s.chain.out)):
             limit = min(first_use(s) for s in g + [site])
             hoist: list[Node] = []

@@ -48,16 +48,26 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
     if chain.write is not None:
         cache = caches[0]
         cache.view(-1, chain.heads, chain.head_dim)[named["slots"]] = result.to(cache.dtype)
-    return [result] if chain.out else []
+    outs = [result] if chain.out else []
+    if chain.quant is not None:
+        q, scales = fp8_quant_reference(result.float(), chain.quant)  # the quant reads the rounded result
+        outs.append(q)
+        outs += [s.to(getattr(torch, prog[-1].dtype)) for s, prog in zip(scales, chain.quant.scales)]
+    return outs
 
 
-def head_group_reference(group: HeadGroup, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> torch.Tensor:
-    """The group's flat output buffer; writes `caches` in place (see HeadGroup)."""
-    outs, i, c = [], 0, 0
+def head_group_reference(group: HeadGroup, inputs: list[torch.Tensor],
+                         caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The group's outputs (see HeadGroup): the flat result buffer, then each quant chain's flat fp8
+    values and scales; writes `caches` in place."""
+    flat, quant, i, c = [], [], 0, 0
     for chain in group.chains:
         n_in, n_c = len(chain.input_names()), 1 if chain.write is not None else 0
         res = head_chain_reference(chain, inputs[i:i + n_in], caches[c:c + n_c])
-        outs += [r.reshape(-1).to(getattr(torch, group.out_dtype)) for r in res]
+        if chain.out:
+            flat.append(res.pop(0).reshape(-1).to(getattr(torch, group.out_dtype)))
+        quant += [r.reshape(-1) for r in res]
         i, c = i + n_in, c + n_c
     dev = inputs[0].device
-    return torch.cat(outs) if outs else torch.empty(0, dtype=getattr(torch, group.out_dtype), device=dev)
+    out = torch.cat(flat) if flat else torch.empty(0, dtype=getattr(torch, group.out_dtype), device=dev)
+    return [out, *quant]

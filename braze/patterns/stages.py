@@ -233,14 +233,16 @@ class CacheWrite:
 
 @dataclass(frozen=True)
 class HeadChain(_JsonSpec):
-    """norm -> RoPE -> (output and/or cache write) over the heads of each token.
+    """norm -> RoPE -> FP8 quant -> (outputs and/or cache write) over the heads of each token.
 
     The source is x [T, heads, head_dim] (any row stride, unit element stride). The
     norm is per head (width == head_dim) or over the whole row (width == heads·head_dim).
     Inputs, in order: x, the norm weight (if any), cos and sin tables and positions
     (if rope; `gather`: cos/sin [P, table] indexed by positions [T]; else cos/sin are
     [T, table] rows), slot indices [T] (if a cache write). The cache goes in the op's
-    separate list of mutated tensors. Outputs: the result [T, heads, head_dim] if `out`.
+    separate list of mutated tensors. Outputs: the result [T, heads, head_dim] if `out`;
+    with `quant` (one scale per head: group_size == head_dim) also the fp8 values
+    [T, heads, head_dim] and each of its scale programs' values [T, heads] (quant_outputs).
     """
 
     in_dtype: str
@@ -251,12 +253,25 @@ class HeadChain(_JsonSpec):
     gather: bool
     out: bool
     write: CacheWrite | None
+    quant: FP8Quant | None = None
+
+    def __post_init__(self) -> None:
+        if self.quant is not None:
+            assert self.quant.group_size == self.head_dim, "head-chain quant: one scale per head"
+            assert self.write is None, "head-chain quant: the fp8 values are outputs, not a cache write"
 
     @property
     def name(self) -> str:
         parts = (["rmsnorm"] if self.norm else []) + (["rope"] if self.rope else []) + (
-            ["store"] if self.write else [])
+            ["fp8"] if self.quant else []) + (["store"] if self.write else [])
         return "_".join(parts) or "copy"
+
+    def quant_outputs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(dtype, per-token shape) of the quant's outputs: fp8 values, then each scale program's values."""
+        if self.quant is None:
+            return []
+        return [(self.quant.fp8_dtype, (self.heads, self.head_dim))] + [
+            (prog[-1].dtype, (self.heads,)) for prog in self.quant.scales]
 
     @property
     def out_dtype(self) -> str:
@@ -281,8 +296,9 @@ class HeadGroup(_JsonSpec):
     """Sibling HeadChains over the same tokens, run as one launch (grid: tokens x chains).
 
     The op's inputs are each chain's inputs in order; its mutated caches are the written
-    caches in chain order; its one output is a flat buffer holding, chain after chain,
-    each output chain's [T, heads, head_dim] result (all outputs share one dtype).
+    caches in chain order; its outputs are a flat buffer holding, chain after chain,
+    each output chain's [T, heads, head_dim] result (all results share one dtype), then
+    each quant chain's fp8 values [T·heads·head_dim] and scales [T·heads] (quant_outputs).
     """
 
     chains: tuple[HeadChain, ...]
@@ -302,6 +318,10 @@ class HeadGroup(_JsonSpec):
     def out_widths(self) -> list[int]:
         """Elements per token of each chain's output (0 for chains without one)."""
         return [c.heads * c.head_dim if c.out else 0 for c in self.chains]
+
+    def quant_outputs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(dtype, per-token shape) of the op's outputs after the flat buffer, chain after chain."""
+        return [o for c in self.chains for o in c.quant_outputs()]
 
 
 

@@ -1,8 +1,9 @@
 """The fused head-chain ops: `braze::fused_heads` (CUDA, a `triton_op`) and its CPU twin.
 
 `fused_heads(inputs, caches, spec)` runs the HeadGroup described by the JSON `spec`:
-per token and chain, norm -> RoPE, the results in one flat output buffer, and the
-chains with a cache write writing their rows in place into `caches` (in chain order).
+per token and chain, norm -> RoPE -> FP8 quant, the results in one flat output buffer
+(then the quant chains' fp8 values and scales), and the chains with a cache write
+writing their rows in place into `caches` (in chain order).
 Traced with functionalization, the kernel launch lands in the graph with the caches as
 its only cloned arguments, which Inductor reinplaces when each cache is a graph input
 written back at the end (CHAIN_DESIGN.md). Groups without a cache write use the pure
@@ -10,6 +11,8 @@ written back at the end (CHAIN_DESIGN.md). Groups without a cache write use the 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.library import custom_op, triton_op, wrap_triton
@@ -21,9 +24,14 @@ from braze.patterns.stages import HeadGroup, to_dtype
 from .rowwise import DIV_RN, cpu_backend
 
 
-def _output(group: HeadGroup, x: torch.Tensor) -> torch.Tensor:
-    """The flat output buffer: chain after chain, each output chain's [T, H, hd]."""
-    return torch.empty(x.shape[0] * sum(group.out_widths()), dtype=to_dtype(group.out_dtype), device=x.device)
+def _outputs(group: HeadGroup, x: torch.Tensor) -> list[torch.Tensor]:
+    """The flat output buffer (chain after chain, each output chain's [T, H, hd]), then each quant
+    chain's flat fp8 values and scales."""
+    t = x.shape[0]
+    flat = torch.empty(t * sum(group.out_widths()), dtype=to_dtype(group.out_dtype), device=x.device)
+    quant = [torch.empty(t * math.prod(shape), dtype=to_dtype(dt), device=x.device)
+             for dt, shape in group.quant_outputs()]
+    return [flat, *quant]
 
 
 def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> list[object]:
@@ -51,51 +59,57 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
 
 
 def _launch(kernel, fn, group: HeadGroup, inputs: list[torch.Tensor], caches: list[torch.Tensor],
-            out: torch.Tensor, interpreted: bool) -> None:
+            outs: list[torch.Tensor], interpreted: bool) -> None:
     args: list[object] = []
     i = c = 0
+    quant = iter(outs[1:])
     for chain in group.chains:
         n_in, n_c = len(chain.input_names()), 1 if chain.write is not None else 0
         args += _chain_args(chain, inputs[i:i + n_in], caches[c:c + n_c])
+        args += [next(quant) for _ in chain.quant_outputs()]
         i, c = i + n_in, c + n_c
     t = inputs[0].shape[0]
-    args += [out, t]
+    args += [outs[0], t]
     const = dict(kernel.source.constexprs, SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN)
     extra = {} if interpreted else {"num_warps": kernel.source.num_warps}
     fn[(t, len(group.chains))](*args, **const, **extra)
 
 
-def _run(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
+def _run(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
     group = HeadGroup.from_json(spec)
     if inputs[0].device.type == "cpu":
         if cpu_backend() == "reference":
             return head_group_reference(group, inputs, caches)
-        out = _output(group, inputs[0])
+        outs = _outputs(group, inputs[0])
         kernel = heads_kernel(group)
         if inputs[0].shape[0] > 0:
-            _launch(kernel, kernel.interpreted, group, inputs, caches, out, interpreted=True)
-        return out
+            _launch(kernel, kernel.interpreted, group, inputs, caches, outs, interpreted=True)
+        return outs
     kernel = heads_kernel(group)
-    out = _output(group, inputs[0])
-    _launch(kernel, wrap_triton(kernel.jit), group, inputs, caches, out, interpreted=False)
-    return out
+    outs = _outputs(group, inputs[0])
+    _launch(kernel, wrap_triton(kernel.jit), group, inputs, caches, outs, interpreted=False)
+    return outs
+
+
+# The writing op returns the flat buffer alone: functionalization (torch 2.11-2.13) rejects a custom
+# op that mutates a list and returns a list. Its groups hold no quant chains (the pass keeps them apart).
 
 
 @triton_op("braze::fused_heads", mutates_args=("caches",))
 def fused_heads(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
     if inputs[0].device.type == "cpu":
         return torch.ops.braze.fused_heads_cpu(inputs, caches, spec)
-    return _run(inputs, caches, spec)
+    return _run(inputs, caches, spec)[0]
 
 
 @custom_op("braze::fused_heads_cpu", mutates_args=("caches",))
 def fused_heads_cpu(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
-    return _run(inputs, caches, spec)
+    return _run(inputs, caches, spec)[0]
 
 
 @fused_heads_cpu.register_fake
 def _(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
-    return _output(HeadGroup.from_json(spec), inputs[0])
+    return _outputs(HeadGroup.from_json(spec), inputs[0])[0]
 
 
 # Groups without a cache write mutate nothing: a pure op, so functionalization adds no
@@ -104,17 +118,17 @@ def _(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torc
 
 
 @triton_op("braze::fused_heads_pure", mutates_args=())
-def fused_heads_pure(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
+def fused_heads_pure(inputs: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
     if inputs[0].device.type == "cpu":
         return torch.ops.braze.fused_heads_pure_cpu(inputs, spec)
     return _run(inputs, [], spec)
 
 
 @custom_op("braze::fused_heads_pure_cpu", mutates_args=())
-def fused_heads_pure_cpu(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
+def fused_heads_pure_cpu(inputs: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
     return _run(inputs, [], spec)
 
 
 @fused_heads_pure_cpu.register_fake
-def _(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
-    return _output(HeadGroup.from_json(spec), inputs[0])
+def _(inputs: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
+    return _outputs(HeadGroup.from_json(spec), inputs[0])

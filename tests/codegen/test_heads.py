@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from braze.patterns.reference import head_group_reference
 from braze.patterns.rope import Rope
-from braze.patterns.stages import CacheWrite, Cast, HeadChain, HeadGroup, RMSNorm, WeightMul
+from braze.patterns.stages import CacheWrite, Cast, FP8Quant, HeadChain, HeadGroup, RMSNorm, UnaryOp, WeightMul
 from braze.runtime import heads as rt
 from braze.runtime.rowwise import _interpreter_ready
 
@@ -39,9 +39,21 @@ def head_chains(draw) -> HeadChain:
         style = "neox" if full_table else draw(st.sampled_from(["neox", "gptj"]))
         mul = dtype if full_table else F32
         rope = Rope(style, head_dim, r, 0 if first else head_dim - r, r if full_table else r // 2, mul, dtype)
-    write = CacheWrite(draw(st.sampled_from([dtype, "float32"]))) if bare or draw(st.booleans()) else None
-    out = (not bare and draw(st.booleans())) or write is None
-    return HeadChain(dtype, heads, head_dim, norm, rope, draw(st.booleans()), out, write)
+    quant = None
+    if not bare and draw(st.integers(0, 2)) == 0:
+        quant = head_quant(head_dim, draw(st.booleans()))
+    write = CacheWrite(draw(st.sampled_from([dtype, "float32"]))) if quant is None and (bare or draw(st.booleans())) \
+        else None
+    out = (not bare and draw(st.booleans())) or (write is None and quant is None)
+    return HeadChain(dtype, heads, head_dim, norm, rope, draw(st.booleans()), out, write, quant)
+
+
+def head_quant(head_dim: int, pow2: bool) -> FP8Quant:
+    """One fp32 scale per head: amax/448 floored at 1e-4, or rounded up to a power of two (DeepSeek's ue8m0)."""
+    prog = (UnaryOp("cast", F32), UnaryOp("clamp_min", F32, 1e-4), UnaryOp("div", F32, 448.0))
+    if pow2:
+        prog += (UnaryOp("log2", F32), UnaryOp("ceil", F32), UnaryOp("exp2", F32))
+    return FP8Quant(head_dim, "float8_e4m3fn", F32, "div", prog, (-448.0, 448.0), (prog,))
 
 
 def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
@@ -84,11 +96,27 @@ def test_group_kernel_matches_reference(chains, t, seed, device):
     ref_caches = [c.cpu().clone() for c in caches]
     ref = head_group_reference(group, [i.cpu() for i in inputs], ref_caches)
     kernel = rt.heads_kernel(group)
-    out = rt._output(group, inputs[0]).fill_(float("nan"))
+    outs = [o.fill_(float("nan")) if o.dtype.itemsize > 1 else o.fill_(0) for o in rt._outputs(group, inputs[0])]
     on_cpu = device == "cpu"
-    rt._launch(kernel, kernel.interpreted if on_cpu else kernel.jit, group, inputs, caches, out, interpreted=on_cpu)
+    rt._launch(kernel, kernel.interpreted if on_cpu else kernel.jit, group, inputs, caches, outs, interpreted=on_cpu)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
-    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=tol[ref.dtype], atol=1e-5)
+    torch.testing.assert_close(outs[0].cpu().float(), ref[0].float(), rtol=tol[ref[0].dtype], atol=1e-5)
+    assert len(outs) == len(ref)
+    k = 1
+    for chain in chains:
+        if chain.quant is None:
+            continue
+        q, scale = outs[k].cpu().float().view(t, chain.heads, -1), outs[k + 1].cpu().view(t, chain.heads, 1)
+        rq, rscale = ref[k].float().view(t, chain.heads, -1), ref[k + 1].view(t, chain.heads, 1)
+        k += len(chain.quant_outputs())
+        # The result the quant reads may differ from the reference's by one ulp of its dtype (as the
+        # result does), which moves amax by as much and a power-of-two scale by a factor of 2 at a
+        # boundary: compare the dequantized values, within one fp8 step of each other.
+        assert not q.isnan().any()
+        torch.testing.assert_close(q * scale, rq * rscale, rtol=0.13, atol=float(rscale.max()) * 2 ** -9)
+        ratio = scale / rscale
+        close = (ratio - 1).abs() <= 2 ** -7
+        assert bool((close | (ratio == 2) | (ratio == 0.5)).all()), ratio.flatten()
     for c, r in zip(caches, ref_caches):
         c = c.cpu()
         untouched = r.isnan()

@@ -207,3 +207,53 @@ def test_plain_store_of_bytes_is_left_to_inductor_with_a_reason():
     record = run_passes(gm, FusionConfig(norm_quant=False))
     assert [(r.kind, r.name) for r in record.remarks] == [("missed", "store-dtype")]
     assert "torch.uint8" in record.remarks[0].reason and not fused_ops(gm)
+
+
+def indexer_prologue(x, q_in, cos_t, sin_t, pos, w):
+    # DeepSeek V3.2's indexer: k [T, 128] and q [T, H, 128] rotated (NeoX) and quantized to fp8 with one
+    # power-of-two scale per head; the q scales weight the heads
+    from braze.models.fp8 import quant_fp8_group
+
+    t = x.shape[0]
+    k = apply_rope(x, cos_t[pos], sin_t[pos], style="neox")
+    q = apply_rope(q_in.view(t, 2, 64), cos_t[pos], sin_t[pos], style="neox")
+    k8, k_scale = quant_fp8_group(k, 64, ue8m0=True)
+    q8, q_scale = quant_fp8_group(q, 64, ue8m0=True)
+    return k8.float(), k_scale, q8.float(), w * q_scale.squeeze(-1)
+
+
+@given(t=st.sampled_from([1, 3]), seed=st.integers(0, 999))
+def test_rope_then_fp8_quant_per_head_is_one_chain(t, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+    args = (torch.randn(t, 64, generator=gen).to(dt), torch.randn(t, 128, generator=gen).to(dt),
+            torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen),
+            torch.randint(0, 16, (t,), generator=gen), torch.randn(t, 2, generator=gen))
+    gm = aten_graph(indexer_prologue, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    applied = [r for r in record.remarks if r.kind == "applied"]
+    assert sorted(r.ops for r in applied) == [("rope", "fp8_quant"), ("rope", "fp8_quant")], \
+        [str(r) for r in record.remarks]
+    assert record.stats["head-chain"]["launches"] == 1
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.amax.default]
+    got, want = gm(*args), indexer_prologue(*args)
+    for g, w in zip(got, want):  # scales are exact powers of two of the same bf16 values
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_quant_with_groups_across_heads_stays_out_of_the_chain():
+    from braze.models.fp8 import quant_fp8_group
+
+    def fn(x, cos, sin):
+        y = apply_rope(x.view(2, 2, 32), cos, sin)
+        return quant_fp8_group(y.reshape(2, 64), 64)  # one scale over both heads
+
+    args = (torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(2, 16), torch.randn(2, 16))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert [r.ops for r in record.remarks if r.kind == "applied"] == [("rope",)]
+    missed = [r for r in record.remarks if r.kind == "missed"]
+    assert [r.name for r in missed] == ["quant-layout"] and "each head of 32" in missed[0].reason
+    got, want = gm(*args), fn(*args)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
