@@ -51,6 +51,8 @@ def chain_params(chain: HeadChain) -> list[str]:
     params = ["x_ptr", "x_row_stride", "x_head_stride"]
     if chain.norm is not None and chain.norm.has_weight:
         params.append("w_ptr")
+    if chain.norm is not None and getattr(chain.norm, "has_bias", False):
+        params.append("b_ptr")
     if chain.rope is not None:
         params += ["cos_ptr", "sin_ptr", "cos_row_stride", "sin_row_stride"]
         if chain.gather:
@@ -136,7 +138,9 @@ def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset:
         # x may have gaps between heads (q split from an interleaved [q | gate] projection)
         at = f"row * {p}x_row_stride + {seg.col} + {seg.head} * ({p}x_head_stride - {p}HD)"
         seg.value = em.let(f"tl.load({p}x_ptr + {at}, mask={seg.mask}, other=0.0).to(tl.float32)", f"{p}x{k}_")
-    if chain.norm is not None:
+    if chain.norm is not None and chain.norm.kind == "layernorm":
+        _emit_layernorm(em, chain, segments, p)
+    elif chain.norm is not None:
         _emit_norm(em, chain, segments, p)
     if rope is not None:
         _emit_rope(em, chain, segments, p)
@@ -194,6 +198,45 @@ def _emit_norm(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str)
                 if op.zero_centered:
                     w = em.round_to(em.let(f"1.0 + {w}", "w"), op.offset_dtype or "float32")
                 y = em.round_to(em.let(f"{y} * {w}", "y"), op.dtype)
+        seg.value = y
+
+
+def _emit_layernorm(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str) -> None:
+    """(x - mean) * rsqrt(var + eps), biased variance, statistics in the stage's compute dtype; then
+    weight, bias and casts in the graph's order. Lanes outside the tile's mask stay 0."""
+    norm = chain.norm
+    per_head = norm.width == chain.head_dim and chain.heads > 1
+    em.line(f"# layernorm over {norm.width} values ({'each head' if per_head else 'the row'}), eps={norm.eps!r}")
+
+    def reduce(values: list[str], stem: str) -> str:
+        total = em.let(" + ".join(seg.per_head(v) for seg, v in zip(segments, values)), stem)  # [BLOCK_H]
+        return total if per_head else em.let(f"tl.sum({total}, axis=0)", stem)
+
+    def bcast(seg: _Segment, v: str) -> str:
+        return seg.bcast(v) if per_head else v
+
+    for seg in segments:
+        seg.value = em.round_to(seg.value, norm.compute)
+    mean = em.round_to(em.let(em.div(reduce([s.value for s in segments], "sum"), repr(float(norm.width))), "mean"),
+                       norm.compute)
+    centered = [em.round_to(em.let(f"tl.where({seg.mask}, {seg.value} - {bcast(seg, mean)}, 0.0)", "c"), norm.compute)
+                for seg in segments]
+    var = em.round_to(em.let(em.div(reduce([f"{c} * {c}" for c in centered], "ssq"), repr(float(norm.width))), "var"),
+                      norm.compute)
+    rstd = em.round_to(em.let(f"tl.math.rsqrt({em.round_to(em.let(f'{var} + {_fmt_float(norm.eps)}', 've'), norm.compute)})",
+                              "rstd"), norm.compute)
+    for seg, c in zip(segments, centered):
+        y = em.round_to(em.let(f"{c} * {bcast(seg, rstd)}", "y"), norm.compute)
+        for op in norm.epilogue:
+            index = f"({seg.col} - {seg.head} * {p}HD)" if norm.width == chain.head_dim else seg.col
+            if isinstance(op, Cast):
+                y = em.round_to(y, op.dtype)
+            elif isinstance(op, WeightMul):
+                w = em.let(f"tl.load({p}w_ptr + {index}, mask={seg.mask}, other=0.0).to(tl.float32)", "w")
+                y = em.round_to(em.let(f"{y} * {w}", "y"), op.dtype)
+            else:  # BiasAdd
+                b = em.let(f"tl.load({p}b_ptr + {index}, mask={seg.mask}, other=0.0).to(tl.float32)", "b")
+                y = em.round_to(em.let(f"{y} + {b}", "y"), op.dtype)
         seg.value = y
 
 

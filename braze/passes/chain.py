@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from braze.patterns.fx import aten, is_op, is_view, known_eq, shape_of, strip_lossless_casts, val
+from braze.patterns.layernorm import LayerNormMatch, match_layernorm
 from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
 from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
 from braze.patterns.rope import RopeMatch, _strip, match_rope
@@ -88,12 +89,11 @@ class HeadChainFusion(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> None:
         graph = gm.graph
-        norms = {}
+        norms: dict[Node, NormMatch | LayerNormMatch] = {}
         for n in graph.nodes:
-            if is_op(n, aten.mean):
-                m = match_rmsnorm(n)
-                if isinstance(m, NormMatch):
-                    norms[strip_lossless_casts(m.output)] = m
+            m = match_rmsnorm(n) if is_op(n, aten.mean) else match_layernorm(n) if is_op(n, aten.var_mean) else None
+            if isinstance(m, (NormMatch, LayerNormMatch)):
+                norms[strip_lossless_casts(m.output)] = m
         ropes = []
         for n in graph.nodes:
             if n.op == "call_function" and is_op(n, aten.cat, aten.add, aten.view, torch.ops.prims.convert_element_type):
@@ -171,7 +171,7 @@ class HeadChainFusion(Pass):
     @staticmethod
     def _ops(site: HeadSite) -> tuple[str, ...]:
         c = site.chain
-        return tuple((["rmsnorm"] if c.norm else []) + (["rope"] if c.rope else []) + (["fp8_quant"] if c.quant else [])
+        return tuple(([c.norm.kind] if c.norm else []) + (["rope"] if c.rope else []) + (["fp8_quant"] if c.quant else [])
                      + (["store"] if c.write else []))
 
     @staticmethod
@@ -180,12 +180,13 @@ class HeadChainFusion(Pass):
         if chain.rope is not None:
             args.update(rope=chain.rope.style, rotary_dim=chain.rope.rotary_dim, rope_offset=chain.rope.offset)
         if chain.norm is not None:
-            args.update(eps=chain.norm.eps, norm="per-head" if chain.norm.width == chain.head_dim else "row")
+            args.update(eps=chain.norm.eps, norm="per-head" if chain.norm.width == chain.head_dim else "row",
+                        norm_kind=chain.norm.kind)
         if chain.quant is not None:
             args.update(quant_group=chain.quant.group_size, scales=len(chain.quant.scales))
         return args
 
-    def _site(self, rope: RopeMatch, norms: dict[Node, NormMatch], stores: dict[Node, StoreMatch],
+    def _site(self, rope: RopeMatch, norms: dict[Node, NormMatch | LayerNormMatch], stores: dict[Node, StoreMatch],
               quants: dict[Node, QuantMatch], ctx: PassContext) -> HeadSite | None:
         stage = rope.stage
         x = rope.x
@@ -249,6 +250,8 @@ class HeadChainFusion(Pass):
         inputs = [source]
         if norm is not None and norm.weight is not None:
             inputs.append(norm.weight)
+        if norm is not None and getattr(norm, "bias", None) is not None:
+            inputs.append(norm.bias)
         inputs += tables
         if store is not None:
             inputs.append(store.slots)

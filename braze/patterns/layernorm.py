@@ -60,6 +60,14 @@ class LayerNorm:
     def out_dtype(self) -> str:
         return self.epilogue[-1].dtype if self.epilogue else self.compute
 
+    @property
+    def has_weight(self) -> bool:
+        return any(isinstance(op, WeightMul) for op in self.epilogue)
+
+    @property
+    def has_bias(self) -> bool:
+        return any(isinstance(op, BiasAdd) for op in self.epilogue)
+
 
 @dataclass(frozen=True)
 class LayerNormMatch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .layernorm import layernorm_reference
 from .quant import fp8_quant_reference
 from .rmsnorm import residual_add_reference, rmsnorm_reference
 from .rope import rope_reference
@@ -35,10 +36,13 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
     t = named["x"].shape[0]
     x = named["x"].reshape(t, chain.heads, chain.head_dim).float()
     if chain.norm is not None:
-        if chain.norm.width == chain.head_dim:
-            x = rmsnorm_reference(x, named.get("weight"), chain.norm)
+        if chain.norm.kind == "layernorm":
+            def norm(v):
+                return layernorm_reference(v, named.get("weight"), named.get("bias"), chain.norm)
         else:
-            x = rmsnorm_reference(x.reshape(t, -1), named.get("weight"), chain.norm).reshape(x.shape)
+            def norm(v):
+                return rmsnorm_reference(v, named.get("weight"), chain.norm)
+        x = norm(x) if chain.norm.width == chain.head_dim else norm(x.reshape(t, -1)).reshape(x.shape)
     if chain.rope is not None:
         cos, sin = named["cos"], named["sin"]
         if chain.gather:

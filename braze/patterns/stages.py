@@ -236,8 +236,8 @@ class HeadChain(_JsonSpec):
     """norm -> RoPE -> FP8 quant -> (outputs and/or cache write) over the heads of each token.
 
     The source is x [T, heads, head_dim] (any row stride, unit element stride). The
-    norm is per head (width == head_dim) or over the whole row (width == heads·head_dim).
-    Inputs, in order: x, the norm weight (if any), cos and sin tables and positions
+    norm (RMSNorm or LayerNorm) is per head (width == head_dim) or over the whole row
+    (width == heads·head_dim). Inputs, in order: x, the norm weight and bias (if any), cos and sin tables and positions
     (if rope; `gather`: cos/sin [P, table] indexed by positions [T]; else cos/sin are
     [T, table] rows), slot indices [T] (if a cache write). The cache goes in the op's
     separate list of mutated tensors. Outputs: the result [T, heads, head_dim] if `out`;
@@ -248,7 +248,7 @@ class HeadChain(_JsonSpec):
     in_dtype: str
     heads: int
     head_dim: int
-    norm: RMSNorm | None
+    norm: Any  # RMSNorm | braze.patterns.layernorm.LayerNorm | None
     rope: Any  # braze.patterns.rope.Rope | None
     gather: bool
     out: bool
@@ -262,7 +262,7 @@ class HeadChain(_JsonSpec):
 
     @property
     def name(self) -> str:
-        parts = (["rmsnorm"] if self.norm else []) + (["rope"] if self.rope else []) + (
+        parts = ([self.norm.kind] if self.norm else []) + (["rope"] if self.rope else []) + (
             ["fp8"] if self.quant else []) + (["store"] if self.write else [])
         return "_".join(parts) or "copy"
 
@@ -283,6 +283,8 @@ class HeadChain(_JsonSpec):
         names = ["x"]
         if self.norm is not None and self.norm.has_weight:
             names.append("weight")
+        if self.norm is not None and getattr(self.norm, "has_bias", False):
+            names.append("bias")
         if self.rope is not None:
             names += ["cos", "sin"] + (["positions"] if self.gather else [])
         if self.write is not None:
@@ -341,9 +343,10 @@ _TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm
 
 def _register_late_types() -> None:
     """Stage types defined in recognizer modules (RoPE) join the JSON codec."""
+    from .layernorm import BiasAdd, LayerNorm
     from .rope import Rope
 
-    _TYPES["Rope"] = Rope
+    _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd)
 
 
 def _decode(obj: Any) -> Any:

@@ -44,6 +44,8 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
     args: list[object] = [x, x.stride(0), x.stride(1)]
     if "weight" in named:
         args.append(named["weight"].contiguous())
+    if "bias" in named:
+        args.append(named["bias"].contiguous())
     if chain.rope is not None:
         cos, sin = named["cos"], named["sin"]
         width = chain.rope.table

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from braze.patterns.layernorm import BiasAdd, LayerNorm
 from braze.patterns.reference import head_group_reference
 from braze.patterns.rope import Rope
 from braze.patterns.stages import CacheWrite, Cast, FP8Quant, HeadChain, HeadGroup, RMSNorm, UnaryOp, WeightMul
@@ -28,9 +29,15 @@ def head_chains(draw) -> HeadChain:
     norm = None
     if not bare and draw(st.booleans()):
         width = draw(st.sampled_from([head_dim, heads * head_dim]))
-        zc = draw(st.booleans())
-        epilogue = (WeightMul(F32, dtype, zc, F32 if zc else None), Cast(dtype))
-        norm = RMSNorm(draw(st.sampled_from([1e-6, 1e-5])), width, F32, F32, F32, F32, epilogue, False)
+        eps = draw(st.sampled_from([1e-6, 1e-5]))
+        if draw(st.booleans()):  # LayerNorm: weight and/or bias, as nn.LayerNorm / F.layer_norm
+            affine = draw(st.sampled_from([(True, True), (True, False), (False, True), (False, False)]))
+            epilogue = ((WeightMul(F32, dtype),) if affine[0] else ()) + ((BiasAdd(F32, dtype),) if affine[1] else ())
+            norm = LayerNorm(eps, width, F32, epilogue + (Cast(dtype),))
+        else:
+            zc = draw(st.booleans())
+            epilogue = (WeightMul(F32, dtype, zc, F32 if zc else None), Cast(dtype))
+            norm = RMSNorm(eps, width, F32, F32, F32, F32, epilogue, False)
     rope = None
     if not bare and (draw(st.booleans()) or norm is None):
         r = int(head_dim * draw(st.sampled_from([1.0, 0.5, 0.25])))
@@ -61,8 +68,10 @@ def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
     wide = torch.randn(t, chain.heads, chain.head_dim + 3, generator=gen).to(device, dt)
     x = wide[:, :, 1:1 + chain.head_dim]  # strided rows and a gap between heads
     inputs = [x]
-    if chain.norm is not None:
+    if chain.norm is not None and chain.norm.has_weight:
         inputs.append((1 + 0.3 * torch.randn(chain.norm.width, generator=gen)).to(device, dt))
+    if chain.norm is not None and getattr(chain.norm, "has_bias", False):
+        inputs.append((0.5 * torch.randn(chain.norm.width, generator=gen)).to(device, dt))
     if chain.rope is not None:
         rows = 16 if chain.gather else t
         inputs += [torch.randn(rows, chain.rope.table, generator=gen).to(device),

@@ -257,3 +257,28 @@ def test_quant_with_groups_across_heads_stays_out_of_the_chain():
     got, want = gm(*args), fn(*args)
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+@given(weight=st.booleans(), bias=st.booleans(), per_head=st.booleans(), t=st.sampled_from([1, 3]),
+       seed=st.integers(0, 999))
+def test_layernorm_rope_chain_matches_eager(weight, bias, per_head, t, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+    width = 32 if per_head else 64
+    w = (1 + 0.3 * torch.randn(width, generator=gen)).to(dt)
+    b = (0.5 * torch.randn(width, generator=gen)).to(dt)
+
+    def fn(x, w, b, cos, sin):
+        h = x.view(t, 2, 32) if per_head else x
+        h = torch.nn.functional.layer_norm(h.float(), (width,), w.float() if weight else None,
+                                           b.float() if bias else None, 1e-6).to(dt)
+        return apply_rope(h.view(t, 2, 32), cos, sin, style="neox") * 1
+
+    args = (3 * torch.randn(t, 64, generator=gen).to(dt) + 1, w, b, torch.randn(t, 16, generator=gen),
+            torch.randn(t, 16, generator=gen))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    applied = [r for r in record.remarks if r.kind == "applied"]
+    assert [r.ops for r in applied] == [("layernorm", "rope")], [str(r) for r in record.remarks]
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.var_mean.correction]
+    torch.testing.assert_close(gm(*args).float(), fn(*args).float(), rtol=2 ** -7, atol=1e-2)

@@ -59,9 +59,12 @@ def test_deepseek_v32_tiny_indexer_rope_and_quant_fuse_and_match_eager():
             torch.testing.assert_close(v, ref_bufs[k], rtol=1e-5, atol=1e-5, msg=k)
     applied = [(r.location, r.ops) for r in braze.report(be).applied]
     for layer in (0, 1):
-        # the indexer's q [T, H, 128] and k [T, 128]: NeoX RoPE -> fp8 with a power-of-two scale per head
-        assert applied.count((f"layers.{layer}.self_attn.indexer", ("rope", "fp8_quant"))) == 2
+        # the indexer's q [T, H, 128] and k [T, 128] (LayerNorm first): NeoX RoPE -> fp8 with a power-of-two
+        # scale per head
+        assert (f"layers.{layer}.self_attn.indexer", ("rope", "fp8_quant")) in applied
+        assert (f"layers.{layer}.self_attn.indexer.k_norm", ("layernorm", "rope", "fp8_quant")) in applied
         assert applied.count((f"layers.{layer}.self_attn", ("rope",))) == 2  # MLA's q_pe and k_pe (GPT-J)
+    assert len(applied) == 8
     missed = braze.report(be).missed
     assert {r.name for r in missed} == {"store-dtype"}  # the packed byte rows: not yet
     torch._dynamo.reset()
