@@ -58,3 +58,22 @@ def test_qwen35_tiny_on_gpu_fuses_in_place_and_matches_eager():
     assert copies <= stock_copies, f"braze copies {copies} tensors back into inputs, stock Inductor {stock_copies}"
     assert len(braze.report(be).applied) == 12  # q, k, v of two attention layers; six conv-state writes
     torch._dynamo.reset()
+
+
+def test_deepseek_v32_tiny_on_gpu_quant_chains_launch_directly_and_match_eager():
+    torch._dynamo.reset()
+    model = models.build("deepseek-v3.2", "tiny", device="cuda", dtype=torch.float32)
+    inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
+    inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    with torch.no_grad():
+        ref = model(*inputs)
+        for k, v in model.named_buffers():
+            v.copy_(saved[k])
+        be = braze.backend(braze.FusionConfig(norm_quant=False))
+        out, src = _compile_and_code(model, inputs, be)
+    assert "braze_heads_" in src and "fused_heads" not in src, "the generated kernel is not launched directly"
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    ops = [r.ops for r in braze.report(be).applied]
+    assert ops.count(("layernorm", "rope", "fp8_quant")) == 2 and ops.count(("rope", "fp8_quant")) == 2
+    torch._dynamo.reset()
