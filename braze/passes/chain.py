@@ -64,6 +64,24 @@ def fused_heads_call(group: HeadGroup, n_inputs: int):
     return fn
 
 
+def _as_tokens(node: Node, heads: int, head_dim: int) -> Node | None:
+    """`node` as [T, ...] rows: 2-D and 3-D as they are; [B, 1, H, D] or [B, H, 1, D] (one token per
+    sequence) with the singleton dim squeezed out by a new view node; else None."""
+    shape = shape_of(node)
+    if shape is not None and len(shape) in (2, 3):
+        return node
+    if shape is None or len(shape) != 4:
+        return None
+    for d in (1, 2):
+        rest = shape[:d] + shape[d + 1:]
+        if known_eq(shape[d], 1) and known_eq(rest[1], heads) and known_eq(rest[2], head_dim):
+            with node.graph.inserting_after(node):
+                squeezed = node.graph.call_function(aten.squeeze.dim, (node, d))
+            squeezed.meta["val"] = val(node).squeeze(d)
+            return squeezed
+    return None
+
+
 def _through_views(node: Node) -> Node:
     while is_view(node):
         node = node.args[0]
@@ -191,16 +209,21 @@ class HeadChainFusion(Pass):
         stage = rope.stage
         x = rope.x
         x_shape = shape_of(x)
-        if x_shape is None or len(x_shape) not in (2, 3):
+        # [B, H, 1, D]: one new token per sequence with heads before the sequence dim (Hugging Face layout)
+        one_token = x_shape is not None and len(x_shape) == 4 and known_eq(x_shape[2], 1)
+        if x_shape is None or not (len(x_shape) in (2, 3) or one_token):
             ctx.remark("missed", "rope-layout", rope.output, "RoPE not fused",
-                       reason=f"rotates a tensor of shape {x_shape}; braze takes [T, heads, head_dim] or [T, head_dim]",
+                       reason=f"rotates a tensor of shape {x_shape}; braze takes [T, heads, head_dim], [T, head_dim] "
+                              "or one token per sequence as [B, heads, 1, head_dim]",
                        suggestion="flatten batch and sequence into one token dim", ops=("rope",))
             return None
-        heads = x_shape[1] if len(x_shape) == 3 else 1
+        heads = x_shape[1] if len(x_shape) >= 3 else 1
         if not isinstance(heads, int):
             return None
-        # grow backwards: an RMSNorm whose output only this rotation reads
-        norm = norms.get(_through_views(x)) or norms.get(x)
+        # grow backwards: a norm whose output only this rotation reads (through the [B, 1, H, D] ->
+        # [B, H, 1, D] transpose of the Hugging Face layout)
+        base = x.args[0] if one_token and is_op(x, aten.permute) and list(x.args[1]) == [0, 2, 1, 3] else x
+        norm = norms.get(_through_views(base)) or norms.get(base)
         source = x
         if norm is not None and not _only_feeds(norm.output, set(rope.nodes) | {x}):
             norm = None
@@ -247,6 +270,12 @@ class HeadChainFusion(Pass):
             norm=norm.stage if norm is not None else None, rope=stage, gather=gather,
             out=bool(result_users) or (store is None and quant is None), write=store.stage if store is not None else None,
             quant=quant.stage if quant is not None else None)
+        source = _as_tokens(source, heads, stage.head_dim)
+        if source is None:
+            ctx.remark("missed", "rope-layout", rope.output, "RoPE not fused",
+                       reason=f"the chain's input has shape {shape_of(norm.x if norm else x)}, not tokens x heads x "
+                              "head_dim with at most one singleton sequence dim", ops=("rope",))
+            return None
         inputs = [source]
         if norm is not None and norm.weight is not None:
             inputs.append(norm.weight)
