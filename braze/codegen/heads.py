@@ -59,6 +59,8 @@ def chain_params(chain: HeadChain) -> list[str]:
             params.append("pos_ptr")
     if chain.write is not None:
         params += ["slots_ptr", "cache_ptr", "n_slots"]
+        if chain.write.layout == "bhsd":
+            params += ["slots_stride", "cache_sb", "cache_sh", "cache_ss"]
     if chain.quant is not None:
         params += ["q_ptr"] + [f"s{i}_ptr" for i in range(len(chain.quant.scales))]
     return params
@@ -153,13 +155,19 @@ def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset:
     if chain.quant is not None:
         _emit_quant(em, chain, segments, p)
     if chain.write is not None:
-        em.line(f"{p}slot = tl.load({p}slots_ptr + row).to(tl.int64)")
+        bhsd = chain.write.layout == "bhsd"
+        em.line(f"{p}slot = tl.load({p}slots_ptr + row{f' * {p}slots_stride' if bhsd else ''}).to(tl.int64)")
         em.line(f"{p}slot = tl.where({p}slot < 0, {p}slot + {p}n_slots, {p}slot)  # eager indexing wraps negatives")
         for seg in segments:
             v = em.round_to(seg.value, chain.write.dtype)
             # the slot broadcast over the tile, so the range check is a tensor mask like the others
             at = em.let(f"tl.zeros_like({seg.col}).to(tl.int64) + {p}slot", f"{p}slot_")
-            em.line(f"tl.store({p}cache_ptr + {at} * ({p}H * {p}HD) + {seg.col}, "
+            if bhsd:  # [batch, heads, seq, head_dim] with the cache's own strides; this token is sequence `row`
+                addr = (f"row * {p}cache_sb + {at} * {p}cache_ss + {seg.head} * {p}cache_sh + "
+                        f"({seg.col} - {seg.head} * {p}HD)")
+            else:
+                addr = f"{at} * ({p}H * {p}HD) + {seg.col}"
+            em.line(f"tl.store({p}cache_ptr + {addr}, "
                     f"{v}.to({_TL_DTYPE[chain.write.dtype]}), mask={seg.mask} & ({at} >= 0) & ({at} < {p}n_slots))")
 
 

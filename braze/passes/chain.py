@@ -306,7 +306,9 @@ class HeadChainFusion(Pass):
         # without the token dim; the view chain back to the model's tensor usually still has it
         rows = next((n for n in store.sources() if val(n) is not None and known_eq(val(n).shape[0], t)
                      and (tuple(val(n).shape[1:]) == shape or tuple(val(n).shape[1:]) == (width,))), None)
-        if rows is None and known_eq(t, 1) and tuple(shape_of(store.rows) or ()) == shape:
+        if store.stage.layout == "bhsd":  # [B, H, 1, D] values, one token per sequence
+            rows = _as_tokens(store.rows, shape[0], shape[1])
+        elif rows is None and known_eq(t, 1) and tuple(shape_of(store.rows) or ()) == shape:
             with store.rows.graph.inserting_after(store.rows):
                 rows = store.rows.graph.call_function(aten.unsqueeze.default, (store.rows, 0))
             rows.meta["val"] = val(store.rows).unsqueeze(0)

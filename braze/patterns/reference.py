@@ -49,7 +49,10 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
             cos, sin = cos[named["positions"]], sin[named["positions"]]
         x = rope_reference(x, cos.reshape(t, -1), sin.reshape(t, -1), chain.rope)
     result = x.to(getattr(torch, chain.out_dtype))
-    if chain.write is not None:
+    if chain.write is not None and chain.write.layout == "bhsd":
+        cache, slots = caches[0], named["slots"].expand(t)
+        cache[torch.arange(t, device=cache.device), :, slots] = result.to(cache.dtype)  # [T, H, D] rows
+    elif chain.write is not None:
         cache = caches[0]
         cache.view(-1, chain.heads, chain.head_dim)[named["slots"]] = result.to(cache.dtype)
     outs = [result] if chain.out else []

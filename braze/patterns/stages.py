@@ -222,12 +222,16 @@ class RowChain(_JsonSpec):
 
 @dataclass(frozen=True)
 class CacheWrite:
-    """Write the chain's result rows in place into a cache viewed as [slots, heads, head_dim].
+    """Write the chain's result rows in place into a cache.
 
+    layout "rows": the cache viewed as [slots, heads, head_dim], token t's row at slots[t].
+    layout "bhsd": a [batch, heads, seq, head_dim] cache (any strides; Hugging Face's static
+    cache), token t being sequence t's one new token, written at [t, :, slots[t or 0], :].
     `dtype` is the cache's dtype; the rows are rounded to it (the graph's index_put does).
     """
 
     dtype: str
+    layout: str = "rows"
     kind: str = field(default="cache_write", init=False)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
-from .fx import Miss, aten, describe, dtype_of, is_cast, is_op, is_view, shape_of
+from .fx import Miss, aten, describe, dtype_of, is_cast, is_op, is_view, known_eq, shape_of
 from .stages import CacheWrite, dtype_name
 
 
@@ -55,6 +55,9 @@ def match_store(copy: Node) -> StoreMatch | Miss:
     accumulate = put.args[3] if len(put.args) > 3 else put.kwargs.get("accumulate", False)
     if accumulate:
         return Miss(f"{describe(put)} accumulates into the cache", "write with `=`, not `+=`", node=put)
+    if base is cache and len(indices) == 3 and indices[0] is None and indices[1] is None \
+            and isinstance(indices[2], Node):
+        return _match_bhsd(cache, put, indices[2], values, copy)
     view = base
     if not (view is cache or (is_view(view) and view.args[0] is cache)):
         return Miss(f"{describe(put)} writes into {describe(base)}, not the cache or a view of it",
@@ -71,3 +74,20 @@ def match_store(copy: Node) -> StoreMatch | Miss:
         return Miss("the cache row shape is dynamic", "use a static cache layout")
     rows = values
     return StoreMatch(CacheWrite(dtype_name(dtype_of(cache))), cache, row_shape, slots, rows, put, copy)
+
+
+def _match_bhsd(cache: Node, put: Node, pos: Node, values: Node, copy: Node) -> StoreMatch | Miss:
+    """`cache[:, :, pos] = values` / `cache.index_copy_(2, pos, values)` into a [B, H, S, D] cache."""
+    c_shape, v_shape, p_shape = shape_of(cache), shape_of(values), shape_of(pos)
+    if c_shape is None or v_shape is None or p_shape is None or len(c_shape) != 4 or len(v_shape) != 4:
+        return Miss(f"{describe(put)} writes [batch, heads, positions] rows of an unknown shape", candidate=True,
+                    node=put)
+    if not (len(p_shape) == 1 and known_eq(p_shape[0], 1) and known_eq(v_shape[2], 1)):
+        return Miss(f"{describe(put)} writes {p_shape} positions per sequence; braze fuses one new token per "
+                    "sequence (decode)", node=put)
+    if not (known_eq(v_shape[0], c_shape[0]) and known_eq(v_shape[1], c_shape[1]) and known_eq(v_shape[3], c_shape[3])):
+        return Miss(f"{describe(put)} writes rows of {tuple(v_shape)} into a cache of {tuple(c_shape)}", node=put)
+    row_shape = tuple(c_shape[1:2]) + tuple(c_shape[3:])
+    if not all(isinstance(s, int) for s in row_shape):
+        return Miss("the cache row shape is dynamic", "use a static cache layout")
+    return StoreMatch(CacheWrite(dtype_name(dtype_of(cache)), "bhsd"), cache, row_shape, pos, values, put, copy)

@@ -54,7 +54,10 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
         args += [cos, sin, cos.stride(0), sin.stride(0)]
         if chain.gather:
             args.append(named["positions"])
-    if chain.write is not None:
+    if chain.write is not None and chain.write.layout == "bhsd":
+        cache, slots = caches[0], named["slots"]
+        args += [slots, cache, cache.shape[2], 0 if slots.numel() == 1 else 1, *(cache.stride(i) for i in (0, 1, 2))]
+    elif chain.write is not None:
         cache = caches[0]
         args += [named["slots"], cache, cache.numel() // (chain.heads * chain.head_dim)]
     return args

@@ -49,8 +49,9 @@ def head_chains(draw) -> HeadChain:
     quant = None
     if not bare and draw(st.integers(0, 2)) == 0:
         quant = head_quant(head_dim, draw(st.booleans()))
-    write = CacheWrite(draw(st.sampled_from([dtype, "float32"]))) if quant is None and (bare or draw(st.booleans())) \
-        else None
+    layout = draw(st.sampled_from(["rows", "rows", "bhsd"]))
+    write = CacheWrite(draw(st.sampled_from([dtype, "float32"])), layout) \
+        if quant is None and (bare or draw(st.booleans())) else None
     out = (not bare and draw(st.booleans())) or (write is None and quant is None)
     return HeadChain(dtype, heads, head_dim, norm, rope, draw(st.booleans()), out, write, quant)
 
@@ -79,7 +80,16 @@ def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
         if chain.gather:
             inputs.append(torch.randint(0, rows, (t,), generator=gen).to(device))
     caches = []
-    if chain.write is not None:
+    if chain.write is not None and chain.write.layout == "bhsd":
+        # Hugging Face's static cache [batch, heads, seq, head_dim], here a slice of a longer one (strided);
+        # one position shared by every sequence, or one each
+        n = 1 if torch.rand((), generator=gen) < 0.5 else t
+        slots = torch.randint(-6, 6, (n,), generator=gen).to(device)
+        inputs.append(slots)
+        cache = torch.full((t, chain.heads, 9, chain.head_dim), float("nan"), dtype=getattr(torch, chain.write.dtype),
+                           device=device)
+        caches.append(cache[:, :, :6])
+    elif chain.write is not None:
         slots = torch.randperm(12, generator=gen)[:t].to(device)
         slots[0] = slots[0] - 12  # a negative slot wraps, as in eager indexing
         inputs.append(slots)
@@ -127,6 +137,8 @@ def test_group_kernel_matches_reference(chains, t, seed, device):
         close = (ratio - 1).abs() <= 2 ** -7
         assert bool((close | (ratio == 2) | (ratio == 0.5)).all()), ratio.flatten()
     for c, r in zip(caches, ref_caches):
+        if c._base is not None:  # a strided slice of a longer cache: the rest of it stays poisoned
+            assert c._base[:, :, c.shape[2]:].isnan().all(), "a write landed outside the cache's slice"
         c = c.cpu()
         untouched = r.isnan()
         assert torch.equal(c.isnan(), untouched), "a slot outside the written ones changed, or one was not written"
