@@ -31,6 +31,8 @@ _TL_DTYPE = {
     "bfloat16": "tl.bfloat16",
     "float16": "tl.float16",
     "float8_e4m3fn": "tl.float8e4nv",
+    "uint8": "tl.uint8",  # bytes copied through (packed cache rows): integral values, exact in fp32
+    "int8": "tl.int8",
 }
 
 
@@ -79,7 +81,7 @@ class _Emitter:
         SOFT_ROUND selects bit-exact rounding written out in integer ops (for the
         interpreter, whose conversions truncate); otherwise the hardware converts.
         """
-        if dtype == "float32":
+        if dtype in ("float32", "uint8", "int8"):  # integers pass through exactly: nothing to round
             return v
         out = self.fresh({"bfloat16": "bf", "float16": "hf", "float8_e4m3fn": "f8"}[dtype])
         self.line("if SOFT_ROUND:")

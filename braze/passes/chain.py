@@ -316,9 +316,11 @@ class HeadChainFusion(Pass):
         rows_val = val(rows)
         if rows_val is None:
             return None
-        if not (rows_val.dtype.is_floating_point and rows_val.dtype.itemsize >= 2):
+        byte_rows = rows_val.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn) and rows_val.dtype == cache_val.dtype
+        if not ((rows_val.dtype.is_floating_point and rows_val.dtype.itemsize >= 2) or byte_rows):
             ctx.remark("missed", "store-dtype", store.copy, "cache write left to Inductor",
-                       reason=f"rows of {rows_val.dtype}: braze's plain store takes 16- and 32-bit floats",
+                       reason=f"rows of {rows_val.dtype} into a {cache_val.dtype} cache: braze's plain store takes "
+                              "16- and 32-bit floats, or bytes (uint8, int8, fp8) into a cache of the same dtype",
                        ops=("store",))
             return None
         if len(shape) > 2 or tuple(rows_val.shape[1:]) not in (shape, (width,)) or not all(isinstance(d, int) for d in shape):

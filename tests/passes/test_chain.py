@@ -197,16 +197,35 @@ def test_plain_cache_write_joins_the_k_chain_in_place(t, seed, v_dtype):
     assert torch.equal(caches[0][1][v_written], caches[1][1][v_written])  # v: an exact copy
 
 
-def test_plain_store_of_bytes_is_left_to_inductor_with_a_reason():
+def test_plain_store_of_packed_bytes_is_taken_over_exactly():
+    # DeepSeek's MLA cache: rows of bytes built by the model (fp8 values, scale and rope bytes)
     def fn(rows, cache, slots):
-        cache.view(-1, 8)[slots] = rows
+        cache.view(-1, 656)[slots] = rows
         return cache.sum(dtype=torch.int64)
 
-    args = (torch.randint(0, 255, (2, 8), dtype=torch.uint8), torch.zeros(4, 8, dtype=torch.uint8), torch.tensor([3, 1]))
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 256, (3, 656), generator=gen, dtype=torch.int64).to(torch.uint8)
+    cache = torch.randint(0, 256, (4, 2, 656), generator=gen, dtype=torch.int64).to(torch.uint8)
+    slots = torch.tensor([7, 0, 2])
+    gm = aten_graph(fn, rows, cache, slots)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert [(r.kind, r.ops) for r in record.remarks] == [("applied", ("store",))]
+    got, want = cache.clone(), cache.clone()
+    gm(rows, got, slots)
+    fn(rows, want, slots)
+    assert torch.equal(got, want)  # every byte, written and untouched
+
+
+def test_plain_store_of_other_dtypes_is_left_to_inductor_with_a_reason():
+    def fn(rows, cache, slots):
+        cache.view(-1, 8)[slots] = rows
+        return cache.sum()
+
+    args = (torch.randint(0, 255, (2, 8)), torch.zeros(4, 8, dtype=torch.int64), torch.tensor([3, 1]))
     gm = aten_graph(fn, *args)
     record = run_passes(gm, FusionConfig(norm_quant=False))
     assert [(r.kind, r.name) for r in record.remarks] == [("missed", "store-dtype")]
-    assert "torch.uint8" in record.remarks[0].reason and not fused_ops(gm)
+    assert "torch.int64" in record.remarks[0].reason and not fused_ops(gm)
 
 
 def indexer_prologue(x, q_in, cos_t, sin_t, pos, w):
