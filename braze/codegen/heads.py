@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from braze.patterns.stages import Cast, HeadChain, HeadGroup, WeightMul
 
-from .rowwise import _TL_DTYPE, _Emitter, _fmt_float, _next_pow2, _power_of_two
+from .rowwise import _TL_DTYPE, _Emitter, _fmt_float, _next_pow2, _power_of_two, fp8_value
 
 
 @dataclass(frozen=True)
@@ -313,11 +313,6 @@ def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str
                        "v")
         else:
             v = em.let(f"{seg.value} * {seg.bcast(operand)}", "v")
-        v = em.round_to(v, quant.value_dtype)
-        if quant.clamp is not None:
-            lo, hi = quant.clamp
-            v = em.let(f"tl.minimum(tl.maximum({v}, {_fmt_float(lo)}, propagate_nan=tl.PropagateNan.ALL), "
-                       f"{_fmt_float(hi)}, propagate_nan=tl.PropagateNan.ALL)", "v")
-        v = em.round_to(v, quant.fp8_dtype)
+        v = fp8_value(em, v, quant)
         em.line(f"tl.store({p}q_ptr + row * {chain.heads * chain.head_dim} + {seg.col}, "
                 f"{v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask={seg.mask})")

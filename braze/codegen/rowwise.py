@@ -248,13 +248,18 @@ def _emit_quant(em: _Emitter, quant: FP8Quant, y: str) -> None:
         v = em.let(em.div(y, f"({operand} + tl.zeros_like({y}))", per_element=True), "v")
     else:
         v = em.let(f"{y} * {operand}", "v")
+    v = fp8_value(em, v, quant)
+    em.line(f"tl.store(q_ptr + row * D + col, {v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask=mask)")
+
+
+def fp8_value(em: _Emitter, v: str, quant: FP8Quant) -> str:
+    """A scaled value as the graph casts it to fp8: rounded to the scaling dtype, clamped, rounded to fp8."""
     v = em.round_to(v, quant.value_dtype)
     if quant.clamp is not None:
         lo, hi = quant.clamp
         v = em.let(f"tl.minimum(tl.maximum({v}, {_fmt_float(lo)}, propagate_nan=tl.PropagateNan.ALL), "
-                       f"{_fmt_float(hi)}, propagate_nan=tl.PropagateNan.ALL)", "v")
-    v = em.round_to(v, quant.fp8_dtype)
-    em.line(f"tl.store(q_ptr + row * D + col, {v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask=mask)")
+                   f"{_fmt_float(hi)}, propagate_nan=tl.PropagateNan.ALL)", "v")
+    return em.round_to(v, quant.fp8_dtype)
 
 
 def _power_of_two(prog: tuple[UnaryOp, ...]) -> bool:

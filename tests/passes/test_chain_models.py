@@ -1,4 +1,4 @@
-"""Head-chain fusion on a built-in model end to end: Qwen 3.5 tiny compiled with braze equals eager."""
+"""Head-chain fusion on the built-in models end to end: the tiny configs compiled with braze equal eager."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from braze import models
 pytestmark = pytest.mark.slow
 
 
-def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
+def compiled_step_vs_eager(name: str, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict, dict, object]:
+    """One fp32 decode step of model `name` (tiny), eager then braze from the same caches:
+    (eager logits, braze logits, eager buffers after the step, model buffers after braze's step, backend)."""
     torch._dynamo.reset()
-    model = models.build("qwen3.5", "tiny", dtype=torch.float32)
+    model = models.build(name, "tiny", device=device, dtype=torch.float32)
     inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
+    inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
     saved = {k: v.clone() for k, v in model.named_buffers()}
     with torch.no_grad():
         ref = model(*inputs)
@@ -23,8 +26,14 @@ def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
             v.copy_(saved[k])
         be = braze.backend(braze.FusionConfig(norm_quant=False))
         out = torch.compile(model, backend=be, fullgraph=True)(*inputs)
+    torch._dynamo.reset()
+    return ref, out, ref_bufs, dict(model.named_buffers()), be
+
+
+def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
+    ref, out, ref_bufs, bufs, be = compiled_step_vs_eager("qwen3.5")
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-    for k, v in model.named_buffers():
+    for k, v in bufs.items():
         torch.testing.assert_close(v, ref_bufs[k], rtol=1e-5, atol=1e-5, msg=k)
     applied = [(r.location, r.ops) for r in braze.report(be).applied]
     for layer in (3, 7):  # the full-attention layers of 2 x [GDN x 3, full]
@@ -36,23 +45,12 @@ def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
     assert len(applied) == 12
     missed = braze.report(be).missed
     assert {r.name for r in missed} == {"store-layout"} and len(missed) == 6  # the [T, H, dk, dv] state rows
-    torch._dynamo.reset()
 
 
 def test_deepseek_v32_tiny_indexer_rope_and_quant_fuse_and_match_eager():
-    torch._dynamo.reset()
-    model = models.build("deepseek-v3.2", "tiny", dtype=torch.float32)
-    inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
-    saved = {k: v.clone() for k, v in model.named_buffers()}
-    with torch.no_grad():
-        ref = model(*inputs)
-        ref_bufs = {k: v.clone() for k, v in model.named_buffers()}
-        for k, v in model.named_buffers():
-            v.copy_(saved[k])
-        be = braze.backend(braze.FusionConfig(norm_quant=False))
-        out = torch.compile(model, backend=be, fullgraph=True)(*inputs)
+    ref, out, ref_bufs, bufs, be = compiled_step_vs_eager("deepseek-v3.2")
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-    for k, v in model.named_buffers():
+    for k, v in bufs.items():
         if v.dtype == torch.uint8:  # packed fp8 rows, computed by Inductor: its rounding differs from eager's (as stock)
             assert (v != ref_bufs[k]).float().mean() < 1e-3, k
         else:
@@ -66,4 +64,3 @@ def test_deepseek_v32_tiny_indexer_rope_and_quant_fuse_and_match_eager():
         assert applied.count((f"layers.{layer}.self_attn", ("rope",))) == 2  # MLA's q_pe and k_pe (GPT-J)
         assert (f"layers.{layer}.self_attn", ("store",)) in applied  # the packed 656-byte MLA rows, in place
     assert not braze.report(be).missed
-    torch._dynamo.reset()
