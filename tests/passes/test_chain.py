@@ -209,16 +209,16 @@ def test_plain_cache_write_joins_the_k_chain_in_place(t, seed, v_dtype):
     assert torch.equal(caches[0][1][v_written], caches[1][1][v_written])  # v: an exact copy
 
 
-def test_plain_store_of_packed_bytes_is_taken_over_exactly():
+def test_plain_store_of_packed_bytes_is_taken_over_exactly(device):
     # DeepSeek's MLA cache: rows of bytes built by the model (fp8 values, scale and rope bytes)
     def fn(rows, cache, slots):
         cache.view(-1, 656)[slots] = rows
         return cache.sum(dtype=torch.int64)
 
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, 256, (3, 656), generator=gen, dtype=torch.int64).to(torch.uint8)
-    cache = torch.randint(0, 256, (4, 2, 656), generator=gen, dtype=torch.int64).to(torch.uint8)
-    slots = torch.tensor([7, 0, 2])
+    rows = torch.randint(0, 256, (3, 656), generator=gen, dtype=torch.int64).to(device, torch.uint8)
+    cache = torch.randint(0, 256, (4, 2, 656), generator=gen, dtype=torch.int64).to(device, torch.uint8)
+    slots = torch.tensor([7, 0, 2], device=device)
     gm = aten_graph(fn, rows, cache, slots)
     record = run_passes(gm, FusionConfig(norm_quant=False))
     assert [(r.kind, r.ops) for r in record.remarks] == [("applied", ("store",))]
