@@ -1,12 +1,13 @@
-"""Chain fusion, first step: per-head [RMSNorm ->] RoPE [-> in-place cache write] as one kernel.
+"""Chain fusion: per-head [norm ->] RoPE [-> FP8 quant] [-> in-place cache write] as one kernel.
 
-For every RoPE the recognizer finds, the pass grows the chain backwards to an RMSNorm
-whose output only the rotation reads, and forwards to a cache write of the rotated
-rows; the chain becomes one generated kernel (braze.codegen.heads). A cache write no
-chain reaches (the V rows) becomes a store-only chain, usually sharing the K chain's launch. A cache write is
-taken over in place: the fused op mutates the cache, so Inductor's reinplacing removes
-the functional copy (CHAIN_DESIGN.md). Quant stages, LayerNorm, packed rows and
-sibling-chain launches come next; their sites are not touched yet.
+For every RoPE the recognizer finds, the pass grows the chain backwards to an RMSNorm or
+LayerNorm whose output only the rotation reads, and forwards to a per-head FP8 quant or a
+cache write of the rotated rows; the chain becomes one generated kernel
+(braze.codegen.heads). A cache write no chain reaches (V rows, conv state, packed byte
+rows) becomes a store-only chain. Writes are taken over in place: the fused op mutates
+the cache, so Inductor's reinplacing removes the functional copy (CHAIN_DESIGN.md).
+Sibling chains over the same tokens share one launch. What is not covered yet is listed
+in CHAIN_DESIGN.md.
 """
 
 from __future__ import annotations
