@@ -293,8 +293,8 @@ class HeadChainFusion(Pass):
     def _store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
         """A cache write of rows no chain produced: `cache.view(-1, *row)[slots] = rows` as a store-only chain.
 
-        Inductor lowers such a write into a view of a graph input as a functional copy of the whole
-        cache plus a copy back (torch 2.11-2.13); the fused op writes the T rows in place."""
+        Inductor can lower such a write into a view of a graph input as a functional copy of the whole
+        cache plus a copy back (seen on CUDA, torch 2.11); the fused op writes the T rows in place."""
         cache_val, slots_val = val(store.cache), val(store.slots)
         shape = tuple(store.row_shape)
         if cache_val is None or slots_val is None or not cache_val.is_contiguous():
