@@ -238,6 +238,16 @@ class HeadChainFusion(Pass):
         cos, sin = _strip(rope.cos), _strip(rope.sin)
         gather = is_op(cos, aten.index) and is_op(sin, aten.index) and cos.args[1][0] is sin.args[1][0]
         tables = [cos.args[0], sin.args[0], cos.args[1][0]] if gather else [cos, sin]
+        if not gather:  # one table row per token, or one row for every token (broadcast)
+            t = (shape_of(x) or [None])[0]
+            for tab in (cos, sin):
+                numel = val(tab).numel() if val(tab) is not None else None
+                if numel is None or not (known_eq(numel, stage.table) or known_eq(numel, t * stage.table)):
+                    ctx.remark("missed", "rope-tables", rope.output, "RoPE not fused",
+                               reason=f"cos/sin of shape {shape_of(tab)} give neither one row of {stage.table} per "
+                                      "token nor one row for all tokens",
+                               suggestion="index the tables by position ([T, dim]) or pass one row", ops=("rope",))
+                    return None
         # grow forwards: a cache write of the rotated rows
         store = stores.get(_through_views(rope.output)) or stores.get(rope.output)
         if store is not None:

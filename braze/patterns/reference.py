@@ -47,7 +47,9 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
         cos, sin = named["cos"], named["sin"]
         if chain.gather:
             cos, sin = cos[named["positions"]], sin[named["positions"]]
-        x = rope_reference(x, cos.reshape(t, -1), sin.reshape(t, -1), chain.rope)
+        table = chain.rope.table
+        cos, sin = cos.reshape(-1, table).expand(t, table), sin.reshape(-1, table).expand(t, table)
+        x = rope_reference(x, cos, sin, chain.rope)
     result = x.to(getattr(torch, chain.out_dtype))
     if chain.write is not None and chain.write.layout == "bhsd":
         cache, slots = caches[0], named["slots"].expand(t)

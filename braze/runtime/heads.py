@@ -51,6 +51,8 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
         width = chain.rope.table
         cos = cos.reshape(-1, width) if cos.stride(-1) == 1 else cos.contiguous().reshape(-1, width)
         sin = sin.reshape(-1, width) if sin.stride(-1) == 1 else sin.contiguous().reshape(-1, width)
+        if not chain.gather:  # one row per token, or one row broadcast to every token (row stride 0)
+            cos, sin = _rows_per_token(cos, t), _rows_per_token(sin, t)
         args += [cos, sin, cos.stride(0), sin.stride(0)]
         if chain.gather:
             args.append(named["positions"])
@@ -61,6 +63,14 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
         cache = caches[0]
         args += [named["slots"], cache, cache.numel() // (chain.heads * chain.head_dim)]
     return args
+
+
+def _rows_per_token(table: torch.Tensor, t: int) -> torch.Tensor:
+    if table.shape[0] == t:
+        return table
+    if table.shape[0] == 1:
+        return table.expand(t, table.shape[1])
+    raise ValueError(f"RoPE table of {table.shape[0]} rows for {t} tokens (braze's pass admits 1 or T)")
 
 
 def _launch(kernel, fn, group: HeadGroup, inputs: list[torch.Tensor], caches: list[torch.Tensor],

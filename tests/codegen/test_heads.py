@@ -74,7 +74,8 @@ def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
     if chain.norm is not None and getattr(chain.norm, "has_bias", False):
         inputs.append((0.5 * torch.randn(chain.norm.width, generator=gen)).to(device, dt))
     if chain.rope is not None:
-        rows = 16 if chain.gather else t
+        # gathered by position from a 16-row table; else one row per token, or one row for all tokens
+        rows = 16 if chain.gather else (1 if torch.rand((), generator=gen) < 0.3 else t)
         inputs += [torch.randn(rows, chain.rope.table, generator=gen).to(device),
                    torch.randn(rows, chain.rope.table, generator=gen).to(device)]
         if chain.gather:

@@ -328,3 +328,25 @@ def test_quant_to_an_unsupported_fp8_dtype_leaves_the_quant_to_inductor():
     got, want = gm(*args), fn(*args)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+@given(b=st.sampled_from([1, 3]), shared=st.booleans(), seed=st.integers(0, 999))
+def test_hf_layout_rope_with_tables_shared_by_all_tokens(b, shared, seed):
+    # Hugging Face: q, k [B, H, 1, D]; cos/sin [B, 1, D], or [1, 1, D] when every sequence is at the same
+    # position (position_ids [1, 1]) and the one row broadcasts over the batch
+    def fn(q, k, cos, sin):
+        def rotate_half(x):
+            return torch.cat((-x[..., 16:], x[..., :16]), dim=-1)
+
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return (q * cos + rotate_half(q) * sin) * 1, (k * cos + rotate_half(k) * sin) * 1
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = 1 if shared else b
+    args = (torch.randn(b, 4, 1, 32, generator=gen), torch.randn(b, 2, 1, 32, generator=gen),
+            torch.randn(rows, 1, 32, generator=gen), torch.randn(rows, 1, 32, generator=gen))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert [r.ops for r in record.remarks if r.kind == "applied"] == [("rope",), ("rope",)]
+    for got, want in zip(gm(*args), fn(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
