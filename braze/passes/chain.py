@@ -238,8 +238,16 @@ class HeadChainFusion(Pass):
         cos, sin = _strip(rope.cos), _strip(rope.sin)
         gather = is_op(cos, aten.index) and is_op(sin, aten.index) and cos.args[1][0] is sin.args[1][0]
         tables = [cos.args[0], sin.args[0], cos.args[1][0]] if gather else [cos, sin]
+        t = (shape_of(x) or [None])[0]
+        if gather:  # positions: one per token, or one for every token (broadcast)
+            pos_val = val(cos.args[1][0])
+            if pos_val is None or not (known_eq(pos_val.numel(), t) or known_eq(pos_val.numel(), 1)):
+                ctx.remark("missed", "rope-tables", rope.output, "RoPE not fused",
+                           reason=f"{tuple(pos_val.shape) if pos_val is not None else 'unknown'} positions for {t} "
+                                  "tokens: braze takes one position per token or one for all",
+                           ops=("rope",))
+                return None
         if not gather:  # one table row per token, or one row for every token (broadcast)
-            t = (shape_of(x) or [None])[0]
             for tab in (cos, sin):
                 numel = val(tab).numel() if val(tab) is not None else None
                 if numel is None or not (known_eq(numel, stage.table) or known_eq(numel, t * stage.table)):

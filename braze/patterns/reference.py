@@ -46,7 +46,8 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
     if chain.rope is not None:
         cos, sin = named["cos"], named["sin"]
         if chain.gather:
-            cos, sin = cos[named["positions"]], sin[named["positions"]]
+            pos = named["positions"].reshape(-1).expand(t)
+            cos, sin = cos[pos], sin[pos]
         table = chain.rope.table
         cos, sin = cos.reshape(-1, table).expand(t, table), sin.reshape(-1, table).expand(t, table)
         x = rope_reference(x, cos, sin, chain.rope)

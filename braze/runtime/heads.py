@@ -54,8 +54,9 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
         if not chain.gather:  # one row per token, or one row broadcast to every token (row stride 0)
             cos, sin = _rows_per_token(cos, t), _rows_per_token(sin, t)
         args += [cos, sin, cos.stride(0), sin.stride(0)]
-        if chain.gather:
-            args.append(named["positions"])
+        if chain.gather:  # one position per token, or one for every token (made T long: the kernel reads pos[row])
+            positions = named["positions"].reshape(-1)
+            args.append(positions.expand(t).contiguous() if positions.shape[0] == 1 else positions)
     if chain.write is not None and chain.write.layout == "bhsd":
         cache, slots = caches[0], named["slots"]
         args += [slots, cache, cache.shape[2], 0 if slots.numel() == 1 else 1, *(cache.stride(i) for i in (0, 1, 2))]

@@ -350,3 +350,17 @@ def test_hf_layout_rope_with_tables_shared_by_all_tokens(b, shared, seed):
     assert [r.ops for r in record.remarks if r.kind == "applied"] == [("rope",), ("rope",)]
     for got, want in zip(gm(*args), fn(*args)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_position_for_every_token_broadcasts():
+    # cos_t[pos] with a single position, broadcast over T tokens (every sequence at the same step)
+    def fn(x, cos_t, sin_t, pos):
+        return apply_rope(x.view(3, 2, 32), cos_t[pos], sin_t[pos], style="neox") * 1
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(3, 64, generator=gen), torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen),
+            torch.tensor([5]))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert [r.ops for r in record.remarks if r.kind == "applied"] == [("rope",)]
+    torch.testing.assert_close(gm(*args), fn(*args), rtol=1e-5, atol=1e-5)
