@@ -335,6 +335,11 @@ class HeadChainFusion(Pass):
         rows_val = val(rows)
         if rows_val is None:
             return None
+        if store.stage.layout == "rows" and not known_eq(rows_val.shape[0], t):
+            ctx.remark("missed", "store-layout", store.copy, "cache write left to Inductor",
+                       reason=f"{tuple(rows_val.shape)} rows broadcast to {t} slots: braze writes one row per slot",
+                       ops=("store",))
+            return None
         byte_rows = rows_val.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn) and rows_val.dtype == cache_val.dtype
         if not ((rows_val.dtype.is_floating_point and rows_val.dtype.itemsize >= 2) or byte_rows):
             ctx.remark("missed", "store-dtype", store.copy, "cache write left to Inductor",

@@ -364,3 +364,18 @@ def test_one_position_for_every_token_broadcasts():
     record = run_passes(gm, FusionConfig(norm_quant=False))
     assert [r.ops for r in record.remarks if r.kind == "applied"] == [("rope",)]
     torch.testing.assert_close(gm(*args), fn(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_written_to_several_slots_is_left_to_inductor():
+    def fn(row, cache, slots):
+        cache.view(-1, 2, 32)[slots] = row  # [1, 2, 32] broadcast to every slot
+        return cache.sum()
+
+    args = (torch.randn(1, 2, 32), torch.zeros(4, 2, 2, 32), torch.tensor([1, 4, 6]))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert [(r.kind, r.name) for r in record.remarks] == [("missed", "store-layout")]
+    got, want = args[1].clone(), args[1].clone()
+    gm(args[0], got, args[2])
+    fn(args[0], want, args[2])
+    assert torch.equal(got, want)
