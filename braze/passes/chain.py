@@ -155,8 +155,12 @@ class HeadChainFusion(Pass):
             sites.append(site)
         # cache writes no chain took: a plain store, fused alone (in place, O(T) bytes) or beside a sibling
         taken = {s.store.copy for s in sites if s.store is not None}
+        # results a chain replaces with its own output: a store of them stays with Inductor (as a chain input
+        # it could land in the same launch as the chain that produces it; quant outputs cannot: quant and
+        # writing chains never share a launch)
+        produced = {s.result for s in sites if s.result is not None}
         for store in {s.copy: s for s in stores.values()}.values():
-            if store.copy in taken:
+            if store.copy in taken or produced & set(store.sources()):
                 continue
             site = self._store_site(store, ctx)
             if site is None:

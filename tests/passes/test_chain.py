@@ -379,3 +379,26 @@ def test_one_row_written_to_several_slots_is_left_to_inductor():
     gm(args[0], got, args[2])
     fn(args[0], want, args[2])
     assert torch.equal(got, want)
+
+
+def test_fp8_values_of_a_quant_chain_stored_by_a_second_launch():
+    from braze.models.fp8 import quant_fp8_group
+
+    def fn(x, cos, sin, cache, slots):
+        q8, scale = quant_fp8_group(apply_rope(x.view(3, 2, 32), cos, sin), 32, ue8m0=True)
+        cache.view(-1, 2, 32)[slots] = q8
+        return scale * 1
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(3, 64, generator=gen).to(torch.bfloat16), torch.randn(3, 16, generator=gen),
+            torch.randn(3, 16, generator=gen), torch.zeros(4, 2, 2, 32, dtype=torch.float8_e4m3fn),
+            torch.tensor([6, 1, 3]))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert sorted(r.ops for r in record.remarks if r.kind == "applied") == [("rope", "fp8_quant"), ("store",)]
+    assert record.stats["head-chain"]["launches"] == 2
+    got, want = args[3].clone(), args[3].clone()
+    s_got = gm(*args[:3], got, args[4])
+    s_want = fn(*args[:3], want, args[4])
+    torch.testing.assert_close(s_got, s_want, rtol=0, atol=0)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
