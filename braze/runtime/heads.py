@@ -56,13 +56,15 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
         args += [cos, sin, cos.stride(0), sin.stride(0)]
         if chain.gather:  # one position per token, or one for every token (made T long: the kernel reads pos[row])
             positions = named["positions"].reshape(-1)
-            args.append(positions.expand(t).contiguous() if positions.shape[0] == 1 else positions)
+            args.append((positions.expand(t) if positions.shape[0] == 1 else positions).contiguous())
+    # the kernel reads slots[row] (or slots[0]): unit stride, whatever view the indices came as
+    slots = named["slots"].reshape(-1).contiguous() if chain.write is not None else None
     if chain.write is not None and chain.write.layout == "bhsd":
-        cache, slots = caches[0], named["slots"]
+        cache = caches[0]
         args += [slots, cache, cache.shape[2], 0 if slots.numel() == 1 else 1, *(cache.stride(i) for i in (0, 1, 2))]
     elif chain.write is not None:
         cache = caches[0]
-        args += [named["slots"], cache, cache.numel() // (chain.heads * chain.head_dim)]
+        args += [slots, cache, cache.numel() // (chain.heads * chain.head_dim)]
     return args
 
 

@@ -402,3 +402,23 @@ def test_fp8_values_of_a_quant_chain_stored_by_a_second_launch():
     s_want = fn(*args[:3], want, args[4])
     torch.testing.assert_close(s_got, s_want, rtol=0, atol=0)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_strided_slot_and_position_indices():
+    # indices that arrive as strided views (a column of a [T, 2] tensor) are read with their strides
+    def fn(x, cos_t, sin_t, idx, cache):
+        pos, slots = idx[:, 0], idx[:, 1]
+        cache.view(-1, 2, 32)[slots] = apply_rope(x.view(3, 2, 32), cos_t[pos], sin_t[pos], style="neox")
+        return cache.sum()
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(3, 64, generator=gen), torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen),
+            torch.tensor([[5, 7], [9, 0], [2, 3]]), torch.full((4, 2, 2, 32), float("nan")))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert [r.ops for r in record.remarks if r.kind == "applied"] == [("rope", "store")]
+    got, want = args[4].clone(), args[4].clone()
+    gm(*args[:4], got)
+    fn(*args[:4], want)
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()], rtol=1e-5, atol=1e-5)
