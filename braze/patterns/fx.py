@@ -14,6 +14,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 aten = torch.ops.aten
 prims = torch.ops.prims
 
+# The float dtypes the recognizers accept for activations, weights and scale math.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @dataclass(frozen=True)
 class Miss:

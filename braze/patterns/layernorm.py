@@ -14,6 +14,7 @@ import torch
 from torch.fx import Node
 
 from .fx import (
+    FLOAT_DTYPES,
     Miss,
     aten,
     binary_operands,
@@ -30,9 +31,6 @@ from .fx import (
     users_outside,
 )
 from .stages import Cast, WeightMul, dtype_name, round_to as _round
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 @dataclass(frozen=True)
 class BiasAdd:

@@ -16,6 +16,7 @@ import torch
 from torch.fx import Node
 
 from .fx import (
+    FLOAT_DTYPES,
     Miss,
     aten,
     binary_operands,
@@ -39,9 +40,6 @@ FP8_ALL = tuple(
     for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, n)
 )
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 @dataclass(frozen=True)
 class QuantMatch:
     stage: FP8Quant

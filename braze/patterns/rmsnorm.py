@@ -15,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from .fx import (
+    FLOAT_DTYPES,
     Miss,
     aten,
     binary_operands,
@@ -33,9 +34,6 @@ from .fx import (
     val,
 )
 from .stages import Cast, EpilogueOp, ResidualAdd, RMSNorm, WeightMul, dtype_name, round_to as _round
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 @dataclass(frozen=True)
 class ResidualMatch:
