@@ -61,7 +61,9 @@ def chain_params(chain: HeadChain) -> list[str]:
         params += ["slots_ptr", "cache_ptr", "n_slots"]
         if chain.write.layout == "bhsd":
             params += ["slots_stride", "cache_sb", "cache_sh", "cache_ss"]
-    if chain.quant is not None:
+    elif chain.fields:
+        params.append("slots_ptr")
+    if chain.quant is not None and chain.quant_out:
         params += ["q_ptr"] + [f"s{i}_ptr" for i in range(len(chain.quant.scales))]
     return params
 
@@ -85,7 +87,7 @@ def generate(group: HeadGroup) -> HeadKernelSource:
         em.indent -= 1
         if chain.out:
             out_offset += chain.heads * chain.head_dim
-    params += ["out_ptr", "n_rows"]
+    params += [f"fc{i}_ptr" for i in range(group.n_field_caches)] + ["out_ptr", "n_rows"]
     consts = [f"{k}: tl.constexpr" for k in const] + ["SOFT_ROUND: tl.constexpr", "DIV_RN: tl.constexpr"]
     elems = max(_next_pow2(c.heads) * _next_pow2(c.head_dim) for c in group.chains)
     num_warps = 1 if elems <= 256 else 2 if elems <= 1024 else 4 if elems <= 4096 else 8
@@ -128,6 +130,8 @@ def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset:
         # x may have gaps between heads (q split from an interleaved [q | gate] projection)
         at = f"row * {p}x_row_stride + {seg.col} + {seg.head} * ({p}x_head_stride - {p}HD)"
         seg.value = em.let(f"tl.load({p}x_ptr + {at}, mask={seg.mask}, other=0.0).to(tl.float32)", f"{p}x{k}_")
+    if chain.fields:
+        em.line(f"{p}fslot = tl.load({p}slots_ptr + row).to(tl.int64)")
     if chain.norm is not None and chain.norm.kind == "layernorm":
         _emit_layernorm(em, chain, segments, p)
     elif chain.norm is not None:
@@ -140,6 +144,7 @@ def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset:
         if chain.out:
             base = f"n_rows * {out_offset} + row * {H * HD}"
             em.line(f"tl.store(out_ptr + {base} + {seg.col}, {seg.value}.to({_TL_DTYPE[out_dtype]}), mask={seg.mask})")
+        emit_fields(em, chain, p, "result", seg.value, seg.col, seg.mask)
     if chain.quant is not None:
         _emit_quant(em, chain, segments, p)
     if chain.write is not None:
@@ -284,8 +289,10 @@ def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str
         sc = amax
         for op in prog:
             sc = em.unary(sc, op)
-        em.line(f"tl.store({p}s{i}_ptr + row * {p}H + {p}hq, {sc}.to({_TL_DTYPE[prog[-1].dtype]}), "
-                f"mask={p}hq < {p}H)")
+        if chain.quant_out:
+            em.line(f"tl.store({p}s{i}_ptr + row * {p}H + {p}hq, {sc}.to({_TL_DTYPE[prog[-1].dtype]}), "
+                    f"mask={p}hq < {p}H)")
+        emit_fields(em, chain, p, f"scale{i}", sc, f"{p}hq", f"{p}hq < {p}H")
     operand = amax
     for op in quant.operand:
         operand = em.unary(operand, op)
@@ -302,5 +309,26 @@ def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str
         else:
             v = em.let(f"{seg.value} * {seg.bcast(operand)}", "v")
         v = fp8_value(em, v, quant)
-        em.line(f"tl.store({p}q_ptr + row * {chain.heads * chain.head_dim} + {seg.col}, "
-                f"{v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask={seg.mask})")
+        if chain.quant_out:
+            em.line(f"tl.store({p}q_ptr + row * {chain.heads * chain.head_dim} + {seg.col}, "
+                    f"{v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask={seg.mask})")
+        emit_fields(em, chain, p, "q", v, seg.col, seg.mask)
+
+
+def emit_fields(em: _Emitter, chain: HeadChain, p: str, value: str, v: str, elem: str, mask: str) -> None:
+    """Store `v` (element indices `elem` of the token's value, heads-major) into each byte field of
+    the chain that holds `value`: the field's address is computed in bytes and the pointer cast to
+    the field's dtype, so a fp32 scale lands as its four little-endian bytes."""
+    for f in chain.fields:
+        if f.value != value:
+            continue
+        em.line(f"# {value} -> bytes [{f.offset}, +{f.size}·n) of each slot's row in field cache {f.cache}"
+                + (f", pages of {f.block} slots" if f.block else ""))
+        slot = em.let(f"tl.zeros_like({elem}).to(tl.int64) + {p}fslot", "fs")
+        slot = em.let(f"tl.where({slot} < 0, {slot} + {f.n_slots}, {slot})", "fs")  # eager indexing wraps negatives
+        base = (f"({slot} // {f.block}) * {f.page_stride} + ({slot} % {f.block}) * {f.row_stride}" if f.block
+                else f"{slot} * {f.row_stride}")
+        addr = em.let(f"{base} + {f.offset} + {elem} * {f.size}", "fa")
+        stored = v if value == "q" else em.round_to(v, f.dtype)  # q: fp8 values already
+        em.line(f"tl.store((fc{f.cache}_ptr + {addr}).to(tl.pointer_type({_TL_DTYPE[f.dtype]})), "
+                f"{stored}.to({_TL_DTYPE[f.dtype]}), mask=({mask}) & ({slot} >= 0) & ({slot} < {f.n_slots}))")

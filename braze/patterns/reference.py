@@ -8,7 +8,7 @@ from .layernorm import layernorm_reference
 from .quant import fp8_quant_reference
 from .rmsnorm import residual_add_reference, rmsnorm_reference
 from .rope import rope_reference
-from .stages import HeadChain, HeadGroup, RowChain
+from .stages import FieldWrite, HeadChain, HeadGroup, RowChain
 
 
 def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -30,8 +30,10 @@ def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[tor
     return outs
 
 
-def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Outputs of `chain` for `inputs` (HeadChain.input_names order); writes `caches` in place like the kernel."""
+def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: list[torch.Tensor],
+                         field_caches: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """Outputs of `chain` for `inputs` (HeadChain.input_names order); writes `caches` (its CacheWrite)
+    and `field_caches` (the group's byte caches its fields index) in place like the kernel."""
     named = dict(zip(chain.input_names(), inputs))
     t = named["x"].shape[0]
     x = named["x"].reshape(t, chain.heads, chain.head_dim).float()
@@ -59,11 +61,27 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
         cache = caches[0]
         cache.view(-1, chain.heads, chain.head_dim)[named["slots"]] = result.to(cache.dtype)
     outs = [result] if chain.out else []
+    values = {"result": result}
     if chain.quant is not None:
         q, scales = fp8_quant_reference(result.float(), chain.quant)  # the quant reads the rounded result
-        outs.append(q)
-        outs += [s.to(getattr(torch, prog[-1].dtype)) for s, prog in zip(scales, chain.quant.scales)]
+        values["q"] = q
+        scales = [s.to(getattr(torch, prog[-1].dtype)) for s, prog in zip(scales, chain.quant.scales)]
+        values.update((f"scale{i}", s) for i, s in enumerate(scales))
+        if chain.quant_out:
+            outs += [q, *scales]
+    for f in chain.fields:
+        write_field(field_caches[f.cache], f, named["slots"].reshape(-1), values[f.value])
     return outs
+
+
+def write_field(cache: torch.Tensor, f: FieldWrite, slots: torch.Tensor, value: torch.Tensor) -> None:
+    """The bytes of value [T, ...] (as f.dtype) into the byte cache at each token's slot (FieldWrite)."""
+    t = value.shape[0]
+    slot = torch.where(slots < 0, slots + f.n_slots, slots).expand(t)
+    base = (slot // f.block) * f.page_stride + (slot % f.block) * f.row_stride if f.block else slot * f.row_stride
+    data = value.to(getattr(torch, f.dtype)).reshape(t, -1).contiguous().view(torch.uint8)  # [T, n · size]
+    addr = base[:, None] + f.offset + torch.arange(data.shape[1], device=cache.device)
+    cache.view(-1)[addr] = data
 
 
 def head_group_reference(group: HeadGroup, inputs: list[torch.Tensor],
@@ -71,9 +89,10 @@ def head_group_reference(group: HeadGroup, inputs: list[torch.Tensor],
     """The group's outputs (see HeadGroup): the flat result buffer, then each quant chain's flat fp8
     values and scales; writes `caches` in place."""
     flat, quant, i, c = [], [], 0, 0
+    fields = caches[sum(1 for ch in group.chains if ch.write is not None):]
     for chain in group.chains:
         n_in, n_c = len(chain.input_names()), 1 if chain.write is not None else 0
-        res = head_chain_reference(chain, inputs[i:i + n_in], caches[c:c + n_c])
+        res = head_chain_reference(chain, inputs[i:i + n_in], caches[c:c + n_c], fields)
         if chain.out:
             flat.append(res.pop(0).reshape(-1).to(getattr(torch, group.out_dtype)))
         quant += [r.reshape(-1) for r in res]

@@ -236,6 +236,41 @@ class CacheWrite:
 
 
 @dataclass(frozen=True)
+class FieldWrite:
+    """The bytes of one of a chain's values written in place into a byte (uint8) cache.
+
+    `value`: "result" (the chain's result, [heads, head_dim]), "q" (the fp8 values) or "scaleN"
+    (scale program N's values, one per head). Element e of token t (heads-major order) lands at byte
+        (slot // block) * page_stride + (slot % block) * row_stride + offset + e * size(dtype)
+    of field cache `cache`, slot = slots[t] wrapped at `n_slots` when negative (as eager indexing);
+    `block` 0: no pages, slot * row_stride + offset + e * size. DeepSeek's packed MLA row (fp8
+    values at 0, fp32 scales at 512, bf16 rope at 528 of a 656-byte row) is three fields; its paged
+    index cache (a page of `block` fp8 key rows, then `block` fp32 scales) is two.
+    """
+
+    value: str
+    cache: int
+    dtype: str
+    offset: int
+    row_stride: int
+    n_slots: int
+    block: int = 0
+    page_stride: int = 0
+    kind: str = field(default="field_write", init=False)
+
+    def __post_init__(self) -> None:
+        assert self.value in ("result", "q") or self.value.startswith("scale"), self.value
+        assert self.dtype in FLOAT_DTYPES + FP8_DTYPES, self.dtype
+        size = torch.empty((), dtype=to_dtype(self.dtype)).element_size()
+        assert self.offset % size == 0 and self.row_stride % size == 0 and self.page_stride % size == 0, \
+            "fields are aligned to their element size"
+
+    @property
+    def size(self) -> int:
+        return torch.empty((), dtype=to_dtype(self.dtype)).element_size()
+
+
+@dataclass(frozen=True)
 class HeadChain(_JsonSpec):
     """norm -> RoPE -> FP8 quant -> (outputs and/or cache write) over the heads of each token.
 
@@ -246,7 +281,9 @@ class HeadChain(_JsonSpec):
     [T, table] rows), slot indices [T] (if a cache write). The cache goes in the op's
     separate list of mutated tensors. Outputs: the result [T, heads, head_dim] if `out`;
     with `quant` (one scale per head: group_size == head_dim) also the fp8 values
-    [T, heads, head_dim] and each of its scale programs' values [T, heads] (quant_outputs).
+    [T, heads, head_dim] and each of its scale programs' values [T, heads] (quant_outputs),
+    unless `quant_out` is False (the quant's values only feed `fields`). `fields`: byte fields
+    written into byte caches (FieldWrite); they read the slot indices too.
     """
 
     in_dtype: str
@@ -258,21 +295,26 @@ class HeadChain(_JsonSpec):
     out: bool
     write: CacheWrite | None
     quant: FP8Quant | None = None
+    fields: tuple[FieldWrite, ...] = ()
+    quant_out: bool = True
 
     def __post_init__(self) -> None:
         if self.quant is not None:
             assert self.quant.group_size == self.head_dim, "head-chain quant: one scale per head"
-            assert self.write is None, "head-chain quant: the fp8 values are outputs, not a cache write"
+            assert self.write is None, "head-chain quant: the fp8 values are outputs or fields, not a cache write"
+        for f in self.fields:
+            assert f.value == "result" or self.quant is not None, f"field {f.value} of a chain without a quant"
+            assert not f.value.startswith("scale") or int(f.value[5:]) < len(self.quant.scales), f.value
 
     @property
     def name(self) -> str:
         parts = ([self.norm.kind] if self.norm else []) + (["rope"] if self.rope else []) + (
-            ["fp8"] if self.quant else []) + (["store"] if self.write else [])
+            ["fp8"] if self.quant else []) + (["store"] if self.write or self.fields else [])
         return "_".join(parts) or "copy"
 
     def quant_outputs(self) -> list[tuple[str, tuple[int, ...]]]:
         """(dtype, per-token shape) of the quant's outputs: fp8 values, then each scale program's values."""
-        if self.quant is None:
+        if self.quant is None or not self.quant_out:
             return []
         return [(self.quant.fp8_dtype, (self.heads, self.head_dim))] + [
             (prog[-1].dtype, (self.heads,)) for prog in self.quant.scales]
@@ -291,7 +333,7 @@ class HeadChain(_JsonSpec):
             names.append("bias")
         if self.rope is not None:
             names += ["cos", "sin"] + (["positions"] if self.gather else [])
-        if self.write is not None:
+        if self.write is not None or self.fields:
             names.append("slots")
         return names
 
@@ -329,6 +371,15 @@ class HeadGroup(_JsonSpec):
         """(dtype, per-token shape) of the op's outputs after the flat buffer, chain after chain."""
         return [o for c in self.chains for o in c.quant_outputs()]
 
+    @property
+    def n_field_caches(self) -> int:
+        """Byte caches the chains' fields write: the op's caches after the CacheWrite ones (chain order)."""
+        return 1 + max((f.cache for c in self.chains for f in c.fields), default=-1)
+
+    @property
+    def writes(self) -> bool:
+        return any(c.write is not None or c.fields for c in self.chains)
+
 
 
 def _encode(obj: Any) -> Any:
@@ -342,7 +393,7 @@ def _encode(obj: Any) -> Any:
 
 
 _TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm, FP8Quant, RowChain, CacheWrite,
-                                   HeadChain, HeadGroup)}
+                                   FieldWrite, HeadChain, HeadGroup)}
 
 
 def _register_late_types() -> None:

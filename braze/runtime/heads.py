@@ -58,13 +58,15 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
             positions = named["positions"].reshape(-1)
             args.append((positions.expand(t) if positions.shape[0] == 1 else positions).contiguous())
     # the kernel reads slots[row] (or slots[0]): unit stride, whatever view the indices came as
-    slots = named["slots"].reshape(-1).contiguous() if chain.write is not None else None
+    slots = named["slots"].reshape(-1).contiguous() if "slots" in named else None
     if chain.write is not None and chain.write.layout == "bhsd":
         cache = caches[0]
         args += [slots, cache, cache.shape[2], 0 if slots.numel() == 1 else 1, *(cache.stride(i) for i in (0, 1, 2))]
     elif chain.write is not None:
         cache = caches[0]
         args += [slots, cache, cache.numel() // (chain.heads * chain.head_dim)]
+    elif chain.fields:
+        args.append(slots)
     return args
 
 
@@ -86,8 +88,12 @@ def _launch(kernel, fn, group: HeadGroup, inputs: list[torch.Tensor], caches: li
         args += _chain_args(chain, inputs[i:i + n_in], caches[c:c + n_c])
         args += [next(quant) for _ in chain.quant_outputs()]
         i, c = i + n_in, c + n_c
+    fields = caches[c:]
+    assert len(fields) == group.n_field_caches, (len(fields), group.n_field_caches)
+    for cache in fields:  # byte caches the fields write: contiguous uint8 (the pass checks it)
+        assert cache.dtype == torch.uint8 and cache.is_contiguous(), (cache.dtype, cache.stride())
     t = inputs[0].shape[0]
-    args += [outs[0], t]
+    args += [*fields, outs[0], t]
     const = dict(kernel.source.constexprs, SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN)
     extra = {} if interpreted else {"num_warps": kernel.source.num_warps}
     fn[(t, len(group.chains))](*args, **const, **extra)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from braze.patterns.layernorm import BiasAdd, LayerNorm
 from braze.patterns.reference import head_group_reference
 from braze.patterns.rope import Rope
-from braze.patterns.stages import CacheWrite, Cast, FP8Quant, HeadChain, HeadGroup, RMSNorm, UnaryOp, WeightMul
+from braze.patterns.stages import CacheWrite, Cast, FieldWrite, FP8Quant, HeadChain, HeadGroup, RMSNorm, UnaryOp, WeightMul
 from braze.runtime import heads as rt
 from braze.runtime.rowwise import _interpreter_ready
 
@@ -160,3 +160,79 @@ def test_op_writes_the_cache_in_place(device):
     assert cache.data_ptr() == ptr
     flat = cache.view(-1, 2, 64)
     assert torch.equal(flat[slots], out) and flat[[1, 3, 4, 6, 7]].abs().sum() == 0
+
+
+def field_layout(sizes: list[int], block: int, n_slots: int, fields: list[tuple[str, str]]) -> list[FieldWrite]:
+    """Fields of `sizes` bytes each, side by side in one row per slot (block 0) or, paged, each a
+    block-long run per page (DeepSeek's index cache: all keys of a page, then all its scales)."""
+    out, off = [], 0
+    for (value, dtype), size in zip(fields, sizes):
+        if block:
+            out.append(FieldWrite(value, 0, dtype, off * block, size, n_slots, block, sum(sizes) * block))
+        else:
+            out.append(FieldWrite(value, 0, dtype, off, sum(sizes), n_slots))
+        off += size
+    return out
+
+
+def read_field(cache: torch.Tensor, f: FieldWrite, slots: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the values of field f at each slot [T, n] as f.dtype, the byte addresses [T, n · size])."""
+    slot = torch.where(slots < 0, slots + f.n_slots, slots)
+    base = (slot // f.block) * f.page_stride + (slot % f.block) * f.row_stride if f.block else slot * f.row_stride
+    addr = base[:, None] + f.offset + torch.arange(n * f.size)
+    return cache.view(-1)[addr].contiguous().view(getattr(torch, f.dtype)), addr
+
+
+@given(dtype=st.sampled_from(["bfloat16", "float32"]), heads=st.sampled_from([1, 3, 4]),
+       head_dim=st.sampled_from([32, 128]), block=st.sampled_from([0, 1, 4]), norm=st.booleans(),
+       pow2=st.booleans(), t=st.sampled_from([1, 3, 5]), seed=st.integers(0, 999))
+def test_byte_fields_pack_quant_values_scales_and_rope_into_byte_caches(dtype, heads, head_dim, block, norm, pow2, t,
+                                                                         seed, device):
+    """DeepSeek's packed caches, generalized: a norm -> per-head fp8 chain writes its fp8 values and fp32
+    scales, a GPT-J RoPE chain its bf16 result, as bytes of one row per slot or paged runs. Every byte
+    outside the written fields keeps its poison; the written values decode to the reference's."""
+    if device == "cpu" and not _interpreter_ready():
+        pytest.skip("needs the Triton interpreter")
+    width = heads * head_dim
+    n_slots = 12
+    sizes = [width, 4 * heads, 2 * 64]
+    fields = field_layout(sizes, block, n_slots, [("q", "float8_e4m3fn"), ("scale0", F32), ("result", "bfloat16")])
+    rms = RMSNorm(1e-6, width, F32, F32, F32, F32, (WeightMul(F32, dtype), Cast(dtype)), False) if norm else None
+    quant_chain = HeadChain(dtype, heads, head_dim, rms, None, False, False, None, head_quant(head_dim, pow2),
+                            fields=tuple(fields[:2]), quant_out=False)
+    rope_chain = HeadChain(F32, 1, 64, None, Rope("gptj", 64, 64, 0, 32, F32, F32), True, False, None,
+                           fields=(fields[2],))
+    group = HeadGroup((quant_chain, rope_chain))
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(n_slots, generator=gen)[:t]
+    slots[0] -= n_slots  # a negative slot wraps, as in eager indexing
+    inputs = [torch.randn(t, heads, head_dim, generator=gen).to(getattr(torch, dtype)) * 3]
+    if norm:
+        inputs.append((1 + 0.3 * torch.randn(width, generator=gen)).to(getattr(torch, dtype)))
+    inputs.append(slots)
+    inputs += [torch.randn(t, 1, 64, generator=gen), torch.randn(16, 32, generator=gen),
+               torch.randn(16, 32, generator=gen), torch.randint(0, 16, (t,), generator=gen), slots]
+    cache = torch.randint(0, 256, (n_slots * sum(sizes),), generator=gen, dtype=torch.uint8)
+    ref_cache = cache.clone()
+    ref = head_group_reference(group, inputs, [ref_cache])
+    assert len(ref) == 1 and ref[0].numel() == 0  # everything went into the cache
+    inputs, cache = [i.to(device) for i in inputs], cache.to(device)
+    kernel = rt.heads_kernel(group)
+    outs = rt._outputs(group, inputs[0])
+    on_cpu = device == "cpu"
+    rt._launch(kernel, kernel.interpreted if on_cpu else kernel.jit, group, inputs, [cache], outs, interpreted=on_cpu)
+    cache = cache.cpu()
+    written = torch.zeros_like(cache, dtype=torch.bool)
+    got = {}
+    for f, n in zip(fields, (width, heads, 64)):
+        got[f.value], addr = read_field(cache, f, slots, n)
+        want, _ = read_field(ref_cache, f, slots, n)
+        written[addr.flatten()] = True
+        got[f.value + "_ref"] = want
+    assert torch.equal(cache[~written], ref_cache[~written]), "a byte outside the written fields changed"
+    torch.testing.assert_close(got["result"].float(), got["result_ref"].float(), rtol=2 ** -7, atol=1e-5)
+    q, scale = got["q"].float().view(t, heads, -1), got["scale0"].view(t, heads, 1)
+    rq, rscale = got["q_ref"].float().view(t, heads, -1), got["scale0_ref"].view(t, heads, 1)
+    assert not q.isnan().any()
+    # one ulp of the normed value may move amax, and a power-of-two scale by 2 at a boundary (as above)
+    torch.testing.assert_close(q * scale, rq * rscale, rtol=0.13, atol=float(rscale.max()) * 2 ** -9)
