@@ -12,6 +12,7 @@ in CHAIN_DESIGN.md.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from braze.patterns.stages import HeadChain, HeadGroup, dtype_name
 from braze.patterns.store import StoreMatch, match_store
 
 from .base import Pass, PassContext
+from .chain_bytes import ByteStores, Claim, base_of, byte_dtype_ok, consumed_by_bytes, per_token
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
 
 
@@ -38,6 +40,7 @@ class HeadSite:
     store: StoreMatch | None
     anchor: Node
     quant: QuantMatch | None = None  # the FP8 quant of the result, per head (its q and scale nodes are replaced)
+    claims: tuple[Claim, ...] = ()  # packed byte stores the chain's fields write (chain.fields, same order)
 
 
 def fused_heads_call(group: HeadGroup, n_inputs: int):
@@ -102,6 +105,29 @@ def _only_feeds(node: Node, targets: set[Node]) -> bool:
     return True
 
 
+def _quant_read_elsewhere(quant: QuantMatch, claims: list[Claim]) -> bool:
+    """Whether the quant's fp8 values or scales have readers besides itself and the claimed byte images."""
+    return any(u not in quant.nodes and not consumed_by_bytes(u, claims)
+               for n in (quant.q, *quant.scale_nodes) for u in n.users)
+
+
+class _Deferred:
+    """The pass context with remarks held back: sites may be built twice (packed_row claims dropped)."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self._ctx, self._remarks = ctx, []
+
+    def remark(self, *args, **kwargs) -> None:
+        self._remarks.append((args, kwargs))
+
+    def token_check(self, *args):
+        return self._ctx.token_check(*args)
+
+    def replay(self) -> None:
+        for args, kwargs in self._remarks:
+            self._ctx.remark(*args, **kwargs)
+
+
 class HeadChainFusion(Pass):
     name = "head-chain"
     family = "chain"
@@ -137,24 +163,28 @@ class HeadChainFusion(Pass):
                 if isinstance(q, QuantMatch):
                     quants[_through_views(strip_lossless_casts(q.y))] = q
         ctx.bump("ropes-recognized", len(ropes))
-        sites: list[HeadSite] = []
-        for rope in ropes:
-            try:
-                site = self._site(rope, norms, stores, quants, ctx)
-            except Exception as e:  # a bug in braze must not break the user's compile
-                ctx.remark("failed", "internal-error", rope.output, "head chain left unfused after an error in braze",
-                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug", ops=("rope",))
-                continue
-            if site is None:
-                continue
-            why = ctx.token_check(self.family, val(site.inputs[0]).shape[0])
-            if why:
-                ctx.remark("missed", "token-range", site.anchor, "head chain not fused", reason=why,
-                           suggestion="widen FusionConfig.token_ranges['chain']", ops=self._ops(site))
-                continue
-            sites.append(site)
+        byte = ByteStores.collect(graph)
+        # a packed byte store is taken only when chains compute every piece of it; else its claims are
+        # dropped and the chains are built again without them
+        excluded: set[Node] = set()
+        for _ in range(3):
+            deferred = _Deferred(ctx)
+            sites = self._build_sites(ropes, norms, stores, quants, byte, excluded, deferred)
+            claimed = {id(c.piece) for s in sites for c in s.claims}
+            partial = {c.store.copy for s in sites for c in s.claims if not byte.complete(c.store, claimed)}
+            if not partial:
+                break
+            for copy in partial:
+                ctx.remark("missed", "packed-row-partial", copy, "packed byte row left to Inductor",
+                           reason="some of its bytes come from values no fused chain computes",
+                           suggestion="build every piece of the row from a norm/RoPE/FP8 chain", ops=("store",))
+            excluded |= partial
+        else:
+            deferred = _Deferred(ctx)
+            sites = self._build_sites(ropes, norms, stores, quants, ByteStores([]), excluded, deferred)
+        deferred.replay()
         # cache writes no chain took: a plain store, fused alone (in place, O(T) bytes) or beside a sibling
-        taken = {s.store.copy for s in sites if s.store is not None}
+        taken = {s.store.copy for s in sites if s.store is not None} | {c.store.copy for s in sites for c in s.claims}
         # results a chain replaces with its own output: a store of them stays with Inductor (as a chain input
         # it could land in the same launch as the chain that produces it; quant outputs cannot: quant and
         # writing chains never share a launch)
@@ -172,9 +202,19 @@ class HeadChainFusion(Pass):
                 continue
             sites.append(site)
         fake_mode = graph_fake_mode(graph)
-        for group in _group_siblings(graph, sites):
-            spec = HeadGroup(tuple(s.chain for s in group))
-            args = [a for s in group for a in s.inputs] + [s.cache for s in group if s.cache is not None]
+        groups, dropped = _group_siblings(graph, sites)
+        for site in dropped:
+            ctx.remark("missed", "packed-row-launch", site.anchor, "packed byte row left to Inductor",
+                       reason="the chains that compute its pieces cannot share one launch (a piece is read "
+                              "before another is computed)", ops=self._ops(site))
+        for launch, group in enumerate(groups):
+            # the byte caches the group's fields write, each once; a field names its cache by index
+            field_caches = list({c.store.cache: None for s in group for c in s.claims})
+            chains = tuple(dataclasses.replace(s.chain, fields=tuple(
+                dataclasses.replace(f, cache=field_caches.index(c.store.cache)) for f, c in zip(s.chain.fields, s.claims)))
+                for s in group)
+            spec = HeadGroup(chains)
+            args = [a for s in group for a in s.inputs] + [s.cache for s in group if s.cache is not None] + field_caches
             n_in = sum(len(s.inputs) for s in group)
             try:
                 traced = trace_functional(fused_heads_call(spec, n_in), [a.meta["val"] for a in args], fake_mode)
@@ -182,20 +222,105 @@ class HeadChainFusion(Pass):
                 ctx.remark("failed", "internal-error", group[0].anchor, "head chains left unfused after an error in braze",
                            reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug", ops=("rope",))
                 continue
-            self._replace(graph, group, traced, args)
+            self._replace(graph, group, traced, args, field_caches)
             for site in group:
                 note = f" (one launch with {len(group) - 1} sibling chain(s))" if len(group) > 1 else ""
                 ctx.remark("applied", "head-chain", site.anchor,
                            f"fused {' -> '.join(self._ops(site))} into one kernel{note}",
-                           ops=self._ops(site), args={**self._args(site.chain), "group": len(group)})
+                           ops=self._ops(site), args={**self._args(site.chain), "group": len(group),
+                                                          "launch": launch})
             ctx.bump("chains-fused", len(group))
             ctx.bump("launches", 1)
+
+    def _build_sites(self, ropes, norms, stores, quants, byte: ByteStores, excluded: set[Node],
+                     ctx: _Deferred) -> list[HeadSite]:
+        """A site per RoPE, then per FP8 quant whose bytes a packed store writes (no RoPE before it)."""
+        byte = ByteStores([s for s in byte.stores if s.copy not in excluded],
+                          {k: [c for c in v if c.store.copy not in excluded] for k, v in byte.by_value.items()})
+        sites: list[HeadSite] = []
+        seeds = [("rope", r) for r in ropes] + [("quant", q) for q in {id(q): q for q in quants.values()}.values()]
+        for kind, seed in seeds:
+            try:
+                if kind == "rope":
+                    site = self._site(seed, norms, stores, quants, byte, ctx)
+                elif any(s.quant is seed for s in sites):
+                    continue
+                else:
+                    site = self._quant_site(seed, norms, byte, ctx)
+            except Exception as e:  # a bug in braze must not break the user's compile
+                anchor = seed.output if kind == "rope" else seed.q
+                ctx.remark("failed", "internal-error", anchor, "head chain left unfused after an error in braze",
+                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug", ops=(kind,))
+                continue
+            if site is None:
+                continue
+            why = ctx.token_check(self.family, val(site.inputs[0]).shape[0])
+            if why:
+                ctx.remark("missed", "token-range", site.anchor, "head chain not fused", reason=why,
+                           suggestion="widen FusionConfig.token_ranges['chain']", ops=self._ops(site))
+                continue
+            sites.append(site)
+        return sites
+
+    @staticmethod
+    def _quant_fields(quant: QuantMatch, heads: int, head_dim: int, byte: ByteStores) -> tuple[list, list]:
+        """Byte fields of a per-head quant's fp8 values and scales, and the claims behind them."""
+        fields, claims = [], []
+        for c in byte.claims(quant.q):
+            if per_token(c.piece.source) == heads * head_dim and c.piece.dtype == torch.float8_e4m3fn:
+                fields.append(c.field("q"))
+                claims.append(c)
+        for i, node in enumerate(quant.scale_nodes):
+            for c in byte.claims(node):
+                if per_token(c.piece.source) == heads and byte_dtype_ok(c.piece.dtype):
+                    fields.append(c.field(f"scale{i}"))
+                    claims.append(c)
+        return fields, claims
+
+    def _quant_site(self, quant: QuantMatch, norms, byte: ByteStores, ctx: _Deferred) -> HeadSite | None:
+        """[norm ->] FP8 quant whose fp8 values and scales only a packed byte store reads: the chain
+        writes the bytes itself (the kv_c latent of DeepSeek's MLA row: RMSNorm -> 4 groups of 128)."""
+        if not (byte.claims(quant.q) or any(byte.claims(n) for n in quant.scale_nodes)):
+            return None
+        y = quant.y
+        width, group = per_token(y), quant.stage.group_size
+        if width is None or not isinstance(group, int) or width % group:
+            return None
+        heads, head_dim = width // group, group
+        fields, claims = self._quant_fields(quant, heads, head_dim, byte)
+        if not fields:
+            return None
+        base = base_of(y)
+        norm = norms.get(base) or norms.get(y)
+        if norm is not None and not (_only_feeds(norm.output, set(quant.nodes))
+                                     and (known_eq(norm.stage.width, width) or known_eq(norm.stage.width, head_dim))):
+            norm = None
+        source = norm.x if norm is not None else y
+        source = _as_tokens(source, heads, head_dim)
+        if source is None or val(source).dim() not in (2, 3) or per_token(source) != width:
+            return None
+        quant_out = _quant_read_elsewhere(quant, claims)
+        if quant_out:  # a writing launch returns no quant outputs: the bytes stay with Inductor
+            return None
+        chain = HeadChain(in_dtype=dtype_name(val(source).dtype), heads=heads, head_dim=head_dim,
+                          norm=norm.stage if norm is not None else None, rope=None, gather=False, out=False,
+                          write=None, quant=quant.stage, fields=tuple(fields), quant_out=quant_out)
+        inputs = [source]
+        if norm is not None and norm.weight is not None:
+            inputs.append(norm.weight)
+        if norm is not None and getattr(norm, "bias", None) is not None:
+            inputs.append(norm.bias)
+        inputs.append(claims[0].write.slots)
+        if any(c.write.slots is not claims[0].write.slots for c in claims):
+            return None
+        return HeadSite(chain, tuple(inputs), None, None, None, norm.anchor if norm is not None else quant.q,
+                        quant, tuple(claims))
 
     @staticmethod
     def _ops(site: HeadSite) -> tuple[str, ...]:
         c = site.chain
         return tuple(([c.norm.kind] if c.norm else []) + (["rope"] if c.rope else []) + (["fp8_quant"] if c.quant else [])
-                     + (["store"] if c.write else []))
+                     + (["store"] if c.write or c.fields else []))
 
     @staticmethod
     def _args(chain: HeadChain) -> dict[str, object]:
@@ -210,7 +335,7 @@ class HeadChainFusion(Pass):
         return args
 
     def _site(self, rope: RopeMatch, norms: dict[Node, NormMatch | LayerNormMatch], stores: dict[Node, StoreMatch],
-              quants: dict[Node, QuantMatch], ctx: PassContext) -> HeadSite | None:
+              quants: dict[Node, QuantMatch], byte: ByteStores, ctx: _Deferred) -> HeadSite | None:
         stage = rope.stage
         x = rope.x
         x_shape = shape_of(x)
@@ -282,17 +407,38 @@ class HeadChainFusion(Pass):
                        ops=("rope", "fp8_quant"))
             quant = None
 
+        # grow forwards: bytes of the result (or of a cast of it) and of the quant's values in packed stores
+        fields, claims = [], []
+        if store is None:
+            for c in byte.claims(rope.output, through_cast=True):
+                if per_token(c.piece.source) == heads * stage.head_dim and byte_dtype_ok(c.piece.dtype):
+                    fields.append(c.field("result"))
+                    claims.append(c)
+        if quant is not None:
+            qf, qc = self._quant_fields(quant, heads, stage.head_dim, byte)
+            fields += qf
+            claims += qc
+        if any(c.write.slots is not claims[0].write.slots for c in claims):
+            fields, claims = [], []
+
         def consumed(u: Node) -> bool:
             if store is not None and _only_feeds(u, {store.index_put}):
+                return True
+            if claims and consumed_by_bytes(u, claims):
                 return True
             return quant is not None and (u in quant.nodes or _only_feeds(u, set(quant.nodes)))
 
         result_users = [u for u in rope.output.users if not consumed(u)]
+        quant_out = quant is not None and _quant_read_elsewhere(quant, claims)
+        if quant_out and claims:  # a writing launch returns no quant outputs: the bytes stay with Inductor
+            fields, claims = [], []
+            result_users = [u for u in rope.output.users if not consumed(u)]
         chain = HeadChain(
             in_dtype=dtype_name(val(source).dtype), heads=heads, head_dim=stage.head_dim,
             norm=norm.stage if norm is not None else None, rope=stage, gather=gather,
-            out=bool(result_users) or (store is None and quant is None), write=store.stage if store is not None else None,
-            quant=quant.stage if quant is not None else None)
+            out=bool(result_users) or (store is None and quant is None and not fields),
+            write=store.stage if store is not None else None,
+            quant=quant.stage if quant is not None else None, fields=tuple(fields), quant_out=quant_out)
         source = _as_tokens(source, heads, stage.head_dim)
         if source is None:
             ctx.remark("missed", "rope-layout", rope.output, "RoPE not fused",
@@ -307,9 +453,11 @@ class HeadChainFusion(Pass):
         inputs += tables
         if store is not None:
             inputs.append(store.slots)
+        elif claims:
+            inputs.append(claims[0].write.slots)
         return HeadSite(chain, tuple(inputs), store.cache if store else None,
                         rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output,
-                        quant)
+                        quant, tuple(claims))
 
     @staticmethod
     def _store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
@@ -363,7 +511,8 @@ class HeadChainFusion(Pass):
         return HeadSite(chain, (rows, store.slots), store.cache, None, store, store.index_put)
 
     @staticmethod
-    def _replace(graph: torch.fx.Graph, group: list[HeadSite], traced: GraphModule, args: list[Node]) -> None:
+    def _replace(graph: torch.fx.Graph, group: list[HeadSite], traced: GraphModule, args: list[Node],
+                 field_caches: list[Node]) -> None:
         new = splice(graph, traced, args, group[0].anchor)
         n_out = sum(1 for s in group if s.chain.out)
         n_quant = sum(len(s.chain.quant_outputs()) for s in group)
@@ -373,7 +522,7 @@ class HeadChainFusion(Pass):
             if site.chain.out:
                 site.result.replace_all_uses_with(view_as(graph, next(outs), site.result))
         for site in group:
-            if site.quant is not None:
+            if site.quant is not None and site.chain.quant_out:
                 for old in (site.quant.q, *site.quant.scale_nodes):
                     old.replace_all_uses_with(view_as(graph, next(quant), old))
         for site in group:
@@ -384,6 +533,13 @@ class HeadChainFusion(Pass):
                 # input takes it directly, which is what lets Inductor drop the functional clone
                 put.replace_all_uses_with(view_as(graph, new_cache, put))
                 copy.args = (copy.args[0], new_cache)
+        # packed byte stores: readers of the written cache read the op's result; the index_put /
+        # slice_scatter chain that built it goes dead
+        stores = {c.store.cache: c.store for s in group for c in s.claims}
+        for cache, new_cache in zip(field_caches, caches):
+            store = stores[cache]
+            store.final.replace_all_uses_with(view_as(graph, new_cache, store.final))
+            store.copy.args = (store.copy.args[0], new_cache)
 
 
 # Pure, cheap ops that may move earlier in the graph so sibling chains can share a launch.
@@ -394,11 +550,17 @@ _MOVABLE = {
 }
 
 
+# Matmuls move too: pure, and reading only their operands (never a cache a fused launch writes), so
+# defining one earlier changes no value; DeepSeek's q_b projection moves above the indexer this way
+# and its q_pe RoPE shares the indexer q's launch.
+_MOVABLE_GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+
+
 def _hoistable(node: Node, limit: int, order: dict[Node, int], out: list[Node]) -> bool:
     """Whether `node` can be defined before position `limit` (moving cheap pure ops); collects them."""
     if order[node] < limit:
         return True
-    if node.op != "call_function" or node.target not in _MOVABLE:
+    if node.op != "call_function" or node.target not in _MOVABLE | _MOVABLE_GEMMS:
         return False
     if not all(_hoistable(a, limit, order, out) for a in node.all_input_nodes):
         return False
@@ -416,19 +578,21 @@ def _hoist(nodes: list[Node]) -> None:
         last.append(n)
 
 
-def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[HeadSite]]:
-    """Greedy groups of chains that can share one launch.
+def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> tuple[list[list[HeadSite]], list[HeadSite]]:
+    """Greedy groups of chains that can share one launch, and the chains that could not be placed.
 
     A group is inserted after the last of its inputs, so it may hold chains only while
     every node its chains replace is first used after every input of the group, once
     the cheap pure ops (views, slices, casts) that produce late inputs move earlier.
-    Chains over different token counts or output dtypes never share a launch, nor do quant
-    chains and writing chains (the writing op returns one buffer: runtime/heads.py).
+    Chains over different token counts or output dtypes never share a launch, nor do chains
+    with quant outputs and writing chains (the writing op returns one buffer: runtime/heads.py).
+    Chains writing bytes of one packed store must share a launch (one op writes that cache);
+    when they cannot, none of them is fused.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
 
     def inputs(site: HeadSite) -> list[Node]:
-        return [*site.inputs, *([site.cache] if site.cache is not None else [])]
+        return [*site.inputs, *([site.cache] if site.cache is not None else []), *(c.store.cache for c in site.claims)]
 
     def first_use(site: HeadSite) -> int:
         used = []
@@ -436,30 +600,47 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> list[list[H
             used += [order[u] for u in site.result.users]
         if site.store is not None:
             used += [order[u] for u in site.store.index_put.users]
-        if site.quant is not None:
+        if site.quant is not None and site.chain.quant_out:
             used += [order[u] for n in (site.quant.q, *site.quant.scale_nodes) for u in n.users]
+        for c in site.claims:
+            used += [order[u] for u in c.store.final.users]
         return min(used, default=len(order))
 
     def tokens(site: HeadSite) -> object:
         return val(site.inputs[0]).shape[0]
 
+    def fits(members: list[HeadSite], hoist: list[Node]) -> bool:
+        writes = any(s.chain.write is not None or s.chain.fields for s in members)
+        quants = any(s.chain.quant_outputs() for s in members)
+        dtypes = {s.chain.out_dtype for s in members if s.chain.out}
+        if writes and quants or len(dtypes) > 1 or not all(known_eq(tokens(members[0]), tokens(s)) for s in members):
+            return False
+        limit = min(first_use(s) for s in members)
+        return all(_hoistable(n, limit, order, hoist) for s in members for n in inputs(s))
+
+    # units: chains tied by a packed store they write together
+    units: list[list[HeadSite]] = []
+    for site in sites:
+        caches = {c.store.cache for c in site.claims}
+        tied = [u for u in units if caches & {c.store.cache for s in u for c in s.claims}]
+        merged = [site] + [s for u in tied for s in u]
+        units = [u for u in units if not any(u is t for t in tied)] + [merged]
     groups: list[list[HeadSite]] = []
     moves: list[list[Node]] = []
-    for site in sorted(sites, key=first_use):
-        g = groups[-1] if groups else None
-        writes = any(s.chain.write is not None for s in g + [site]) if g is not None else False
-        quants = any(s.chain.quant is not None for s in g + [site]) if g is not None else False
-        if g is not None and known_eq(tokens(g[0]), tokens(site)) and not (writes and quants) and (
-                not site.chain.out or all(s.chain.out_dtype == site.chain.out_dtype for s in g if s.chain.out)):
-            limit = min(first_use(s) for s in g + [site])
-            hoist: list[Node] = []
-            if all(_hoistable(n, limit, order, hoist) for s in g + [site] for n in inputs(s)):
-                g.append(site)
-                moves[-1] = hoist
-                continue
-        groups.append([site])
-        moves.append([])
+    dropped: list[HeadSite] = []
+    for unit in sorted(units, key=lambda u: min(first_use(s) for s in u)):
+        hoist: list[Node] = []
+        if groups and fits(groups[-1] + unit, hoist):
+            groups[-1] += unit
+            moves[-1] = hoist
+            continue
+        hoist = []
+        if len(unit) == 1 or fits(unit, hoist):
+            groups.append(list(unit))
+            moves.append(hoist)
+        else:
+            dropped += unit
     for hoist in moves:
         if hoist:
             _hoist(hoist)
-    return groups
+    return groups, dropped

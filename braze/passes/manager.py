@@ -30,8 +30,8 @@ from .norm_quant import NormQuantFusion
 # Every pass braze runs, in order.
 PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
+    HeadChainFusion,  # first: a norm -> quant whose bytes a packed cache row takes is a chain's, not a row op's
     NormQuantFusion,
-    HeadChainFusion,
 )
 
 try:  # torch >= 2.12 checks scheduler passes for a uuid before caching
