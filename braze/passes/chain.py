@@ -290,8 +290,8 @@ class HeadChainFusion(Pass):
         fields, claims = self._quant_fields(quant, heads, head_dim, byte)
         if not fields:
             return None
-        base = base_of(y)
-        norm = norms.get(base) or norms.get(y)
+        base = strip_lossless_casts(base_of(y))
+        norm = norms.get(base) or norms.get(base_of(base)) or norms.get(y)
         if norm is not None and not (_only_feeds(norm.output, set(quant.nodes))
                                      and (known_eq(norm.stage.width, width) or known_eq(norm.stage.width, head_dim))):
             norm = None

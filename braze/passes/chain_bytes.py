@@ -17,7 +17,7 @@ from braze.patterns.fx import aten, is_cast, is_op, is_view, val
 from braze.patterns.packed import BytePiece, ByteStoreMatch, ByteWrite, match_byte_store
 from braze.patterns.stages import FieldWrite, dtype_name
 
-_SHAPE_OPS = (aten.squeeze, aten.unsqueeze, aten.alias)
+_SHAPE_OPS = (aten.squeeze, aten.unsqueeze, aten.alias, aten.detach)
 
 
 def base_of(node: Node) -> Node:

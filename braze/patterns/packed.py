@@ -56,13 +56,19 @@ class ByteStoreMatch:
     copy: Node
 
 
+def _strip(node: Node) -> Node:
+    """Through shape views and the alias / detach nodes some graphs carry around `view.dtype`."""
+    while is_view(node) or is_op(node, aten.alias, aten.detach):
+        node = node.args[0]
+    return node
+
+
 def byte_image(node: Node) -> tuple[Node, torch.dtype] | None:
     """(source, dtype) if `node` [..., n·size] uint8 holds the little-endian bytes of source [..., n].
 
     Spellings: `x.view(torch.uint8)` of a 1-byte x; the shift-and-mask image of a 2- or 4-byte x,
     `stack([(x.view(intN).to(int32) >> 8k) & 0xFF for k], -1).to(uint8).flatten(-2)`."""
-    while is_view(node):
-        node = node.args[0]
+    node = _strip(node)
     if is_op(node, aten.view.dtype) and dtype_of(node) == torch.uint8:
         src = node.args[0]
         return (src, dtype_of(src)) if dtype_of(src) in _BYTE_DTYPES else None
@@ -80,9 +86,9 @@ def byte_image(node: Node) -> tuple[Node, torch.dtype] | None:
         masked = part.args[0]
         if not (is_op(masked, aten.bitwise_and) and scalar(masked.args[1]) == 255):
             return None
-        shifted = masked.args[0]
+        shifted = _strip(masked.args[0])
         if is_op(shifted, aten.__rshift__, aten.bitwise_right_shift) and scalar(shifted.args[1]) == 8 * k:
-            shifted = shifted.args[0]
+            shifted = _strip(shifted.args[0])
         elif k != 0:
             return None
         if ints is not None and shifted is not ints:
@@ -91,7 +97,7 @@ def byte_image(node: Node) -> tuple[Node, torch.dtype] | None:
     size = len(parts)
     # the same-size integer view, maybe widened to int32 first
     if is_cast(ints) and dtype_of(ints) == torch.int32 and size == 2:
-        ints = ints.args[0]
+        ints = _strip(ints.args[0])
     if not (is_op(ints, aten.view.dtype) and dtype_of(ints) == _INT_OF_SIZE[size]):
         return None
     src = ints.args[0]
@@ -163,7 +169,8 @@ def _byte_write(cache: Node, put: Node, region: tuple[int, int] | None) -> ByteW
     start = region[0] if region else 0
     width = sum((val(p.source).numel() // max(1, val(p.source).shape[0])) * p.dtype.itemsize for p in pieces)
     t = (shape_of(slots) or (None,))[0]
-    if t is None or not known_eq(val(values).shape[0], t) or width != row:
+    rows = _strip(values)  # at T = 1 the graph may drop the token dim of the values, not of what they view
+    if t is None or val(rows).dim() < 2 or not known_eq(val(rows).shape[0], t) or width != row:
         return Miss(f"{describe(put)} writes rows of {shape_of(values)} bytes for {t} slots into rows of {row}", node=put)
     return ByteWrite(tuple(pieces), slots, row, row, start, block, page, n_slots, put)
 
