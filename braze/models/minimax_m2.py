@@ -143,6 +143,8 @@ class MiniMaxM2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        # one slot per token: lets a compiler with dynamic T know the cache rows and slots match
+        torch._check(slot_mapping.shape[0] == input_ids.shape[0])
         h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self.rotary(positions)  # [T, rotary_dim/2]
         for layer in self.layers:

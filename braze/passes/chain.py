@@ -490,7 +490,8 @@ class HeadChainFusion(Pass):
         if store.stage.layout == "rows" and not known_eq(rows_val.shape[0], t):
             ctx.remark("missed", "store-layout", store.copy, "cache write left to Inductor",
                        reason=f"{tuple(rows_val.shape)} rows broadcast to {t} slots: braze writes one row per slot",
-                       ops=("store",))
+                       suggestion="if there is one slot per token, say so in the model: "
+                                  "torch._check(slots.shape[0] == tokens.shape[0])", ops=("store",))
             return None
         byte_rows = rows_val.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn) and rows_val.dtype == cache_val.dtype
         if not ((rows_val.dtype.is_floating_point and rows_val.dtype.itemsize >= 2) or byte_rows):
@@ -616,7 +617,20 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> tuple[list[
         if writes and quants or len(dtypes) > 1 or not all(known_eq(tokens(members[0]), tokens(s)) for s in members):
             return False
         limit = min(first_use(s) for s in members)
-        return all(_hoistable(n, limit, order, hoist) for s in members for n in inputs(s))
+        if not all(_hoistable(n, limit, order, hoist) for s in members for n in inputs(s)):
+            return False
+        # no member may read, directly or through a moved node, a value a member of the launch replaces
+        replaced = {n for s in members for n in replaced_by(s)}
+        return not any(n in replaced for s in members for n in inputs(s)) and \
+            not any(a in replaced for n in hoist for a in n.all_input_nodes)
+
+    def replaced_by(site: HeadSite) -> list[Node]:
+        out = [site.result] if site.result is not None else []
+        if site.store is not None:
+            out.append(site.store.index_put)
+        if site.quant is not None and site.chain.quant_out:
+            out += [site.quant.q, *site.quant.scale_nodes]
+        return out + [c.store.final for c in site.claims]
 
     # units: chains tied by a packed store they write together
     units: list[list[HeadSite]] = []

@@ -172,6 +172,23 @@ def test_a_chain_reading_another_chains_output_gets_its_own_launch():
     torch.testing.assert_close(gm(*args), fn(*args), rtol=1e-5, atol=1e-5)
 
 
+def test_a_chain_reading_another_chains_output_through_a_matmul_gets_its_own_launch():
+    # a matmul may move up so chains share a launch (DeepSeek's q_b projection), but never one that reads
+    # the result of a chain in that launch
+    def fn(x, w, cos, sin):
+        y = apply_rope(x.view(2, 1, 32), cos, sin)  # [2, 1, 32]
+        z = apply_rope((y.view(2, 32) @ w).view(2, 1, 32), cos, sin)
+        return y * 1, z * 1
+
+    args = (torch.randn(2, 32), torch.randn(32, 32), torch.randn(2, 16), torch.randn(2, 16))
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, FusionConfig(norm_quant=False))
+    assert record.stats["head-chain"]["launches"] == 2
+    gm.graph.lint()
+    for a, b in zip(gm(*args), fn(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def kv_prologue(x, wk, cos_t, sin_t, pos, k_cache, v_cache, slots):
     # [T, 2 * Hkv * D]: k normed, rotated and cached; v cached as it is (a plain store)
     t = x.shape[0]
