@@ -138,25 +138,38 @@ class Indexer(nn.Module):
 
     def forward(self, x: torch.Tensor, q_c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        return self.select(*self.prologue(x, q_c, cos, sin, slot_mapping), block_table, seq_lens)
+
+    def prologue(self, x: torch.Tensor, q_c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys into the index cache; returns the queries (fp8 when quantized) [T, Hi, 128] and the head
+        weights [T, Hi] (scaled by the queries' quant scales)."""
         t = x.shape[0]
         k, w = self.wk_weights_proj(x).split([self.dim, self.heads], dim=-1)  # [T, 128], [T, Hi]
         k = apply_rope(self.k_norm(k), cos, sin, style="neox")  # rope dims FIRST in the indexer
         q = apply_rope(self.wq_b(q_c).view(t, self.heads, self.dim), cos, sin, style="neox")  # [T, Hi, 128]
         w = w.float() * (self.dim ** -0.5 * self.heads ** -0.5)  # [T, Hi]
+        if not self.quantized:
+            write_slots(self.index_cache, slot_mapping, k)
+            return q, w
+        k8, k_scale = quant_fp8_group(k, self.dim, ue8m0=True)  # [T, 128] fp8, [T, 1]
+        keys, scales = self._pages()
+        blk, off = slot_mapping // self.block_size, slot_mapping % self.block_size
+        keys[blk, off] = to_bytes(k8)
+        scales[blk, off] = to_bytes(k_scale)  # [T, 1] fp32 -> [T, 4] bytes
+        q8, q_scale = quant_fp8_group(q, self.dim, ue8m0=True)  # [T, Hi, 128] fp8, [T, Hi, 1]
+        return q8, w * q_scale.squeeze(-1)
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor) -> torch.Tensor:
+        """Scores of every cached key, top-k per token [T, K] (-1 pads short sequences)."""
         if self.quantized:
-            k8, k_scale = quant_fp8_group(k, self.dim, ue8m0=True)  # [T, 128] fp8, [T, 1]
             keys, scales = self._pages()
-            blk, off = slot_mapping // self.block_size, slot_mapping % self.block_size
-            keys[blk, off] = to_bytes(k8)
-            scales[blk, off] = to_bytes(k_scale)  # [T, 1] fp32 -> [T, 4] bytes
-            q8, q_scale = quant_fp8_group(q, self.dim, ue8m0=True)  # [T, Hi, 128] fp8, [T, Hi, 1]
-            w = w * q_scale.squeeze(-1)
             ctx_k = from_bytes(keys[block_table], FP8).flatten(1, 2).float()  # [T, N, 128]
             ctx_s = from_bytes(scales[block_table], torch.float32).flatten(1)  # [T, N]
-            dots = torch.einsum("thd,tnd->thn", q8.float(), ctx_k).relu()  # [T, Hi, N]
+            dots = torch.einsum("thd,tnd->thn", q.float(), ctx_k).relu()  # [T, Hi, N]
             scores = torch.einsum("thn,th->tn", dots, w) * ctx_s
         else:
-            write_slots(self.index_cache, slot_mapping, k)
             ctx_k = self.index_cache[block_table].flatten(1, 2).float()  # [T, N, 128]
             dots = torch.einsum("thd,tnd->thn", q.float(), ctx_k).relu()
             scores = torch.einsum("thn,th->tn", dots, w)  # [T, N]
@@ -216,22 +229,39 @@ class MLAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                 block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        ql_nope, q_pe, iq, iw = self.prologue(x, cos, sin, slot_mapping)
+        topk = self.indexer.select(iq, iw, block_table, seq_lens)  # [T, K]
+        return self.attend(ql_nope, q_pe, topk, block_table)
+
+    def prologue(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything between the hidden state and the attention kernels: projections, norms, RoPE,
+        both cache writes. Returns ql_nope [T, H', 512], q_pe [T, H', 64] and the indexer's queries
+        and head weights."""
         cfg, t = self.cfg, x.shape[0]
         q_c, kv_c, k_pe = self.fused_qkv_a_proj(x).split([cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_dim], dim=-1)
         q_c = self.q_a_layernorm(q_c)  # [T, q_lora]
         kv_c = self.kv_a_layernorm(kv_c)  # [T, 512]
         k_pe = apply_rope(k_pe, cos, sin, style="gptj")  # [T, 64]
         write_slots(self.mla_cache, slot_mapping, self.pack(kv_c, k_pe))
-        topk = self.indexer(x, q_c, cos, sin, slot_mapping, block_table, seq_lens)  # [T, K]
+        iq, iw = self.indexer.prologue(x, q_c, cos, sin, slot_mapping)
 
         q = self.q_b_proj(q_c).view(t, self.heads, cfg.qk_nope_dim + cfg.qk_rope_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_dim, cfg.qk_rope_dim], dim=-1)  # [T, H', 128], [T, H', 64]
-        w_kv = self.kv_b_proj.weight.view(self.heads, cfg.qk_nope_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        w_uk, w_uv = w_kv.split([cfg.qk_nope_dim, cfg.v_head_dim], dim=1)  # [H', 128, 512], [H', 128, 512]
+        w_uk = self._w_kv()[0]  # [H', 128, 512]
         ql_nope = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, H', 512]
         q_pe = apply_rope(q_pe, cos, sin, style="gptj")  # [T, H', 64]
+        return ql_nope, q_pe, iq, iw
 
-        # Sparse MLA over the selected tokens (-1 = none; those read position 0 and are masked).
+    def _w_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        w_kv = self.kv_b_proj.weight.view(self.heads, cfg.qk_nope_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        return w_kv.split([cfg.qk_nope_dim, cfg.v_head_dim], dim=1)  # [H', 128, 512], [H', 128, 512]
+
+    def attend(self, ql_nope: torch.Tensor, q_pe: torch.Tensor, topk: torch.Tensor,
+               block_table: torch.Tensor) -> torch.Tensor:
+        """Sparse MLA over the selected tokens (-1 = none; those read position 0 and are masked), W_UV, o_proj."""
+        t = ql_nope.shape[0]
         pos = topk.clamp(min=0)
         blocks = block_table.gather(1, pos // self.block_size).long()
         slots = blocks * self.block_size + pos % self.block_size  # [T, K]
@@ -239,8 +269,8 @@ class MLAAttention(nn.Module):
         scores = (torch.einsum("thc,tkc->thk", ql_nope.float(), latent)
                   + torch.einsum("thr,tkr->thk", q_pe.float(), rope)) * self.scale
         scores = scores.masked_fill((topk < 0)[:, None, :], float("-inf"))
-        o = torch.einsum("thk,tkc->thc", scores.softmax(-1), latent).to(x.dtype)  # [T, H', 512]
-        o = torch.einsum("thc,hvc->thv", o, w_uv)  # [T, H', 128]
+        o = torch.einsum("thk,tkc->thc", scores.softmax(-1), latent).to(ql_nope.dtype)  # [T, H', 512]
+        o = torch.einsum("thc,hvc->thv", o, self._w_kv()[1])  # [T, H', 128]
         return self.o_proj(o.reshape(t, -1))
 
 
