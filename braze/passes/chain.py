@@ -619,10 +619,11 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> tuple[list[
         limit = min(first_use(s) for s in members)
         if not all(_hoistable(n, limit, order, hoist) for s in members for n in inputs(s)):
             return False
-        # no member may read, directly or through a moved node, a value a member of the launch replaces
+        # no member may read a value a member of the launch replaces, and no moved node may read a value
+        # any chain replaces (that value is redefined where its own launch lands, maybe below the move)
         replaced = {n for s in members for n in replaced_by(s)}
         return not any(n in replaced for s in members for n in inputs(s)) and \
-            not any(a in replaced for n in hoist for a in n.all_input_nodes)
+            not any(a in replaced_anywhere for n in hoist for a in n.all_input_nodes)
 
     def replaced_by(site: HeadSite) -> list[Node]:
         out = [site.result] if site.result is not None else []
@@ -632,6 +633,7 @@ def _group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> tuple[list[
             out += [site.quant.q, *site.quant.scale_nodes]
         return out + [c.store.final for c in site.claims]
 
+    replaced_anywhere = {n for s in sites for n in replaced_by(s)}
     # units: chains tied by a packed store they write together
     units: list[list[HeadSite]] = []
     for site in sites:

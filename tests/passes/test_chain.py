@@ -439,3 +439,22 @@ def test_strided_slot_and_position_indices():
     fn(*args[:4], want)
     assert torch.equal(got.isnan(), want.isnan())
     torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()], rtol=1e-5, atol=1e-5)
+
+
+def test_chains_around_a_matmul_of_a_chain_result_stay_valid_and_equal_eager():
+    # chain A's result feeds a matmul whose product chain C rotates; chain B (independent, early use)
+    # must not pull that matmul above A's launch
+    def fn(x, u, w, cos, sin):
+        a = apply_rope(x.view(2, 1, 32), cos, sin)  # chain A
+        b = apply_rope(u.view(2, 1, 32), cos, sin)  # chain B, used first
+        first = b * 2
+        c = apply_rope((a.view(2, 32) @ w).view(2, 1, 32), cos, sin)  # chain C
+        return first, a * 1, c * 1
+
+    args = (torch.randn(2, 32), torch.randn(2, 32), torch.randn(32, 32), torch.randn(2, 16), torch.randn(2, 16))
+    gm = aten_graph(fn, *args)
+    run_passes(gm, FusionConfig(norm_quant=False))
+    gm.graph.lint()
+    gm.recompile()
+    for a, b in zip(gm(*args), fn(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
