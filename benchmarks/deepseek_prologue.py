@@ -55,6 +55,27 @@ def weight_bytes(attn: MLAAttention) -> int:
     return total
 
 
+def kernel_times(step, n: int = 20) -> dict[str, float]:
+    """Device µs per call of each kernel (profiler, `n` calls outside a graph), by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")):
+            out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / n
+    return out
+
+
+def is_gemm(name: str) -> bool:
+    return name.startswith(("nvjet", "void cublas", "sm90_", "cutlass", "ampere_", "void gemm")) or "gemm" in name
+
+
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
@@ -81,11 +102,14 @@ def run(T: int, device: torch.device, bw: float) -> list[dict]:
             byte_diff = max(float((v != ref_caches[k]).float().mean()) for k, v in attn.named_buffers())
             step = lambda: fn(*inputs)  # noqa: E731
             kernels = count_cuda_kernels(step)
+            times = kernel_times(step)
             timing = time_cuda_graph(step, warmup=20, replays=200)
         row = {"T": T, "variant": variant, "us": timing.median_s * 1e6, "p10_us": timing.p10_s * 1e6,
                "p90_us": timing.p90_s * 1e6, "kernels": kernels.kernels, "memcpy": kernels.memcpy,
                "memset": kernels.memset, "kernel_names": kernels.names, "floor_us": floor_s * 1e6,
-               "x_floor": timing.median_s / floor_s, "rel_err": err, "cache_bytes_differing": byte_diff}
+               "x_floor": timing.median_s / floor_s, "rel_err": err, "cache_bytes_differing": byte_diff,
+               "kernel_us": times, "gemm_us": sum(v for k, v in times.items() if is_gemm(k)),
+               "other_us": sum(v for k, v in times.items() if not is_gemm(k))}
         if variant == "braze":
             rep = braze.report(be)
             row["braze_launches"] = len({dict(r.args).get("launch") for r in rep.applied if r.pass_name == "head-chain"})
@@ -126,6 +150,12 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['T']} | {r['variant']} | {r['us']:.1f} | {r['kernels']} ({r['memcpy']}, {r['memset']}) | "
                      f"{r['x_floor']:.2f} | {r['floor_us']:.1f} | {r['rel_err']:.2e} | {r['cache_bytes_differing']:.1e} |")
+    lines += ["", "Kernel time (profiler, one call outside a graph, µs of device time): GEMMs vs everything else, "
+              "and each braze kernel alone.", "", "| T | variant | GEMM kernels µs | other kernels µs | braze kernels µs |",
+              "|---:|---|---:|---:|---|"]
+    for r in rows:
+        mine = ", ".join(f"`{k[:40]}` {v:.1f}" for k, v in r["kernel_us"].items() if k.startswith("braze_"))
+        lines.append(f"| {r['T']} | {r['variant']} | {r['gemm_us']:.1f} | {r['other_us']:.1f} | {mine or '-'} |")
     lines.append("")
     for r in rows:
         if r["variant"] == "braze":
