@@ -28,9 +28,11 @@ def _compile_and_code(model, inputs, backend):
     return out, "\n".join(code)
 
 
-def test_qwen35_tiny_on_gpu_fuses_in_place_and_matches_eager():
+def _eager_stock_braze(name: str):
+    """Model `name` (tiny, fp32, CUDA): one decode step eager, then stock Inductor, then braze, each from
+    the same caches. Returns (model, eager logits, eager buffers, braze logits, braze code, stock code, backend)."""
     torch._dynamo.reset()
-    model = models.build("qwen3.5", "tiny", device="cuda", dtype=torch.float32)
+    model = models.build(name, "tiny", device="cuda", dtype=torch.float32)
     inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
     inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
     saved = {k: v.clone() for k, v in model.named_buffers()}
@@ -47,38 +49,31 @@ def test_qwen35_tiny_on_gpu_fuses_in_place_and_matches_eager():
         restore()
         be = braze.backend(braze.FusionConfig(norm_quant=False))
         out, src = _compile_and_code(model, inputs, be)
-    assert "braze_heads_" in src and "fused_heads" not in src, "the generated kernel is not launched directly"
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-    for k, v in model.named_buffers():
-        torch.testing.assert_close(v, ref_bufs[k], rtol=1e-5, atol=1e-5, msg=k)
+    return model, ref, ref_bufs, out, src, stock_src, be
+
+
+def _in_place(model, src: str, stock_src: str) -> None:
+    """No kernel iterates over a whole cache; no more copies back into inputs than stock Inductor."""
     cache_sizes = {v.numel() for k, v in model.named_buffers() if k.endswith("_cache")}
     numels = {int(n) for n in re.findall(r"xnumel = (\d+)", src)}
     assert not numels & cache_sizes, f"a kernel iterates over a whole cache ({numels & cache_sizes} elements)"
     copies, stock_copies = src.count(".copy_("), stock_src.count(".copy_(")
     assert copies <= stock_copies, f"braze copies {copies} tensors back into inputs, stock Inductor {stock_copies}"
+
+
+def test_qwen35_tiny_on_gpu_fuses_in_place_and_matches_eager():
+    model, ref, ref_bufs, out, src, stock_src, be = _eager_stock_braze("qwen3.5")
+    assert "braze_heads_" in src and "fused_heads" not in src, "the generated kernel is not launched directly"
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(v, ref_bufs[k], rtol=1e-5, atol=1e-5, msg=k)
+    _in_place(model, src, stock_src)
     assert len(braze.report(be).applied) == 12  # q, k, v of two attention layers; six conv-state writes
     torch._dynamo.reset()
 
 
 def test_deepseek_v32_tiny_on_gpu_packed_caches_in_place_two_launches_and_match_eager():
-    torch._dynamo.reset()
-    model = models.build("deepseek-v3.2", "tiny", device="cuda", dtype=torch.float32)
-    inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
-    inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
-    saved = {k: v.clone() for k, v in model.named_buffers()}
-
-    def restore():
-        for k, v in model.named_buffers():
-            v.copy_(saved[k])
-
-    with torch.no_grad():
-        ref = model(*inputs)
-        ref_bufs = {k: v.clone() for k, v in model.named_buffers()}
-        restore()
-        _, stock_src = _compile_and_code(model, inputs, "inductor")
-        restore()
-        be = braze.backend(braze.FusionConfig(norm_quant=False))
-        out, src = _compile_and_code(model, inputs, be)
+    model, ref, ref_bufs, out, src, stock_src, be = _eager_stock_braze("deepseek-v3.2")
     assert "braze_heads_" in src and "fused_heads" not in src, "the generated kernel is not launched directly"
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     for k, v in model.named_buffers():
@@ -86,11 +81,7 @@ def test_deepseek_v32_tiny_on_gpu_packed_caches_in_place_two_launches_and_match_
             assert (v != ref_bufs[k]).float().mean() < 1e-3, k
         else:
             torch.testing.assert_close(v, ref_bufs[k], rtol=1e-5, atol=1e-5, msg=k)
-    cache_sizes = {v.numel() for k, v in model.named_buffers() if k.endswith("_cache")}
-    numels = {int(n) for n in re.findall(r"xnumel = (\d+)", src)}
-    assert not numels & cache_sizes, f"a kernel iterates over a whole cache ({numels & cache_sizes} elements)"
-    copies, stock_copies = src.count(".copy_("), stock_src.count(".copy_(")
-    assert copies <= stock_copies, f"braze copies {copies} tensors back into inputs, stock Inductor {stock_copies}"
+    _in_place(model, src, stock_src)
     applied = braze.report(be).applied
     ops = [r.ops for r in applied]
     assert ops.count(("layernorm", "rope", "fp8_quant", "store")) == 2 and ops.count(("rope", "fp8_quant")) == 2
