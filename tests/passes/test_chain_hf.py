@@ -58,6 +58,8 @@ def test_hf_llama_rope_and_static_cache_writes_fuse_in_its_own_layout():
     for layer in (0, 1):  # q rotated; k rotated and written in place into the static cache; v written
         at = f"layers.{layer}.self_attn"
         assert sorted(ops for loc, ops in applied if loc == at) == [("rope",), ("rope", "store"), ("store",)], applied
+        # one launch: v_proj's matmul moves above k's first use so v's write joins q and k
+        assert len({dict(r.args)["launch"] for r in report.applied if r.location.endswith(at)}) == 1
     assert not report.missed, [str(r) for r in report.missed]
 
 
