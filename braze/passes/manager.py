@@ -26,11 +26,14 @@ from .base import Pass, PassContext, current_record
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
 from .norm_quant import NormQuantFusion
+from .post_conv import PostConvFusion
 
-# Every pass braze runs, in order.
+# Every pass braze runs, in order. The post-conv pass takes the conv state write with its
+# conv update before the head-chain pass would take it alone as a store-only chain.
 PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
     NormQuantFusion,
+    PostConvFusion,
     HeadChainFusion,
 )
 

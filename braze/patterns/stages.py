@@ -347,10 +347,13 @@ _TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm
 
 def _register_late_types() -> None:
     """Stage types defined in recognizer modules (RoPE) join the JSON codec."""
+    from .conv import ConvUpdate
+    from .gdn import Gating, L2Norm, PostConv, Segment
     from .layernorm import BiasAdd, LayerNorm
     from .rope import Rope
 
-    _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd)
+    _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd, ConvUpdate=ConvUpdate, L2Norm=L2Norm,
+                  Gating=Gating, Segment=Segment, PostConv=PostConv)
 
 
 def _decode(obj: Any) -> Any:
