@@ -56,9 +56,10 @@ def post_conv_call(spec: PostConv):
 
 
 def _reach(nodes: list[Node], depth: int = _REACH) -> set[Node]:
+    """Nodes within `depth` uses of `nodes` (the graph's output excluded: meeting there proves nothing)."""
     seen, frontier = set(nodes), list(nodes)
     for _ in range(depth):
-        frontier = [u for n in frontier for u in n.users if u not in seen]
+        frontier = [u for n in frontier for u in n.users if u not in seen and u.op != "output"]
         seen.update(frontier)
     return seen
 
