@@ -25,13 +25,16 @@ from braze.report import GraphRecord, layer_of
 from .base import Pass, PassContext, current_record
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
+from .gated_norm import GatedNormFusion
 from .norm_quant import NormQuantFusion
 from .post_conv import PostConvFusion
 
-# Every pass braze runs, in order. The post-conv pass takes the conv state write with its
-# conv update before the head-chain pass would take it alone as a store-only chain.
+# Every pass braze runs, in order. The gated norm takes the FP8 quant after it before the
+# norm-quant pass would call that quant's input a non-norm; the post-conv pass takes the
+# conv state write with its conv update before the head-chain pass would take it alone.
 PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
+    GatedNormFusion,
     NormQuantFusion,
     PostConvFusion,
     HeadChainFusion,

@@ -46,8 +46,10 @@ def test_qwen35_tiny_compiled_with_braze_equals_eager_over_decode_steps_and_repo
     post_conv = ("conv_update", "silu", "split", "l2norm", "gdn_gating")
     for layer in LINEAR:
         assert (f"layers.{layer}.linear_attn", post_conv) in applied, layer
+        assert (f"layers.{layer}.linear_attn.norm", ("rmsnorm", "silu_gate")) in applied, layer
     for layer in FULL:
         assert (f"layers.{layer}.self_attn.q_norm", ("rmsnorm", "rope")) in applied
         assert (f"layers.{layer}.self_attn.k_norm", ("rmsnorm", "rope", "store")) in applied
         assert (f"layers.{layer}.self_attn", ("store",)) in applied  # V
-    print(report)
+    assert len(applied) == 6 * 2 + 2 * 3
+    assert {r.name for r in report.missed} == {"store-layout"}  # the [T, Hv, dk, dv] recurrent state rows
