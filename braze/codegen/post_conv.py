@@ -58,8 +58,11 @@ def generate(spec: PostConv) -> PostConvKernelSource:
     em = _Emitter()
     em.line("t = tl.program_id(0).to(tl.int64)")
     em.line("pid = tl.program_id(1)")
-    em.line("slot = tl.load(idx_ptr + t).to(tl.int64)")
-    em.line("slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives")
+    if spec.conv.indexed:
+        em.line("slot = tl.load(idx_ptr + t).to(tl.int64)")
+        em.line("slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives")
+    else:
+        em.line("slot = t  # token t's state is row t")
     em.line("ok = (slot >= 0) & (slot < n_slots)")
     em.line("d = tl.arange(0, BLOCK_D)")
     first = 0
@@ -94,22 +97,23 @@ def generate(spec: PostConv) -> PostConvKernelSource:
 def _emit_conv(em: _Emitter, spec: PostConv) -> str:
     """The conv update of channels `c` (mask `m`) of token t; returns y, rounded to conv.out."""
     conv = spec.conv
-    K, C = conv.width, conv.channels
+    K, C, L = conv.width, conv.channels, conv.state_len
     st = _TL_DTYPE[conv.state_dtype]
-    em.line(f"# causal conv update: {K} taps, state [slots, {C}, {K - 1}] shifted in place")
-    em.line(f"srow = state_ptr + slot * {C * (K - 1)} + c * {K - 1}")
+    em.line(f"# causal conv update: {K} taps over [state ({L}) | x], state [rows, {C}, {L}] shifted in place")
+    em.line(f"srow = state_ptr + slot * {C * L} + c * {L}")
     em.line("sm = m & ok")
-    taps = [em.let(f"tl.load(srow + {i}, mask=sm, other=0.0).to(tl.float32)", "u") for i in range(K - 1)]
+    window = [em.let(f"tl.load(srow + {i}, mask=sm, other=0.0).to(tl.float32)", "u") for i in range(L)]
     xv = em.let("tl.load(x_ptr + t * x_row_stride + c, mask=m, other=0.0).to(tl.float32)", "xv")
-    taps.append(em.round_to(xv, conv.state_dtype))  # the window holds x in the state's dtype
+    window.append(em.round_to(xv, conv.state_dtype))  # the window holds x in the state's dtype
     em.line("tl.debug_barrier()  # every state value of this program is read before any is written")
-    for i in range(K - 1):
-        em.line(f"tl.store(srow + {i}, {taps[i + 1]}.to({st}), mask=sm)")
+    for i in range(L):
+        em.line(f"tl.store(srow + {i}, {window[i + 1]}.to({st}), mask=sm)")
     acc = None
-    for i, u in enumerate(taps):
+    for i, u in enumerate(window[L + 1 - K:]):
         w = em.let(f"tl.load(w_ptr + c * {K} + {i}, mask=m, other=0.0).to(tl.float32)", "w")
         term = f"{u} * {w}"
         acc = em.let(term if acc is None else f"{acc} + {term}", "acc")
+    acc = em.round_to(acc, conv.acc)
     if conv.act == "silu":
         den = em.let(f"1.0 + tl.exp(-{acc})", "den")
         acc = em.let(em.div(acc, den, per_element=True), "act")

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from braze.patterns.conv import ConvMatch, match_conv_update
-from braze.patterns.fx import Miss, aten, describe, dtype_of, is_op, is_view, known_eq, shape_of, val
+from braze.patterns.conv import ConvMatch, match_conv_update, match_conv_window
+from braze.patterns.fx import (
+    Miss, aten, describe, dtype_of, is_cast, is_lossless, is_op, is_view, known_eq, shape_of, val,
+)
 from braze.patterns.gdn import (
     GatingMatch, L2NormMatch, PostConv, Segment, match_beta, match_gating, match_l2norm,
 )
@@ -39,6 +41,9 @@ class _Site:
     replaced: list[Node]  # per segment, the node its output replaces
     gating: GatingMatch | None
     beta: tuple[Node, Node] | None  # (b, sigmoid)
+    # per segment, the row-preserving ops (repeat_interleave, transposes) between the segment and its
+    # L2 norm; they are replayed on the fused op's normed output
+    paths: list[list[Node]] | None = None
 
 
 def post_conv_call(spec: PostConv):
@@ -84,6 +89,8 @@ class PostConvFusion(Pass):
         for n in graph.nodes:
             if n.target is aten.copy_.default:
                 m = match_conv_update(n)
+                if isinstance(m, Miss) and not m.candidate:
+                    m = match_conv_window(n)
                 if isinstance(m, ConvMatch):
                     convs.append(m)
                 elif m.candidate:
@@ -120,7 +127,18 @@ class PostConvFusion(Pass):
                                suggestion="widen FusionConfig.token_ranges['post_conv']", ops=self._ops(site))
                     continue
                 spec = PostConv(conv.stage, tuple(site.segments), self._gating_stage(site))
-                inputs = [conv.x, conv.weight, conv.indices]
+                if site.gating is not None and spec.gating.beta_out not in ("float32", conv.stage.out):
+                    ctx.remark("missed", "gating-not-fused", site.beta[1], "gating left to Inductor",
+                               reason=f"beta in {spec.gating.beta_out}: the fused op returns fp32 and "
+                                      f"{conv.stage.out} values", ops=("gdn_gating",))
+                    site.gating = site.beta = None
+                    spec = PostConv(conv.stage, tuple(site.segments), None)
+                x = conv.x
+                if len(shape_of(x)) == 3:  # [B, C, 1]: one token per sequence
+                    with graph.inserting_after(x):
+                        x = graph.call_function(aten.squeeze.dim, (conv.x, -1))
+                    x.meta["val"] = val(conv.x).squeeze(-1)
+                inputs = [x, conv.weight] + ([conv.indices] if conv.stage.indexed else [])
                 if site.gating is not None:
                     inputs += [site.gating.a, site.beta[0], site.gating.a_log, site.gating.dt_bias]
                 traced = trace_functional(post_conv_call(spec), [n.meta["val"] for n in inputs + [conv.state]],
@@ -130,10 +148,10 @@ class PostConvFusion(Pass):
                            reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug",
                            ops=("conv_update",))
                 continue
-            self._replace(graph, site, traced, inputs + [conv.state])
+            self._replace(graph, site, traced, inputs + [conv.state], fake_mode)
             if site.gating is not None:
                 taken |= {site.gating.g, site.beta[1]}
-            ctx.remark("applied", "post-conv", conv.output, f"fused {' -> '.join(self._ops(site))} into one kernel",
+            ctx.remark("applied", "post-conv", conv.index_put, f"fused {' -> '.join(self._ops(site))} into one kernel",
                        ops=self._ops(site), args=self._args(spec))
             ctx.bump("sites-fused")
         _restore_topological_order(graph)
@@ -150,27 +168,30 @@ class PostConvFusion(Pass):
                        suggestion="read only the conv output and the written state", ops=ops)
             return None
         y, C = conv.output, conv.stage.channels
-        slices = self._split(y, C)
+        slices = self._split(_same_order(y), C)
         segments: list[Segment] = []
         replaced: list[Node] = []
+        paths: list[list[Node]] = []
         if slices is None:  # the whole output, as it is
             segments.append(Segment(0, 1, C, None))
             replaced.append(y)
+            paths.append([])
         for start, node in slices or []:
-            width = shape_of(node)[1]
-            seg, out = self._segment(node, start, width, l2, ctx)
+            width = shape_of(node)[-1]
+            seg, out, path = self._segment(node, start, width, l2, ctx)
             segments.append(seg)
             replaced.append(out)
-        site = _Site(conv, segments, replaced, None, None)
+            paths.append(path)
+        site = _Site(conv, segments, replaced, None, None, paths)
         self._pair_gating(site, gates, sigmoids, taken, ctx)
         return site
 
     @staticmethod
     def _split(y: Node, channels: int) -> list[tuple[int, Node]] | None:
         """(start, slice) of each segment when every reader of y is a slice of the last dim and they tile it."""
-        parts = []
+        parts, rank = [], len(shape_of(y))
         for u in y.users:
-            if not (is_op(u, aten.slice) and u.args[1] % 2 == 1 and (len(u.args) < 5 or u.args[4] == 1)):
+            if not (is_op(u, aten.slice) and u.args[1] % rank == rank - 1 and (len(u.args) < 5 or u.args[4] == 1)):
                 return None
             start, end = u.args[2], min(u.args[3], channels)
             parts.append((start, end, u))
@@ -182,28 +203,29 @@ class PostConvFusion(Pass):
             edge = end
         return [(s, u) for s, _, u in parts] if edge == channels and len(parts) > 1 else None
 
-    def _segment(self, node: Node, start: int, width: int, l2: dict, ctx: PassContext) -> tuple[Segment, Node]:
-        views = [u for u in node.users if is_view(u) and len(shape_of(u) or ()) == 3]
-        for cand in [node] + views:
-            m = l2.get(cand)
-            if m is None:
-                continue
-            heads, hd = (shape_of(cand)[1], shape_of(cand)[2]) if cand is not node else (1, width)
-            if isinstance(m, Miss):
-                ctx.remark("missed", "l2norm-not-fused", cand, "L2 norm left to Inductor", reason=m.reason,
-                           suggestion=m.suggestion, ops=("l2norm",))
-                break
-            inside = set(m.nodes) | {cand}
-            if any(u is not cand for u in node.users) or _escapes(inside, {m.output}) is not None:
+    def _segment(self, node: Node, start: int, width: int, l2: dict,
+                 ctx: PassContext) -> tuple[Segment, Node, list[Node]]:
+        """The segment's stage, the node its output replaces, and the ops replayed on that output."""
+        path, cand = _rows_path(node, l2)
+        m = l2.get(cand) if cand is not None else None
+        if isinstance(m, Miss):
+            ctx.remark("missed", "l2norm-not-fused", cand, "L2 norm left to Inductor", reason=m.reason,
+                       suggestion=m.suggestion, ops=("l2norm",))
+        elif m is not None:
+            hd = shape_of(cand)[-1]
+            inside = set(m.nodes) | set(path)
+            if any(len(n.users) != 1 for n in [node] + path[:-1]) or _escapes(inside, {m.output}) is not None:
                 ctx.remark("missed", "l2norm-input-escapes", cand, "L2 norm left to Inductor",
                            reason=f"the normalized values {describe(cand)} are also read elsewhere",
                            suggestion="read only the normed q and k", ops=("l2norm",))
-                break
-            return Segment(start, heads, hd, m.stage), m.output
-        if len(views) == 1 and len(node.users) == 1:
-            v = views[0]
-            return Segment(start, shape_of(v)[1], shape_of(v)[2], None), v
-        return Segment(start, 1, width, None), node
+            elif isinstance(hd, int) and width % hd == 0:
+                return Segment(start, width // hd, hd, m.stage), m.output, [p for p in path if not is_cast(p)]
+        views = [u for u in node.users if is_view(u) and len(shape_of(u) or ()) >= 3]
+        if len(views) == 1 and len(node.users) == 1 and isinstance(shape_of(views[0])[-1], int) \
+                and width % shape_of(views[0])[-1] == 0:
+            hd = shape_of(views[0])[-1]
+            return Segment(start, width // hd, hd, None), views[0], []
+        return Segment(start, 1, width, None), node, []
 
     def _pair_gating(self, site: _Site, gates: list[GatingMatch], sigmoids: list[Node], taken: set[Node],
                      ctx: PassContext) -> None:
@@ -211,13 +233,14 @@ class PostConvFusion(Pass):
         near = _reach(site.replaced)
         t = val(site.conv.x).shape[0]
         for g in gates:
-            if g.g in taken or not (_reach([g.g]) & near) or not known_eq(shape_of(g.a)[0], t):
+            hv = g.stage.heads
+            if g.g in taken or not (_reach([g.g]) & near) or not known_eq(val(g.a).numel(), t * hv):
                 continue
             for sig in sigmoids:
                 if sig in taken or not (_reach([sig]) & near):
                     continue
-                beta = match_beta(sig, g.stage.heads)
-                if isinstance(beta, Miss) or not known_eq(shape_of(beta[0])[0], t):
+                beta = match_beta(sig, hv)
+                if isinstance(beta, Miss) or not known_eq(val(beta[0]).numel(), t * hv):
                     continue
                 b, nodes = beta
                 leak = _escapes(set(g.nodes), {g.g}) or _escapes(nodes, {sig})
@@ -265,10 +288,12 @@ class PostConvFusion(Pass):
     # ---- rewriting
 
     @staticmethod
-    def _replace(graph: Graph, site: _Site, traced: GraphModule, args: list[Node]) -> None:
+    def _replace(graph: Graph, site: _Site, traced: GraphModule, args: list[Node], fake_mode) -> None:
         new = splice(graph, traced, args, site.conv.output)
         outs, state = new[:-1], new[-1]
-        for old, out in zip(site.replaced, outs):
+        for old, out, path in zip(site.replaced, outs, site.paths):
+            if path:  # the L2 norm was taken after row-preserving ops: apply them to the normed rows
+                out = _replay(graph, view_as(graph, out, path[0].args[0]), path, fake_mode)
             old.replace_all_uses_with(view_as(graph, out, old))
         if site.gating is not None:
             g, beta = outs[len(site.replaced):]
@@ -277,6 +302,78 @@ class PostConvFusion(Pass):
         conv = site.conv
         conv.index_put.replace_all_uses_with(view_as(graph, state, conv.index_put))
         conv.copy.args = (conv.copy.args[0], state)
+
+
+def _same_order(y: Node) -> Node:
+    """y through views and size-1 permutes that keep its logical element order (HF's [B, C, 1] -> [B, 1, C])."""
+    while len(y.users) == 1:
+        u = next(iter(y.users))
+        if is_view(u):
+            y = u
+        elif is_op(u, aten.permute):
+            shape = shape_of(y)
+            kept = [d for d in u.args[1] if not known_eq(shape[d], 1)]
+            if kept != sorted(kept):
+                break
+            y = u
+        else:
+            break
+    return y
+
+
+# Ops that move or repeat whole rows of the last dim, never mixing values within a row: an L2 norm
+# of their result is their result of the L2 norm (repeat_interleave decomposes into these).
+_ROW_OPS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.expand, aten.clone, aten.permute)
+
+
+def _rows_path(node: Node, l2: dict) -> tuple[list[Node], Node | None]:
+    """The single-user chain of row ops from a segment to the input of an L2 norm (in `l2`), if any."""
+    path: list[Node] = []
+    cur, d = node, None
+    for _ in range(12):
+        if cur in l2 and cur is not node:
+            return path, cur
+        if len(cur.users) != 1:
+            break
+        u = next(iter(cur.users))
+        shape, ushape = shape_of(cur), shape_of(u)
+        if ushape is None or shape is None:
+            break
+        if is_cast(u) and is_lossless(dtype_of(cur), dtype_of(u)):
+            pass
+        elif not is_op(u, *_ROW_OPS):
+            break
+        elif is_op(u, aten.unsqueeze) and u.args[1] % (len(shape) + 1) == len(shape):
+            break
+        elif is_op(u, aten.permute) and u.args[1][-1] % len(shape) != len(shape) - 1:
+            break
+        elif d is not None and not known_eq(ushape[-1], d):
+            break
+        if d is None and is_view(u):
+            d = ushape[-1]
+        path.append(u)
+        cur = u
+    if cur in l2 and cur is not node:
+        return path, cur
+    return [], None
+
+
+def _replay(graph: Graph, start: Node, path: list[Node], fake_mode) -> Node:
+    """`path`'s ops applied again, to `start` in place of the path's first input."""
+    from torch.fx.node import map_arg
+
+    cur, prev = start, path[0].args[0]
+    for n in path:
+        args = map_arg(n.args, lambda a: cur if a is prev else a)
+        with graph.inserting_after(cur):
+            new = graph.call_function(n.target, args, n.kwargs)
+        with fake_mode:
+            new.meta["val"] = n.target(*map_arg(args, lambda a: a.meta["val"]), **n.kwargs)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in n.meta:
+                new.meta[key] = n.meta[key]
+        prev, cur = n, new
+    return cur
 
 
 def _restore_topological_order(graph: Graph) -> None:

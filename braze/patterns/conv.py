@@ -24,44 +24,51 @@ from .stages import dtype_name, round_to as _round
 
 @dataclass(frozen=True)
 class ConvUpdate:
-    """y = act(Σᵢ w[c, i]·window[c, i]) over the window [state (K-1), x] of each channel.
+    """y = act(Σᵢ w[c, i]·window[c, L+1-K+i]) over the window [state (L values), x] of each channel;
+    the state becomes window[1:].
 
-    `state_dtype`: the state's (and window's) dtype; x is rounded to it. `compute`: the dtype
-    of the products and the sum (fp32 only, see the recognizer). `act`: "silu" or "none";
-    `out`: the dtype y is rounded to at the end.
+    braze / vLLM keep L = K-1 values per channel; Hugging Face's fallback keeps L = K (its oldest
+    value is never read). `state_dtype`: the state's (and window's) dtype, x is rounded to it; the
+    products are fp32 and their sum is rounded to `acc`; SiLU (act "silu", or "none") is computed in
+    fp32; y is rounded to `out`. `indexed`: token t's state row is indices[t] (else row t).
     """
 
     channels: int
-    width: int  # K taps; the state holds K - 1 values per channel
+    width: int  # K taps
+    state_len: int  # L >= K - 1 values per channel
     state_dtype: str
-    compute: str
+    acc: str
     act: str
     out: str
+    indexed: bool = True
     kind: str = "conv_update"
 
 
 @dataclass(frozen=True)
 class ConvMatch:
     stage: ConvUpdate
-    x: Node  # [T, C] new inputs (before any cast to the state dtype)
-    state: Node  # [slots, C, K-1] graph input, written in place
-    weight: Node  # [C, K]
-    indices: Node  # [T] state slot of each token
-    output: Node  # y [T, C]
-    index_put: Node
-    copy: Node  # copy_(state, index_put): the write back
+    x: Node  # [T, C] (or [T, C, 1]) new inputs, before any cast to the state dtype
+    state: Node  # [rows, C, L] graph input, written in place
+    weight: Node  # [C, K] (or [C, 1, K])
+    indices: Node | None  # [T] state row of each token (indexed writes)
+    output: Node  # y [T, C] (or [T, C, 1])
+    index_put: Node  # the new state value (index_put, or a functional copy of the whole state)
+    copy: Node  # copy_(state, new value): the write back
     nodes: frozenset[Node]  # everything the fused op replaces (copy_ excluded: it is kept)
 
 
-def conv_update_reference(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
+def conv_update_reference(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor | None,
                           stage: ConvUpdate) -> torch.Tensor:
-    """The stage on real tensors: shifts `state` rows `indices` IN PLACE, returns y [T, C] (fp32-held)."""
-    window = torch.cat([state[indices].float(), _round(x.float(), stage.state_dtype).unsqueeze(-1)], -1)
-    state.index_copy_(0, indices, window[:, :, 1:].to(state.dtype))
-    acc = _round((_round(window * weight.float().reshape(stage.channels, stage.width), stage.compute)).sum(-1),
-                 stage.compute)
+    """The stage on real tensors: shifts the state rows of the tokens IN PLACE, returns y [T, C] (fp32-held)."""
+    t = x.shape[0]
+    rows = indices if indices is not None else torch.arange(t, device=x.device)
+    x = _round(x.reshape(t, stage.channels).float(), stage.state_dtype)
+    window = torch.cat([state[rows].float(), x.unsqueeze(-1)], -1)  # [T, C, L+1]
+    state.index_copy_(0, rows, window[:, :, 1:].to(state.dtype))
+    taps = window[:, :, stage.state_len + 1 - stage.width:]
+    acc = _round((taps * weight.float().reshape(stage.channels, stage.width)).sum(-1), stage.acc)
     if stage.act == "silu":
-        acc = _round(acc * torch.sigmoid(acc), stage.compute)
+        acc = acc * torch.sigmoid(acc)
     return _round(acc, stage.out)
 
 
@@ -172,12 +179,65 @@ def match_conv_update(copy: Node) -> ConvMatch | Miss:
     if len(out.users) == 1 and is_cast(next(iter(out.users))):
         out = next(iter(out.users))
         nodes.add(out)
-    stage = ConvUpdate(channels=C, width=km1 + 1, state_dtype=dtype_name(dtype_of(state)), compute="float32",
-                       act=act, out=dtype_name(dtype_of(out)))
+    stage = ConvUpdate(channels=C, width=km1 + 1, state_len=km1, state_dtype=dtype_name(dtype_of(state)),
+                       acc="float32", act=act, out=dtype_name(dtype_of(out)))
     return ConvMatch(stage, x, state, w, idx, out, put, copy, frozenset(nodes))
 
 
-def through_views(node: Node) -> Node:
-    while is_view(node):
-        node = node.args[0]
-    return node
+def match_conv_window(copy: Node) -> ConvMatch | Miss:
+    """Hugging Face's fallback (`causal_conv1d_update` without the causal-conv1d package): every row of a
+    [B, C, L] state is one sequence, written whole.
+
+      window = cat([state, x[B, C, 1]], -1)                 # [B, C, L+1]
+      state.copy_(window[:, :, -L:])                        # a functional copy, then copy_ back
+      y = act(conv1d(window, w[C, 1, K], groups=C)[:, :, -1:])
+    """
+    if copy.target is not aten.copy_.default:
+        return Miss("not a copy_", candidate=False)
+    state, new = copy.args[0], copy.args[1]
+    if not isinstance(state, Node) or state.op != "placeholder" or not is_op(new, aten.copy) or new.args[0] is not state:
+        return Miss("not a whole-state write", candidate=False)
+    rows = new.args[1]
+    s_shape = shape_of(state)
+    if s_shape is None or len(s_shape) != 3 or not all(isinstance(d, int) for d in s_shape[1:]):
+        return Miss("not a [B, C, L] state", candidate=False)
+    C, L = s_shape[1], s_shape[2]
+    if not (is_op(rows, aten.slice) and rows.args[1] % 3 == 2 and rows.args[2] in (1, -L) and is_op(rows.args[0], aten.cat)):
+        return Miss("the written rows are not a shifted window", candidate=False)
+    window = rows.args[0]
+    parts = window.args[0]
+    if len(parts) != 2 or parts[0] is not state or (window.args[1] if len(window.args) > 1 else 0) % 3 != 2:
+        return Miss("the window is not [state, x] along the last dim", candidate=False)
+    x = parts[1]
+    x_shape = shape_of(x)
+    if x_shape is None or len(x_shape) != 3 or x_shape[2] != 1 or dtype_of(window) != dtype_of(state):
+        return Miss(f"the window appends {x_shape} {dtype_of(x)} to a {dtype_of(state)} state: braze takes one new "
+                    "value per channel in the state's dtype", node=window)
+    conv = next((u for u in window.users if is_op(u, aten.convolution)), None)
+    if conv is None or len(window.users) != 2:
+        return Miss("the shifted window is read by other ops than one depthwise conv", node=window)
+    weight, bias, stride, padding, dilation, transposed, _, groups = conv.args[1:9]
+    w_shape = shape_of(weight)
+    if bias is not None or list(stride) != [1] or list(padding) != [0] or list(dilation) != [1] or transposed \
+            or groups != C or w_shape is None or tuple(w_shape[:2]) != (C, 1) or not L + 1 >= w_shape[2] >= 2:
+        return Miss(f"{describe(conv)} is not a bias-free depthwise conv1d of stride 1 without padding over the "
+                    f"window (weight {w_shape}, groups {groups})", node=conv)
+    K = w_shape[2]
+    last = next(iter(conv.users)) if len(conv.users) == 1 else None
+    if not (is_op(last, aten.slice) and last.args[1] % 3 == 2 and last.args[2] == -1 and shape_of(last)[2] == 1):
+        return Miss("the conv output is not cut to its last position", node=conv)
+    nodes = {window, rows, new, conv, last}
+    out, act = last, "none"
+    up = next(iter(last.users)) if len(last.users) == 1 else None
+    base = up if is_cast(up) and dtype_of(up) == torch.float32 else last
+    silu = next((u for u in base.users if _silu_of(u) is base or any(_silu_of(v) is base for v in u.users)), None)
+    if silu is not None:
+        end = silu if _silu_of(silu) is base else next(v for v in silu.users if _silu_of(v) is base)
+        nodes |= _silu_nodes(end, base) | {base}
+        out, act = end, "silu"
+    if len(out.users) == 1 and is_cast(next(iter(out.users))):
+        out = next(iter(out.users))
+        nodes.add(out)
+    stage = ConvUpdate(channels=C, width=K, state_len=L, state_dtype=dtype_name(dtype_of(state)),
+                       acc=dtype_name(dtype_of(conv)), act=act, out=dtype_name(dtype_of(out)), indexed=False)
+    return ConvMatch(stage, x, state, strip_lossless_casts(weight), None, out, new, copy, frozenset(nodes))

@@ -50,8 +50,8 @@ class Gating:
 @dataclass(frozen=True)
 class GatingMatch:
     stage: Gating
-    a: Node  # [T, Hv]
-    b: Node  # [T, Hv]
+    a: Node  # [T, Hv] (or [B, 1, Hv]: one token per sequence)
+    b: Node  # [T, Hv] (or [B, 1, Hv])
     a_log: Node  # [Hv]
     dt_bias: Node  # [Hv]
     g: Node
@@ -90,7 +90,8 @@ class PostConv(_JsonSpec):
             assert dt in ("float32", self.conv.out), f"post-conv outputs are fp32 or {self.conv.out}, not {dt}"
 
     def input_names(self) -> list[str]:
-        return ["x", "weight", "indices"] + (["a", "b", "a_log", "dt_bias"] if self.gating else [])
+        return ["x", "weight"] + (["indices"] if self.conv.indexed else []) + (
+            ["a", "b", "a_log", "dt_bias"] if self.gating else [])
 
     def output_specs(self) -> list[tuple[str, tuple[int, ...]]]:
         """(dtype, per-token shape) of each output."""
@@ -127,14 +128,16 @@ def post_conv_reference(spec: PostConv, inputs: list[torch.Tensor], state: torch
     """The site's outputs (PostConv.output_specs) for `inputs` (input_names); shifts `state` in place."""
     named = dict(zip(spec.input_names(), inputs))
     x, t = named["x"], named["x"].shape[0]
-    y = conv_update_reference(x, state, named["weight"], named["indices"], spec.conv)  # [T, C] fp32-held
+    hv = spec.gating.heads if spec.gating else 0
+    y = conv_update_reference(x, state, named["weight"], named.get("indices"), spec.conv)  # [T, C] fp32-held
     outs = []
     for s in spec.segments:
         seg = y[:, s.start:s.start + s.heads * s.head_dim].reshape(t, s.heads, s.head_dim)
         out = l2norm_reference(seg, s.norm) if s.norm else seg
         outs.append(out.to(getattr(torch, s.norm.out if s.norm else spec.conv.out)))
     if spec.gating:
-        g, beta = gating_reference(named["a"], named["b"], named["a_log"], named["dt_bias"], spec.gating)
+        a, b = named["a"].reshape(t, hv), named["b"].reshape(t, hv)
+        g, beta = gating_reference(a, b, named["a_log"], named["dt_bias"], spec.gating)
         outs += [g.to(getattr(torch, spec.gating.g_out)), beta.to(getattr(torch, spec.gating.beta_out))]
     return outs
 
@@ -218,12 +221,12 @@ def match_gating(mul: Node) -> GatingMatch | Miss:
         p, q = binary_operands(s)
         a_log, p_a, p_dt = e.args[0], None, None
         for u, v in ((p, q), (q, p)):
-            if isinstance(u, Node) and isinstance(v, Node) and len(shape_of(u) or ()) == 2 and len(shape_of(v) or ()) == 1:
+            if isinstance(u, Node) and isinstance(v, Node) and len(shape_of(u) or ()) >= 2 and len(shape_of(v) or ()) == 1:
                 p_a, p_dt = u, v
         if p_a is None:
             return Miss(f"softplus(a + dt_bias) with a of shape {shape_of(p)} and dt_bias of shape {shape_of(q)}: "
-                        "braze takes a [T, Hv] and dt_bias [Hv]")
-        hv = shape_of(p_a)[1]
+                        "braze takes a [T, Hv] (or [B, 1, Hv]) and dt_bias [Hv]")
+        hv = shape_of(p_a)[-1]
         if not isinstance(hv, int) or tuple(shape_of(p_dt)) != (hv,) or tuple(shape_of(strip_lossless_casts(a_log)) or ()) != (hv,):
             return Miss(f"A_log {shape_of(a_log)}, dt_bias {shape_of(p_dt)} do not match {hv} heads of a")
         if any(dtype_of(n) != torch.float32 for n in (mul, s, e)):
@@ -246,6 +249,6 @@ def match_beta(sig: Node, heads: int) -> tuple[Node, set[Node]] | Miss:
     b = strip_lossless_casts(sig.args[0])
     nodes = {sig} | ({sig.args[0]} if sig.args[0] is not b else set())
     shape = shape_of(b)
-    if shape is None or len(shape) != 2 or shape[1] != heads:
+    if shape is None or len(shape) < 2 or shape[-1] != heads:
         return Miss(f"sigmoid of {shape}, not of [T, {heads}]", candidate=False)
     return b, nodes

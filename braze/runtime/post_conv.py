@@ -47,16 +47,18 @@ def _pack(spec: PostConv, outs: list[torch.Tensor], x: torch.Tensor) -> tuple[to
 
 def _check(spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor) -> None:
     named = dict(zip(spec.input_names(), inputs))
-    x, C, K = named["x"], spec.conv.channels, spec.conv.width
+    x, C, K, L = named["x"], spec.conv.channels, spec.conv.width, spec.conv.state_len
     if x.dim() != 2 or x.shape[1] != C:
         raise ValueError(f"braze post_conv: x of shape {tuple(x.shape)}, expected [T, {C}]")
-    if state.dim() != 3 or tuple(state.shape[1:]) != (C, K - 1) or not state.is_contiguous():
+    if state.dim() != 3 or tuple(state.shape[1:]) != (C, L) or not state.is_contiguous():
         raise ValueError(f"braze post_conv: state of shape {tuple(state.shape)} (contiguous: "
-                         f"{state.is_contiguous()}), expected a contiguous [slots, {C}, {K - 1}]")
+                         f"{state.is_contiguous()}), expected a contiguous [rows, {C}, {L}]")
     if named["weight"].numel() != C * K:
         raise ValueError(f"braze post_conv: weight of {named['weight'].numel()} values, expected [{C}, {K}]")
-    if named["indices"].numel() != x.shape[0]:
+    if spec.conv.indexed and named["indices"].numel() != x.shape[0]:
         raise ValueError(f"braze post_conv: {named['indices'].numel()} state indices for {x.shape[0]} tokens")
+    if not spec.conv.indexed and state.shape[0] < x.shape[0]:
+        raise ValueError(f"braze post_conv: {x.shape[0]} tokens for a state of {state.shape[0]} rows")
 
 
 def _launch(kernel, fn, spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor,
@@ -65,10 +67,12 @@ def _launch(kernel, fn, spec: PostConv, inputs: list[torch.Tensor], state: torch
     x = named["x"]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    args: list[object] = [x, x.stride(0), named["weight"].contiguous(), named["indices"].reshape(-1).contiguous(),
-                          state, state.shape[0]]
+    indices = named["indices"].reshape(-1).contiguous() if spec.conv.indexed else x  # (unread without indices)
+    args: list[object] = [x, x.stride(0), named["weight"].contiguous(), indices, state, state.shape[0]]
     if spec.gating:
-        a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (named["a"], named["b"]))
+        hv = spec.gating.heads
+        a, b = (t.reshape(-1, hv) if t.stride(-1) == 1 else t.contiguous().reshape(-1, hv)
+                for t in (named["a"], named["b"]))
         args += [a, a.stride(0), b, b.stride(0), named["a_log"].contiguous(), named["dt_bias"].contiguous()]
     args += [*bufs, x.shape[0]]
     src = kernel.source

@@ -18,7 +18,7 @@ def spec_for(hk, hv, dk, dv, width, dtype, gating=True, beta_out="float32"):
     segs = (Segment(0, hk, dk, L2Norm(1e-6, "float32")), Segment(hk * dk, hk, dk, L2Norm(1e-3, "float32")),
             Segment(2 * hk * dk, hv, dv, None))
     gate = Gating(hv, 20.0, "float32", beta_out) if gating else None
-    return PostConv(ConvUpdate(c, width, name, "float32", "silu", name), segs, gate)
+    return PostConv(ConvUpdate(c, width, width - 1, name, "float32", "silu", name), segs, gate)
 
 
 def inputs_for(spec, t, dtype, device, seed=0):
