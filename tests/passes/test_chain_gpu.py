@@ -45,7 +45,8 @@ def test_qwen35_tiny_on_gpu_fuses_in_place_and_matches_eager():
         restore()
         _, stock_src = _compile_and_code(model, inputs, "inductor")
         restore()
-        be = braze.backend(braze.FusionConfig(norm_quant=False))
+        # the post-conv and gated-norm passes off: the conv-state writes stay store-only chains
+        be = braze.backend(braze.FusionConfig(norm_quant=False, post_conv=False, gated_norm=False))
         out, src = _compile_and_code(model, inputs, be)
     assert "braze_heads_" in src and "fused_heads" not in src, "the generated kernel is not launched directly"
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
