@@ -21,10 +21,26 @@ from torch.fx import Graph, GraphModule, Node
 
 from braze.patterns.conv import ConvMatch, match_conv_update, match_conv_window
 from braze.patterns.fx import (
-    Miss, aten, describe, dtype_of, is_cast, is_lossless, is_op, is_view, known_eq, shape_of, val,
+    Miss,
+    aten,
+    describe,
+    dtype_of,
+    is_cast,
+    is_lossless,
+    is_op,
+    is_view,
+    known_eq,
+    shape_of,
+    val,
 )
 from braze.patterns.gdn import (
-    GatingMatch, L2NormMatch, PostConv, Segment, match_beta, match_gating, match_l2norm,
+    GatingMatch,
+    L2NormMatch,
+    PostConv,
+    Segment,
+    match_beta,
+    match_gating,
+    match_l2norm,
 )
 from braze.patterns.stages import dtype_name
 

@@ -17,9 +17,19 @@ import torch
 from torch.fx import Node
 
 from .fx import (
-    Miss, aten, binary_operands, describe, dtype_of, is_cast, is_op, is_view, scalar, shape_of, strip_lossless_casts,
+    Miss,
+    aten,
+    binary_operands,
+    describe,
+    dtype_of,
+    is_cast,
+    is_op,
+    scalar,
+    shape_of,
+    strip_lossless_casts,
 )
-from .stages import dtype_name, round_to as _round
+from .stages import dtype_name
+from .stages import round_to as _round
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,22 @@ from torch.fx import Node
 
 from .conv import _silu_nodes, _silu_of
 from .fx import (
-    FLOAT_DTYPES, Miss, aten, binary_operands, describe, dtype_of, is_cast, is_op, known_eq, shape_of, single_user,
+    FLOAT_DTYPES,
+    Miss,
+    aten,
+    binary_operands,
+    describe,
+    dtype_of,
+    is_cast,
+    is_op,
+    known_eq,
+    shape_of,
+    single_user,
     strip_lossless_casts,
 )
 from .rmsnorm import NormMatch
-from .stages import dtype_name, round_to as _round
+from .stages import dtype_name
+from .stages import round_to as _round
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,18 @@ import torch
 from torch.fx import Node
 
 from .conv import ConvUpdate, conv_update_reference
-from .fx import Miss, aten, binary_operands, dtype_of, is_op, scalar, shape_of, strip_lossless_casts
-from .stages import _JsonSpec, dtype_name, round_to as _round
+from .fx import (
+    Miss,
+    aten,
+    binary_operands,
+    dtype_of,
+    is_op,
+    scalar,
+    shape_of,
+    strip_lossless_casts,
+)
+from .stages import _JsonSpec, dtype_name
+from .stages import round_to as _round
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import braze
-from braze.models.gated_deltanet import causal_conv1d_update, gated_delta_rule_step, gdn_gating, l2norm
+from braze.models.gated_deltanet import (
+    causal_conv1d_update,
+    gated_delta_rule_step,
+    gdn_gating,
+    l2norm,
+)
 from braze.testing import aten_graph, fused_ops, run_passes
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}

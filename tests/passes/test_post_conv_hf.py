@@ -34,7 +34,9 @@ def test_hf_qwen35_gated_deltanet_decode_step_fuses_post_conv_and_gated_norm_and
     from transformers.cache_utils import DynamicCache
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-    from test_qwen3_5 import hf_model  # the tiny HF model with random, perturbed weights
+    from test_qwen3_5 import (
+        hf_model,  # the tiny HF model with random, perturbed weights
+    )
 
     # a linear-attention layer (Hk 2, Hv 4: HF repeats q and k to the value heads before its L2 norm) and a
     # full-attention one (the cache needs one); the prompt runs eager, the GDN layer's decode step compiles
