@@ -235,7 +235,7 @@ class PostConvFusion(Pass):
                            reason=f"the normalized values {describe(cand)} are also read elsewhere",
                            suggestion="read only the normed q and k", ops=("l2norm",))
             elif isinstance(hd, int) and width % hd == 0:
-                return Segment(start, width // hd, hd, m.stage), m.output, [p for p in path if not is_cast(p)]
+                return Segment(start, width // hd, hd, m.stage), m.output, path
         views = [u for u in node.users if is_view(u) and len(shape_of(u) or ()) >= 3]
         if len(views) == 1 and len(node.users) == 1 and isinstance(shape_of(views[0])[-1], int) \
                 and width % shape_of(views[0])[-1] == 0:
@@ -375,12 +375,18 @@ def _rows_path(node: Node, l2: dict) -> tuple[list[Node], Node | None]:
 
 
 def _replay(graph: Graph, start: Node, path: list[Node], fake_mode) -> Node:
-    """`path`'s ops applied again, to `start` in place of the path's first input."""
+    """`path`'s ops applied again, to `start` in place of the path's first input. Its casts (lossless
+    upcasts to the norm's fp32) are dropped: the fused op's normed values are fp32 already."""
     from torch.fx.node import map_arg
 
-    cur, prev = start, path[0].args[0]
+    env = {path[0].args[0]: start}
+    cur = start
     for n in path:
-        args = map_arg(n.args, lambda a: cur if a is prev else a)
+        if is_cast(n):
+            env[n] = env[n.args[0]]
+            continue
+        args = map_arg(n.args, lambda a: env.get(a, a))
+        assert n.args[0] in env, "a row op off the path"
         with graph.inserting_after(cur):
             new = graph.call_function(n.target, args, n.kwargs)
         with fake_mode:
@@ -388,7 +394,7 @@ def _replay(graph: Graph, start: Node, path: list[Node], fake_mode) -> Node:
         for key in ("nn_module_stack", "stack_trace"):
             if key in n.meta:
                 new.meta[key] = n.meta[key]
-        prev, cur = n, new
+        env[n] = cur = new
     return cur
 
 

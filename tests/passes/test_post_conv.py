@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,3 +169,63 @@ def test_token_range_and_switch():
     assert not remarks(record, "applied") and "post_conv" not in str(fused_ops(gm))
     # with the pass off, the head-chain pass still takes the conv state write alone, in place
     assert any(r.name == "head-chain" and r.ops == ("store",) for r in record.remarks)
+
+
+def hf_gdn_step(hk: int, hv: int, dk: int, dv: int):
+    """Hugging Face's Qwen 3.5 GDN decode path (its torch fallbacks), from the conv input on."""
+    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+
+    def step(x, conv_state, w, a, b, a_log, dt_bias, ssm):
+        batch = x.shape[0]
+        y = hf.causal_conv1d_update(x.unsqueeze(1).transpose(1, 2), conv_state, w, None, "silu").transpose(1, 2)
+        q, k, v = torch.split(y, [hk * dk, hk * dk, hv * dv], dim=-1)
+        q, k, v = q.reshape(batch, 1, hk, dk), k.reshape(batch, 1, hk, dk), v.reshape(batch, 1, hv, dv)
+        beta = b.unsqueeze(1).sigmoid()
+        g = -a_log.float().exp() * F.softplus(a.unsqueeze(1).float() + dt_bias)
+        if hv != hk:
+            q, k = q.repeat_interleave(hv // hk, dim=2), k.repeat_interleave(hv // hk, dim=2)
+        out, state = hf.torch_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=ssm,
+                                                          output_final_state=True, use_qk_l2norm_in_kernel=True)
+        ssm.copy_(state)
+        return out
+
+    return step
+
+
+@settings(max_examples=6)
+@given(t=st.sampled_from([1, 2]), hk=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 2, 3]),
+       dk=st.sampled_from([8, 9]), dv=st.sampled_from([4, 17]), width=st.sampled_from([2, 4]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 100))
+def test_post_conv_fires_on_hugging_face_spelling(t, hk, ratio, dk, dv, width, dtype, seed):
+    hv = hk * ratio
+    x, _, w, _, a, b, a_log, dt_bias, _ = make_inputs(t, hk, hv, dk, dv, width, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conv_state = torch.randn(t, x.shape[1], width, generator=g).to(dtype)  # HF keeps K values per channel
+    ssm = torch.randn(t, hv, dk, dv, generator=g) * 0.1
+    args = [x, conv_state, w, a, b, a_log, dt_bias, ssm]
+    fn = hf_gdn_step(hk, hv, dk, dv)
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm)
+    want_args, got_args = [a.clone() for a in args], [a.clone() for a in args]
+    want, got = fn(*want_args), gm(*got_args)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+    for i in (1, 7):
+        torch.testing.assert_close(got_args[i], want_args[i], rtol=TOL[dtype], atol=TOL[dtype])
+    (r,) = [r for r in record.remarks if r.kind == "applied" and r.pass_name == "post-conv"]
+    assert r.ops == POST_CONV and dict(r.args)["segments"] == f"{hk}x{dk}(l2),{hk}x{dk}(l2),{hv}x{dv}"
+
+
+def test_hugging_face_conv_with_a_bias_is_a_near_miss():
+    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+
+    def step(x, conv_state, w, bias):
+        return hf.causal_conv1d_update(x.unsqueeze(-1), conv_state, w, bias, "silu")
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 6, generator=g), torch.randn(2, 6, 4, generator=g), torch.randn(6, 4, generator=g),
+            torch.randn(6, generator=g)]
+    gm = aten_graph(step, *args)
+    record = run_passes(gm)
+    missed = remarks(record, "missed")
+    assert [n for n, _ in missed] == ["conv-not-recognized"] and "bias-free depthwise conv1d" in missed[0][1]
+    assert "post_conv" not in str(fused_ops(gm))
