@@ -33,13 +33,13 @@ def test_qwen35_tiny_compiled_with_braze_equals_eager_over_decode_steps_and_repo
     be = braze.backend(braze.FusionConfig())
     compiled = torch.compile(model, backend=be, fullgraph=True)
     g = torch.Generator().manual_seed(10)
-    for step in range(4):  # conv and recurrent states carried from step to step
+    for step in range(3):  # conv and recurrent states carried from step to step
         tok = torch.randint(cfg.vocab_size, (3,), generator=g)
         want = eager(*eager.pages.append([0, 1, 2], tok))
         got = compiled(*model.pages.append([0, 1, 2], tok))
         assert_close(got, want, 1e-4, f"logits of step {step}")
     for (name, a), (_, b) in zip(eager.named_buffers(), model.named_buffers()):
-        assert_close(b, a, 1e-4, f"{name} after 4 steps")
+        assert_close(b, a, 1e-4, f"{name} after 3 steps")
     torch._dynamo.reset()
     report = braze.report(be)
     applied = [(r.location, r.ops) for r in report.applied]
