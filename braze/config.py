@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain")
+FAMILIES = ("norm_quant", "chain", "post_conv", "gated_norm")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -42,6 +42,8 @@ class FusionConfig:
 
     norm_quant: fuse RMSNorm (+ residual add) -> FP8 dynamic quant.
     chain: fuse per-head [RMSNorm ->] RoPE [-> in-place cache write] chains.
+    post_conv: fuse Gated DeltaNet's causal conv update -> split -> L2 norm -> gating.
+    gated_norm: fuse the gated RMSNorm (x̂·w)·silu(z) [-> FP8 quant].
     verify: "off", or "compile" to run each candidate site fused vs unfused on
         random inputs of its real shapes at compile time and refuse mismatches.
     verify_rtol: relative error allowed by the numerics gate, as a multiple of
@@ -54,6 +56,8 @@ class FusionConfig:
 
     norm_quant: bool = True
     chain: bool = True
+    post_conv: bool = True
+    gated_norm: bool = True
     verify: str = "off"
     verify_rtol: float = 1.0
     token_ranges: Mapping[str, TokenRange] | tuple = field(default_factory=_default_ranges)
@@ -61,7 +65,7 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "post_conv", "gated_norm", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

@@ -15,9 +15,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from braze.patterns.gdn import PostConv
 from braze.patterns.stages import HeadGroup, RowChain
 
-from . import heads, rowwise
+from . import heads, post_conv, rowwise
 
 
 def cache_root() -> Path:
@@ -81,6 +82,17 @@ def _heads_kernel(signature: str) -> LoadedKernel:
 
 def heads_kernel(group: HeadGroup) -> LoadedKernel:
     return _heads_kernel(group.to_json())
+
+
+@functools.lru_cache(maxsize=None)
+def _post_conv_kernel(signature: str) -> LoadedKernel:
+    src = post_conv.generate(PostConv.from_json(signature))
+    path, module = _load_module(src.name, src.source)
+    return LoadedKernel(src, path, getattr(module, src.name))
+
+
+def post_conv_kernel(spec: PostConv) -> LoadedKernel:
+    return _post_conv_kernel(spec.to_json())
 
 
 def dump(kernel: LoadedKernel, directory: str | os.PathLike) -> Path:

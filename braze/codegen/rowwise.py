@@ -160,6 +160,8 @@ def generate(chain: RowChain) -> KernelSource:
         params += ["r_ptr", "r_row_stride"]
     if chain.norm.has_weight:
         params.append("w_ptr")
+    if chain.gate is not None:
+        params += ["z_ptr", "z_row_stride"]
     outs = [o[0] for o in chain.output_specs()]
     params += [f"{o}_ptr" for o in outs]
     params += ["n_rows", "D: tl.constexpr", "G: tl.constexpr", "GS: tl.constexpr",
@@ -180,8 +182,10 @@ def generate(chain: RowChain) -> KernelSource:
         if chain.residual.store:
             em.line(f"tl.store(residual_out_ptr + row * D + col, {h}.to({_TL_DTYPE[chain.residual.dtype]}), mask=mask)")
     y = _emit_rmsnorm(em, chain.norm, h)
+    if chain.gate is not None:
+        y = _emit_gate(em, chain.gate, y)
     if chain.norm.store:
-        em.line(f"tl.store(norm_out_ptr + row * D + col, {y}.to({_TL_DTYPE[chain.norm.out_dtype]}), mask=mask)")
+        em.line(f"tl.store(norm_out_ptr + row * D + col, {y}.to({_TL_DTYPE[chain.y_dtype]}), mask=mask)")
     if chain.quant:
         _emit_quant(em, chain.quant, y)
 
@@ -221,6 +225,14 @@ def _emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str) -> str:
                 w = em.round_to(em.let(f"1.0 + {w}", "w"), op.offset_dtype or "float32")
             y = em.round_to(em.let(f"{y} * {w}", "y"), op.dtype)
     return y
+
+
+def _emit_gate(em: _Emitter, gate, y: str) -> str:
+    """y · silu(z) with z's row of this program, rounded as the graph rounds it."""
+    em.line("# gate: y * silu(z)")
+    z = em.let("tl.load(z_ptr + row * z_row_stride + col, mask=mask, other=0.0).to(tl.float32)", "z")
+    s = em.round_to(em.let(em.div(z, f"(1.0 + tl.exp(-{z}))", per_element=True), "silu"), gate.act)
+    return em.round_to(em.round_to(em.let(f"{y} * {s}", "y"), gate.dtype), gate.out)
 
 
 def _emit_quant(em: _Emitter, quant: FP8Quant, y: str) -> None:

@@ -317,6 +317,9 @@ class Qwen35ForCausalLM(nn.Module):
         """One decode step: input_ids [T] -> logits [T, vocab]; caches and states updated in place."""
         if state_indices is None:
             state_indices = torch.arange(input_ids.shape[0], device=input_ids.device)
+        # one slot and one state per token: lets a compiler with dynamic T know rows and indices match
+        torch._check(slot_mapping.shape[0] == input_ids.shape[0])
+        torch._check(state_indices.shape[0] == input_ids.shape[0])
         return self._run(input_ids, positions, slot_mapping, block_table, seq_lens, state_indices)
 
     def _run(self, input_ids, positions, slot_mapping, block_table, seq_lens, state_indices,

@@ -25,12 +25,19 @@ from braze.report import GraphRecord, layer_of
 from .base import Pass, PassContext, current_record
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
+from .gated_norm import GatedNormFusion
 from .norm_quant import NormQuantFusion
+from .post_conv import PostConvFusion
 
-# Every pass braze runs, in order.
+# Every pass braze runs, in order. The post-conv pass takes the conv state write with its conv update
+# before the head-chain pass would take it alone; the head-chain pass takes a norm -> quant whose
+# bytes a packed cache row stores before the row passes would; the gated norm takes the FP8 quant
+# after it before the norm-quant pass would call that quant's input a non-norm.
 PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
-    HeadChainFusion,  # first: a norm -> quant whose bytes a packed cache row takes is a chain's, not a row op's
+    PostConvFusion,
+    HeadChainFusion,
+    GatedNormFusion,
     NormQuantFusion,
 )
 

@@ -21,8 +21,12 @@ def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[tor
         if chain.residual.store:
             outs.append(x.to(getattr(torch, chain.residual.dtype)))
     y = rmsnorm_reference(x, named.get("weight"), chain.norm)
+    if chain.gate is not None:
+        from .gated_norm import gate_reference
+
+        y = gate_reference(y, named["gate"].reshape(y.shape), chain.gate)
     if chain.norm.store:
-        outs.append(y.to(getattr(torch, chain.norm.out_dtype)))
+        outs.append(y.to(getattr(torch, chain.y_dtype)))
     if chain.quant:
         q, scales = fp8_quant_reference(y, chain.quant)
         outs.append(q)

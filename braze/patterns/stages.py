@@ -175,8 +175,8 @@ class RowChain(_JsonSpec):
     """A fused chain over rows of `width` values: the unit codegen compiles.
 
     Inputs, in order: x, the residual (if `residual`), the weight (if the norm
-    has one). Outputs, in order: h (if residual.store), the norm output (if
-    norm.store), q and each scale (if quant). Every output is contiguous with
+    has one), z (if `gate`). Outputs, in order: h (if residual.store), the (gated)
+    norm output (if norm.store), q and each scale (if quant). Every output is contiguous with
     the leading (row) dims of x.
     """
 
@@ -184,10 +184,16 @@ class RowChain(_JsonSpec):
     residual: ResidualAdd | None
     norm: RMSNorm
     quant: FP8Quant | None
+    gate: Any = None  # braze.patterns.gated_norm.Gate: the norm output times silu(z), before the quant
 
     @property
     def width(self) -> int:
         return self.norm.width
+
+    @property
+    def y_dtype(self) -> str:
+        """The dtype of the (gated) norm output."""
+        return self.gate.out if self.gate is not None else self.norm.out_dtype
 
     @property
     def n_groups(self) -> int:
@@ -195,7 +201,8 @@ class RowChain(_JsonSpec):
 
     @property
     def name(self) -> str:
-        parts = (["add"] if self.residual else []) + ["rmsnorm"] + (["fp8_quant"] if self.quant else [])
+        parts = (["add"] if self.residual else []) + ["rmsnorm"] + (["gate"] if self.gate else []) + (
+            ["fp8_quant"] if self.quant else [])
         return "_".join(parts)
 
     def input_names(self) -> list[str]:
@@ -204,6 +211,8 @@ class RowChain(_JsonSpec):
             names.append("residual")
         if self.norm.has_weight:
             names.append("weight")
+        if self.gate is not None:
+            names.append("gate")
         return names
 
     def output_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -212,7 +221,7 @@ class RowChain(_JsonSpec):
         if self.residual and self.residual.store:
             out.append(("residual_out", self.residual.dtype, (self.width,)))
         if self.norm.store:
-            out.append(("norm_out", self.norm.out_dtype, (self.width,)))
+            out.append(("norm_out", self.y_dtype, (self.width,)))
         if self.quant:
             out.append(("q", self.quant.fp8_dtype, (self.width,)))
             for i, prog in enumerate(self.quant.scales):
@@ -398,10 +407,14 @@ _TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm
 
 def _register_late_types() -> None:
     """Stage types defined in recognizer modules (RoPE) join the JSON codec."""
+    from .conv import ConvUpdate
+    from .gated_norm import Gate
+    from .gdn import Gating, L2Norm, PostConv, Segment
     from .layernorm import BiasAdd, LayerNorm
     from .rope import Rope
 
-    _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd)
+    _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd, ConvUpdate=ConvUpdate, L2Norm=L2Norm,
+                  Gating=Gating, Segment=Segment, PostConv=PostConv, Gate=Gate)
 
 
 def _decode(obj: Any) -> Any:

@@ -81,6 +81,9 @@ def _launch_args(chain: RowChain, inputs: list[torch.Tensor], outs: list[torch.T
         args += [r, r.stride(0)]
     if chain.norm.has_weight:
         args.append(named["weight"].contiguous())
+    if chain.gate is not None:
+        z = _as_rows(named["gate"], chain.width)
+        args += [z, z.stride(0)]
     args += outs
     args.append(x.shape[0])
     return args, x.shape[0]
