@@ -137,13 +137,10 @@ class Indexer(nn.Module):
         return keys, scales
 
     def forward(self, x: torch.Tensor, q_c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        return self.select(*self.prologue(x, q_c, cos, sin, slot_mapping), block_table, seq_lens)
-
-    def prologue(self, x: torch.Tensor, q_c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys into the index cache; returns the queries (fp8 when quantized) [T, Hi, 128] and the head
-        weights [T, Hi] (scaled by the queries' quant scales)."""
+                slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indexer's prologue (a module call, so the report names `indexer`): keys into the index
+        cache; `select` then scores them. Returns the queries (fp8 when quantized) [T, Hi, 128] and
+        the head weights [T, Hi] (scaled by the queries' quant scales)."""
         t = x.shape[0]
         k, w = self.wk_weights_proj(x).split([self.dim, self.heads], dim=-1)  # [T, 128], [T, Hi]
         k = apply_rope(self.k_norm(k), cos, sin, style="neox")  # rope dims FIRST in the indexer
@@ -244,7 +241,7 @@ class MLAAttention(nn.Module):
         kv_c = self.kv_a_layernorm(kv_c)  # [T, 512]
         k_pe = apply_rope(k_pe, cos, sin, style="gptj")  # [T, 64]
         write_slots(self.mla_cache, slot_mapping, self.pack(kv_c, k_pe))
-        iq, iw = self.indexer.prologue(x, q_c, cos, sin, slot_mapping)
+        iq, iw = self.indexer(x, q_c, cos, sin, slot_mapping)
 
         q = self.q_b_proj(q_c).view(t, self.heads, cfg.qk_nope_dim + cfg.qk_rope_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_dim, cfg.qk_rope_dim], dim=-1)  # [T, H', 128], [T, H', 64]
