@@ -129,7 +129,7 @@ def test_fp8_indexer_selects_a_top_k_of_the_reference_scores(length):
     rotary = RotaryCache(yarn_inv_freq(64, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_position), 64)
     batch = pages.prompt(1, torch.zeros(length, dtype=torch.long))
     cos, sin = rotary(batch.positions)
-    idx = ind(x, q_c, cos, sin, batch.slot_mapping, batch.block_table, batch.seq_lens)  # [S, K]
+    idx = ind.select(*ind(x, q_c, cos, sin, batch.slot_mapping), batch.block_table, batch.seq_lens)  # [S, K]
     assert idx.shape == (length, cfg.index_topk)
     ref = ref_index_scores(ind, x, q_c, cos, sin)
     for t in range(length):
