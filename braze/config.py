@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain")
+FAMILIES = ("norm_quant", "chain", "gemm_merge")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -32,8 +32,13 @@ class TokenRange:
         return f"[{self.lo}, {'inf' if self.hi is None else self.hi}]"
 
 
+# Sibling GEMMs merge only while they are memory-bound (braze.passes.gemm_merge); 256 tokens keeps
+# bf16 GEMMs well below an H100's balance point (~295 FLOP/byte) and bounds a dynamic token count.
+_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 256)}
+
+
 def _default_ranges() -> tuple[tuple[str, TokenRange], ...]:
-    return tuple((f, TokenRange()) for f in FAMILIES)
+    return tuple((f, _DEFAULT_RANGES.get(f, TokenRange())) for f in FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class FusionConfig:
 
     norm_quant: fuse RMSNorm (+ residual add) -> FP8 dynamic quant.
     chain: fuse per-head [RMSNorm ->] RoPE [-> in-place cache write] chains.
+    gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
+        which the backend re-points into one buffer (no extra memory); only while memory-bound.
     verify: "off", or "compile" to run each candidate site fused vs unfused on
         random inputs of its real shapes at compile time and refuse mismatches.
     verify_rtol: relative error allowed by the numerics gate, as a multiple of
@@ -54,6 +61,7 @@ class FusionConfig:
 
     norm_quant: bool = True
     chain: bool = True
+    gemm_merge: bool = True
     verify: str = "off"
     verify_rtol: float = 1.0
     token_ranges: Mapping[str, TokenRange] | tuple = field(default_factory=_default_ranges)
@@ -61,7 +69,7 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "gemm_merge", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

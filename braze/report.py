@@ -77,6 +77,9 @@ class GraphRecord:
     stock_kernels: dict[str, int] | None = None  # layer -> kernels stock Inductor launches
     cache: str = "miss"  # "miss": passes ran; "hit": restored from braze's record store
     cpu_execution: str = ""
+    # weights a merged GEMM reads as one buffer, {"inputs": [placeholder indices], "location": module
+    # path}: the backend re-points them into one storage at set-up (braze.runtime.sibling_mm.share_rows)
+    shared_weights: list[dict[str, Any]] = field(default_factory=list)
 
     def bump(self, pass_name: str, stat: str, n: int = 1) -> None:
         d = self.stats.setdefault(pass_name, {})

@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from braze.config import FusionConfig
-from braze.passes.base import Pass, current_record
+from braze.passes.base import Pass, current_inputs, current_record
 from braze.passes.manager import PASSES, PassManager
 from braze.report import GraphRecord
 
@@ -44,13 +44,18 @@ def run_passes(
     gm: GraphModule,
     config: FusionConfig | None = None,
     passes: Sequence[type[Pass]] = PASSES,
+    inputs: Sequence[object] | None = None,
 ) -> GraphRecord:
-    """Run braze's passes on `gm` in place; returns what they recorded."""
+    """Run braze's passes on `gm` in place; returns what they recorded. `inputs`: the real tensors
+    behind the graph's placeholders, as braze's backend gives them (passes that must know whether a
+    placeholder is a parameter read them)."""
     record = GraphRecord(index=0)
     token = current_record.set(record)
+    inputs_token = current_inputs.set(tuple(inputs) if inputs is not None else None)
     try:
         PassManager(config or FusionConfig(), passes)(gm.graph)
     finally:
+        current_inputs.reset(inputs_token)
         current_record.reset(token)
     gm.recompile()
     return record

@@ -23,8 +23,10 @@ from braze.config import FusionConfig
 from braze.report import GraphRecord, layer_of
 
 from .base import Pass, PassContext, current_record
+from .branches import BranchAnalysis
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
+from .gemm_merge import SiblingGemmMerge
 from .norm_quant import NormQuantFusion
 
 # Every pass braze runs, in order.
@@ -32,6 +34,8 @@ PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
     NormQuantFusion,
     HeadChainFusion,
+    BranchAnalysis,  # before gemm-merge: it reports the branches as the model wrote them
+    SiblingGemmMerge,
 )
 
 try:  # torch >= 2.12 checks scheduler passes for a uuid before caching
