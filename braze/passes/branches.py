@@ -12,7 +12,8 @@ included): a heavy branch beside pointwise or reduction work is Inductor's fusio
 scheduling one.
 
 Decisions, by the cost model of `braze.passes.cost` at the traced token count:
-- merge: two or more branches open with GEMMs on the fork's value (the gemm-merge pass acts);
+- merge (a prefix to one of the two below): two or more branches open with GEMMs on the fork's
+  value, which the gemm-merge pass turns into one GEMM;
 - overlap: running the smaller branch beside the larger would save time by the model; braze has
   no second-stream execution yet (STREAMS_DESIGN.md), so the remark says what would move and the
   graph stays serial;
@@ -112,10 +113,11 @@ def _walk(f: Node, heads: list[Node], order: dict[Node, int]) -> Fork | None:
                 pending[inp] -= 1
                 if pending[inp] == 0:
                     del pending[inp]
-        path = module_path(n)
-        if path and layer_of(path) != layer:
-            return None  # the region leaves the fork's layer
         single = len(lab) == 1 and _JOINED not in lab
+        path = module_path(n)
+        outside = bool(path) and layer_of(path) != layer
+        if single and outside:
+            return None  # a branch leaves the fork's layer before it joins: not a local region
         labels[n] = frozenset(lab) if single else frozenset({_JOINED})
         if not single and join is None:
             join = n
@@ -123,7 +125,9 @@ def _walk(f: Node, heads: list[Node], order: dict[Node, int]) -> Fork | None:
             pending[n] = len(n.users)
         if not pending and not seeds_left:
             break  # every single-branch node's users are walked: nothing later can belong to one branch
-        if single or pending:  # a joined node matters only while single-branch nodes may still meet it
+        # A joined node's users matter only while single-branch nodes may still meet them, and only in
+        # the fork's layer (outside it, a single-branch user abandons the fork anyway).
+        if single or ((pending or seeds_left) and not outside):
             for u in n.users:
                 if u not in queued:
                     queued.add(u)
@@ -151,17 +155,21 @@ def _has_extern(b: Branch) -> bool:
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "merge", "overlap" or "serial"
+    kind: str  # "merge+serial", "merge+overlap", "serial" or "overlap"
     reason: str
+    merged: tuple[Node, ...] = ()  # the GEMM heads gemm-merge turns into one GEMM
     side: Branch | None = None  # overlap: the branch that would run on the second stream
 
 
 def decide(fork: Fork) -> Decision:
-    """What the cost model decides for a fork (see the module doc)."""
-    siblings = [b.head for b in fork.branches if gemm_activation(b.head) is fork.fork]
-    if len(siblings) >= 2:
-        return Decision("merge", f"{len(siblings)} branches open with GEMMs on the same activation: one GEMM "
-                                 "over their stacked weights reads it once and launches once (gemm-merge)")
+    """What the cost model decides for a fork (see the module doc): merge the GEMMs that open branches
+    on the same activation, then overlap the branches or leave them serial."""
+    merged = tuple(b.head for b in fork.branches if gemm_activation(b.head) is fork.fork)
+    merged = merged if len(merged) >= 2 else ()
+    parts = []
+    if merged:
+        parts.append(f"{len(merged)} branches open with GEMMs on the same activation: one GEMM over their "
+                     "stacked weights reads it once and launches once (gemm-merge)")
     times = [b.cost.seconds() for b in fork.branches]
     serial = sum(times)
     total = sum((b.cost for b in fork.branches), Cost())
@@ -169,11 +177,15 @@ def decide(fork: Fork) -> Decision:
     overlapped = max(max(times), shared) + 2 * H100.launch_gap
     gain = serial - overlapped
     summary = f"serial ~{serial * 1e6:.1f} us, overlapped ~{overlapped * 1e6:.1f} us by the model"
+    prefix = "merge+" if merged else ""
     if gain < MIN_GAIN_S or gain < MIN_GAIN_SHARE * serial:
-        return Decision("serial", f"overlap would save too little ({summary})")
-    side = fork.branches[-1]  # the smallest by estimated time
-    return Decision("overlap", f"the smaller branch beside the larger saves ~{gain * 1e6:.1f} us ({summary}); "
-                               "not executed: braze runs every node on one stream (STREAMS_DESIGN.md)", side)
+        parts.append(f"overlap would save too little ({summary})")
+        return Decision(prefix + "serial", "; ".join(parts), merged)
+    # the smallest by estimated time, preferring one that is not part of the merged GEMM
+    side = next((b for b in reversed(fork.branches) if b.head not in merged), fork.branches[-1])
+    parts.append(f"the smaller branch beside the larger saves ~{gain * 1e6:.1f} us ({summary}); not executed: "
+                 "braze runs every node on one stream (STREAMS_DESIGN.md)")
+    return Decision(prefix + "overlap", "; ".join(parts), merged, side)
 
 
 class BranchAnalysis(Pass):
@@ -192,7 +204,8 @@ class BranchAnalysis(Pass):
                          "kernels": b.cost.kernels, "gemms": b.cost.gemms, "bytes": b.cost.bytes_moved,
                          "flops": b.cost.flops, "est_us": round(b.cost.seconds() * 1e6, 2)}
                         for b in fork.branches]
-            args = {"decision": decision.kind, "tokens": _hint(tokens), "branches": branches}
+            args = {"decision": decision.kind, "tokens": _hint(tokens), "branches": branches,
+                    "merged": [n.name for n in decision.merged]}
             if decision.side is not None:
                 args["side_stream_nodes"] = [n.name for n in decision.side.nodes if not is_free(n)]
             ctx.remark("analysis", "independent-branches", fork.fork,
