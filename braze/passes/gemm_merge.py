@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+import braze.runtime.sibling_mm  # noqa: F401  registers braze::sibling_mm
 from braze.patterns.fx import aten, describe, module_path, topo_sorted, val
 
 from .base import Pass, PassContext
