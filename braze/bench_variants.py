@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 VARIANTS = ("eager", "inductor", "braze")
+# On request only (--variants): braze without sibling-GEMM merging, to measure what that pass buys.
+EXTRA_VARIANTS = ("braze-nomerge",)
 
 
 class Variants:
@@ -48,7 +50,7 @@ def compile_variant(variant: str, model, dynamic: bool | None) -> tuple[object, 
         return torch.compile(model, dynamic=dynamic, fullgraph=True), None
     import braze
 
-    backend = braze.backend(braze.FusionConfig())
+    backend = braze.backend(braze.FusionConfig(gemm_merge=variant != "braze-nomerge"))
     return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
 
 

@@ -33,7 +33,7 @@ from braze.report import layer_of
 
 from .base import Pass, PassContext
 from .cost import H100, Cost, _hint, is_extern, is_free, region_cost
-from .gemm_merge import gemm_activation
+from .gemm_merge import gemm_activation, match_sibling
 
 MAX_SPAN = 4000  # graph positions one fork's walk may cover; a longer region is not a local branch
 # Overlap pays when it saves at least this much by the model: two events (record + wait) cost about a
@@ -164,7 +164,8 @@ class Decision:
 def decide(fork: Fork) -> Decision:
     """What the cost model decides for a fork (see the module doc): merge the GEMMs that open branches
     on the same activation, then overlap the branches or leave them serial."""
-    merged = tuple(b.head for b in fork.branches if gemm_activation(b.head) is fork.fork)
+    merged = tuple(b.head for b in fork.branches
+                   if gemm_activation(b.head) is fork.fork and not isinstance(match_sibling(b.head), str))
     merged = merged if len(merged) >= 2 else ()
     parts = []
     if merged:

@@ -145,6 +145,21 @@ def test_transposed_and_computed_weights_are_missed_with_reasons():
     assert all(r.kind == "missed" and r.reason for r in record.remarks)
 
 
+def test_fp8_scaled_mm_siblings_are_missed_not_merged():
+    def fn(x, wa, wb, sa, sb):
+        s = torch.ones(x.shape[0], 1)
+        return (torch._scaled_mm(x, wa.t(), scale_a=s, scale_b=sa.t(), out_dtype=torch.bfloat16),
+                torch._scaled_mm(x, wb.t(), scale_a=s, scale_b=sb.t(), out_dtype=torch.bfloat16))
+
+    fp8 = torch.float8_e4m3fn
+    x = torch.randn(16, 32).to(fp8)
+    wa, wb = (torch.nn.Parameter(torch.randn(n, 32).to(fp8), requires_grad=False) for n in (16, 48))
+    sa, sb = frozen(16, 1), frozen(48, 1)
+    gm, record = merge(fn, x, wa, wb, sa, sb)
+    assert sibling_ops(gm) == 0
+    assert [r.name for r in record.remarks] == ["scaled-mm", "scaled-mm"]
+
+
 def test_weights_that_are_not_frozen_parameters_are_missed():
     x = torch.randn(3, 16)
     plain = [torch.randn(8, 16), torch.randn(4, 16)]  # user tensors, not parameters
