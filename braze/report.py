@@ -201,6 +201,7 @@ class Report:
             lines.append(f"{'total':<40}{total_before:>8}{sum(after.values()):>8}")
             if before is None:
                 lines.append("(stock kernel counts: set FusionConfig(count_stock_kernels=True))")
+        lines.extend(self._branches_table())
         if self.compile_seconds:
             share = 100.0 * self.pass_seconds / self.compile_seconds
             lines.append("")
@@ -219,6 +220,25 @@ class Report:
                 lines.append(f"{title}:")
                 lines.extend("  " + str(r).replace("\n", "\n  ") for r in rs)
         return "\n".join(lines)
+
+    def branches_per_layer(self) -> dict[str, dict[str, int]]:
+        """layer -> decision ("merge+serial", "overlap", ...) -> forks, from the branch analysis remarks."""
+        out: dict[str, Counter] = defaultdict(Counter)
+        for r in self.remarks:
+            if r.name == "independent-branches":
+                out[layer_of(r.location)][dict(r.args).get("decision", "?")] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+    def _branches_table(self) -> list[str]:
+        per_layer = self.branches_per_layer()
+        if not per_layer:
+            return []
+        lines = ["", "independent branches per layer (decision: forks); every node runs on the default stream:",
+                 "braze has no second-stream execution yet, `overlap` marks where the cost model says it would pay"]
+        for layer in sorted(per_layer, key=_layer_key):
+            decisions = ", ".join(f"{d}: {n}" for d, n in sorted(per_layer[layer].items()))
+            lines.append(f"  {layer:<38}{decisions}")
+        return lines
 
     def plot(self, path: str) -> str:
         """Bar chart of kernels per layer, stock Inductor vs braze, written as a PNG."""
