@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "gemm_merge")
+FAMILIES = ("norm_quant", "chain", "gemm_merge", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -34,7 +34,8 @@ class TokenRange:
 
 # Sibling GEMMs merge only while they are memory-bound (braze.passes.gemm_merge); 256 tokens keeps
 # bf16 GEMMs well below an H100's balance point (~295 FLOP/byte) and bounds a dynamic token count.
-_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 256)}
+# Two streams only while the branches are small: above 64 tokens a branch's GEMMs fill the GPU alone.
+_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 256), "dual_stream": TokenRange(1, 64)}
 
 
 def _default_ranges() -> tuple[tuple[str, TokenRange], ...]:
@@ -49,6 +50,8 @@ class FusionConfig:
     chain: fuse per-head [RMSNorm ->] RoPE [-> in-place cache write] chains.
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound.
+    dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
+        model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
     verify: "off", or "compile" to run each candidate site fused vs unfused on
         random inputs of its real shapes at compile time and refuse mismatches.
     verify_rtol: relative error allowed by the numerics gate, as a multiple of
@@ -62,6 +65,7 @@ class FusionConfig:
     norm_quant: bool = True
     chain: bool = True
     gemm_merge: bool = True
+    dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0
     token_ranges: Mapping[str, TokenRange] | tuple = field(default_factory=_default_ranges)
@@ -69,7 +73,7 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "gemm_merge", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "gemm_merge", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

@@ -229,15 +229,29 @@ class Report:
                 out[layer_of(r.location)][dict(r.args).get("decision", "?")] += 1
         return {k: dict(v) for k, v in out.items()}
 
+    def side_stream_nodes(self) -> dict[str, list[str]]:
+        """layer -> the nodes braze runs on the side stream (from the dual-stream pass's applied remarks)."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for r in self.applied:
+            if r.name == "dual-stream":
+                out[layer_of(r.location)].extend(dict(r.args).get("stream1", []))
+        return dict(out)
+
     def _branches_table(self) -> list[str]:
         per_layer = self.branches_per_layer()
-        if not per_layer:
+        side = self.side_stream_nodes()
+        if not per_layer and not side:
             return []
-        lines = ["", "independent branches per layer (decision: forks); every node runs on the default stream:",
-                 "braze has no second-stream execution yet, `overlap` marks where the cost model says it would pay"]
-        for layer in sorted(per_layer, key=_layer_key):
-            decisions = ", ".join(f"{d}: {n}" for d, n in sorted(per_layer[layer].items()))
-            lines.append(f"  {layer:<38}{decisions}")
+        lines = ["", "independent branches per layer (decision: forks) and the nodes on the side stream "
+                     "(all others run on the default stream):"]
+        for layer in sorted(set(per_layer) | set(side), key=_layer_key):
+            decisions = ", ".join(f"{d}: {n}" for d, n in sorted(per_layer.get(layer, {}).items()))
+            nodes = side.get(layer, [])
+            on_side = f"; side stream: {len(nodes)} nodes ({', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
+            lines.append(f"  {layer:<38}{decisions or '-'}{on_side if nodes else ''}")
+        if not side:
+            lines.append("  (no branches on a second stream: FusionConfig(dual_stream=True) enables it where the cost "
+                         "model says overlap pays)")
         return lines
 
     def plot(self, path: str) -> str:

@@ -69,5 +69,10 @@ def test_str_summarizes_branch_decisions_per_layer():
     assert rep.branches_per_layer() == {"layers.0": {"merge+serial": 1, "overlap": 1},
                                         "layers.1": {"merge+serial": 1}}
     text = str(rep)
-    assert "every node runs on the default stream" in text
-    assert "layers.0                              merge+serial: 1, overlap: 1" in text
+    assert "(no branches on a second stream" in text
+    assert "  layers.0                              merge+serial: 1, overlap: 1\n" in text
+    moved = Remark("applied", "dual-stream", "dual-stream", "layers.0.mlp", "", ("fork", "join"), "moved",
+                   args=(("stream0", ["mm_1", "topk"]), ("stream1", ["mm_2", "silu", "mul", "mm_3", "add"])))
+    rep.graphs[0].remarks.append(moved)
+    assert rep.side_stream_nodes() == {"layers.0": ["mm_2", "silu", "mul", "mm_3", "add"]}
+    assert "merge+serial: 1, overlap: 1; side stream: 5 nodes (mm_2, silu, mul, mm_3, ...)" in str(rep)

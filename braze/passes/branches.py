@@ -194,10 +194,15 @@ class BranchAnalysis(Pass):
     family = None  # analysis only: it never changes the graph
 
     def run(self, gm: GraphModule, ctx: PassContext) -> None:
-        forks = find_forks(gm.graph)
+        try:
+            forks = find_forks(gm.graph)
+            decisions = [decide(f) for f in forks]
+        except Exception as e:  # a bug in braze's analysis must not break the user's compile
+            ctx.remark("failed", "internal-error", next(iter(gm.graph.nodes)), "branch analysis skipped after an "
+                       "error in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")
+            return
         ctx.bump("forks", len(forks))
-        for fork in forks:
-            decision = decide(fork)
+        for fork, decision in zip(forks, decisions):
             ctx.bump(f"decided-{decision.kind}")
             tokens = val(fork.fork).shape[0] if val(fork.fork).dim() else 1
             join = describe(fork.join) if fork.join is not None else "the graph output"

@@ -70,10 +70,10 @@ def nbytes(node: object) -> int:
 
 
 def _hint(s: object) -> int:
+    """An int size, or a symbolic size at its hint (the value it was traced with; 1 if it has none)."""
     if isinstance(s, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import has_hint
-
-        return int(s.node.hint) if has_hint(s) else 1
+        hint = getattr(s.node, "hint", None)
+        return int(hint) if hint is not None else 1
     return int(s)
 
 

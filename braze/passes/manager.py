@@ -28,6 +28,7 @@ from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
 from .gemm_merge import SiblingGemmMerge
 from .norm_quant import NormQuantFusion
+from .streams import DualStream
 
 # Every pass braze runs, in order.
 PASSES: tuple[type[Pass], ...] = (
@@ -36,6 +37,7 @@ PASSES: tuple[type[Pass], ...] = (
     HeadChainFusion,
     BranchAnalysis,  # before gemm-merge: it reports the branches as the model wrote them
     SiblingGemmMerge,
+    DualStream,  # last: it outlines regions of the graph as it will run
 )
 
 try:  # torch >= 2.12 checks scheduler passes for a uuid before caching

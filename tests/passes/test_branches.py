@@ -50,6 +50,25 @@ def test_a_gemm_beside_pointwise_work_is_not_a_branch_pair():
     assert find_forks(gm.graph) == []
 
 
+def test_symbolic_token_counts_are_analysed_and_not_merged_when_unbounded():
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fn(x, wa, wb):
+        h = x * 2.0
+        return F.linear(h, wa).softmax(-1).sum(-1) + F.linear(h, wb).softmax(-1).sum(-1)
+
+    args = (torch.randn(4, 16), frozen(64, 16), frozen(32, 16))
+    with torch.no_grad():
+        gm = make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="symbolic")(*args)
+    record = run_passes(gm, inputs=args)
+    assert not [r for r in record.remarks if r.kind == "failed"]
+    (fork,) = [r for r in record.remarks if r.name == "independent-branches"]
+    assert dict(fork.args)["tokens"] == 4  # costs at the traced size
+    (missed,) = [r for r in record.remarks if r.pass_name == "gemm-merge"]
+    assert missed.name == "token-range" and "dynamic" in missed.reason
+
+
 def test_decisions_follow_the_cost_model():
     gm = aten_graph(lambda x: (x * 2).relu() + 1, torch.randn(2, 2))
     node = next(iter(gm.graph.nodes))
