@@ -112,3 +112,21 @@ def test_outline_takes_external_inputs_and_returns_values_used_outside():
     assert {u.name for o in outputs for u in o.users} >= {"add"}  # the join reads the side branch's last sum
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == 2
+
+
+def test_through_the_backend_inductor_launches_the_op_and_the_report_lists_the_side_stream():
+    import braze
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    be = braze.backend(ON)
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(two_heavy_branches, backend=be, fullgraph=True), *ARGS)
+    torch._dynamo.reset()
+    assert "torch.ops.braze.parallel_branches.default(" in "\n".join(code)
+    for got, want in zip(out, two_heavy_branches(*ARGS)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    report = braze.report(be)
+    assert [r.name for r in report.applied] == ["dual-stream"]
+    (nodes,) = report.side_stream_nodes().values()
+    assert nodes[:2] == ["tanh", "mm_3"] and len(nodes) == 22
