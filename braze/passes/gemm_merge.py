@@ -108,8 +108,8 @@ _REASONS = {
     "weight-computed": ("the weight is computed in the graph (e.g. dequantized), not read as a parameter",
                         "merge the weights in the model, or keep the weight as a parameter"),
     "bias-computed": ("the bias is computed in the graph, not read as a parameter", ""),
-    "scaled-mm": ("FP8 scaled GEMMs are not merged yet: their weight scales would have to be stacked too, and "
-                  "128x128 block scales stack only where every weight has a multiple of 128 rows",
+    "scaled-mm": (("FP8 scaled GEMMs are not merged yet: their weight scales would have to be stacked too, and "
+                   "128x128 block scales stack only where every weight has a multiple of 128 rows"),
                   "FusionConfig(gemm_merge=...) covers bf16/fp16/fp32 GEMMs today"),
 }
 
@@ -188,7 +188,8 @@ class SiblingGemmMerge(Pass):
     @staticmethod
     def _not_parameters(group: list[Sibling], placeholders: list[Node], inputs: tuple | None) -> str:
         if inputs is None:
-            return "braze does not know what the graph's inputs hold (the pass runs outside braze's backend)"
+            return ("braze does not know what the graph's inputs hold (the pass runs outside braze's backend, or "
+                    "the inputs it was given do not line up with the graph's placeholders)")
         weights = [s.weight for s in group] + [s.bias for s in group if s.bias is not None]
         if len(set(weights)) != len(weights):
             return "a weight is read by two of the GEMMs"

@@ -114,7 +114,7 @@ class DualStream(Pass):
                 continue
             self._rewrite(graph, fork, main, side, *prepared)
             taken |= set(main.nodes) | set(side.nodes)
-            work = lambda b: [n.name for n in b.nodes if n.op == "call_function"]  # noqa: E731
+            work = lambda b: [n.name for n in b.nodes if n.op == "call_function"]
             ctx.remark("applied", "dual-stream", fork.fork,
                        f"{len(side.nodes)} nodes from {describe(side.head)} run on the side stream beside "
                        f"{len(main.nodes)} nodes from {describe(main.head)} (both compiled by Inductor); "

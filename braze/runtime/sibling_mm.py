@@ -87,6 +87,8 @@ def share_rows(weights: list[torch.Tensor]) -> tuple[str, int]:
     if len({id(w) for w in weights}) != len(weights):
         return "refused: the same weight appears twice", 0
     for w in weights:
+        if type(w.data) is not torch.Tensor:
+            return "refused: a weight is a tensor subclass (DTensor, quantized, ...)", 0
         if not isinstance(w, torch.nn.Parameter) or w.requires_grad:
             return "refused: a weight is not a parameter frozen for inference (requires_grad=False)", 0
         if w.dim() != 2 or not w.is_contiguous() or w.storage_offset() != 0:

@@ -65,7 +65,7 @@ def test_weight_updates_are_seen_in_place_and_after_a_parameter_is_replaced():
     def fn(x, wa, wb):
         return F.linear(x, wa), F.linear(x, wb)
 
-    gm, record = merge(fn, x, wa, wb)
+    gm, _ = merge(fn, x, wa, wb)
     assert sibling_ops(gm) == 1 and share_rows([wa, wb])[0] == "shared"
     with torch.no_grad():
         wb.mul_(-3.0)  # in place: the shared buffer holds the new values, nothing is stale
@@ -111,7 +111,7 @@ def test_merged_equals_unmerged_over_shapes(t, k, rows, bias, dtype):
     record = run_passes(gm, WIDE, PASSES, inputs=(x, *ws, *bs))
     assert sibling_ops(gm) == (gemms >= 2), [str(r) for r in record.remarks]
     share_rows(ws)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for got, want in zip(gm(x, *ws, *bs), fn(x, *ws, *bs)):

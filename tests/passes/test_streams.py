@@ -115,8 +115,9 @@ def test_outline_takes_external_inputs_and_returns_values_used_outside():
 
 
 def test_through_the_backend_inductor_launches_the_op_and_the_report_lists_the_side_stream():
-    import braze
     from torch._inductor.utils import run_and_get_code
+
+    import braze
 
     torch._dynamo.reset()
     be = braze.backend(ON)

@@ -14,7 +14,7 @@ import braze
 from braze.runtime.streams import side_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_streams import two_heavy_branches  # noqa: E402
+from test_streams import two_heavy_branches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -83,7 +83,7 @@ def test_profiler_shows_the_branches_overlap():
         streams.setdefault(getattr(e, "stream", None) or e.device_resource_id, []).append(
             (e.time_range.start, e.time_range.end))
     assert len(streams) >= 2, f"kernels ran on {len(streams)} stream(s)"
-    (a, ra), (b, rb) = sorted(streams.items(), key=lambda kv: -len(kv[1]))[:2]
+    (_, ra), (_, rb) = sorted(streams.items(), key=lambda kv: -len(kv[1]))[:2]
     overlap = sum(1 for s1, e1 in ra for s2, e2 in rb if s1 < e2 and s2 < e1)
     print(f"kernels per stream: { {k: len(v) for k, v in streams.items()} }, overlapping pairs: {overlap}")
     assert overlap > 0, "no kernel of the side stream ran while one of the main stream did"
