@@ -14,9 +14,9 @@ scheduling one.
 Decisions, by the cost model of `braze.passes.cost` at the traced token count:
 - merge (a prefix to one of the two below): two or more branches open with GEMMs on the fork's
   value, which the gemm-merge pass turns into one GEMM;
-- overlap: running the smaller branch beside the larger would save time by the model; braze has
-  no second-stream execution yet (STREAMS_DESIGN.md), so the remark says what would move and the
-  graph stays serial;
+- overlap: running the smaller branch beside the larger would save time by the model; the
+  dual-stream pass (braze.passes.streams, off unless FusionConfig(dual_stream=True)) acts on it,
+  re-deciding on the graph as gemm-merge left it;
 - serial: overlapping would save too little, or the branches together are bound by bandwidth or
   compute rather than by launches.
 """
@@ -73,7 +73,7 @@ def effective_users(node: Node) -> list[Node]:
 
 
 def find_forks(graph: Graph) -> list[Fork]:
-    """Every fork with two or more branches that launch kernels, one holding a GEMM or extern call."""
+    """Every fork with two or more branches that launch kernels, two of them holding a GEMM or extern call."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     forks = []
     for f in graph.nodes:
@@ -184,8 +184,8 @@ def decide(fork: Fork) -> Decision:
         return Decision(prefix + "serial", "; ".join(parts), merged)
     # the smallest by estimated time, preferring one that is not part of the merged GEMM
     side = next((b for b in reversed(fork.branches) if b.head not in merged), fork.branches[-1])
-    parts.append(f"the smaller branch beside the larger saves ~{gain * 1e6:.1f} us ({summary}); not executed: "
-                 "braze runs every node on one stream (STREAMS_DESIGN.md)")
+    parts.append(f"the smaller branch beside the larger saves ~{gain * 1e6:.1f} us ({summary}); on two streams "
+                 "only with FusionConfig(dual_stream=True)")
     return Decision(prefix + "overlap", "; ".join(parts), merged, side)
 
 

@@ -118,7 +118,7 @@ class DualStream(Pass):
             ctx.remark("applied", "dual-stream", fork.fork,
                        f"{len(side.nodes)} nodes from {describe(side.head)} run on the side stream beside "
                        f"{len(main.nodes)} nodes from {describe(main.head)} (both compiled by Inductor); "
-                       f"{decision.reason.split('; not executed')[0]}",
+                       f"{decision.reason.split('; on two streams only')[0]}",
                        ops=("fork", "join"),
                        args={"stream0": work(main), "stream1": work(side), "side_head": module_path(side.head),
                              "main_head": module_path(main.head)})
