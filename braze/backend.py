@@ -24,9 +24,9 @@ import torch
 from torch._inductor import config as inductor_config
 
 from braze.config import FusionConfig
-from braze.passes.base import Pass, current_record
+from braze.passes.base import Pass, current_inputs, current_record
 from braze.passes.manager import PASSES, KernelCounter, PassManager
-from braze.report import GraphRecord, Report
+from braze.report import GraphRecord, Remark, Report
 
 
 class Backend:
@@ -66,6 +66,7 @@ class Backend:
                                          {"force_disable_caches": True})
         if record.cache == "miss" and key is not None:
             _save_record(key, record)
+        _share_weights(record, example_inputs)
         from braze.runtime.rowwise import cpu_backend
 
         if record.device == "cpu":
@@ -79,11 +80,13 @@ class Backend:
 
         patches = {"post_grad_custom_post_pass": manager, "_post_fusion_custom_pass": counter, **extra}
         token = current_record.set(record)
+        inputs_token = current_inputs.set(tuple(example_inputs))
         start = time.perf_counter()
         try:
             with inductor_config.patch(patches):
                 compiled = compile_fx(gm, example_inputs)
         finally:
+            current_inputs.reset(inputs_token)
             current_record.reset(token)
         record.compile_seconds += time.perf_counter() - start
         return compiled
@@ -100,6 +103,28 @@ class Backend:
                 compile_fx(gm, example_inputs)
         finally:
             current_record.reset(token)
+
+
+def _share_weights(record: GraphRecord, example_inputs: Sequence[object]) -> None:
+    """Re-point the weights each merged GEMM reads into one buffer (also on a warm cache, where the
+    passes did not run but the compiled graph holds the merged GEMMs), and say what it cost."""
+    from braze.runtime.sibling_mm import share_rows
+
+    for group in record.shared_weights:
+        weights = [example_inputs[i] for i in group["inputs"]]
+        try:
+            status, _ = share_rows(weights)
+        except Exception as e:  # noqa: BLE001  an odd parameter must not break the compile: the op concatenates
+            status = f"refused: re-pointing failed ({type(e).__name__}: {e})"
+        if status in ("shared", "already"):
+            continue
+        record.remarks.append(Remark(
+            kind="missed", pass_name="gemm-merge", name="weights-not-shared", location=group["location"],
+            source="", ops=("gemm",) * len(weights),
+            message="merged GEMM concatenates its weights on every call (correct, slower than unmerged)",
+            reason=status.removeprefix("refused: "),
+            suggestion="freeze the weights as nn.Parameters of their own, or FusionConfig(gemm_merge=False)"))
+        record.bump("gemm-merge", "missed")
 
 
 def backend(config: FusionConfig | None = None, *, passes: Sequence[type[Pass]] | None = None) -> Backend:

@@ -50,7 +50,7 @@ import torch
 from braze import bench_device as dev
 from braze.bench_checks import CacheSnapshot, compare_logits, compare_state, dense_moe, router_margins
 from braze.bench_floor import decode_floor
-from braze.bench_variants import VARIANTS, Variants, dynamo_limits
+from braze.bench_variants import EXTRA_VARIANTS, VARIANTS, Variants, dynamo_limits
 
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float32: 1e-3}  # relative Frobenius error of the logits vs eager
 FP8_TOLERANCE = 1e-1  # FP8 activation quant can round a value to the next step when upstream math differs
@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="bench", choices=("tiny", "bench"))
     p.add_argument("--tokens", default="1,8,64", help="decode-step sizes T (sequences, one token each)")
     p.add_argument("--context", type=int, default=512, help="cached tokens per sequence before the step")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma list of: {', '.join(VARIANTS + EXTRA_VARIANTS)} (braze-nomerge: braze without "
+                        "sibling-GEMM merging; braze-streams: braze with dual-stream scheduling)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, markdown and PNG")
     p.add_argument("--fp8", action="store_true", help="FP8 linear layers (each model's released scheme)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -150,8 +152,8 @@ def settings_from_args(args: argparse.Namespace, argv: list[str] | None) -> Sett
     if not tokens or tokens[0] < 1:
         raise ValueError(f"--tokens {args.tokens!r}: expected a comma list of positive integers, e.g. 1,8,64")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    if not variants or any(v not in VARIANTS for v in variants):
-        raise ValueError(f"--variants {args.variants!r}: expected a comma list of {VARIANTS}")
+    if not variants or any(v not in VARIANTS + EXTRA_VARIANTS for v in variants):
+        raise ValueError(f"--variants {args.variants!r}: expected a comma list of {VARIANTS + EXTRA_VARIANTS}")
     if args.context < 1:
         raise ValueError(f"--context {args.context}: expected at least 1 cached token")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]

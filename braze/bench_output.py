@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-VARIANT_LABEL = {"eager": "eager", "inductor": "stock Inductor", "braze": "braze"}
+VARIANT_LABEL = {"eager": "eager", "inductor": "stock Inductor", "braze": "braze",
+                 "braze-nomerge": "braze, no GEMM merging", "braze-streams": "braze + dual stream"}
 
 
 def write_results(doc: dict, out: Path, stem: str) -> list[Path]:
@@ -138,7 +139,7 @@ def _braze_section(doc: dict) -> list[str]:
     for r in rows:
         b = r["braze"]
         per_layer = ", ".join(f"{k}: {v}" for k, v in b["kernels_per_layer"].items())
-        lines.append(f"- T={r['tokens']}: {b['summary']}; braze passes {b['pass_seconds']:.2f} s of the compile. "
+        lines.append(f"- T={r['tokens']} ({VARIANT_LABEL.get(r['variant'], r['variant'])}): {b['summary']}; braze passes {b['pass_seconds']:.2f} s of the compile. "
                      f"Applied: {', '.join(b['applied_names']) or 'none'}. Kernels per layer: {per_layer or '-'}.")
         for reason in b["missed_reasons"][:8]:
             lines.append(f"  - missed {reason}")

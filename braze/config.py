@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "post_conv", "gated_norm")
+FAMILIES = ("norm_quant", "chain", "post_conv", "gated_norm", "gemm_merge", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -32,8 +32,14 @@ class TokenRange:
         return f"[{self.lo}, {'inf' if self.hi is None else self.hi}]"
 
 
+# Sibling GEMMs merge only while they are memory-bound (braze.passes.gemm_merge); 256 tokens keeps
+# bf16 GEMMs well below an H100's balance point (~295 FLOP/byte) and bounds a dynamic token count.
+# Two streams only while the branches are small: above 64 tokens a branch's GEMMs fill the GPU alone.
+_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 256), "dual_stream": TokenRange(1, 64)}
+
+
 def _default_ranges() -> tuple[tuple[str, TokenRange], ...]:
-    return tuple((f, TokenRange()) for f in FAMILIES)
+    return tuple((f, _DEFAULT_RANGES.get(f, TokenRange())) for f in FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,10 @@ class FusionConfig:
     chain: fuse per-head [RMSNorm ->] RoPE [-> in-place cache write] chains.
     post_conv: fuse Gated DeltaNet's causal conv update -> split -> L2 norm -> gating.
     gated_norm: fuse the gated RMSNorm (x̂·w)·silu(z) [-> FP8 quant].
+    gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
+        which the backend re-points into one buffer (no extra memory); only while memory-bound.
+    dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
+        model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
     verify: "off", or "compile" to run each candidate site fused vs unfused on
         random inputs of its real shapes at compile time and refuse mismatches.
     verify_rtol: relative error allowed by the numerics gate, as a multiple of
@@ -58,6 +68,8 @@ class FusionConfig:
     chain: bool = True
     post_conv: bool = True
     gated_norm: bool = True
+    gemm_merge: bool = True
+    dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0
     token_ranges: Mapping[str, TokenRange] | tuple = field(default_factory=_default_ranges)
@@ -65,7 +77,7 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "post_conv", "gated_norm", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "post_conv", "gated_norm", "gemm_merge", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

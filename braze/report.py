@@ -77,6 +77,9 @@ class GraphRecord:
     stock_kernels: dict[str, int] | None = None  # layer -> kernels stock Inductor launches
     cache: str = "miss"  # "miss": passes ran; "hit": restored from braze's record store
     cpu_execution: str = ""
+    # weights a merged GEMM reads as one buffer, {"inputs": [placeholder indices], "location": module
+    # path}: the backend re-points them into one storage at set-up (braze.runtime.sibling_mm.share_rows)
+    shared_weights: list[dict[str, Any]] = field(default_factory=list)
 
     def bump(self, pass_name: str, stat: str, n: int = 1) -> None:
         d = self.stats.setdefault(pass_name, {})
@@ -198,6 +201,7 @@ class Report:
             lines.append(f"{'total':<40}{total_before:>8}{sum(after.values()):>8}")
             if before is None:
                 lines.append("(stock kernel counts: set FusionConfig(count_stock_kernels=True))")
+        lines.extend(self._branches_table())
         if self.compile_seconds:
             share = 100.0 * self.pass_seconds / self.compile_seconds
             lines.append("")
@@ -216,6 +220,39 @@ class Report:
                 lines.append(f"{title}:")
                 lines.extend("  " + str(r).replace("\n", "\n  ") for r in rs)
         return "\n".join(lines)
+
+    def branches_per_layer(self) -> dict[str, dict[str, int]]:
+        """layer -> decision ("merge+serial", "overlap", ...) -> forks, from the branch analysis remarks."""
+        out: dict[str, Counter] = defaultdict(Counter)
+        for r in self.remarks:
+            if r.name == "independent-branches":
+                out[layer_of(r.location)][dict(r.args).get("decision", "?")] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+    def side_stream_nodes(self) -> dict[str, list[str]]:
+        """layer -> the nodes braze runs on the side stream (from the dual-stream pass's applied remarks)."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for r in self.applied:
+            if r.name == "dual-stream":
+                out[layer_of(r.location)].extend(dict(r.args).get("stream1", []))
+        return dict(out)
+
+    def _branches_table(self) -> list[str]:
+        per_layer = self.branches_per_layer()
+        side = self.side_stream_nodes()
+        if not per_layer and not side:
+            return []
+        lines = ["", "independent branches per layer (decision: forks) and the nodes on the side stream "
+                     "(all others run on the default stream):"]
+        for layer in sorted(set(per_layer) | set(side), key=_layer_key):
+            decisions = ", ".join(f"{d}: {n}" for d, n in sorted(per_layer.get(layer, {}).items()))
+            nodes = side.get(layer, [])
+            on_side = f"; side stream: {len(nodes)} nodes ({', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
+            lines.append(f"  {layer:<38}{decisions or '-'}{on_side if nodes else ''}")
+        if not side:
+            lines.append("  (no branches on a second stream: FusionConfig(dual_stream=True) enables it where the cost "
+                         "model says overlap pays)")
+        return lines
 
     def plot(self, path: str) -> str:
         """Bar chart of kernels per layer, stock Inductor vs braze, written as a PNG."""

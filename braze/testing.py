@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from braze.config import FusionConfig
-from braze.passes.base import Pass, current_record
+from braze.passes.base import Pass, current_inputs, current_record
 from braze.passes.manager import PASSES, PassManager
 from braze.report import GraphRecord
 
@@ -40,17 +40,49 @@ def aten_graph(fn: Callable[..., object], *args: torch.Tensor) -> GraphModule:
     return gm
 
 
+def post_grad_graph(model: torch.nn.Module, inputs: Sequence[object]) -> tuple[GraphModule, tuple]:
+    """The ATen graph Inductor's post-grad passes would see for `model(*inputs)` (Dynamo, then AOTAutograd
+    with Inductor's decompositions; without Inductor's own pattern passes), and its real example inputs,
+    parameters included, one per placeholder. Calling the graph module on those inputs runs it eagerly
+    (in-place buffer updates come back as extra outputs, the buffers stay untouched)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    got: dict[str, object] = {}
+
+    def keep(gm, example_inputs):
+        got["gm"] = gm
+        return gm
+
+    def capture(gm, example_inputs):
+        got["inputs"] = tuple(example_inputs)
+        return aot_autograd(fw_compiler=keep, decompositions=select_decomp_table())(gm, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture, fullgraph=True)(*inputs)
+    finally:
+        torch._dynamo.reset()
+    return got["gm"], got["inputs"]
+
+
 def run_passes(
     gm: GraphModule,
     config: FusionConfig | None = None,
     passes: Sequence[type[Pass]] = PASSES,
+    inputs: Sequence[object] | None = None,
 ) -> GraphRecord:
-    """Run braze's passes on `gm` in place; returns what they recorded."""
+    """Run braze's passes on `gm` in place; returns what they recorded. `inputs`: the real tensors
+    behind the graph's placeholders, as braze's backend gives them (passes that must know whether a
+    placeholder is a parameter read them)."""
     record = GraphRecord(index=0)
     token = current_record.set(record)
+    inputs_token = current_inputs.set(tuple(inputs) if inputs is not None else None)
     try:
         PassManager(config or FusionConfig(), passes)(gm.graph)
     finally:
+        current_inputs.reset(inputs_token)
         current_record.reset(token)
     gm.recompile()
     return record

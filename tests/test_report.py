@@ -56,3 +56,23 @@ def test_layer_of():
     assert layer_of("layers.3.self_attn.kv_a_layernorm") == "layers.3"
     assert layer_of("model.layers.12.mlp") == "model.layers.12"
     assert layer_of("final_norm") == "final_norm" and layer_of("") == "(top)"
+
+
+def test_str_summarizes_branch_decisions_per_layer():
+    def fork(location: str, decision: str) -> Remark:
+        return Remark("analysis", "branches", "independent-branches", location, "", ("mm", "mm"),
+                      f"2 independent branches: {decision}", args=(("decision", decision),))
+
+    rep = Report([GraphRecord(index=0, remarks=[fork("layers.0.input_layernorm", "merge+serial"),
+                                                fork("layers.0.mlp", "overlap"),
+                                                fork("layers.1.input_layernorm", "merge+serial")])])
+    assert rep.branches_per_layer() == {"layers.0": {"merge+serial": 1, "overlap": 1},
+                                        "layers.1": {"merge+serial": 1}}
+    text = str(rep)
+    assert "(no branches on a second stream" in text
+    assert "  layers.0                              merge+serial: 1, overlap: 1\n" in text
+    moved = Remark("applied", "dual-stream", "dual-stream", "layers.0.mlp", "", ("fork", "join"), "moved",
+                   args=(("stream0", ["mm_1", "topk"]), ("stream1", ["mm_2", "silu", "mul", "mm_3", "add"])))
+    rep.graphs[0].remarks.append(moved)
+    assert rep.side_stream_nodes() == {"layers.0": ["mm_2", "silu", "mul", "mm_3", "add"]}
+    assert "merge+serial: 1, overlap: 1; side stream: 5 nodes (mm_2, silu, mul, mm_3, ...)" in str(rep)

@@ -15,6 +15,9 @@ from braze.report import GraphRecord, Remark
 
 # The record of the graph being compiled; set by the backend around Inductor.
 current_record: contextvars.ContextVar[GraphRecord | None] = contextvars.ContextVar("braze_record", default=None)
+# The real example inputs of the graph being compiled (one per placeholder, in order), when known;
+# set by the backend. Passes that must know what a placeholder holds (a parameter?) read them.
+current_inputs: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("braze_inputs", default=None)
 
 
 class Pass:
@@ -35,6 +38,7 @@ class PassContext:
         self.config = config
         self.record = record
         self.pass_name = ""
+        self.inputs = current_inputs.get()
 
     def bump(self, stat: str, n: int = 1) -> None:
         self.record.bump(self.pass_name, stat, n)

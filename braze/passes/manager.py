@@ -23,11 +23,14 @@ from braze.config import FusionConfig
 from braze.report import GraphRecord, layer_of
 
 from .base import Pass, PassContext, current_record
+from .branches import BranchAnalysis
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
 from .gated_norm import GatedNormFusion
+from .gemm_merge import SiblingGemmMerge
 from .norm_quant import NormQuantFusion
 from .post_conv import PostConvFusion
+from .streams import DualStream
 
 # Every pass braze runs, in order. The post-conv pass takes the conv state write with its conv update
 # before the head-chain pass would take it alone; the head-chain pass takes a norm -> quant whose
@@ -39,6 +42,9 @@ PASSES: tuple[type[Pass], ...] = (
     HeadChainFusion,
     GatedNormFusion,
     NormQuantFusion,
+    BranchAnalysis,  # before gemm-merge: it reports the branches as the model wrote them
+    SiblingGemmMerge,
+    DualStream,  # last: it outlines regions of the graph as it will run
 )
 
 try:  # torch >= 2.12 checks scheduler passes for a uuid before caching

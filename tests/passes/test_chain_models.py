@@ -11,10 +11,10 @@ from braze import models
 pytestmark = pytest.mark.slow
 
 
-def compiled_step_vs_eager(name: str, device: str = "cpu",
-                           config: braze.FusionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict, object]:
+def compiled_step_vs_eager(name: str, device: str = "cpu", config: braze.FusionConfig | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, dict, dict, object, object]:
     """One fp32 decode step of model `name` (tiny), eager then braze from the same caches:
-    (eager logits, braze logits, eager buffers after the step, model buffers after braze's step, backend)."""
+    (eager logits, braze logits, eager buffers after the step, model buffers after braze's step, backend, model)."""
     torch._dynamo.reset()
     model = models.build(name, "tiny", device=device, dtype=torch.float32)
     inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
@@ -28,17 +28,17 @@ def compiled_step_vs_eager(name: str, device: str = "cpu",
         be = braze.backend(config or braze.FusionConfig(norm_quant=False))
         out = torch.compile(model, backend=be, fullgraph=True)(*inputs)
     torch._dynamo.reset()
-    return ref, out, ref_bufs, dict(model.named_buffers()), be
+    return ref, out, ref_bufs, dict(model.named_buffers()), be, model
 
 
 def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
     # the post-conv pass off: the conv state write is left to the chain pass, as a plain store
     config = braze.FusionConfig(norm_quant=False, post_conv=False, gated_norm=False)
-    ref, out, ref_bufs, bufs, be = compiled_step_vs_eager("qwen3.5", config=config)
+    ref, out, ref_bufs, bufs, be, model = compiled_step_vs_eager("qwen3.5", config=config)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     for k, v in bufs.items():
         torch.testing.assert_close(v, ref_bufs[k], rtol=1e-5, atol=1e-5, msg=k)
-    applied = [(r.location, r.ops) for r in braze.report(be).applied]
+    applied = [(r.location, r.ops) for r in braze.report(be).applied if r.pass_name == "head-chain"]
     for layer in (3, 7):  # the full-attention layers of 2 x [GDN x 3, full]
         assert (f"layers.{layer}.self_attn.q_norm", ("rmsnorm", "rope")) in applied
         assert (f"layers.{layer}.self_attn.k_norm", ("rmsnorm", "rope", "store")) in applied
@@ -48,10 +48,18 @@ def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
     assert len(applied) == 12
     missed = braze.report(be).missed
     assert {r.name for r in missed} == {"store-layout"} and len(missed) == 6  # the [T, H, dk, dv] state rows
+    # gemm-merge: in_proj_qkvz ‖ in_proj_ba of each GDN layer, router ‖ shared expert ‖ its gate in each MoE,
+    # and the backend re-pointed each group's weights into one buffer (the run above read them there)
+    merged = [r.location for r in braze.report(be).applied if r.pass_name == "gemm-merge"]
+    assert len(merged) == 6 + 8
+    gdn = model.layers[0].linear_attn
+    qkvz, ba = gdn.in_proj_qkvz.weight, gdn.in_proj_ba.weight
+    assert qkvz.untyped_storage().data_ptr() == ba.untyped_storage().data_ptr()
+    assert ba.storage_offset() == qkvz.numel()
 
 
 def test_deepseek_v32_tiny_attention_prologue_is_two_launches_and_matches_eager():
-    ref, out, ref_bufs, bufs, be = compiled_step_vs_eager("deepseek-v3.2")
+    ref, out, ref_bufs, bufs, be, _ = compiled_step_vs_eager("deepseek-v3.2")
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     for k, v in bufs.items():
         if v.dtype == torch.uint8:  # packed fp8 rows and scales, now built by braze's kernel
@@ -70,6 +78,9 @@ def test_deepseek_v32_tiny_attention_prologue_is_two_launches_and_matches_eager(
         # RoPE as bf16 bytes; and q_pe's RoPE
         assert (f"{attn}.kv_a_layernorm", ("rmsnorm", "fp8_quant", "store")) in ops
         assert (attn, ("rope", "store")) in ops and (attn, ("rope",)) in ops
-        launches = {dict(r.args)["launch"] for r in applied if r.location.startswith(attn)}
+        launches = {dict(r.args)["launch"] for r in applied if r.location.startswith(attn) and r.pass_name == "head-chain"}
         assert len(launches) <= 2, launches
     assert not braze.report(be).missed
+    merged = sorted(r.location for r in braze.report(be).applied if r.pass_name == "gemm-merge")
+    assert merged == ["layers.0.self_attn.fused_qkv_a_proj", "layers.0.self_attn.indexer.wq_b",
+                      "layers.1.mlp.gate", "layers.1.self_attn.fused_qkv_a_proj", "layers.1.self_attn.indexer.wq_b"]

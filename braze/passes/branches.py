@@ -1,0 +1,224 @@
+"""Independent-branch analysis: the fork/join regions of the post-grad graph, their costs, and what
+braze decides for each (merge the sibling GEMMs that open them, overlap them, or leave them serial).
+
+A fork is a node whose value two or more computations read (through views); a branch is the work
+only one of them leads to, up to the join, the first node that reads two branches. Branches are
+found by one forward walk per fork that labels each node with the branches it depends on; the
+walk ends as soon as no node of a single branch has unread users, so it covers one region, not the
+rest of the graph. Forks whose branches leave the fork's layer (the residual stream, the rotary
+tables every layer reads) are not candidates. A fork is reported when at least two branches start
+a kernel of their own and two of them hold a GEMM or another extern call (braze's fused ops
+included): a heavy branch beside pointwise or reduction work is Inductor's fusion problem, not a
+scheduling one.
+
+Decisions, by the cost model of `braze.passes.cost` at the traced token count:
+- merge (a prefix to one of the two below): two or more branches open with GEMMs on the fork's
+  value, which the gemm-merge pass turns into one GEMM;
+- overlap: running the smaller branch beside the larger would save time by the model; the
+  dual-stream pass (braze.passes.streams, off unless FusionConfig(dual_stream=True)) acts on it,
+  re-deciding on the graph as gemm-merge left it;
+- serial: overlapping would save too little, or the branches together are bound by bandwidth or
+  compute rather than by launches.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from torch.fx import Graph, GraphModule, Node
+
+from braze.patterns.fx import describe, module_path, val
+from braze.report import layer_of
+
+from .base import Pass, PassContext
+from .cost import H100, Cost, _hint, is_extern, is_free, region_cost
+from .gemm_merge import gemm_activation, match_sibling
+
+MAX_SPAN = 4000  # graph positions one fork's walk may cover; a longer region is not a local branch
+# Overlap pays when it saves at least this much by the model: two events (record + wait) cost about a
+# launch gap each, and gains within the model's error are not worth a second stream.
+MIN_GAIN_S = 4e-6
+MIN_GAIN_SHARE = 0.05
+_JOINED = -1
+
+
+@dataclass(frozen=True)
+class Branch:
+    head: Node  # the branch's first node: it reads the fork
+    nodes: tuple[Node, ...]  # the nodes only this branch leads to, in graph order
+    cost: Cost
+
+
+@dataclass(frozen=True)
+class Fork:
+    fork: Node
+    branches: tuple[Branch, ...]  # the branches that launch kernels, largest estimated time first
+    join: Node | None  # the first node that reads two branches (None: they meet only at the output)
+
+
+def effective_users(node: Node) -> list[Node]:
+    """The nodes that compute with `node`'s value, looking through views, slices and getitems."""
+    out, seen, stack = [], set(), list(node.users)
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.op == "call_function" and is_free(u):
+            stack.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def find_forks(graph: Graph) -> list[Fork]:
+    """Every fork with two or more branches that launch kernels, two of them holding a GEMM or extern call."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    forks = []
+    for f in graph.nodes:
+        if f.op != "call_function" or is_free(f) or val(f) is None:
+            continue
+        heads = effective_users(f)
+        if len(heads) < 2:
+            continue
+        fork = _walk(f, heads, order)
+        if fork is not None:
+            forks.append(fork)
+    return forks
+
+
+def _walk(f: Node, heads: list[Node], order: dict[Node, int]) -> Fork | None:
+    layer = layer_of(module_path(f))
+    seeds = {h: i for i, h in enumerate(sorted(heads, key=order.__getitem__))}
+    labels: dict[Node, frozenset[int]] = {}
+    pending: dict[Node, int] = {}  # single-branch nodes -> users not yet walked
+    heap = [(order[h], h.name, h) for h in seeds]
+    heapq.heapify(heap)
+    queued = set(seeds)
+    seeds_left = len(seeds)
+    join = None
+    start = order[f]
+    while heap:
+        pos, _, n = heapq.heappop(heap)
+        if pos - start > MAX_SPAN:
+            return None
+        lab = {seeds[n]} if n in seeds else set()
+        seeds_left -= n in seeds
+        for inp in n.all_input_nodes:
+            got = labels.get(inp)
+            if got is not None:
+                lab |= got
+            if inp in pending:
+                pending[inp] -= 1
+                if pending[inp] == 0:
+                    del pending[inp]
+        single = len(lab) == 1 and _JOINED not in lab
+        path = module_path(n)
+        outside = bool(path) and layer_of(path) != layer
+        if single and outside:
+            return None  # a branch leaves the fork's layer before it joins: not a local region
+        labels[n] = frozenset(lab) if single else frozenset({_JOINED})
+        if not single and join is None:
+            join = n
+        if single and n.users:
+            pending[n] = len(n.users)
+        if not pending and not seeds_left:
+            break  # every single-branch node's users are walked: nothing later can belong to one branch
+        # A joined node's users matter only while single-branch nodes may still meet them, and only in
+        # the fork's layer (outside it, a single-branch user abandons the fork anyway).
+        if single or ((pending or seeds_left) and not outside):
+            for u in n.users:
+                if u not in queued:
+                    queued.add(u)
+                    heapq.heappush(heap, (order[u], u.name, u))
+    members: dict[int, list[Node]] = {i: [] for i in seeds.values()}
+    for n, lab in labels.items():
+        (i,) = lab
+        if i != _JOINED and n.op != "output":
+            members[i].append(n)
+    branches = []
+    for head, i in seeds.items():
+        nodes = sorted(members[i], key=order.__getitem__)
+        cost = region_cost(nodes)
+        if cost.kernels:
+            branches.append(Branch(head, tuple(nodes), cost))
+    if sum(1 for b in branches if _has_extern(b)) < 2:
+        return None  # one heavy branch beside pointwise or reduction work: Inductor's fusion covers it
+    branches.sort(key=lambda b: (-b.cost.seconds(), order[b.head]))
+    return Fork(f, tuple(branches), join)
+
+
+def _has_extern(b: Branch) -> bool:
+    return any(is_extern(n) for n in b.nodes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "merge+serial", "merge+overlap", "serial" or "overlap"
+    reason: str
+    merged: tuple[Node, ...] = ()  # the GEMM heads gemm-merge turns into one GEMM
+    side: Branch | None = None  # overlap: the branch that would run on the second stream
+
+
+def decide(fork: Fork) -> Decision:
+    """What the cost model decides for a fork (see the module doc): merge the GEMMs that open branches
+    on the same activation, then overlap the branches or leave them serial."""
+    merged = tuple(b.head for b in fork.branches
+                   if gemm_activation(b.head) is fork.fork and not isinstance(match_sibling(b.head), str))
+    merged = merged if len(merged) >= 2 else ()
+    parts = []
+    if merged:
+        parts.append(f"{len(merged)} branches open with GEMMs on the same activation: one GEMM over their "
+                     "stacked weights reads it once and launches once (gemm-merge)")
+    times = [b.cost.seconds() for b in fork.branches]
+    serial = sum(times)
+    total = sum((b.cost for b in fork.branches), Cost())
+    shared = max(total.bytes_moved / H100.bandwidth, total.flops / H100.flops)
+    overlapped = max(max(times), shared) + 2 * H100.launch_gap
+    gain = serial - overlapped
+    summary = f"serial ~{serial * 1e6:.1f} us, overlapped ~{overlapped * 1e6:.1f} us by the model"
+    prefix = "merge+" if merged else ""
+    if gain < MIN_GAIN_S or gain < MIN_GAIN_SHARE * serial:
+        parts.append(f"overlap would save too little ({summary})")
+        return Decision(prefix + "serial", "; ".join(parts), merged)
+    # the smallest by estimated time, preferring one that is not part of the merged GEMM
+    side = next((b for b in reversed(fork.branches) if b.head not in merged), fork.branches[-1])
+    parts.append(f"the smaller branch beside the larger saves ~{gain * 1e6:.1f} us ({summary}); on two streams "
+                 "only with FusionConfig(dual_stream=True)")
+    return Decision(prefix + "overlap", "; ".join(parts), merged, side)
+
+
+class BranchAnalysis(Pass):
+    name = "branches"
+    family = None  # analysis only: it never changes the graph
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> None:
+        try:
+            forks = find_forks(gm.graph)
+            decisions = [decide(f) for f in forks]
+        except Exception as e:  # a bug in braze's analysis must not break the user's compile
+            ctx.remark("failed", "internal-error", next(iter(gm.graph.nodes)), "branch analysis skipped after an "
+                       "error in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")
+            return
+        ctx.bump("forks", len(forks))
+        for fork, decision in zip(forks, decisions):
+            ctx.bump(f"decided-{decision.kind}")
+            tokens = val(fork.fork).shape[0] if val(fork.fork).dim() else 1
+            join = describe(fork.join) if fork.join is not None else "the graph output"
+            branches = [{"head": describe(b.head), "location": module_path(b.head), "nodes": len(b.nodes),
+                         "kernels": b.cost.kernels, "gemms": b.cost.gemms, "bytes": b.cost.bytes_moved,
+                         "flops": b.cost.flops, "est_us": round(b.cost.seconds() * 1e6, 2)}
+                        for b in fork.branches]
+            args = {"decision": decision.kind, "tokens": _hint(tokens), "branches": branches,
+                    "merged": [n.name for n in decision.merged]}
+            if decision.side is not None:
+                args["side_stream_nodes"] = [n.name for n in decision.side.nodes if not is_free(n)]
+            ctx.remark("analysis", "independent-branches", fork.fork,
+                       f"{len(fork.branches)} independent branches from {describe(fork.fork)} to {join}: "
+                       f"{decision.kind}: {decision.reason}",
+                       ops=tuple(_head_op(b.head) for b in fork.branches), args=args)
+
+
+def _head_op(node: Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]

@@ -1,0 +1,185 @@
+"""Dual-stream scheduling: where the cost model says overlapping two independent branches pays, both are
+outlined into subgraphs that Inductor compiles, and one `braze::parallel_branches` call runs the smaller
+on the side stream beside the larger (braze.runtime.streams; one side stream per device).
+
+Runs after gemm-merge, on the graph as it will execute, and decides with the branch analysis's
+cost model (`braze.passes.branches.decide`). A fork's two branches are outlined only when the
+rewrite is provably the same computation:
+- both branches are pure (no in-place op, no mutation of a graph input, no multi-output value
+  leaving the branch) and all their sizes are static (the op compiles its branches per shape);
+- every value a branch reads exists before the first value it produces is used (so the op can sit
+  where its inputs are ready without moving any other node);
+- the token count lies in `FusionConfig.token_ranges['dual_stream']` (default [1, 64]: above it the
+  branches' GEMMs approach compute-bound and each fills the GPU alone);
+- no node of either branch is already part of another outlined pair.
+Off by default (`FusionConfig(dual_stream=False)`): the CUDA side of the op has not run on a GPU in
+braze's tests yet (STREAMS_DESIGN.md says what the GPU tests check).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+import braze.runtime.streams  # noqa: F401  registers braze::parallel_branches
+from braze.patterns.fx import describe, module_path, val
+from braze.runtime.streams import encode_spec
+
+from .base import Pass, PassContext
+from .branches import Branch, Fork, decide, find_forks
+from .rewrite import graph_fake_mode
+
+
+def _static(v: object) -> bool:
+    if isinstance(v, torch.Tensor):
+        return all(isinstance(s, int) for s in v.shape) and all(isinstance(s, int) for s in v.stride())
+    if isinstance(v, (list, tuple)):
+        return all(_static(x) for x in v)
+    return not isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _mutates(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return True
+    return "auto_functionalized" in str(node.target) or "triton_kernel_wrapper_mutation" in str(node.target)
+
+
+def why_not_outlined(branch: Branch) -> str:
+    """Why a branch cannot move into a subgraph ("" when it can)."""
+    inside = set(branch.nodes)
+    for n in branch.nodes:
+        if n.op != "call_function":
+            return f"{describe(n)} is not an operator call"
+        if _mutates(n):
+            return f"{describe(n)} writes in place"
+        if not _static(n.meta.get("val")):
+            return f"{describe(n)} has symbolic sizes (a dynamic token count)"
+        if not isinstance(n.meta.get("val"), torch.Tensor) and any(u not in inside for u in n.users):
+            return f"{describe(n)} leaves the branch as a non-tensor value"
+        for a in n.all_input_nodes:
+            if a not in inside and not isinstance(a.meta.get("val"), torch.Tensor):
+                return f"{describe(n)} reads {describe(a)}, which is not a tensor"
+    return ""
+
+
+def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node]]:
+    """`nodes` (one branch, graph order) as a GraphModule of their external inputs -> the values used outside."""
+    inside = set(nodes)
+    g = Graph()
+    env: dict[Node, Node] = {}
+    inputs: list[Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in env:
+                env[a] = g.placeholder(f"in{len(inputs)}")
+                env[a].meta["val"] = a.meta["val"]
+                inputs.append(a)
+        env[n] = g.node_copy(n, lambda a: env[a])
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    g.output(tuple(env[o] for o in outputs))
+    return GraphModule(torch.nn.Module(), g), inputs, outputs
+
+
+class DualStream(Pass):
+    name = "dual-stream"
+    family = "dual_stream"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> None:
+        graph = gm.graph
+        taken: set[Node] = set()
+        try:
+            forks = [(f, decide(f)) for f in find_forks(graph)]
+        except Exception as e:  # a bug in braze's analysis must not break the user's compile
+            ctx.remark("failed", "internal-error", next(iter(graph.nodes)), "dual-stream scheduling skipped after "
+                       "an error in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")
+            return
+        for fork, decision in forks:
+            if decision.side is None:
+                continue  # serial: the branch analysis said why
+            side = decision.side
+            main = next(b for b in fork.branches if b is not side)
+            try:
+                why = self._why_not(fork, main, side, taken, ctx)
+                prepared = None if why else self._prepare(graph, main, side)
+            except Exception as e:
+                ctx.remark("failed", "internal-error", fork.fork, "branches left on one stream after an error in "
+                           "braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")
+                continue
+            if why:
+                ctx.remark("missed", "dual-stream", fork.fork, "branches left on one stream", reason=why,
+                           suggestion="see braze/passes/streams.py for what can be outlined", ops=("fork",))
+                continue
+            self._rewrite(graph, fork, main, side, *prepared)
+            taken |= set(main.nodes) | set(side.nodes)
+            work = lambda b: [n.name for n in b.nodes if n.op == "call_function"]
+            ctx.remark("applied", "dual-stream", fork.fork,
+                       f"{len(side.nodes)} nodes from {describe(side.head)} run on the side stream beside "
+                       f"{len(main.nodes)} nodes from {describe(main.head)} (both compiled by Inductor); "
+                       f"{decision.reason.split('; on two streams only')[0]}",
+                       ops=("fork", "join"),
+                       args={"stream0": work(main), "stream1": work(side), "side_head": module_path(side.head),
+                             "main_head": module_path(main.head)})
+            ctx.bump("forks-overlapped")
+            ctx.bump("side-stream-nodes", len(side.nodes))
+
+    @staticmethod
+    def _why_not(fork: Fork, main: Branch, side: Branch, taken: set[Node], ctx: PassContext) -> str:
+        if taken & (set(main.nodes) | set(side.nodes)):
+            return "a node of these branches is already in another pair of overlapped branches"
+        v = val(fork.fork)
+        why = ctx.token_check("dual_stream", v.shape[0] if v is not None and v.dim() else 1)
+        if why:
+            return why
+        for b in (main, side):
+            why = why_not_outlined(b)
+            if why:
+                return why
+        order = {n: i for i, n in enumerate(fork.fork.graph.nodes)}
+        inside = set(main.nodes) | set(side.nodes)
+        ready = max(order[a] for n in inside for a in n.all_input_nodes if a not in inside)
+        for n in inside:
+            for u in n.users:
+                if u not in inside and order[u] <= ready:
+                    return (f"{describe(u)} uses a branch value before {describe(list(order)[ready])}, which a "
+                            "branch reads, is computed")
+        return ""
+
+    @staticmethod
+    def _prepare(graph: Graph, main: Branch, side: Branch) -> tuple:
+        """Everything the rewrite needs, computed before the graph changes (an error leaves it untouched)."""
+        main_gm, main_in, main_out = outline(main.nodes)
+        side_gm, side_in, side_out = outline(side.nodes)
+        inputs = list(dict.fromkeys(main_in + side_in))
+        outputs = main_out + side_out
+        meta = [{"shape": list(val(o).shape), "stride": list(val(o).stride()),
+                 "dtype": str(val(o).dtype).removeprefix("torch.")} for o in outputs]
+        spec = encode_spec(main_gm, side_gm, [inputs.index(a) for a in main_in], [inputs.index(a) for a in side_in],
+                           meta)
+        with graph_fake_mode(graph):
+            fake = torch.ops.braze.parallel_branches.default(spec, [val(a) for a in inputs])
+        return spec, inputs, outputs, fake
+
+    @staticmethod
+    def _rewrite(graph: Graph, fork: Fork, main: Branch, side: Branch, spec: str, inputs: list[Node],
+                 outputs: list[Node], fake: list[torch.Tensor]) -> None:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        with graph.inserting_after(max(inputs, key=order.__getitem__)):
+            call = graph.call_function(torch.ops.braze.parallel_branches.default, (spec, inputs))
+        call.meta["val"] = fake
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in fork.fork.meta:
+                call.meta[key] = fork.fork.meta[key]
+        inside = set(main.nodes) | set(side.nodes)
+        anchor = call
+        for i, o in enumerate(outputs):
+            with graph.inserting_after(anchor):
+                item = graph.call_function(operator.getitem, (call, i))
+            item.meta.update({k: v for k, v in o.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            item.meta["val"] = call.meta["val"][i]
+            o.replace_all_uses_with(item, delete_user_cb=lambda u: u not in inside)
+            anchor = item
+        for n in sorted(inside, key=order.__getitem__, reverse=True):
+            graph.erase_node(n)
