@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 VARIANT_LABEL = {"eager": "eager", "inductor": "stock Inductor", "braze": "braze",
-                 "braze-nomerge": "braze, no GEMM merging", "braze-streams": "braze + dual stream"}
+                 "braze-merge": "braze + GEMM merging", "braze-streams": "braze + dual stream"}
 
 
 def write_results(doc: dict, out: Path, stem: str) -> list[Path]:

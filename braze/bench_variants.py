@@ -8,7 +8,7 @@ import torch
 VARIANTS = ("eager", "inductor", "braze")
 # On request only (--variants): braze without sibling-GEMM merging, and braze with dual-stream scheduling
 # (off by default), to measure what each buys.
-EXTRA_VARIANTS = ("braze-nomerge", "braze-streams")
+EXTRA_VARIANTS = ("braze-merge", "braze-streams")
 
 
 class Variants:
@@ -51,7 +51,7 @@ def compile_variant(variant: str, model, dynamic: bool | None) -> tuple[object, 
         return torch.compile(model, dynamic=dynamic, fullgraph=True), None
     import braze
 
-    backend = braze.backend(braze.FusionConfig(gemm_merge=variant != "braze-nomerge",
+    backend = braze.backend(braze.FusionConfig(gemm_merge=variant == "braze-merge",
                                                dual_stream=variant == "braze-streams"))
     return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
 

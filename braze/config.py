@@ -52,6 +52,7 @@ class FusionConfig:
     gated_norm: fuse the gated RMSNorm (x̂·w)·silu(z) [-> FP8 quant].
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound.
+        Off by default: its first H100 run failed (benchmarks/results/gpu_tests.md).
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
     verify: "off", or "compile" to run each candidate site fused vs unfused on
@@ -68,7 +69,7 @@ class FusionConfig:
     chain: bool = True
     post_conv: bool = True
     gated_norm: bool = True
-    gemm_merge: bool = True
+    gemm_merge: bool = False  # off until its GPU tests pass (an H100 run hit a device-side assert)
     dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0

@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from braze import models
+from braze import FusionConfig, models
 from braze.passes.branches import Branch, BranchAnalysis, Fork, decide, find_forks
 from braze.passes.cost import H100, Cost
 from braze.passes.gemm_merge import SiblingGemmMerge
 from braze.runtime.sibling_mm import share_rows
 from braze.testing import aten_graph, post_grad_graph, run_passes
+
+MERGE = FusionConfig(gemm_merge=True)  # gemm-merge is off by default until its GPU tests pass
 
 
 def frozen(*shape: int) -> torch.nn.Parameter:
@@ -61,7 +63,7 @@ def test_symbolic_token_counts_are_analysed_and_not_merged_when_unbounded():
     args = (torch.randn(4, 16), frozen(64, 16), frozen(32, 16))
     with torch.no_grad():
         gm = make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="symbolic")(*args)
-    record = run_passes(gm, inputs=args)
+    record = run_passes(gm, MERGE, inputs=args)
     assert not [r for r in record.remarks if r.kind == "failed"]
     (fork,) = [r for r in record.remarks if r.name == "independent-branches"]
     assert dict(fork.args)["tokens"] == 4  # costs at the traced size
@@ -128,7 +130,7 @@ MERGED = {
 def test_tiny_models_branches_and_decisions(traced):
     name, gm, example = traced
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    record = run_passes(gm, inputs=example)
+    record = run_passes(gm, MERGE, inputs=example)
     assert _forks(record) == EXPECTED[name]
     applied = {(r.location, dict(r.args)["gemms"]) for r in record.remarks if r.name == "gemm-merge"}
     assert applied == MERGED[name]
@@ -143,7 +145,7 @@ def test_tiny_models_branches_and_decisions(traced):
             "2 independent branches from `mul_1` (mul.Tensor) to `fused_heads_pure_cpu_1` "
             "(fused_heads_pure_cpu.default): merge+serial: 2 branches open with GEMMs on the same activation: "
             "one GEMM over their stacked weights reads it once and launches once (gemm-merge); overlap would "
-            "save too little (serial ~20.5 us, overlapped ~22.4 us by the model)")
+            "save too little (serial ~18.4 us, overlapped ~20.4 us by the model)")
 
 
 def test_tiny_models_merged_graph_equals_unmerged(traced):
@@ -152,7 +154,7 @@ def test_tiny_models_merged_graph_equals_unmerged(traced):
         pytest.skip(f"{name} has no sibling GEMMs")
     want = gm(*example)
     merged = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    record = run_passes(merged, passes=(SiblingGemmMerge,), inputs=example)
+    record = run_passes(merged, MERGE, passes=(SiblingGemmMerge,), inputs=example)
     assert len(record.shared_weights) == len(MERGED[name])
     for group in record.shared_weights:
         assert share_rows([example[i] for i in group["inputs"]])[0] in ("shared", "already")
@@ -165,5 +167,5 @@ def test_branch_analysis_never_changes_the_graph(traced):
     _, gm, example = traced
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     before = gm.code
-    run_passes(gm, passes=(BranchAnalysis,), inputs=example)
+    run_passes(gm, MERGE, passes=(BranchAnalysis,), inputs=example)
     assert gm.code == before

@@ -19,7 +19,7 @@ from braze.testing import aten_graph, run_passes
 
 PASSES = (Canonicalize, SiblingGemmMerge)
 SIZES = st.sampled_from([1, 3, 9, 41, 257])
-WIDE = FusionConfig(token_ranges={"gemm_merge": TokenRange(1, 1024)})
+WIDE = FusionConfig(gemm_merge=True, token_ranges={"gemm_merge": TokenRange(1, 1024)})
 
 
 def frozen(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.nn.Parameter:
@@ -30,7 +30,7 @@ def frozen(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.nn.Paramete
 def merge(fn, *inputs, config: FusionConfig | None = None):
     """fn traced with inputs as placeholders, run through gemm-merge knowing the real inputs."""
     gm = aten_graph(fn, *inputs)
-    record = run_passes(gm, config, PASSES, inputs=inputs)
+    record = run_passes(gm, config or FusionConfig(gemm_merge=True), PASSES, inputs=inputs)
     return gm, record
 
 
@@ -173,7 +173,7 @@ def test_weights_that_are_not_frozen_parameters_are_missed():
         assert sibling_ops(gm) == 0
         assert [r.name for r in record.remarks] == ["not-parameters"]
     gm = aten_graph(fn, x, *plain)  # outside the backend: braze cannot tell what the inputs hold
-    record = run_passes(gm, None, PASSES)
+    record = run_passes(gm, FusionConfig(gemm_merge=True), PASSES)
     assert [r.name for r in record.remarks] == ["not-parameters"] and "outside braze's backend" in record.remarks[0].reason
 
 
