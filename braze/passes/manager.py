@@ -25,11 +25,16 @@ from braze.report import GraphRecord, layer_of
 from .base import Pass, PassContext, current_record
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
+from .collective import AllReduceNormFusion
 from .norm_quant import NormQuantFusion
+from .tp_norm import TPNormFusion
 
-# Every pass braze runs, in order.
+# Every pass braze runs, in order. The collective passes come before norm-quant, which would
+# otherwise take the residual add and norm behind an all-reduce without the all-reduce.
 PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
+    TPNormFusion,
+    AllReduceNormFusion,
     NormQuantFusion,
     HeadChainFusion,
 )

@@ -349,8 +349,9 @@ def _register_late_types() -> None:
     """Stage types defined in recognizer modules (RoPE) join the JSON codec."""
     from .layernorm import BiasAdd, LayerNorm
     from .rope import Rope
+    from .tp_norm import TPNorm, TPNormGroup
 
-    _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd)
+    _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd, TPNorm=TPNorm, TPNormGroup=TPNormGroup)
 
 
 def _decode(obj: Any) -> Any:
