@@ -18,7 +18,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from braze.patterns.collective import AllReduceMatch, is_wait, match_all_reduce
-from braze.patterns.fx import Miss, aten, describe, is_op, strip_lossless_casts, val
+from braze.patterns.fx import Miss, aten, describe, is_op, is_view, strip_lossless_casts, val
 from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
 from braze.patterns.rmsnorm import NormMatch, _is_square_of, match_residual_add, match_rmsnorm, residual_stage
 from braze.patterns.stages import RowChain, dtype_name
@@ -34,6 +34,7 @@ from .verify import gate
 class Site:
     chain: RowChain
     ar: AllReduceMatch
+    reduced: Node  # the reduced value as the residual add reads it (the wait, or a view of it)
     inputs: tuple[Node, ...]  # the tensor reduced, then RowChain.input_names()[1:]
     outputs: tuple[Node, ...]  # original nodes, RowChain.output_specs order
     anchor: Node  # where remarks point: the norm's mean
@@ -47,6 +48,14 @@ def fused_allreduce_call(spec: str, group_name: str, symm_max_tokens: int):
         return torch.ops.braze.allreduce_rowwise(list(inputs), spec, group_name, symm_max_tokens)
 
     return fn
+
+
+def _row_view(node: Node) -> bool:
+    """A view that keeps the rows: the same last dim, only leading dims reshaped."""
+    if not is_view(node):
+        return False
+    a, b = val(node.args[0]), val(node)
+    return a is not None and b is not None and a.shape[-1] == b.shape[-1]
 
 
 def ops_of(chain: RowChain) -> tuple[str, ...]:
@@ -111,12 +120,15 @@ class AllReduceNormFusion(Pass):
         means = reduced_means(ar)
         if not isinstance(means, Miss) or means.candidate:
             return None  # a reduce of variances: the TP-norm pass's site, reported there
-        users = list(ar.wait.users)
+        reduced = ar.wait
+        while len(reduced.users) == 1 and _row_view(next(iter(reduced.users))):
+            reduced = next(iter(reduced.users))  # e.g. [1, T, D] -> [T, D]: the same rows
+        users = list(reduced.users)
         res = match_residual_add(users[0]) if len(users) == 1 else None
-        if res is not None and (res.a is ar.wait) != (res.b is ar.wait):
-            h, other = res.add, (res.b if res.a is ar.wait else res.a)
+        if res is not None and (res.a is reduced) != (res.b is reduced):
+            h, other = res.add, (res.b if res.a is reduced else res.a)
         else:
-            res, h, other = None, ar.wait, None
+            res, h, other = None, reduced, None
         norm = norms.get(h)
         if norm is None:
             miss = norm_misses.get(h)
@@ -127,7 +139,7 @@ class AllReduceNormFusion(Pass):
                        "read the residual sum or the norm output instead of the reduced value; reduce into a "
                        "fresh tensor, not in place into a graph input")
             else:
-                readers = ", ".join(describe(u) for u in (h.users if h is not ar.wait else users)) or "nothing"
+                readers = ", ".join(describe(u) for u in (h.users if h is not reduced else users)) or "nothing"
                 what = "the residual sum" if res is not None else "the reduced value"
                 missed("no-norm-after-allreduce", f"{what} {describe(h)} is read by {readers}, not by an RMSNorm",
                        "braze fuses an all-reduce with the residual add and RMSNorm that follow it")
@@ -158,7 +170,7 @@ class AllReduceNormFusion(Pass):
             outputs += [quant.q, *quant.scale_nodes]
         chain = RowChain(in_dtype=dtype_name(val(ar.input).dtype), residual=res_stage,
                          norm=dataclasses.replace(norm.stage, store=norm_store), quant=quant.stage if quant else None)
-        return Site(chain, ar, tuple(inputs), tuple(outputs), norm.anchor)
+        return Site(chain, ar, reduced, tuple(inputs), tuple(outputs), norm.anchor)
 
     @staticmethod
     def _escape_reason(ar: AllReduceMatch, readers: list[Node]) -> str:
@@ -180,7 +192,7 @@ class AllReduceNormFusion(Pass):
         if ctx.config.verify == "compile":
             # the local part only (what runs after the reduce): gating the collective would communicate
             # while compiling
-            local_inputs = (site.ar.wait, *site.inputs[1:])
+            local_inputs = (site.reduced, *site.inputs[1:])
             result = gate(local_inputs, site.outputs, lambda xs: fused_call(spec)(*xs), ctx.config.verify_rtol,
                           dequant=_dequantizer(site.chain))
             ctx.bump("sites-verified")
