@@ -8,7 +8,8 @@ returns the GraphRecord; the graph module can then be called on real tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -66,6 +67,22 @@ def fused_ops(gm: GraphModule) -> list[str]:
         if "braze" in name or "triton_kernel_wrapper" in name:
             out.append(name)
     return out
+
+
+@contextlib.contextmanager
+def single_rank_group() -> Iterator[object]:
+    """A gloo process group of this process alone (world size 1): enough to trace and run graphs with
+    collectives in one process (an all-reduce over one rank returns its input). Yields the world group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
