@@ -69,9 +69,10 @@ class TPNormFusion(Pass):
             matches.append(m)
         ctx.bump("tp-norm-sites", len(matches))
         fake_mode = graph_fake_mode(graph)
+        renamed: dict[Node, Node] = {}  # outputs already replaced -> their new nodes (a later site may read them)
         for packed in _pack(graph, matches):
             spec = TPNormGroup(tuple(s.stage for m in packed for s in m.sides))
-            inputs = [n for m in packed for n in _inputs(m)]
+            inputs = [renamed.get(n, n) for m in packed for n in _inputs(m)]
             group_name = packed[0].ar.group_name
             try:
                 fn = fused_tp_norm_call(spec.to_json(), group_name, ctx.config.symm_max_tokens)
@@ -84,7 +85,8 @@ class TPNormFusion(Pass):
             outputs = [s.output for m in packed for s in m.sides]
             new_outputs = splice(graph, traced, inputs, packed[0].sides[0].anchor)
             for old, new in zip(outputs, new_outputs):
-                old.replace_all_uses_with(view_as(graph, new, old))
+                renamed[old] = view_as(graph, new, old)
+                old.replace_all_uses_with(renamed[old])
             graph.eliminate_dead_code()
             for m in packed:  # the original collectives must not run as well
                 for node in (m.ar.wait, m.ar.start):

@@ -97,6 +97,8 @@ def reduced_means(ar: AllReduceMatch) -> tuple[list[Node], Node | None] | Miss:
         if dim % rank != rank - 1:
             return Miss(f"the means are packed along dim {dim}, not the last", candidate=False)
         cat = src
+    elif is_op(src, aten.clone) and isinstance(src.args[0], Node):  # what a cat of one tensor decomposes to
+        parts, cat = [src.args[0]], src
     else:
         parts, cat = [src], None
     squares = [isinstance(p, Node) and is_op(p, aten.mean) and _is_square_of(p.args[0]) is not None for p in parts]
@@ -130,8 +132,10 @@ def match_tp_norm(ar: AllReduceMatch) -> TPNormMatch | Miss:
     shared = [ar.start, ar.wait] + ([cat] if cat is not None else [])
     reduced, pre_ops, pre_nodes = _scaling_chain(ar.wait)
     shared += pre_nodes
-    if cat is None:
-        starts = [reduced]
+    column = [u for u in reduced.users if _column(u, reduced) == 0]
+    if len(means) == 1:
+        starts = column if len(reduced.users) == 1 and column else [reduced]
+        shared += [s for s in starts if s is not reduced]
     else:
         starts = [None] * len(means)
         for u in reduced.users:
