@@ -50,14 +50,6 @@ def fused_allreduce_call(spec: str, group_name: str, symm_max_tokens: int):
     return fn
 
 
-def _row_view(node: Node) -> bool:
-    """A view that keeps the rows: the same last dim, only leading dims reshaped."""
-    if not is_view(node):
-        return False
-    a, b = val(node.args[0]), val(node)
-    return a is not None and b is not None and a.shape[-1] == b.shape[-1]
-
-
 def ops_of(chain: RowChain) -> tuple[str, ...]:
     return ("all_reduce", *(["residual_add"] if chain.residual else []), "rmsnorm",
             *(["fp8_quant"] if chain.quant else []))
@@ -120,9 +112,12 @@ class AllReduceNormFusion(Pass):
         means = reduced_means(ar)
         if not isinstance(means, Miss) or means.candidate:
             return None  # a reduce of variances: the TP-norm pass's site, reported there
-        reduced = ar.wait
-        while len(reduced.users) == 1 and _row_view(next(iter(reduced.users))):
-            reduced = next(iter(reduced.users))  # e.g. [1, T, D] -> [T, D]: the same rows
+        reduced = node = ar.wait
+        width = val(ar.wait).shape[-1]
+        while len(node.users) == 1 and is_view(next(iter(node.users))):
+            node = next(iter(node.users))  # e.g. [T, D] -> [T, D, 1] -> [T, D]: the same rows
+            if val(node) is not None and val(node).shape[-1] == width:
+                reduced = node
         users = list(reduced.users)
         res = match_residual_add(users[0]) if len(users) == 1 else None
         if res is not None and (res.a is reduced) != (res.b is reduced):
