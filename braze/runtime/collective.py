@@ -68,13 +68,18 @@ def _(inputs: list[torch.Tensor], spec: str, group_name: str, symm_max_tokens: i
 
 
 def _one_shot_chain(chain: RowChain, inputs: list[torch.Tensor], ws: symm_mem.Workspace) -> list[torch.Tensor]:
+    """The one-shot kernel over the workspace `ws` (CPU tensors: under the Triton interpreter, against a
+    workspace of shared host memory that tests build; see braze.testing.shared_workspace)."""
     kernel = allreduce_chain_kernel(chain, ws.world_size)
     outs = _empty_outputs(chain, inputs[0])
     args, n_rows = _launch_args(chain, inputs, outs)
     x_args, stage_args = args[:2], args[2:-1]  # _launch_args ends with n_rows
-    kernel.jit[(n_rows,)](*x_args, *stage_args, ws.handle.buffer_ptrs_dev, ws.handle.signal_pad_ptrs_dev, n_rows,
-                          **_constexprs(chain, kernel, interpreted=False), RANK=ws.rank, WORLD=ws.world_size,
-                          num_warps=kernel.source.num_warps)
+    interpreted = inputs[0].device.type == "cpu"
+    launch = kernel.interpreted if interpreted else kernel.jit
+    extra = {} if interpreted else {"num_warps": kernel.source.num_warps}
+    launch[(n_rows,)](*x_args, *stage_args, ws.handle.buffer_ptrs_dev, ws.handle.signal_pad_ptrs_dev, n_rows,
+                      **_constexprs(chain, kernel, interpreted=interpreted), RANK=ws.rank, WORLD=ws.world_size,
+                      **extra)
     return outs
 
 
@@ -140,10 +145,7 @@ def tp_rmsnorm(inputs: list[torch.Tensor], spec: str, group_name: str, symm_max_
     ws = _one_shot_workspace(x0, rows, rows * n * 4, group_name, symm_max_tokens)
     if ws is not None:
         PATH_COUNTS["one-shot"] += 1
-        outs = _tp_outputs(group, inputs)
-        _tp_launch(group, "symm", rows, _tp_args(group, inputs, outs) + [ws.handle.buffer_ptrs_dev,
-                   ws.handle.signal_pad_ptrs_dev], False, RANK=ws.rank, WORLD=ws.world_size)
-        return outs
+        return _one_shot_tp(group, inputs, ws)
     PATH_COUNTS["all-reduce+kernel"] += 1
     interpreted = x0.device.type == "cpu"
     if interpreted and cpu_backend() == "reference":
@@ -155,6 +157,16 @@ def tp_rmsnorm(inputs: list[torch.Tensor], spec: str, group_name: str, symm_max_
     reduced = all_reduce_reference(means, group_name)
     outs = _tp_outputs(group, inputs)
     _tp_launch(group, "finish", rows, _tp_args(group, inputs, outs) + [reduced], interpreted)
+    return outs
+
+
+def _one_shot_tp(group: TPNormGroup, inputs: list[torch.Tensor], ws: symm_mem.Workspace) -> list[torch.Tensor]:
+    """One kernel: local means, their exchange over the workspace `ws`, the normalization (CPU tensors: under
+    the Triton interpreter, as for _one_shot_chain)."""
+    rows = inputs[0].numel() // group.sides[0].norm.width
+    outs = _tp_outputs(group, inputs)
+    args = _tp_args(group, inputs, outs) + [ws.handle.buffer_ptrs_dev, ws.handle.signal_pad_ptrs_dev]
+    _tp_launch(group, "symm", rows, args, inputs[0].device.type == "cpu", RANK=ws.rank, WORLD=ws.world_size)
     return outs
 
 
