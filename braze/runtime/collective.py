@@ -6,9 +6,9 @@ host already knows (the token count, the device, the group's workspace), never
 from device values, so every rank picks the same path and a CUDA graph can
 capture it:
 
-- CUDA, tokens <= `symm_max_tokens`, a symmetric-memory workspace that fits:
-  one Triton kernel does the one-shot all-reduce and the rest
-  (`braze.codegen.collective`).
+- CUDA, tokens <= `symm_max_tokens` and <= the SM count, a symmetric-memory
+  workspace that fits: one Triton kernel does the one-shot all-reduce and the
+  rest (`braze.codegen.collective`).
 - otherwise: the functional all-reduce on the group's own backend (NCCL, or
   gloo on CPU), then braze's fused kernel (the Triton interpreter or the
   reference on CPU).
@@ -17,6 +17,8 @@ The group is the one named in the graph (`group_name`), never the default one.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.library import custom_op
@@ -34,12 +36,23 @@ PATH_COUNTS = {"one-shot": 0, "all-reduce+kernel": 0}
 
 
 def _one_shot_workspace(x: torch.Tensor, rows: int, nbytes: int, group_name: str, symm_max_tokens: int):
-    if x.device.type != "cuda" or rows == 0 or rows > symm_max_tokens:
+    """The workspace for a one-shot launch of `rows` programs, or None for the NCCL path.
+
+    Program `row` of one rank waits for program `row` of every peer, so every program must be resident
+    at once or ranks that schedule programs in different orders could wait on each other forever: at
+    most one program per SM is launched.
+    """
+    if x.device.type != "cuda" or rows == 0 or rows > symm_max_tokens or rows > _sm_count(x.device):
         return None
     ws = symm_mem.lookup(group_name)
     if ws is None or not ws.fits(nbytes, rows):
         return None
     return ws
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ---------------------------------------------------------------------------
