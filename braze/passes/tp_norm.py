@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from braze.patterns.collective import is_wait, match_all_reduce
-from braze.patterns.fx import Miss, topo_sorted, val
+from braze.patterns.fx import Miss, known_eq, topo_sorted, val
 from braze.patterns.tp_norm import TPNormGroup, TPNormMatch, match_tp_norm
 
 from .base import Pass, PassContext
@@ -110,7 +110,7 @@ def _pack(graph: torch.fx.Graph, matches: list[TPNormMatch]) -> list[list[TPNorm
     groups: list[list[TPNormMatch]] = []
     for m in matches:
         for g in groups:
-            if g[0].ar.group_name != m.ar.group_name or _rows(g[0]) != _rows(m):
+            if g[0].ar.group_name != m.ar.group_name or not known_eq(_rows(g[0]), _rows(m)):
                 continue
             members = g + [m]
             last_input = order[topo_sorted([n for x in members for n in _inputs(x)])[-1]]
