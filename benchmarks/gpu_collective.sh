@@ -24,8 +24,11 @@ if [[ $what == micro || $what == all ]]; then
   timeout "${MICRO_TIMEOUT:-400}" torchrun --nproc-per-node "$P" benchmarks/allreduce_norm.py \
     --out "$OUT/results" 2>&1 | tee "$OUT/allreduce_norm_tp$P.log" | grep -v Warn | tail -20
 fi
+# At TP=4 only DeepSeek V3.2's bench config divides (MiniMax's has 2 kv heads, Qwen 3.5's 2 GDN key heads;
+# kv-head replication is modeled for Qwen's attention only).
+steps_models=${STEPS_MODELS:-$([[ $P -le 2 ]] && echo all || echo deepseek-v3.2)}
 if [[ $what == steps || $what == all ]]; then
-  timeout "${STEPS_TIMEOUT:-500}" torchrun --nproc-per-node "$P" -m braze bench --model all --size bench \
+  timeout "${STEPS_TIMEOUT:-500}" torchrun --nproc-per-node "$P" -m braze bench --model "$steps_models" --size bench \
     --tokens 1,8,64 --budget-s "${STEPS_BUDGET:-450}" --out "$OUT/results" 2>&1 | tee "$OUT/steps_tp$P.log" \
     | grep -v Warn | tail -40
 fi
