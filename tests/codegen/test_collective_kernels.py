@@ -99,3 +99,12 @@ def _has_shm() -> bool:
     import os
 
     return os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+
+
+def test_a_workspace_admits_only_launches_that_fit_its_buffer_and_signal_pad():
+    from braze.runtime.symm_mem import Workspace
+
+    ws = Workspace("g", torch.empty(0), None, rank=0, world_size=4, nbytes=1 << 20, signal_pad_bytes=4096)
+    assert ws.fits(1 << 20, 256)  # 256 programs x 4 ranks x 4 bytes = the whole pad
+    assert not ws.fits((1 << 20) + 1, 1)  # one byte over the buffer
+    assert not ws.fits(16, 257)  # one program over the signal pad
