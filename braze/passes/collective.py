@@ -194,8 +194,8 @@ class AllReduceNormFusion(Pass):
             if not result.ok:
                 ctx.remark("failed", "numerics-gate", site.anchor,
                            "fused residual add -> RMSNorm disagrees with the unfused graph; left unfused",
-                           reason=result.detail, suggestion="report this as a braze bug, with the model and this remark",
-                           ops=ops, args={"error_ratio": round(result.worst, 4)})
+                           reason=result.detail, ops=ops, args={"error_ratio": round(result.worst, 4)},
+                           suggestion="report this as a braze bug, with the model and this remark")
                 return None
         fn = fused_allreduce_call(spec, site.ar.group_name, ctx.config.symm_max_tokens)
         return trace_functional(fn, [n.meta["val"] for n in site.inputs], fake_mode)

@@ -16,6 +16,7 @@ overrun either.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ LAZY_BYTES = int(os.environ.get("BRAZE_SYMM_WORKSPACE_BYTES", str(256 * 8192 * 2
 class Workspace:
     group_name: str
     buffer: torch.Tensor  # uint8 [nbytes], this rank's copy (kept alive: peers map it)
-    handle: object  # torch._C._distributed_c10d._SymmetricMemory
+    handle: object  # .buffer_ptrs_dev, .signal_pad_ptrs_dev: device arrays of every rank's addresses
     rank: int
     world_size: int
     nbytes: int
@@ -54,7 +55,7 @@ def available() -> str | None:
     if not (dist.is_available() and dist.is_initialized()):
         return "torch.distributed is not initialized"
     try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+        importlib.import_module("torch.distributed._symmetric_memory")  # an import here would shadow `torch`
     except ImportError as e:
         return f"torch.distributed._symmetric_memory is unavailable: {e}"
     return None
@@ -80,13 +81,44 @@ def prepare(group: dist.ProcessGroup | str, nbytes: int = LAZY_BYTES) -> Workspa
             enable(name)
     device = torch.device("cuda", torch.cuda.current_device())
     buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-    handle = symm_mem.rendezvous(buffer, name)
-    pad = getattr(handle, "signal_pad_size", None)
+    symm = symm_mem.rendezvous(buffer, name)
+    pad = getattr(symm, "signal_pad_size", None)
     if pad is None and hasattr(symm_mem, "get_signal_pad_size"):
         pad = symm_mem.get_signal_pad_size()
-    ws = Workspace(name, buffer, handle, handle.rank, handle.world_size, nbytes, int(pad or 0))
+    pad = int(pad or 0)
+    ws = Workspace(name, buffer, _pointer_tables(symm, buffer, nbytes, pad), symm.rank, symm.world_size, nbytes,
+                   pad)
     _workspaces[name] = ws
     return ws
+
+
+@dataclass(frozen=True)
+class PointerTables:
+    """Device arrays of every rank's buffer and signal-pad addresses, as the kernels read them."""
+
+    buffer_ptrs_dev: int
+    signal_pad_ptrs_dev: int
+    tables: tuple[torch.Tensor, ...]  # kept alive
+    symm: object  # the _SymmetricMemory handle
+
+
+def _pointer_tables(symm, buffer: torch.Tensor, nbytes: int, pad_bytes: int) -> PointerTables:
+    """The peers' addresses of *this* tensor (the handle's own tables point at allocations, which a pooled
+    tensor may sit inside at an offset): each rank's view through get_buffer / get_signal_pad."""
+    world = symm.world_size
+    try:
+        bufs = [symm.get_buffer(r, (nbytes,), torch.uint8).data_ptr() for r in range(world)]
+        pads = [symm.get_signal_pad(r, (pad_bytes // 4,), torch.int32).data_ptr() for r in range(world)]
+    except (AttributeError, TypeError, RuntimeError):  # older handles: the allocation tables themselves
+        return PointerTables(symm.buffer_ptrs_dev, symm.signal_pad_ptrs_dev, (), symm)
+    offset = buffer.data_ptr() - bufs[symm.rank]  # 0 unless the views start at the allocation, not the tensor
+    if offset < 0:
+        raise RuntimeError(f"braze: the symmetric-memory handle's view of this rank's buffer ({bufs[symm.rank]:#x}) "
+                           f"lies after the buffer ({buffer.data_ptr():#x}); refusing to address peers through it")
+    bufs = [b + offset for b in bufs]  # allocations are symmetric: every peer's tensor sits at the same offset
+    tables = (torch.tensor(bufs, dtype=torch.int64, device=buffer.device),
+              torch.tensor(pads, dtype=torch.int64, device=buffer.device))
+    return PointerTables(tables[0].data_ptr(), tables[1].data_ptr(), tables, symm)
 
 
 def lookup(group_name: str) -> Workspace | None:

@@ -153,7 +153,8 @@ def _models_worker(names: list[str], full: bool) -> None:
             remarks = [r for rec in records for r in rec.remarks]
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5, name
         applied = [r.name for r in remarks if r.kind == "applied"]
-        assert (applied.count("allreduce-norm"), applied.count("tp-norm")) == (n_ar, n_tp), (dist.get_rank(), name, applied)
+        counts = (applied.count("allreduce-norm"), applied.count("tp-norm"))
+        assert counts == (n_ar, n_tp), (dist.get_rank(), name, applied)
         assert not [r for r in remarks if r.pass_name in ("allreduce-norm", "tp-norm") and r.kind != "applied"]
 
 

@@ -12,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from braze.patterns.collective import is_wait
-from braze.patterns.stages import RMSNorm
+from braze.patterns.stages import Cast, RMSNorm, UnaryOp, WeightMul
 from braze.patterns.tp_norm import TPNorm, TPNormGroup, tp_norm_reference
-from braze.patterns.stages import Cast, UnaryOp, WeightMul
 from braze.testing import aten_graph, fused_ops, run_passes, single_rank_group
 
 
