@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "post_conv", "gated_norm", "gemm_merge", "dual_stream")
+FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "gated_norm", "gemm_merge", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -55,6 +55,12 @@ class FusionConfig:
         Off by default: its first H100 run failed (benchmarks/results/gpu_tests.md).
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
+    collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
+        TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm).
+    symm_max_tokens: up to this many tokens a fused collective runs as one kernel with a
+        one-shot all-reduce over symmetric memory (CUDA); above it, NCCL then braze's
+        kernel. 64 is an unmeasured starting point: benchmarks/allreduce_norm.py measures
+        the crossover on the target machine.
     verify: "off", or "compile" to run each candidate site fused vs unfused on
         random inputs of its real shapes at compile time and refuse mismatches.
     verify_rtol: relative error allowed by the numerics gate, as a multiple of
@@ -67,6 +73,8 @@ class FusionConfig:
 
     norm_quant: bool = True
     chain: bool = True
+    collective: bool = True
+    symm_max_tokens: int = 64
     post_conv: bool = True
     gated_norm: bool = True
     gemm_merge: bool = False  # off until its GPU tests pass (an H100 run hit a device-side assert)
@@ -78,10 +86,15 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "post_conv", "gated_norm", "gemm_merge", "dual_stream", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "collective", "post_conv", "gated_norm", "gemm_merge", "dual_stream",
+                  "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")
+        if not isinstance(self.symm_max_tokens, int) or isinstance(self.symm_max_tokens, bool) \
+                or self.symm_max_tokens < 0:
+            raise ValueError(f"FusionConfig.symm_max_tokens={self.symm_max_tokens!r}: expected an int >= 0 "
+                             "(0 turns the one-shot kernels off)")
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"FusionConfig.verify={self.verify!r}: expected one of {VERIFY_MODES}")
         if not isinstance(self.verify_rtol, (int, float)) or isinstance(self.verify_rtol, bool) or self.verify_rtol <= 0:

@@ -6,6 +6,7 @@ CPU), and has a pure-torch `*_reference` with the same signature.
 
     q, scale = braze.ops.rmsnorm_quant(x, w, 1e-6, group_size=128, scale_format="ue8m0")
     out = braze.ops.rmsnorm(x, w, 1e-6, residual=r)   # out.normed, out.residual
+    out = braze.ops.allreduce_rmsnorm(x, w, 1e-6, group=tp_group, residual=r)   # sum over the TP group first
 """
 
 from __future__ import annotations
@@ -155,4 +156,41 @@ def rmsnorm_reference(*args, **kwargs) -> NormOut:
     return rmsnorm(*args, _reference=True, **kwargs)
 
 
+def allreduce_rmsnorm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    group: torch.distributed.ProcessGroup,
+    residual: torch.Tensor | None = None,
+    zero_centered: bool = False,
+    symm_max_tokens: int = 64,
+    _reference: bool = False,
+) -> NormOut:
+    """Sum x over `group`, [add residual ->] RMSNorm, as one op: the normed rows and the new residual.
+
+    On CUDA with at most `symm_max_tokens` rows and a symmetric-memory workspace for the group (see
+    braze.runtime.symm_mem.prepare), one kernel does the one-shot all-reduce and the rest; otherwise the
+    group's all-reduce (NCCL, gloo) then one fused kernel. Every rank of the group must call it.
+    """
+    _check(x, weight, residual, eps)
+    chain = _chain(x, weight, eps, residual, zero_centered, None, True)
+    inputs = _inputs(x, weight, residual)
+    if _reference:
+        from braze.runtime.collective import allreduce_rowwise_reference
+
+        outs = allreduce_rowwise_reference(inputs, chain.to_json(), group.group_name)
+    else:
+        outs = torch.ops.braze.allreduce_rowwise(inputs, chain.to_json(), group.group_name, symm_max_tokens)
+    outs = list(outs)
+    res = outs.pop(0) if residual is not None else None
+    return NormOut(outs[0], res)
+
+
+def allreduce_rmsnorm_reference(*args, **kwargs) -> NormOut:
+    """The pure-torch reference of allreduce_rmsnorm (same arguments; it communicates too)."""
+    return allreduce_rmsnorm(*args, _reference=True, **kwargs)
+
+
+import braze.runtime.collective  # noqa: E402,F401  registers torch.ops.braze.allreduce_rowwise
 import braze.runtime.rowwise  # noqa: E402,F401  registers torch.ops.braze.*

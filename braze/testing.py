@@ -8,7 +8,8 @@ returns the GraphRecord; the graph module can then be called on real tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -98,6 +99,53 @@ def fused_ops(gm: GraphModule) -> list[str]:
         if "braze" in name or "triton_kernel_wrapper" in name:
             out.append(name)
     return out
+
+
+@contextlib.contextmanager
+def single_rank_group() -> Iterator[object]:
+    """A gloo process group of this process alone (world size 1): enough to trace and run graphs with
+    collectives in one process (an all-reduce over one rank returns its input). Yields the world group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def shared_workspace(folder: str, rank: int, world_size: int, nbytes: int = 1 << 16,
+                     signal_pad_bytes: int = 4096):
+    """A stand-in for a symmetric-memory workspace on CPU: every rank maps every rank's buffer and signal pad
+    from files in `folder` (shared memory, e.g. under /dev/shm), as symmetric memory maps its peers' memory
+    over NVLink, so braze's one-shot kernels run under the Triton interpreter across real processes. The
+    files must exist and be zero-filled before the ranks map them."""
+    from types import SimpleNamespace
+
+    from braze.runtime.symm_mem import Workspace
+
+    bufs = [torch.from_file(f"{folder}/buffer{r}", shared=True, size=nbytes, dtype=torch.uint8)
+            for r in range(world_size)]
+    pads = [torch.from_file(f"{folder}/signal{r}", shared=True, size=signal_pad_bytes // 4, dtype=torch.int32)
+            for r in range(world_size)]
+    buf_table = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    pad_table = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
+    handle = SimpleNamespace(buffer_ptrs_dev=buf_table.data_ptr(), signal_pad_ptrs_dev=pad_table.data_ptr(),
+                             keep=(bufs, pads, buf_table, pad_table), signal_pads=pads)
+    return Workspace(f"shared:{folder}", bufs[rank], handle, rank, world_size, nbytes, signal_pad_bytes)
+
+
+def make_shared_workspace_files(folder: str, world_size: int, nbytes: int = 1 << 16,
+                                signal_pad_bytes: int = 4096) -> None:
+    """The zero-filled files shared_workspace maps."""
+    for r in range(world_size):
+        with open(f"{folder}/buffer{r}", "wb") as f:
+            f.truncate(nbytes)
+        with open(f"{folder}/signal{r}", "wb") as f:
+            f.truncate(signal_pad_bytes)
 
 
 def _free_port() -> int:

@@ -56,3 +56,15 @@ def test_rmsnorm_with_residual(device):
 def test_bad_inputs_say_what_was_expected(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_allreduce_rmsnorm_matches_reference_on_one_rank():
+    from braze.testing import single_rank_group
+
+    with single_rank_group() as group:
+        x, r = torch.randn(3, 41).bfloat16(), torch.randn(3, 41).bfloat16()
+        w = torch.randn(41)  # an fp32 weight for bf16 rows
+        out = ops.allreduce_rmsnorm(x, w, 1e-5, group=group, residual=r, zero_centered=True)
+        ref = ops.allreduce_rmsnorm_reference(x, w, 1e-5, group=group, residual=r, zero_centered=True)
+        assert torch.equal(out.residual, ref.residual) and torch.equal(out.residual, x + r)
+        torch.testing.assert_close(out.normed.float(), ref.normed.float(), rtol=2 ** -8, atol=0)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from braze.patterns.gdn import PostConv
 from braze.patterns.stages import HeadGroup, RowChain
+from braze.patterns.tp_norm import TPNormGroup
 
-from . import heads, post_conv, rowwise
+from . import collective, heads, post_conv, rowwise
 
 
 def cache_root() -> Path:
@@ -93,6 +94,30 @@ def _post_conv_kernel(signature: str) -> LoadedKernel:
 
 def post_conv_kernel(spec: PostConv) -> LoadedKernel:
     return _post_conv_kernel(spec.to_json())
+
+
+@functools.lru_cache(maxsize=None)
+def _allreduce_chain_kernel(signature: str, world: int) -> LoadedKernel:
+    src = collective.generate_allreduce_chain(RowChain.from_json(signature), world)
+    path, module = _load_module(src.name, src.source)
+    return LoadedKernel(src, path, getattr(module, src.name))
+
+
+def allreduce_chain_kernel(chain: RowChain, world: int) -> LoadedKernel:
+    """The one-shot all-reduce + row chain kernel over `world` ranks."""
+    return _allreduce_chain_kernel(chain.to_json(), world)
+
+
+@functools.lru_cache(maxsize=None)
+def _tp_norm_kernel(signature: str, phase: str) -> LoadedKernel:
+    src = collective.generate_tp_norm(TPNormGroup.from_json(signature), phase)
+    path, module = _load_module(src.name, src.source)
+    return LoadedKernel(src, path, getattr(module, src.name))
+
+
+def tp_norm_kernel(group: TPNormGroup, phase: str) -> LoadedKernel:
+    """A TP-reduced norm group's kernel for one phase ("local", "finish" or "symm")."""
+    return _tp_norm_kernel(group.to_json(), phase)
 
 
 def dump(kernel: LoadedKernel, directory: str | os.PathLike) -> Path:

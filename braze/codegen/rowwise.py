@@ -148,49 +148,67 @@ def generate(chain: RowChain) -> KernelSource:
     signature = chain.to_json()
     digest = hashlib.sha256(signature.encode()).hexdigest()[:12]
     name = f"braze_{chain.name}_{digest}"
-    D = chain.width
+    block_g, block_gs, num_warps = tile(chain)
+    params = ["x_ptr", "x_row_stride"] + stage_params(chain) + ROW_CONSTEXPRS
+    em = _Emitter()
+    emit_row_tile(em)
+    em.line("x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
+    emit_stages(em, chain, "x")
+    source = kernel_source("braze.codegen.rowwise", "chain", signature, name, params, em.lines)
+    return KernelSource(name, source, block_g, block_gs, num_warps)
+
+
+# Constexpr parameters every row kernel takes, after its pointers.
+ROW_CONSTEXPRS = ["n_rows", "D: tl.constexpr", "G: tl.constexpr", "GS: tl.constexpr", "BLOCK_G: tl.constexpr",
+                  "BLOCK_GS: tl.constexpr", "SOFT_ROUND: tl.constexpr", "DIV_RN: tl.constexpr"]
+
+
+def tile(chain: RowChain) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_GS, num_warps) of the [groups, group elements] tile that holds one row."""
     G = chain.n_groups
-    GS = D // G
-    block_g, block_gs = _next_pow2(G), _next_pow2(GS)
+    block_g, block_gs = _next_pow2(G), _next_pow2(chain.width // G)
     elems = block_g * block_gs
     num_warps = 1 if elems <= 256 else 2 if elems <= 1024 else 4 if elems <= 4096 else 8 if elems <= 16384 else 16
+    return block_g, block_gs, num_warps
 
-    params = ["x_ptr", "x_row_stride"]
+
+def stage_params(chain: RowChain) -> list[str]:
+    """The pointer parameters of the stages after x: residual, weight, then every output."""
+    params = []
     if chain.residual:
         params += ["r_ptr", "r_row_stride"]
     if chain.norm.has_weight:
         params.append("w_ptr")
     if chain.gate is not None:
         params += ["z_ptr", "z_row_stride"]
-    outs = [o[0] for o in chain.output_specs()]
-    params += [f"{o}_ptr" for o in outs]
-    params += ["n_rows", "D: tl.constexpr", "G: tl.constexpr", "GS: tl.constexpr",
-               "BLOCK_G: tl.constexpr", "BLOCK_GS: tl.constexpr", "SOFT_ROUND: tl.constexpr", "DIV_RN: tl.constexpr"]
+    return params + [f"{o[0]}_ptr" for o in chain.output_specs()]
 
-    em = _Emitter()
+
+def emit_row_tile(em: _Emitter) -> None:
+    """`row`, and `col`/`mask` of the row held as a [BLOCK_G, BLOCK_GS] tile."""
     em.line("row = tl.program_id(0).to(tl.int64)")
     em.line("g = tl.arange(0, BLOCK_G)[:, None]")
     em.line("e = tl.arange(0, BLOCK_GS)[None, :]")
     em.line("col = g * GS + e  # [BLOCK_G, BLOCK_GS]: element (group, i) of the row")
     em.line("mask = (g < G) & (e < GS)")
-    em.line("x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
-    h = "x"
+
+
+def emit_stages(em: _Emitter, chain: RowChain, x: str) -> None:
+    """Every stage of `chain` on the fp32 row tile `x`: residual add, norm, quant, and their stores."""
+    h = x
     if chain.residual:
         em.line("# residual add: h = x + r, the new residual")
         em.line("r = tl.load(r_ptr + row * r_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
-        h = em.round_to(em.let("x + r", "h"), chain.residual.dtype)
+        h = em.round_to(em.let(f"{x} + r", "h"), chain.residual.dtype)
         if chain.residual.store:
             em.line(f"tl.store(residual_out_ptr + row * D + col, {h}.to({_TL_DTYPE[chain.residual.dtype]}), mask=mask)")
-    y = _emit_rmsnorm(em, chain.norm, h)
+    y = emit_rmsnorm(em, chain.norm, h)
     if chain.gate is not None:
         y = _emit_gate(em, chain.gate, y)
     if chain.norm.store:
         em.line(f"tl.store(norm_out_ptr + row * D + col, {y}.to({_TL_DTYPE[chain.y_dtype]}), mask=mask)")
     if chain.quant:
         _emit_quant(em, chain.quant, y)
-
-    source = kernel_source("braze.codegen.rowwise", "chain", signature, name, params, em.lines)
-    return KernelSource(name, source, block_g, block_gs, num_warps)
 
 
 def kernel_source(module: str, what: str, signature: str, name: str, params: list[str], body: list[str]) -> str:
@@ -200,11 +218,18 @@ def kernel_source(module: str, what: str, signature: str, name: str, params: lis
     return "\n".join(header + body) + "\n"
 
 
-def _emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str) -> str:
-    em.line(f"# rmsnorm over {norm.width} values, eps={norm.eps!r}")
+def emit_mean_square(em: _Emitter, norm: RMSNorm, x: str) -> str:
+    """mean(x^2) over the row tile `x`, rounded as the graph rounds it."""
     sq = em.round_to(em.let(f"{x} * {x}", "sq"), norm.square)
     total = em.let(f"tl.sum(tl.sum({sq}, axis=1), axis=0)", "ssum")
-    mean = em.round_to(em.let(em.div(total, repr(float(norm.width))), "mean"), norm.mean)
+    return em.round_to(em.let(em.div(total, repr(float(norm.width))), "mean"), norm.mean)
+
+
+def emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str, mean: str | None = None, w_ptr: str = "w_ptr") -> str:
+    """The norm of row tile `x`; `mean` when the variance was computed elsewhere (reduced across ranks)."""
+    em.line(f"# rmsnorm over {norm.width} values, eps={norm.eps!r}")
+    if mean is None:
+        mean = emit_mean_square(em, norm, x)
     var = em.round_to(em.let(f"{mean} + {_fmt_float(norm.eps)}", "var"), norm.rstd)
     if norm.inverse == "rsqrt":
         rstd = em.round_to(em.let(f"tl.math.rsqrt({var})", "rstd"), norm.rstd)
@@ -220,7 +245,7 @@ def _emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str) -> str:
         if isinstance(op, Cast):
             y = em.round_to(y, op.dtype)
         elif isinstance(op, WeightMul):
-            w = em.let("tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)", "w")
+            w = em.let(f"tl.load({w_ptr} + col, mask=mask, other=0.0).to(tl.float32)", "w")
             if op.zero_centered:
                 w = em.round_to(em.let(f"1.0 + {w}", "w"), op.offset_dtype or "float32")
             y = em.round_to(em.let(f"{y} * {w}", "y"), op.dtype)

@@ -26,18 +26,25 @@ from .base import Pass, PassContext, current_record
 from .branches import BranchAnalysis
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
+from .collective import AllReduceNormFusion
 from .gated_norm import GatedNormFusion
 from .gemm_merge import SiblingGemmMerge
 from .norm_quant import NormQuantFusion
 from .post_conv import PostConvFusion
 from .streams import DualStream
+from .tp_norm import TPNormFusion
 
-# Every pass braze runs, in order. The post-conv pass takes the conv state write with its conv update
-# before the head-chain pass would take it alone; the head-chain pass takes a norm -> quant whose
-# bytes a packed cache row stores before the row passes would; the gated norm takes the FP8 quant
-# after it before the norm-quant pass would call that quant's input a non-norm.
+# Every pass braze runs, in order. The collective passes come before norm-quant, which would
+# otherwise take the residual add and norm behind an all-reduce without the all-reduce; the
+# TP-reduced norm before the head-chain pass, which then takes the RoPE and cache write after it.
+# The post-conv pass takes the conv state write with its conv update before the head-chain pass
+# would take it alone; the head-chain pass takes a norm -> quant whose bytes a packed cache row
+# stores before the row passes would; the gated norm takes the FP8 quant after it before the
+# norm-quant pass would call that quant's input a non-norm.
 PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
+    TPNormFusion,
+    AllReduceNormFusion,
     PostConvFusion,
     HeadChainFusion,
     GatedNormFusion,

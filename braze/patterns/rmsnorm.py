@@ -255,11 +255,22 @@ def residual_add_reference(x: torch.Tensor, r: torch.Tensor, stage: ResidualAdd)
     return _round(x.float() + r.float(), stage.dtype)
 
 
-def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor | None, stage: RMSNorm) -> torch.Tensor:
-    """The stage's RMSNorm of fp32-held `x`, returned in fp32 (rounded to out dtype)."""
+def mean_square_reference(x: torch.Tensor, stage: RMSNorm) -> torch.Tensor:
+    """mean(x^2) over the last dim, [..., 1], rounded as the stage's graph rounds it."""
     x = x.float()
     sq = _round(x * x, stage.square)
-    mean = _round(sq.sum(-1, keepdim=True) / stage.width, stage.mean)
+    return _round(sq.sum(-1, keepdim=True) / stage.width, stage.mean)
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor | None, stage: RMSNorm,
+                      mean: torch.Tensor | None = None) -> torch.Tensor:
+    """The stage's RMSNorm of fp32-held `x`, returned in fp32 (rounded to out dtype).
+
+    `mean` [..., 1]: the variance when it was computed elsewhere (e.g. reduced across ranks).
+    """
+    x = x.float()
+    if mean is None:
+        mean = mean_square_reference(x, stage)
     var = _round(mean + stage.eps, stage.rstd)
     if stage.inverse == "rsqrt":
         y = _round(x * _round(torch.rsqrt(var), stage.rstd), stage.normed)

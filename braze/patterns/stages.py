@@ -412,9 +412,10 @@ def _register_late_types() -> None:
     from .gdn import Gating, L2Norm, PostConv, Segment
     from .layernorm import BiasAdd, LayerNorm
     from .rope import Rope
+    from .tp_norm import TPNorm, TPNormGroup
 
     _TYPES.update(Rope=Rope, LayerNorm=LayerNorm, BiasAdd=BiasAdd, ConvUpdate=ConvUpdate, L2Norm=L2Norm,
-                  Gating=Gating, Segment=Segment, PostConv=PostConv, Gate=Gate)
+                  Gating=Gating, Segment=Segment, PostConv=PostConv, Gate=Gate, TPNorm=TPNorm, TPNormGroup=TPNormGroup)
 
 
 def _decode(obj: Any) -> Any:

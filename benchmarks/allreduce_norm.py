@@ -1,0 +1,211 @@
+"""Benchmark: all-reduce + residual add + RMSNorm, braze vs NCCL all-reduce + stock-Inductor add+norm (TP GPUs).
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
+        torchrun --nproc-per-node 2 benchmarks/allreduce_norm.py [--hidden 7168,4096,3072] [--tokens 1,8,64,256]
+        [--out DIR]
+
+For each hidden size and token count, on every rank, with bf16 activations and a zero-centered fp32
+norm weight (Qwen 3.5's layer norm; the others differ only in the weight multiply):
+
+- stock: `dist.all_reduce(y)` in place (NCCL), then `torch.compile`d `h = y + r; rmsnorm(h)` (stock
+  Inductor), i.e. what a stock-compiled model runs between two layers;
+- braze one-shot: `braze::allreduce_rowwise` with the threshold above T (one kernel: one-shot all-reduce
+  over symmetric memory + add + norm);
+- braze nccl: the same op with threshold 0 (NCCL all-reduce, then braze's fused add + norm kernel).
+
+Each variant is captured in a CUDA graph of `--inner` calls and timed as the median of `--replays`
+replays with device events; the reported time is the slowest rank's. Kernels per call are counted with
+the profiler. The path the braze op took is read from its counters (it falls back to NCCL when the
+workspace or signal pad is too small, and says so here). Correctness: both braze variants against NCCL +
+the eager reference on fresh inputs, before timing. In the stock variant the in-place all-reduce
+compounds across replays (values grow); only its time is used.
+
+Writes DIR/allreduce_norm_tp{P}.json and .md (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+EPS = 1e-6
+
+
+def add_norm(y, r, w):
+    h = y + r
+    v = h.float()
+    return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + EPS) * (1.0 + w.float())).to(h.dtype), h
+
+
+def spec_for(width: int) -> str:
+    """The RowChain braze's pass builds for add_norm after an all-reduce (traced, so it is the pass's own)."""
+    import torch.distributed._functional_collectives as funcol
+
+    from braze.testing import aten_graph, run_passes
+
+    def fn(x, r, w):
+        return add_norm(funcol.all_reduce(x, "sum", dist.group.WORLD), r, w)
+
+    x = torch.randn(2, width, device="cuda", dtype=torch.bfloat16)
+    gm = aten_graph(fn, x, x, torch.randn(width, device="cuda"))
+    record = run_passes(gm)
+    [node] = [n for n in gm.graph.nodes if "allreduce_rowwise" in str(n.target)]
+    assert [r.name for r in record.remarks if r.kind == "applied"] == ["allreduce-norm"], record.remarks
+    return node.args[1]
+
+
+def time_graph(fn, inner: int, replays: int) -> float:
+    """Median seconds per call over CUDA-graph replays of `inner` calls; the slowest rank's."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        dist.barrier()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / inner)
+    t = torch.tensor([statistics.median(times)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def count_kernels(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", default="7168,4096,3072")
+    p.add_argument("--tokens", default="1,8,64,256")
+    p.add_argument("--inner", type=int, default=20)
+    p.add_argument("--replays", type=int, default=100)
+    p.add_argument("--workspace-mib", type=int, default=16)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or "WORLD_SIZE" not in os.environ:
+        print("allreduce_norm benchmark: run under torchrun on >= 2 GPUs", file=sys.stderr)
+        return 2
+    import triton
+
+    from braze.patterns.reference import row_chain_reference
+    from braze.patterns.stages import RowChain
+    from braze.runtime import symm_mem
+    from braze.runtime.collective import PATH_COUNTS
+
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    ws = symm_mem.prepare(group, args.workspace_mib << 20)  # at set-up, on every rank
+    rows = []
+    for width in [int(h) for h in args.hidden.split(",")]:
+        spec = spec_for(width)
+        chain = RowChain.from_json(spec)
+        for T in [int(t) for t in args.tokens.split(",")]:
+            gen = torch.Generator(device="cuda").manual_seed(rank * 7919 + T)
+            x = torch.randn(T, width, device="cuda", generator=gen).bfloat16()
+            y = x.clone()
+            r = torch.randn(T, width, device="cuda", generator=torch.Generator(device="cuda").manual_seed(T)).bfloat16()
+            w = 0.1 * torch.randn(width, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+            torch._dynamo.reset()
+            stock_norm = torch.compile(add_norm, dynamic=False)
+
+            def stock():
+                dist.all_reduce(y, group=group)
+                return stock_norm(y, r, w)
+
+            def braze_one_shot():
+                return torch.ops.braze.allreduce_rowwise([x, r, w], spec, group.group_name, 1 << 30)
+
+            def braze_nccl():
+                return torch.ops.braze.allreduce_rowwise([x, r, w], spec, group.group_name, 0)
+
+            with torch.no_grad():
+                reduced = x.clone()
+                dist.all_reduce(reduced, group=group)
+                ref = row_chain_reference(chain, [reduced, r, w])
+                errors = {}
+                for name, fn in (("one-shot", braze_one_shot), ("nccl", braze_nccl)):
+                    before = dict(PATH_COUNTS)
+                    out = fn()
+                    took = [k for k in PATH_COUNTS if PATH_COUNTS[k] != before[k]]
+                    errors[name] = {"path": took[0] if took else "?",
+                                    **{f"out{i}_max_abs_diff": float((a.float() - b.float()).abs().max())
+                                       for i, (a, b) in enumerate(zip(out, ref))}}
+                t_stock = time_graph(stock, args.inner, args.replays)
+                t_one = time_graph(braze_one_shot, args.inner, args.replays)
+                t_nccl = time_graph(braze_nccl, args.inner, args.replays)
+                k = {n: count_kernels(f) for n, f in (("stock", stock), ("one-shot", braze_one_shot),
+                                                      ("nccl", braze_nccl))}
+            row = {"hidden": width, "tokens": T, "world": world, "stock_us": t_stock * 1e6,
+                   "one_shot_us": t_one * 1e6, "nccl_kernel_us": t_nccl * 1e6,
+                   "one_shot_over_stock": t_one / t_stock, "nccl_kernel_over_stock": t_nccl / t_stock,
+                   "kernels": k, "checks": errors}
+            rows.append(row)
+            if rank == 0:
+                print(f"D={width:<5} T={T:<4} stock {t_stock * 1e6:7.2f} us ({k['stock']} k)  one-shot "
+                      f"{t_one * 1e6:7.2f} us ({k['one-shot']} k, {errors['one-shot']['path']})  nccl+kernel "
+                      f"{t_nccl * 1e6:7.2f} us ({k['nccl']} k)  ratio {t_one / t_stock:4.2f} / "
+                      f"{t_nccl / t_stock:4.2f}", flush=True)
+    if rank == 0:
+        meta = {"card": torch.cuda.get_device_name(), "world": world, "torch": torch.__version__,
+                "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                "workspace_bytes": ws.nbytes, "signal_pad_bytes": ws.signal_pad_bytes,
+                "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+                "command": f"torchrun --nproc-per-node {world} benchmarks/allreduce_norm.py "
+                           + " ".join(argv if argv is not None else sys.argv[1:]),
+                "timing": f"CUDA graph of {args.inner} calls, median of {args.replays} replays (barrier before "
+                          "each), device events, slowest rank"}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"allreduce_norm_tp{world}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        lines = [f"# all-reduce + residual + RMSNorm at TP={world}: braze vs NCCL + stock Inductor", "",
+                 f"Card: {meta['card']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
+                 f"symmetric-memory workspace {ws.nbytes} B, signal pad {ws.signal_pad_bytes} B.",
+                 f"Command: `{meta['command']}`. Timing: {meta['timing']}.", "",
+                 "| hidden | T | stock µs | braze one-shot µs (path) | braze NCCL+kernel µs | one-shot / stock | "
+                 "NCCL+kernel / stock | kernels stock / one-shot / NCCL+kernel |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            lines.append(f"| {r['hidden']} | {r['tokens']} | {r['stock_us']:.2f} | {r['one_shot_us']:.2f} "
+                         f"({r['checks']['one-shot']['path']}) | {r['nccl_kernel_us']:.2f} | "
+                         f"{r['one_shot_over_stock']:.2f} | {r['nccl_kernel_over_stock']:.2f} | "
+                         f"{r['kernels']['stock']} / {r['kernels']['one-shot']} / {r['kernels']['nccl']} |")
+        (out / f"allreduce_norm_tp{world}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+    symm_mem.release_all()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

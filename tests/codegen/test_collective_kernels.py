@@ -1,0 +1,110 @@
+"""The collective kernels: generated source, and the one-shot kernels run under the Triton interpreter in two
+real processes over shared host memory (the stand-in for symmetric memory), equal to the references.
+
+What this checks: indexing, the rank-order sum, the chain after it, the exchange of TP norm means, and the
+barrier protocol (signals set and taken back, pads zero after every launch, back-to-back launches of
+different sizes). What it cannot check: the GPU memory model (release/acquire at system scope over NVLink)
+and speed; tests/passes/test_collective_gpu.py does, on GPUs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from braze.codegen.collective import generate_allreduce_chain, generate_tp_norm
+from braze.patterns.reference import row_chain_reference
+from braze.patterns.stages import Cast, FP8Quant, ResidualAdd, RMSNorm, RowChain, UnaryOp, WeightMul
+from braze.patterns.tp_norm import TPNorm, TPNormGroup, finish_reference, local_means_reference
+from braze.testing import make_shared_workspace_files, run_on_ranks, shared_workspace
+
+F32 = "float32"
+
+
+def _chain(width: int, quant: bool, dtype: str = "bfloat16") -> RowChain:
+    norm = RMSNorm(1e-6, width, F32, F32, F32, F32, (WeightMul(F32, F32, True, F32), Cast(dtype)), not quant)
+    q = FP8Quant(width, "float8_e4m3fn", F32, "div", (UnaryOp("cast", F32), UnaryOp("div", F32, 448.0),
+                 UnaryOp("clamp_min", F32, 1e-12)), (-448.0, 448.0),
+                 ((UnaryOp("cast", F32), UnaryOp("div", F32, 448.0), UnaryOp("clamp_min", F32, 1e-12)),))
+    return RowChain(dtype, ResidualAdd(dtype, True), norm, q if quant else None)
+
+
+def _tp_group(widths: tuple[int, ...], p: int) -> TPNormGroup:
+    sides = []
+    for w in widths:
+        norm = RMSNorm(1e-6, w, F32, F32, F32, F32, (Cast("bfloat16"), WeightMul("bfloat16", "bfloat16")), True)
+        sides.append(TPNorm(norm, (UnaryOp("div", F32, float(p)),)))
+    return TPNormGroup(tuple(sides))
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_generated_sources_are_valid_python(world):
+    for chain in (_chain(41, False), _chain(7168, True)):
+        src = generate_allreduce_chain(chain, world).source
+        compile(src, "<one-shot>", "exec")
+        assert "_symm_barrier(signal_ptrs, row, RANK, WORLD)" in src
+    for phase in ("local", "finish", "symm"):
+        compile(generate_tp_norm(_tp_group((48, 16), world), phase).source, "<tp-norm>", "exec")
+
+
+@torch.no_grad()
+def _one_shot_worker(rank: int, world_size: int, folder: str) -> None:
+    from braze.runtime.collective import _one_shot_chain, _one_shot_tp
+
+    ws = shared_workspace(folder, rank, world_size)
+    for step, (t, width, quant) in enumerate([(1, 41, False), (3, 257, True), (2, 41, False)]):
+        chain = _chain(width, quant)
+        gen = torch.Generator().manual_seed(step)  # the same draws on every rank
+        xs = [torch.randn(t, width, generator=gen).bfloat16() for _ in range(world_size)]
+        r, w = torch.randn(t, width, generator=gen).bfloat16(), torch.randn(width, generator=gen)
+        outs = _one_shot_chain(chain, [xs[rank], r, w], ws)
+        total = sum(x.float() for x in xs).bfloat16()  # one rounding of the fp32 sum, as the kernel does
+        ref = row_chain_reference(chain, [total, r, w])
+        assert torch.equal(outs[0], ref[0]), f"rank {rank} step {step}: residual"
+        if quant:
+            assert torch.equal(outs[2], ref[2]), f"rank {rank} step {step}: scales"
+            assert torch.equal(outs[1].float(), ref[1].float()), f"rank {rank} step {step}: q"
+        else:
+            torch.testing.assert_close(outs[1].float(), ref[1].float(), rtol=2 ** -8, atol=0)
+        dist.barrier()  # every rank is done with this launch and none has started the next
+        assert all(int(p.abs().sum()) == 0 for p in ws.handle.signal_pads), "signals left set after a launch"
+        dist.barrier()
+
+    group = _tp_group((48, 16), world_size)
+    for t in (1, 5):
+        gen = torch.Generator().manual_seed(10 + t)
+        slices = [[torch.randn(t, s.norm.width, generator=gen).bfloat16() for s in group.sides]
+                  for _ in range(world_size)]
+        weights = [torch.randn(s.norm.width, generator=gen).bfloat16() for s in group.sides]
+        inputs = [a for x, w in zip(slices[rank], weights) for a in (x, w)]
+        outs = _one_shot_tp(group, inputs, ws)
+        reduced = sum(local_means_reference(group, xs) for xs in slices)
+        for got, ref in zip(outs, finish_reference(group, inputs, reduced)):
+            torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -8, atol=1e-6)
+        dist.barrier()
+        assert all(int(p.abs().sum()) == 0 for p in ws.handle.signal_pads)
+        dist.barrier()
+
+
+def test_one_shot_kernels_under_the_interpreter_on_two_processes_equal_the_references():
+    folder = tempfile.mkdtemp(prefix="braze-symm-", dir="/dev/shm" if _has_shm() else None)
+    make_shared_workspace_files(folder, 2)
+    run_on_ranks(2, _one_shot_worker, folder)
+
+
+def _has_shm() -> bool:
+    import os
+
+    return os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+
+
+def test_a_workspace_admits_only_launches_that_fit_its_buffer_and_signal_pad():
+    from braze.runtime.symm_mem import Workspace
+
+    ws = Workspace("g", torch.empty(0), None, rank=0, world_size=4, nbytes=1 << 20, signal_pad_bytes=4096)
+    assert ws.fits(1 << 20, 256)  # 256 programs x 4 ranks x 4 bytes = the whole pad
+    assert not ws.fits((1 << 20) + 1, 1)  # one byte over the buffer
+    assert not ws.fits(16, 257)  # one program over the signal pad
