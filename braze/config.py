@@ -56,7 +56,8 @@ class FusionConfig:
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
-        TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm).
+        TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). Off by default:
+        measured slower than NCCL + stock Inductor on 2 H100s (benchmarks/results/allreduce_norm_tp2.md).
     symm_max_tokens: up to this many tokens a fused collective runs as one kernel with a
         one-shot all-reduce over symmetric memory (CUDA); above it, NCCL then braze's
         kernel. 64 is an unmeasured starting point: benchmarks/allreduce_norm.py measures
@@ -73,7 +74,7 @@ class FusionConfig:
 
     norm_quant: bool = True
     chain: bool = True
-    collective: bool = True
+    collective: bool = False  # off by default: slower than NCCL + stock Inductor on 2 H100s (allreduce_norm_tp2.md)
     symm_max_tokens: int = 64
     post_conv: bool = True
     gated_norm: bool = True

@@ -164,7 +164,7 @@ def test_compiled_layer_fuses_and_matches_eager_on_the_tp_group(group):
     wt = (0.05 * torch.randn(512, 4096, device="cuda", generator=gen)).bfloat16()
     r, w = torch.randn(8, 4096, device="cuda").bfloat16(), torch.randn(4096, device="cuda")
     torch._dynamo.reset()
-    be = braze.backend(braze.FusionConfig(symm_max_tokens=THRESHOLD))
+    be = braze.backend(braze.FusionConfig(collective=True, symm_max_tokens=THRESHOLD))
     got = torch.compile(layer, backend=be, fullgraph=True)(x, wt, r, w)
     ref = layer(x, wt, r, w)
     for a, b in zip(got, ref):

@@ -19,6 +19,9 @@ import braze
 from braze import models
 from braze.testing import run_on_ranks
 
+# the collective family is off by default (slower than stock on 2 H100s so far); these tests turn it on
+ON = braze.FusionConfig(collective=True)
+
 
 def _rms_zero_centered_quant(h, w):
     x = h.float()
@@ -50,7 +53,7 @@ def _inplace(x, r, w):
 
 def _compiled(fn):
     torch._dynamo.reset()
-    be = braze.backend()
+    be = braze.backend(ON)
     return torch.compile(fn, backend=be, fullgraph=True), be
 
 
@@ -108,7 +111,7 @@ def _passes_only_backend(records: list):
 
     def compile_graph(gm, example_inputs):
         remove_noop_ops(gm.graph)  # e.g. the functional copy back of an in-place all-reduce, as post-grad does
-        records.append(run_passes(gm))
+        records.append(run_passes(gm, ON))
         return make_boxed_func(gm.forward)
 
     return aot_autograd(fw_compiler=compile_graph, decompositions=select_decomp_table(),
@@ -144,7 +147,7 @@ def _models_worker(names: list[str], full: bool) -> None:
         for k, v in model.named_buffers():
             v.copy_(saved[k])
         if full:
-            be = braze.backend()
+            be = braze.backend(ON)
             out = torch.compile(model, backend=be, fullgraph=True)(*inputs)
             remarks = braze.report(be).remarks
         else:
