@@ -229,3 +229,41 @@ def test_hugging_face_conv_with_a_bias_is_a_near_miss():
     missed = remarks(record, "missed")
     assert [n for n, _ in missed] == ["conv-not-recognized"] and "bias-free depthwise conv1d" in missed[0][1]
     assert "post_conv" not in str(fused_ops(gm))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hf", [False, True])
+def test_inductor_shifts_the_conv_state_in_place(hf):
+    """The fused op receives the state graph input itself: Inductor dropped functionalization's clone, and
+    neither a state-sized buffer nor a copy back exists (the CPU twin of the GPU test's no-whole-state check)."""
+    import math
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    hk, hv, dk, dv, width, t = 1, 2, 4, 4, 4, 3
+    args = make_inputs(t, hk, hv, dk, dv, width, torch.float32)
+    fn = gdn_step(hk, hv, dk, dv)
+    if hf:  # the state [B, C, K] is written whole: a state-sized buffer would be a clone, not the write
+        fn = hf_gdn_step(hk, hv, dk, dv)
+        x, _, w, _, a, b, a_log, dt_bias, ssm = args
+        args = [x, torch.randn(t, x.shape[1], width), w, a, b, a_log, dt_bias, ssm[:t].nan_to_num()]
+    state = args[1]
+    want_args = [a.clone() for a in args]
+    torch._dynamo.reset()
+    with inductor_config.patch(force_disable_caches=True):
+        got, (src,) = run_and_get_code(torch.compile(fn, backend=braze.backend(), fullgraph=True), *args)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, fn(*want_args), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(args[1], want_args[1], rtol=1e-5, atol=1e-5, equal_nan=True)
+    call = src[src.index("def call("):]
+    names = re.search(r"(\w+)(?:, \w+)* = args", call).group(0).split(" = ")[0].split(", ")
+    state_arg = names[1]
+    m = re.search(r"braze\.post_conv_cpu\.default\(\[[^\]]*\], ([^,]+),", call)
+    assert m is not None, "the post-conv op is not called"
+    assert m.group(1) == state_arg, f"the op shifts {m.group(1)}, not the state input {state_arg}: a clone survived"
+    sizes = [math.prod(int(d) for d in dims.split(",") if d.strip())
+             for dims in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", call)]
+    assert state.numel() not in sizes, f"a buffer of the state's {state.numel()} values is allocated"
+    assert f"{state_arg}.copy_" not in call and f"copy_({state_arg}" not in call, "the state is copied back"
