@@ -49,6 +49,7 @@ def spec_for(width: int) -> str:
     """The RowChain braze's pass builds for add_norm after an all-reduce (traced, so it is the pass's own)."""
     import torch.distributed._functional_collectives as funcol
 
+    from braze import FusionConfig
     from braze.testing import aten_graph, run_passes
 
     def fn(x, r, w):
@@ -56,7 +57,7 @@ def spec_for(width: int) -> str:
 
     x = torch.randn(2, width, device="cuda", dtype=torch.bfloat16)
     gm = aten_graph(fn, x, x, torch.randn(width, device="cuda"))
-    record = run_passes(gm)
+    record = run_passes(gm, FusionConfig(collective=True))  # off by default
     [node] = [n for n in gm.graph.nodes if "allreduce_rowwise" in str(n.target)]
     assert [r.name for r in record.remarks if r.kind == "applied"] == ["allreduce-norm"], record.remarks
     return node.args[1]
