@@ -63,7 +63,6 @@ def generate(spec: PostConv) -> PostConvKernelSource:
         em.line("slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives")
     else:
         em.line("slot = t  # token t's state is row t")
-    em.line("ok = (slot >= 0) & (slot < n_slots)")
     em.line("d = tl.arange(0, BLOCK_D)")
     first = 0
     for k, (seg, (chunk, progs)) in enumerate(zip(spec.segments, plan)):
@@ -101,7 +100,8 @@ def _emit_conv(em: _Emitter, spec: PostConv) -> str:
     st = _TL_DTYPE[conv.state_dtype]
     em.line(f"# causal conv update: {K} taps over [state ({L}) | x], state [rows, {C}, {L}] shifted in place")
     em.line(f"srow = state_ptr + slot * {C * L} + c * {L}")
-    em.line("sm = m & ok")
+    # the slot check as a tensor like `m` (a scalar bool in a tensor mask is no mask to some interpreters)
+    em.line("sm = m & ((tl.zeros_like(c).to(tl.int64) + slot) >= 0) & ((tl.zeros_like(c).to(tl.int64) + slot) < n_slots)")
     window = [em.let(f"tl.load(srow + {i}, mask=sm, other=0.0).to(tl.float32)", "u") for i in range(L)]
     xv = em.let("tl.load(x_ptr + t * x_row_stride + c, mask=m, other=0.0).to(tl.float32)", "xv")
     window.append(em.round_to(xv, conv.state_dtype))  # the window holds x in the state's dtype
