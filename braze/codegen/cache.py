@@ -74,11 +74,16 @@ def rowwise_kernel(chain: RowChain) -> LoadedKernel:
     return _rowwise_kernel(chain.to_json())
 
 
+def _loaded(src) -> LoadedKernel:
+    """A generated source imported as a module, with its kernel."""
+    path, module = _load_module(src.name, src.source)
+    return LoadedKernel(src, path, getattr(module, src.name))
+
+
 @functools.lru_cache(maxsize=None)
 def _heads_kernel(signature: str) -> LoadedKernel:
     src = heads.generate(HeadGroup.from_json(signature))
-    path, module = _load_module(src.name, src.source)
-    return LoadedKernel(src, path, getattr(module, src.name))
+    return _loaded(src)
 
 
 def heads_kernel(group: HeadGroup) -> LoadedKernel:
@@ -88,8 +93,7 @@ def heads_kernel(group: HeadGroup) -> LoadedKernel:
 @functools.lru_cache(maxsize=None)
 def _post_conv_kernel(signature: str) -> LoadedKernel:
     src = post_conv.generate(PostConv.from_json(signature))
-    path, module = _load_module(src.name, src.source)
-    return LoadedKernel(src, path, getattr(module, src.name))
+    return _loaded(src)
 
 
 def post_conv_kernel(spec: PostConv) -> LoadedKernel:
@@ -99,8 +103,7 @@ def post_conv_kernel(spec: PostConv) -> LoadedKernel:
 @functools.lru_cache(maxsize=None)
 def _allreduce_chain_kernel(signature: str, world: int) -> LoadedKernel:
     src = collective.generate_allreduce_chain(RowChain.from_json(signature), world)
-    path, module = _load_module(src.name, src.source)
-    return LoadedKernel(src, path, getattr(module, src.name))
+    return _loaded(src)
 
 
 def allreduce_chain_kernel(chain: RowChain, world: int) -> LoadedKernel:
@@ -111,8 +114,7 @@ def allreduce_chain_kernel(chain: RowChain, world: int) -> LoadedKernel:
 @functools.lru_cache(maxsize=None)
 def _tp_norm_kernel(signature: str, phase: str) -> LoadedKernel:
     src = collective.generate_tp_norm(TPNormGroup.from_json(signature), phase)
-    path, module = _load_module(src.name, src.source)
-    return LoadedKernel(src, path, getattr(module, src.name))
+    return _loaded(src)
 
 
 def tp_norm_kernel(group: TPNormGroup, phase: str) -> LoadedKernel:
