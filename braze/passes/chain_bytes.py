@@ -98,22 +98,19 @@ def _images(write: ByteWrite) -> list[frozenset[Node]] | None:
     while is_view(top):
         top = top.args[0]
     parts = list(top.args[0]) if is_op(top, aten.cat) and len(write.pieces) > 1 else [top]
-    shared = {values}
+    shared = {values, top}  # the row (a cat of the images) and its views
     n = values
     while n is not top:
         shared.add(n)
         n = n.args[0]
-    shared.add(top)
-    for part, piece in zip(parts, write.pieces):
+    for part in parts:
         nodes: set[Node] = set()
         stack = [part]
-        while stack:
+        while stack:  # back from the piece's bytes to its value
             n = stack.pop()
-            if n in nodes or n in sources or n is piece.source:
-                continue
-            nodes.add(n)
-            stack += [a for a in n.all_input_nodes if a is not piece.source]
-        # the image starts at the value: views of it that lead here belong to it as well
+            if n not in nodes and n not in sources:
+                nodes.add(n)
+                stack += n.all_input_nodes
         images.append(frozenset(nodes))
     every = shared.union(*images)
     for n in every:
@@ -133,8 +130,9 @@ def consumed_by_bytes(node: Node, claims: list[Claim]) -> bool:
 
 
 def per_token(node: Node) -> int | None:
+    """Elements per token of `node` [T, ...] (None when unknown or not static)."""
     v = val(node)
-    if v is None or v.dim() == 0 or not isinstance(v.shape[0], int) and not hasattr(v.shape[0], "node"):
+    if v is None or v.dim() == 0:
         return None
     total = 1
     for d in v.shape[1:]:
