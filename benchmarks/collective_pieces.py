@@ -11,7 +11,9 @@ launches and timed like benchmarks/allreduce_norm.py (median of replays, device 
   program: a system-scope compare-and-swap into each peer's signal pad in turn, then polling its own);
 - peer-read scalar / vector: one program per row reading a peer's row over NVLink, with the peer's
   address loaded from a table (alignment unknown: 2-byte loads) and with it declared 16-byte aligned;
-- push vector: one program per row storing its row into the peer's buffer (16-byte stores), no wait.
+- push vector: one program per row storing its row into the peer's buffer (16-byte stores), no wait;
+- with --sweep: braze's one-shot all-reduce + add + RMSNorm kernel (benchmarks/allreduce_norm.py's chain)
+  launched with each of several warp counts, to pick the default.
 
 Writes DIR/collective_pieces_tp{P}.json (rank 0) and prints a table.
 """
@@ -82,6 +84,40 @@ def _push(x_ptr, buf_ptrs, PEER: tl.constexpr, D: tl.constexpr, BLOCK: tl.conste
     tl.store(base + row * D + col, x, mask=col < D)
 
 
+def sweep_warps(args, rank: int, world: int) -> list[dict]:
+    """braze's one-shot kernel for the benchmark's chain at several warp counts (same launch as the op's)."""
+    from allreduce_norm import spec_for
+
+    from braze.codegen.cache import allreduce_chain_kernel
+    from braze.patterns.stages import RowChain
+    from braze.runtime import symm_mem
+    from braze.runtime.collective import _programs
+    from braze.runtime.rowwise import _constexprs, _empty_outputs, _launch_args
+
+    ws = symm_mem.prepare(dist.group.WORLD, 16 << 20)
+    out = []
+    for width in [int(h) for h in args.sweep.split(",")]:
+        chain = RowChain.from_json(spec_for(width))
+        kernel = allreduce_chain_kernel(chain, world)
+        for T in [int(t) for t in args.sweep_tokens.split(",")]:
+            x = torch.randn(T, width, device="cuda").bfloat16()
+            r = torch.randn(T, width, device="cuda").bfloat16()
+            w = torch.randn(width, device="cuda")
+            outs = _empty_outputs(chain, x)
+            largs, n = _launch_args(chain, [x, r, w], outs)
+            progs = _programs(x, n)
+            for warps in (2, 4, 8, 16):
+                def launch():
+                    kernel.jit[(progs,)](*largs[:-1], ws.handle.buffer_ptrs_dev, ws.counters, progs, n,
+                                         **_constexprs(chain, kernel, interpreted=False), RANK=ws.rank,
+                                         WORLD=ws.world_size, HALF_BYTES=ws.half_bytes, ITERS=-(-n // progs),
+                                         num_warps=warps)
+                us = time_graph(launch, args.inner, args.replays) * 1e6
+                out.append({"piece": f"braze one-shot D={width} warps={warps}", "T": T, "us": us,
+                            "default_warps": kernel.source.num_warps})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", default="7168")
@@ -89,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--replays", type=int, default=50)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--sweep", default="", help="hidden sizes for the warp sweep of the one-shot kernel")
+    p.add_argument("--sweep-tokens", default="1,8,64")
     args = p.parse_args(argv)
     import torch.distributed._symmetric_memory as symm_mem
 
@@ -124,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                                              num_warps=warps))})
             rows.append({"piece": f"push vector D={D}", "T": T, "us": t(
                 lambda: _push[(T,)](x, bufs, PEER=peer, D=D, BLOCK=block, num_warps=warps))})
+    if args.sweep:
+        rows += sweep_warps(args, rank, world)
     if rank == 0:
         meta = {"card": torch.cuda.get_device_name(), "world": world, "torch": torch.__version__,
                 "triton": triton.__version__, "inner": args.inner, "replays": args.replays}

@@ -75,11 +75,16 @@ def _emit_prologue(em: _Emitter) -> None:
 
 
 def _emit_epilogue(em: _Emitter) -> None:
-    """The last program to finish advances the launch counter (every other one has read it by then)."""
-    em.line("done = tl.atomic_add(ctr_ptr + 1, 1, sem='acq_rel', scope='gpu')")
-    em.line("if done == nprog - 1:")
-    em.line("    tl.store(ctr_ptr + 1, 0)")
+    """The last program to finish advances the launch counter (every other one has read it by then: its
+    read feeds every address it pushed to and polled, all before its increment). A single program just
+    stores it."""
+    em.line("if nprog == 1:")
     em.line("    tl.store(ctr_ptr, epoch + 1)")
+    em.line("else:")
+    em.line("    done = tl.atomic_add(ctr_ptr + 1, 1, sem='relaxed', scope='gpu')")
+    em.line("    if done == nprog - 1:")
+    em.line("        tl.store(ctr_ptr + 1, 0)")
+    em.line("        tl.store(ctr_ptr, epoch + 1)")
 
 
 def _peer_base(p: str, bits: str) -> str:
@@ -126,22 +131,28 @@ def generate_allreduce_chain(chain: RowChain, world: int) -> KernelSource:
     _emit_push(em, "xb", "(prow * WORLD + RANK) * D + col", "mask", bits)
     em.indent -= 2
     em.line(f"mine = {_peer_base('RANK', bits)}")
+    if chain.norm.has_weight:
+        em.line("w = tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)  # before any wait")
     em.line("# sum: every rank's row in rank order, in fp32; this rank's own from x")
     em.line("for it in tl.static_range(ITERS):")
     em.line("    row = (pid + it * nprog).to(tl.int64)")
     em.line("    if row < n_rows:")
     em.indent += 2
+    em.line("# this rank's row and the residual load while the peers' rows are on their way")
+    em.line("xs = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
+    if chain.residual:
+        em.line("r = tl.load(r_ptr + row * r_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
     em.line(f"acc = tl.zeros({shape}, dtype=tl.float32)")
     em.line("for p in tl.static_range(WORLD):")
     em.line("    if p == RANK:")
-    em.line("        acc += tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
+    em.line("        acc += xs")
     em.line("    else:")
     em.indent += 2
     _emit_take(em, "mine + (row * WORLD + p) * D + col", "mask", shape, bits, "vb")
     em.line(f"acc += vb.to({elem}, bitcast=True).to(tl.float32)")
     em.indent -= 2
     x = em.round_to("acc", chain.in_dtype)  # the all-reduce's result, in its dtype
-    emit_stages(em, chain, x)
+    emit_stages(em, chain, x, preloaded=True)
     em.indent -= 2
     _emit_epilogue(em)
     source = kernel_source("braze.codegen.collective", "one-shot all-reduce + row chain", signature, name, params,
@@ -179,6 +190,10 @@ def generate_tp_norm(group: TPNormGroup, phase: str) -> KernelSource:
         em.line(f"k = tl.arange(0, {_next_pow2(n)})  # the group's means of one row, as a vector")
         em.line(f"kmask = k < {n}")
         em.line(f"mine = {_peer_base('RANK', 'tl.int32')}")
+        for i, side in enumerate(group.sides):  # the weights, before any wait
+            if side.norm.has_weight:
+                _select_side(em, i, side.norm.width)
+                em.line(f"wl{i} = tl.load(w{i}_ptr + col, mask=mask, other=0.0).to(tl.float32)")
         em.line("for it in tl.static_range(ITERS):")
         em.line("    row = (pid + it * nprog).to(tl.int64)")
         em.line("    if row < n_rows:")
@@ -218,7 +233,8 @@ def generate_tp_norm(group: TPNormGroup, phase: str) -> KernelSource:
             for op in side.post:
                 v = em.unary(v, op)
             _select_side(em, i, side.norm.width)
-            y = emit_rmsnorm(em, side.norm, f"x{i}", mean=v, w_ptr=f"w{i}_ptr")
+            y = emit_rmsnorm(em, side.norm, f"x{i}", mean=v, w_ptr=f"w{i}_ptr",
+                             w_loaded=f"wl{i}" if phase == "symm" and side.norm.has_weight else None)
             em.line(f"tl.store(out{i}_ptr + row * {side.norm.width} + col, "
                     f"{y}.to({_TL_DTYPE[side.norm.out_dtype]}), mask=mask)")
     if phase == "symm":

@@ -27,8 +27,8 @@ import torch.distributed as dist
 # A workspace byte outside a launch: every element of every dtype with all bits set (the one-shot
 # kernels' "not arrived" sentinel, see braze.codegen.collective).
 SENTINEL_BYTE = 0xFF
-# Bytes of a lazily made workspace: 256 tokens x 8192 bf16 values, or 4096 fp32 values.
-LAZY_BYTES = int(os.environ.get("BRAZE_SYMM_WORKSPACE_BYTES", str(256 * 8192 * 2)))
+# Bytes of a lazily made workspace: two halves of 8 ranks x 128 tokens x 8192 bf16 values (or 4 x 256, 2 x 512).
+LAZY_BYTES = int(os.environ.get("BRAZE_SYMM_WORKSPACE_BYTES", str(2 * 8 * 128 * 8192 * 2)))
 
 
 @dataclass(frozen=True)
