@@ -14,7 +14,9 @@ norm weight (Qwen 3.5's layer norm; the others differ only in the weight multipl
 - braze nccl: the same op with threshold 0 (NCCL all-reduce, then braze's fused add + norm kernel).
 
 Each variant is captured in a CUDA graph of `--inner` calls and timed as the median of `--replays`
-replays with device events; the reported time is the slowest rank's. Kernels per call are counted with
+replays with device events (the ranks meet on the device before each replay); the slowest rank's
+time is kept, and the reported time is the median of `--rounds` such timings taken in turn with the
+other variants. Kernels per call are counted with
 the profiler. The path the braze op took is read from its counters (it falls back to NCCL when the
 workspace or signal pad is too small, and says so here). Correctness: both braze variants against NCCL +
 the eager reference on fresh inputs, before timing. In the stock variant the in-place all-reduce
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="1,8,64,256")
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--replays", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timings of each variant; the median is kept")
     p.add_argument("--workspace-mib", type=int, default=16)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -187,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                     errors[name] = {"path": took[0] if took else "?",
                                     **{f"out{i}_max_abs_diff": float((a.float() - b.float()).abs().max())
                                        for i, (a, b) in enumerate(zip(out, ref))}}
-                t_stock = time_graph(stock, args.inner, args.replays)
+                rounds = {"stock": [], "one-shot": [], "nccl": []}
+                for _ in range(args.rounds):  # interleaved, so a slow phase of the machine hits all three
+                    for name, fn in (("stock", stock), ("one-shot", braze_one_shot), ("nccl", braze_nccl)):
+                        rounds[name].append(time_graph(fn, args.inner, args.replays))
+                t_stock, t_one, t_nccl = (statistics.median(rounds[n]) for n in ("stock", "one-shot", "nccl"))
                 # reference points: the all-reduce alone, NCCL's and PyTorch's one-shot over symmetric memory
                 t_nccl_ar = time_graph(lambda: dist.all_reduce(y, group=group), args.inner, args.replays)
                 t_torch_one = torch_one_shot_time(x, group, args.inner, args.replays)
-                t_one = time_graph(braze_one_shot, args.inner, args.replays)
-                t_nccl = time_graph(braze_nccl, args.inner, args.replays)
                 k = {n: count_kernels(f) for n, f in (("stock", stock), ("one-shot", braze_one_shot),
                                                       ("nccl", braze_nccl))}
             row = {"hidden": width, "tokens": T, "world": world, "stock_us": t_stock * 1e6,
@@ -200,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                    "torch_one_shot_allreduce_only_us": None if t_torch_one is None else t_torch_one * 1e6,
                    "one_shot_us": t_one * 1e6, "nccl_kernel_us": t_nccl * 1e6,
                    "one_shot_over_stock": t_one / t_stock, "nccl_kernel_over_stock": t_nccl / t_stock,
-                   "kernels": k, "checks": errors}
+                   "kernels": k, "checks": errors,
+                   "rounds_us": {n: [round(v * 1e6, 2) for v in ts] for n, ts in rounds.items()}}
             rows.append(row)
             if rank == 0:
                 print(f"D={width:<5} T={T:<4} stock {t_stock * 1e6:7.2f} us ({k['stock']} k)  one-shot "
@@ -216,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                 "command": f"torchrun --nproc-per-node {world} benchmarks/allreduce_norm.py "
                            + " ".join(argv if argv is not None else sys.argv[1:]),
                 "timing": f"CUDA graph of {args.inner} calls, median of {args.replays} replays (barrier and a "
-                          "device-side NCCL meeting before each), device events, slowest rank"}
+                          "device-side NCCL meeting before each), device events, slowest rank; median of "
+                          f"{args.rounds} interleaved rounds"}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"allreduce_norm_tp{world}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

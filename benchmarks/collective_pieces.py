@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allreduce_norm import time_graph  # noqa: E402
+from allreduce_norm import time_graph
 
 
 @triton.jit

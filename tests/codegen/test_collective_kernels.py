@@ -18,8 +18,21 @@ import torch.distributed as dist
 
 from braze.codegen.collective import generate_allreduce_chain, generate_tp_norm
 from braze.patterns.reference import row_chain_reference
-from braze.patterns.stages import Cast, FP8Quant, ResidualAdd, RMSNorm, RowChain, UnaryOp, WeightMul
-from braze.patterns.tp_norm import TPNorm, TPNormGroup, finish_reference, local_means_reference
+from braze.patterns.stages import (
+    Cast,
+    FP8Quant,
+    ResidualAdd,
+    RMSNorm,
+    RowChain,
+    UnaryOp,
+    WeightMul,
+)
+from braze.patterns.tp_norm import (
+    TPNorm,
+    TPNormGroup,
+    finish_reference,
+    local_means_reference,
+)
 from braze.testing import make_shared_workspace_files, run_on_ranks, shared_workspace
 
 F32 = "float32"

@@ -38,7 +38,15 @@ def group():
 
 
 def _spec(width: int, quant: bool, dtype: str, zero_centered: bool, weight_dtype: str):
-    from braze.patterns.stages import Cast, FP8Quant, ResidualAdd, RMSNorm, RowChain, UnaryOp, WeightMul
+    from braze.patterns.stages import (
+        Cast,
+        FP8Quant,
+        ResidualAdd,
+        RMSNorm,
+        RowChain,
+        UnaryOp,
+        WeightMul,
+    )
 
     f32 = "float32"
     norm = RMSNorm(1e-6, width, f32, f32, f32, f32,
