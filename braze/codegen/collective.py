@@ -99,8 +99,13 @@ def _emit_push(em: _Emitter, value: str, offset: str, mask: str, bits: str) -> N
     em.line(f"        tl.store({_peer_base('q', bits)} + {offset}, {value}, mask={mask})")
 
 
-def _emit_take(em: _Emitter, slot: str, mask: str, shape: str, bits: str, out: str) -> None:
-    """Poll this rank's buffer at `slot` until no element is the sentinel, then set it back to the sentinel."""
+def _emit_take(em: _Emitter, slot: str, mask: str, shape: str, bits: str, out: str, probe: str | None = None) -> None:
+    """Poll this rank's buffer at `slot` until no element is the sentinel, then set it back to the sentinel.
+    With `probe` (one element of the slot), first spin on that one value: a whole row re-read in a loop by
+    every waiting program would compete with the incoming NVLink writes for the L2."""
+    if probe is not None:
+        em.line(f"while tl.load({probe}, volatile=True) == {SENTINEL}:")
+        em.line("    pass")
     em.line(f"{out} = tl.load({slot}, mask={mask}, other=0, volatile=True)")
     em.line(f"while tl.max(tl.where({mask} & ({out} == {SENTINEL}), 1, 0)) > 0:")
     em.line(f"    {out} = tl.load({slot}, mask={mask}, other=0, volatile=True)")
@@ -112,6 +117,9 @@ def generate_allreduce_chain(chain: RowChain, world: int) -> KernelSource:
     signature = chain.to_json() + f"|one-shot-all-reduce-push|world={world}"
     name = _name(f"allreduce_{chain.name}_w{world}", signature)
     block_g, block_gs, num_warps = tile(chain)
+    # twice the row kernel's warps: more 16-byte stores and loads in flight per program (a sweep on 2 H100s,
+    # benchmarks/collective_pieces.py --sweep, favoured it at 7168 and 3072 values per row)
+    num_warps = min(16, 2 * num_warps)
     params = ["x_ptr", "x_row_stride", *stage_params(chain), *SYMM_PARAMS, *ROW_CONSTEXPRS, *SYMM_CONSTEXPRS]
     elem, bits = _TL_DTYPE[chain.in_dtype], BITS[chain.in_dtype]
     shape = "[BLOCK_G, BLOCK_GS]"
@@ -148,7 +156,8 @@ def generate_allreduce_chain(chain: RowChain, world: int) -> KernelSource:
     em.line("        acc += xs")
     em.line("    else:")
     em.indent += 2
-    _emit_take(em, "mine + (row * WORLD + p) * D + col", "mask", shape, bits, "vb")
+    _emit_take(em, "mine + (row * WORLD + p) * D + col", "mask", shape, bits, "vb",
+               probe="mine + (row * WORLD + p) * D + (D - 1)")
     em.line(f"acc += vb.to({elem}, bitcast=True).to(tl.float32)")
     em.indent -= 2
     x = em.round_to("acc", chain.in_dtype)  # the all-reduce's result, in its dtype
