@@ -57,9 +57,9 @@ class FusionConfig:
         model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
         TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). Off by default
-        until measured at TP=4: at TP=2 (2 H100s) the one-shot path takes 0.39-0.77x the time of NCCL +
+        until measured at TP=4: at TP=2 (2 H100s) the one-shot path takes 0.35-0.57x the time of NCCL +
         stock Inductor at T <= 256 (benchmarks/results/allreduce_norm_tp2.md), but the NCCL path
-        above `symm_max_tokens` is ~1.2x (the functional all-reduce's copy of its input).
+        above `symm_max_tokens` is ~1.2-1.4x (the functional all-reduce's copy of its input).
     symm_max_tokens: up to this many tokens a fused collective runs as one kernel with a
         one-shot all-reduce over symmetric memory (CUDA), if the group's workspace holds it;
         above it, NCCL then braze's kernel. 256: the largest T measured, and faster than NCCL +

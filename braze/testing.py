@@ -119,10 +119,11 @@ def single_rank_group() -> Iterator[object]:
 
 def shared_workspace(folder: str, rank: int, world_size: int, nbytes: int = 1 << 16,
                      signal_pad_bytes: int = 4096):
-    """A stand-in for a symmetric-memory workspace on CPU: every rank maps every rank's buffer and signal pad
-    from files in `folder` (shared memory, e.g. under /dev/shm), as symmetric memory maps its peers' memory
-    over NVLink, so braze's one-shot kernels run under the Triton interpreter across real processes. The
-    files must exist (make_shared_workspace_files) before the ranks map them."""
+    """A stand-in for a symmetric-memory workspace on CPU: every rank maps every rank's buffer (and signal
+    pad, which the kernels no longer use) from files in `folder` (shared memory, e.g. under /dev/shm), as
+    symmetric memory maps its peers' memory over NVLink, so braze's one-shot kernels run under the Triton
+    interpreter across real processes. The files must exist (make_shared_workspace_files) before the ranks
+    map them."""
     from types import SimpleNamespace
 
     from braze.runtime.symm_mem import Workspace
