@@ -67,7 +67,7 @@ def _name(prefix: str, signature: str) -> str:
 
 
 def _emit_prologue(em: _Emitter) -> None:
-    """The launch's half of every buffer (from the device launch counter) and the program's row range."""
+    """The launch's half of every buffer, from the device launch counter, and the peer address table."""
     em.line("pid = tl.program_id(0)")
     em.line("epoch = tl.load(ctr_ptr)  # launches on this workspace so far: the same count on every rank")
     em.line("half = (epoch & 1).to(tl.uint64) * HALF_BYTES")
