@@ -39,6 +39,8 @@ def _one_shot_workspace(x: torch.Tensor, rows: int, nbytes: int, group_name: str
     """The workspace for a one-shot launch over `rows` rows sending `nbytes` per rank, or None for NCCL."""
     if x.device.type != "cuda" or rows == 0 or rows > symm_max_tokens:
         return None
+    if -(-rows // _programs(x, rows)) > MAX_ROWS_PER_PROGRAM:  # the row loop is unrolled: bound it
+        return None
     ws = symm_mem.lookup(group_name)
     if ws is None or not ws.fits(nbytes):
         return None
@@ -48,6 +50,7 @@ def _one_shot_workspace(x: torch.Tensor, rows: int, nbytes: int, group_name: str
 # Programs of a one-shot launch under the Triton interpreter (two, so that tests see a program take
 # several rows); on a GPU one per SM at most (see braze.codegen.collective).
 INTERPRETER_PROGRAMS = 2
+MAX_ROWS_PER_PROGRAM = 4
 
 
 def _programs(x: torch.Tensor, rows: int) -> int:
