@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The collective fusions' GPU runs (issue 5), on one host of P GPUs, batched (device time is scarce):
 # the torchrun GPU tests, the AR + residual + RMSNorm microbenchmark, and the decode-step benchmark of the
-# three bench models at TP=P.
+# three bench models at TP=P (with and without the collective fusions, which are off by default).
 # Usage (repo root, on the GPU machine): BRAZE_COMMIT=<sha> bash benchmarks/gpu_collective.sh P [tests|micro|steps|all]
 # Results land under $OUT (default ./gpu_out): env.txt, collective_tests_tpP.log, allreduce_norm_tpP.log,
 # steps_tpP.log, and results/ (allreduce_norm_tpP.json/.md, <model>_bench_tpP.json/.md/.png).
@@ -22,13 +22,14 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == micro || $what == all ]]; then
   timeout "${MICRO_TIMEOUT:-400}" torchrun --nproc-per-node "$P" benchmarks/allreduce_norm.py \
-    --out "$OUT/results" 2>&1 | tee "$OUT/allreduce_norm_tp$P.log" | grep -v Warn | tail -20
+    --inner 50 --out "$OUT/results" 2>&1 | tee "$OUT/allreduce_norm_tp$P.log" | grep -v Warn | tail -20
 fi
 # At TP=4 only DeepSeek V3.2's bench config divides (MiniMax's has 2 kv heads, Qwen 3.5's 2 GDN key heads;
 # kv-head replication is modeled for Qwen's attention only).
 steps_models=${STEPS_MODELS:-$([[ $P -le 2 ]] && echo all || echo deepseek-v3.2)}
 if [[ $what == steps || $what == all ]]; then
   timeout "${STEPS_TIMEOUT:-500}" torchrun --nproc-per-node "$P" -m braze bench --model "$steps_models" --size bench \
-    --tokens 1,8,64 --budget-s "${STEPS_BUDGET:-450}" --out "$OUT/results" 2>&1 | tee "$OUT/steps_tp$P.log" \
+    --tokens 1,8,64 --variants eager,inductor,braze,braze-collective --budget-s "${STEPS_BUDGET:-450}" \
+    --out "$OUT/results" 2>&1 | tee "$OUT/steps_tp$P.log" \
     | grep -v Warn | tail -40
 fi

@@ -56,12 +56,14 @@ class FusionConfig:
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
-        TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). Off by default:
-        measured slower than NCCL + stock Inductor on 2 H100s (benchmarks/results/allreduce_norm_tp2.md).
+        TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). Off by default
+        until measured at TP=4: at TP=2 (2 H100s) the one-shot path takes 0.35-0.57x the time of NCCL +
+        stock Inductor at T <= 256 (benchmarks/results/allreduce_norm_tp2.md), but the NCCL path
+        above `symm_max_tokens` is ~1.2-1.4x (the functional all-reduce's copy of its input).
     symm_max_tokens: up to this many tokens a fused collective runs as one kernel with a
-        one-shot all-reduce over symmetric memory (CUDA); above it, NCCL then braze's
-        kernel. 64 is an unmeasured starting point: benchmarks/allreduce_norm.py measures
-        the crossover on the target machine.
+        one-shot all-reduce over symmetric memory (CUDA), if the group's workspace holds it;
+        above it, NCCL then braze's kernel. 256: the largest T measured, and faster than NCCL +
+        stock there at every hidden size measured on 2 H100s (benchmarks/allreduce_norm.py).
     verify: "off", or "compile" to run each candidate site fused vs unfused on
         random inputs of its real shapes at compile time and refuse mismatches.
     verify_rtol: relative error allowed by the numerics gate, as a multiple of
@@ -74,8 +76,8 @@ class FusionConfig:
 
     norm_quant: bool = True
     chain: bool = True
-    collective: bool = False  # off by default: slower than NCCL + stock Inductor on 2 H100s (allreduce_norm_tp2.md)
-    symm_max_tokens: int = 64
+    collective: bool = False  # off until TP=4 is measured (TP=2: faster, allreduce_norm_tp2.md)
+    symm_max_tokens: int = 256
     post_conv: bool = True
     gated_norm: bool = True
     gemm_merge: bool = False  # off until its GPU tests pass (an H100 run hit a device-side assert)

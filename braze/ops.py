@@ -164,7 +164,7 @@ def allreduce_rmsnorm(
     group: torch.distributed.ProcessGroup,
     residual: torch.Tensor | None = None,
     zero_centered: bool = False,
-    symm_max_tokens: int = 64,
+    symm_max_tokens: int = 256,
     _reference: bool = False,
 ) -> NormOut:
     """Sum x over `group`, [add residual ->] RMSNorm, as one op: the normed rows and the new residual.

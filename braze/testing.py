@@ -119,10 +119,11 @@ def single_rank_group() -> Iterator[object]:
 
 def shared_workspace(folder: str, rank: int, world_size: int, nbytes: int = 1 << 16,
                      signal_pad_bytes: int = 4096):
-    """A stand-in for a symmetric-memory workspace on CPU: every rank maps every rank's buffer and signal pad
-    from files in `folder` (shared memory, e.g. under /dev/shm), as symmetric memory maps its peers' memory
-    over NVLink, so braze's one-shot kernels run under the Triton interpreter across real processes. The
-    files must exist and be zero-filled before the ranks map them."""
+    """A stand-in for a symmetric-memory workspace on CPU: every rank maps every rank's buffer (and signal
+    pad, which the kernels no longer use) from files in `folder` (shared memory, e.g. under /dev/shm), as
+    symmetric memory maps its peers' memory over NVLink, so braze's one-shot kernels run under the Triton
+    interpreter across real processes. The files must exist (make_shared_workspace_files) before the ranks
+    map them."""
     from types import SimpleNamespace
 
     from braze.runtime.symm_mem import Workspace
@@ -134,16 +135,19 @@ def shared_workspace(folder: str, rank: int, world_size: int, nbytes: int = 1 <<
     buf_table = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
     pad_table = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
     handle = SimpleNamespace(buffer_ptrs_dev=buf_table.data_ptr(), signal_pad_ptrs_dev=pad_table.data_ptr(),
-                             keep=(bufs, pads, buf_table, pad_table), signal_pads=pads)
-    return Workspace(f"shared:{folder}", bufs[rank], handle, rank, world_size, nbytes, signal_pad_bytes)
+                             keep=(bufs, pads, buf_table, pad_table), buffers=bufs, signal_pads=pads)
+    return Workspace(f"shared:{folder}", bufs[rank], handle, rank, world_size, nbytes, signal_pad_bytes,
+                     torch.zeros(2, dtype=torch.int32))
 
 
 def make_shared_workspace_files(folder: str, world_size: int, nbytes: int = 1 << 16,
                                 signal_pad_bytes: int = 4096) -> None:
-    """The zero-filled files shared_workspace maps."""
+    """The files shared_workspace maps: buffers of sentinel bytes (as symm_mem.prepare fills them), zero pads."""
+    from braze.runtime.symm_mem import SENTINEL_BYTE
+
     for r in range(world_size):
         with open(f"{folder}/buffer{r}", "wb") as f:
-            f.truncate(nbytes)
+            f.write(bytes([SENTINEL_BYTE]) * nbytes)
         with open(f"{folder}/signal{r}", "wb") as f:
             f.truncate(signal_pad_bytes)
 

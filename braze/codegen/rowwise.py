@@ -193,16 +193,18 @@ def emit_row_tile(em: _Emitter) -> None:
     em.line("mask = (g < G) & (e < GS)")
 
 
-def emit_stages(em: _Emitter, chain: RowChain, x: str) -> None:
-    """Every stage of `chain` on the fp32 row tile `x`: residual add, norm, quant, and their stores."""
+def emit_stages(em: _Emitter, chain: RowChain, x: str, preloaded: bool = False) -> None:
+    """Every stage of `chain` on the fp32 row tile `x`: residual add, norm, quant, and their stores.
+    `preloaded`: the caller has loaded the residual row into `r` and the weight into `w` (fp32) already."""
     h = x
     if chain.residual:
         em.line("# residual add: h = x + r, the new residual")
-        em.line("r = tl.load(r_ptr + row * r_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
+        if not preloaded:
+            em.line("r = tl.load(r_ptr + row * r_row_stride + col, mask=mask, other=0.0).to(tl.float32)")
         h = em.round_to(em.let(f"{x} + r", "h"), chain.residual.dtype)
         if chain.residual.store:
             em.line(f"tl.store(residual_out_ptr + row * D + col, {h}.to({_TL_DTYPE[chain.residual.dtype]}), mask=mask)")
-    y = emit_rmsnorm(em, chain.norm, h)
+    y = emit_rmsnorm(em, chain.norm, h, w_loaded="w" if preloaded else None)
     if chain.gate is not None:
         y = _emit_gate(em, chain.gate, y)
     if chain.norm.store:
@@ -225,8 +227,10 @@ def emit_mean_square(em: _Emitter, norm: RMSNorm, x: str) -> str:
     return em.round_to(em.let(em.div(total, repr(float(norm.width))), "mean"), norm.mean)
 
 
-def emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str, mean: str | None = None, w_ptr: str = "w_ptr") -> str:
-    """The norm of row tile `x`; `mean` when the variance was computed elsewhere (reduced across ranks)."""
+def emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str, mean: str | None = None, w_ptr: str = "w_ptr",
+                 w_loaded: str | None = None) -> str:
+    """The norm of row tile `x`; `mean` when the variance was computed elsewhere (reduced across ranks);
+    `w_loaded` when the weight is already loaded (fp32) under that name."""
     em.line(f"# rmsnorm over {norm.width} values, eps={norm.eps!r}")
     if mean is None:
         mean = emit_mean_square(em, norm, x)
@@ -245,7 +249,7 @@ def emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str, mean: str | None = None, w
         if isinstance(op, Cast):
             y = em.round_to(y, op.dtype)
         elif isinstance(op, WeightMul):
-            w = em.let(f"tl.load({w_ptr} + col, mask=mask, other=0.0).to(tl.float32)", "w")
+            w = w_loaded or em.let(f"tl.load({w_ptr} + col, mask=mask, other=0.0).to(tl.float32)", "w")
             if op.zero_centered:
                 w = em.round_to(em.let(f"1.0 + {w}", "w"), op.offset_dtype or "float32")
             y = em.round_to(em.let(f"{y} * {w}", "y"), op.dtype)

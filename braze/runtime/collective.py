@@ -6,9 +6,9 @@ host already knows (the token count, the device, the group's workspace), never
 from device values, so every rank picks the same path and a CUDA graph can
 capture it:
 
-- CUDA, tokens <= `symm_max_tokens` and <= the SM count, a symmetric-memory
-  workspace that fits: one Triton kernel does the one-shot all-reduce and the
-  rest (`braze.codegen.collective`).
+- CUDA, tokens <= `symm_max_tokens`, a symmetric-memory workspace that fits:
+  one Triton kernel does the one-shot all-reduce and the rest
+  (`braze.codegen.collective`).
 - otherwise: the functional all-reduce on the group's own backend (NCCL, or
   gloo on CPU), then braze's fused kernel (the Triton interpreter or the
   reference on CPU).
@@ -36,18 +36,27 @@ PATH_COUNTS = {"one-shot": 0, "all-reduce+kernel": 0}
 
 
 def _one_shot_workspace(x: torch.Tensor, rows: int, nbytes: int, group_name: str, symm_max_tokens: int):
-    """The workspace for a one-shot launch of `rows` programs, or None for the NCCL path.
-
-    Program `row` of one rank waits for program `row` of every peer, so every program must be resident
-    at once or ranks that schedule programs in different orders could wait on each other forever: at
-    most one program per SM is launched.
-    """
-    if x.device.type != "cuda" or rows == 0 or rows > symm_max_tokens or rows > _sm_count(x.device):
+    """The workspace for a one-shot launch over `rows` rows sending `nbytes` per rank, or None for NCCL."""
+    if x.device.type != "cuda" or rows == 0 or rows > symm_max_tokens:
+        return None
+    if -(-rows // _programs(x, rows)) > MAX_ROWS_PER_PROGRAM:  # the row loop is unrolled: bound it
         return None
     ws = symm_mem.lookup(group_name)
-    if ws is None or not ws.fits(nbytes, rows):
+    if ws is None or not ws.fits(nbytes):
         return None
     return ws
+
+
+# Programs of a one-shot launch under the Triton interpreter (two, so that tests see a program take
+# several rows); on a GPU one per SM at most (see braze.codegen.collective).
+INTERPRETER_PROGRAMS = 2
+MAX_ROWS_PER_PROGRAM = 4
+
+
+def _programs(x: torch.Tensor, rows: int) -> int:
+    if x.device.type == "cpu":
+        return min(rows, INTERPRETER_PROGRAMS)
+    return min(rows, _sm_count(x.device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,9 +99,11 @@ def _one_shot_chain(chain: RowChain, inputs: list[torch.Tensor], ws: symm_mem.Wo
     interpreted = inputs[0].device.type == "cpu"
     launch = kernel.interpreted if interpreted else kernel.jit
     extra = {} if interpreted else {"num_warps": kernel.source.num_warps}
-    launch[(n_rows,)](*x_args, *stage_args, ws.handle.buffer_ptrs_dev, ws.handle.signal_pad_ptrs_dev, n_rows,
-                      **_constexprs(chain, kernel, interpreted=interpreted), RANK=ws.rank, WORLD=ws.world_size,
-                      **extra)
+    programs = _programs(inputs[0], n_rows)
+    launch[(programs,)](
+        *x_args, *stage_args, ws.handle.buffer_ptrs_dev, ws.counters, programs, n_rows,
+        **_constexprs(chain, kernel, interpreted=interpreted), RANK=ws.rank, WORLD=ws.world_size,
+        HALF_BYTES=ws.half_bytes, ITERS=-(-n_rows // programs), **extra)
     return outs
 
 
@@ -138,7 +149,7 @@ def _tp_constexprs(group: TPNormGroup, interpreted: bool) -> dict:
 
 
 def _tp_launch(group: TPNormGroup, phase: str, grid_rows: int, args: list, interpreted: bool, **extra) -> None:
-    if grid_rows == 0:
+    if grid_rows <= 0:
         return
     kernel = tp_norm_kernel(group, phase)
     consts = _tp_constexprs(group, interpreted)
@@ -178,8 +189,10 @@ def _one_shot_tp(group: TPNormGroup, inputs: list[torch.Tensor], ws: symm_mem.Wo
     the Triton interpreter, as for _one_shot_chain)."""
     rows = inputs[0].numel() // group.sides[0].norm.width
     outs = _tp_outputs(group, inputs)
-    args = _tp_args(group, inputs, outs) + [ws.handle.buffer_ptrs_dev, ws.handle.signal_pad_ptrs_dev]
-    _tp_launch(group, "symm", rows, args, inputs[0].device.type == "cpu", RANK=ws.rank, WORLD=ws.world_size)
+    programs = _programs(inputs[0], rows)
+    args = _tp_args(group, inputs, outs) + [ws.handle.buffer_ptrs_dev, ws.counters, programs, rows]
+    _tp_launch(group, "symm", programs, args, inputs[0].device.type == "cpu", RANK=ws.rank,
+               WORLD=ws.world_size, HALF_BYTES=ws.half_bytes, ITERS=-(-rows // programs))
     return outs
 
 

@@ -1,17 +1,17 @@
 """Symmetric-memory workspaces for braze's one-shot collective kernels: one per process group, made once.
 
 A workspace is a byte buffer allocated with `torch.distributed._symmetric_memory.empty`
-and rendezvoused over the group, so each rank can read every peer's copy over
-NVLink, plus the signal pads that come with it. Allocation is a collective over
+and rendezvoused over the group, so each rank can write into every peer's copy over
+NVLink, filled with 0xFF bytes (the kernels' sentinel) before the rendezvous, plus a
+local launch counter (the kernels' only state; see braze.codegen.collective). Allocation is a collective over
 the group: call `prepare(group, nbytes)` on every rank at set-up (after
 `init_process_group`, before compiling or capturing CUDA graphs). The fused ops
 never allocate inside compilation or a graph capture; without a prepared
 workspace they may make one on their first eager call (`BRAZE_SYMM_LAZY=1`, the
 default: every rank reaches the same call), and otherwise use NCCL.
 
-Every launch checks the bytes it needs against the real buffer and the signal
-slots it needs against the real signal pad, and falls back to NCCL rather than
-overrun either.
+Every launch checks the bytes it needs (one slot per rank in half the buffer)
+against the real buffer, and falls back to NCCL rather than overrun it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# Bytes of a lazily made workspace: 256 tokens x 8192 bf16 values, or 4096 fp32 values.
-LAZY_BYTES = int(os.environ.get("BRAZE_SYMM_WORKSPACE_BYTES", str(256 * 8192 * 2)))
+# A workspace byte outside a launch: every element of every dtype with all bits set (the one-shot
+# kernels' "not arrived" sentinel, see braze.codegen.collective).
+SENTINEL_BYTE = 0xFF
+# Bytes of a lazily made workspace: two halves of 8 ranks x 128 tokens x 8192 bf16 values (or 4 x 256, 2 x 512).
+LAZY_BYTES = int(os.environ.get("BRAZE_SYMM_WORKSPACE_BYTES", str(2 * 8 * 128 * 8192 * 2)))
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,16 @@ class Workspace:
     world_size: int
     nbytes: int
     signal_pad_bytes: int
+    counters: torch.Tensor | None = None  # int32 [2] on this rank's device: launches so far, programs done
 
-    def fits(self, nbytes: int, rows: int) -> bool:
-        """Whether a launch of `rows` programs moving `nbytes` per rank fits the buffer and the signal pad."""
-        return nbytes <= self.nbytes and rows * self.world_size * 4 <= self.signal_pad_bytes
+    @property
+    def half_bytes(self) -> int:
+        """Bytes of each of the buffer's two halves (alternate launches use alternate halves), 16-aligned."""
+        return (self.nbytes // 2) & ~15
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a launch that sends `nbytes` from every rank fits: one slot per rank in a half."""
+        return nbytes * self.world_size <= self.half_bytes
 
 
 _workspaces: dict[str, Workspace] = {}
@@ -81,13 +90,15 @@ def prepare(group: dist.ProcessGroup | str, nbytes: int = LAZY_BYTES) -> Workspa
             enable(name)
     device = torch.device("cuda", torch.cuda.current_device())
     buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    buffer.fill_(SENTINEL_BYTE)  # every element the sentinel: the state every launch starts from
+    torch.cuda.synchronize(device)  # filled before any peer can push into it (after the rendezvous below)
     symm = symm_mem.rendezvous(buffer, name)
     pad = getattr(symm, "signal_pad_size", None)
     if pad is None and hasattr(symm_mem, "get_signal_pad_size"):
         pad = symm_mem.get_signal_pad_size()
     pad = int(pad or 0)
     ws = Workspace(name, buffer, _pointer_tables(symm, buffer, nbytes, pad), symm.rank, symm.world_size, nbytes,
-                   pad)
+                   pad, torch.zeros(2, dtype=torch.int32, device=device))
     _workspaces[name] = ws
     return ws
 

@@ -38,7 +38,15 @@ def group():
 
 
 def _spec(width: int, quant: bool, dtype: str, zero_centered: bool, weight_dtype: str):
-    from braze.patterns.stages import Cast, FP8Quant, ResidualAdd, RMSNorm, RowChain, UnaryOp, WeightMul
+    from braze.patterns.stages import (
+        Cast,
+        FP8Quant,
+        ResidualAdd,
+        RMSNorm,
+        RowChain,
+        UnaryOp,
+        WeightMul,
+    )
 
     f32 = "float32"
     norm = RMSNorm(1e-6, width, f32, f32, f32, f32,
@@ -171,3 +179,31 @@ def test_compiled_layer_fuses_and_matches_eager_on_the_tp_group(group):
         torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=2e-2)
     [rm] = braze.report(be).applied
     assert rm.name == "allreduce-norm" and dict(rm.args)["group"] == tp.group_name
+
+
+def test_one_shot_rows_beyond_the_sm_count_and_the_workspace_state_after_launches(group):
+    """T above the SM count (a program takes several rows), then the protocol's state: every buffer all
+    sentinel again, and the same launch count on every rank."""
+    from braze.patterns.reference import row_chain_reference
+    from braze.runtime import symm_mem
+    from braze.runtime.collective import PATH_COUNTS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chain = _spec(1024, False, "bfloat16", True, "float32")
+    for t in (sms + 1, 2 * sms + 5, 3):
+        gen = torch.Generator(device="cuda").manual_seed(t)
+        xs = [torch.randn(t, 1024, device="cuda", generator=gen).bfloat16() for _ in range(world)]
+        r, w = torch.randn(t, 1024, device="cuda", generator=gen).bfloat16(), torch.randn(1024, device="cuda")
+        one_shot = PATH_COUNTS["one-shot"]
+        got = torch.ops.braze.allreduce_rowwise([xs[rank], r, w], chain.to_json(), group.group_name, 1 << 20)
+        assert PATH_COUNTS["one-shot"] == one_shot + 1
+        ref = row_chain_reference(chain, [sum(x.float() for x in xs).bfloat16(), r, w])
+        _check(got, ref, f"rank {rank} T={t}")
+    torch.cuda.synchronize()
+    dist.barrier()
+    ws = symm_mem.lookup(group.group_name)
+    assert bool((ws.buffer == 0xFF).all()), "a buffer element is not the sentinel after the launches"
+    counts = [torch.zeros(2, dtype=torch.int32, device="cuda") for _ in range(world)]
+    dist.all_gather(counts, ws.counters)
+    assert all(c.tolist() == counts[0].tolist() for c in counts) and counts[0][1] == 0, counts
