@@ -8,7 +8,10 @@ import torch
 VARIANTS = ("eager", "inductor", "braze")
 # On request only (--variants): braze with sibling-GEMM merging, with dual-stream scheduling, and with
 # the collective fusions (each off by default), to measure what each buys.
-EXTRA_VARIANTS = ("braze-merge", "braze-streams", "braze-collective")
+# braze variants beyond the defaults: the FusionConfig switches each one sets ("braze" is FusionConfig())
+VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-streams": {"dual_stream": True},
+                    "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False}}
+EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
 
 
 class Variants:
@@ -51,9 +54,7 @@ def compile_variant(variant: str, model, dynamic: bool | None) -> tuple[object, 
         return torch.compile(model, dynamic=dynamic, fullgraph=True), None
     import braze
 
-    backend = braze.backend(braze.FusionConfig(gemm_merge=variant == "braze-merge",
-                                               dual_stream=variant == "braze-streams",
-                                               collective=variant == "braze-collective"))
+    backend = braze.backend(braze.FusionConfig(**VARIANT_SWITCHES.get(variant, {})))
     return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
 
 

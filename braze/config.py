@@ -56,10 +56,12 @@ class FusionConfig:
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
-        TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). Off by default
-        until measured at TP=4: at TP=2 (2 H100s) the one-shot path takes 0.35-0.57x the time of NCCL +
-        stock Inductor at T <= 256 (benchmarks/results/allreduce_norm_tp2.md), but the NCCL path
-        above `symm_max_tokens` is ~1.2-1.4x (the functional all-reduce's copy of its input).
+        TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). On CUDA the
+        all-reduce + norm is fused only where every launch the graph can see takes the one-shot
+        kernel (T bounded by `symm_max_tokens`, the workspace holds it): that kernel takes 0.35-0.57x
+        the time of NCCL + stock Inductor on 2 H100s and 0.55-0.99x on 4 at T <= 256
+        (benchmarks/results/allreduce_norm_tp2.md, _tp4.md), while braze's NCCL path above it is
+        1.1-1.3x (a `one-shot-coverage` remark says why a site was left).
     symm_max_tokens: up to this many tokens a fused collective runs as one kernel with a
         one-shot all-reduce over symmetric memory (CUDA), if the group's workspace holds it;
         above it, NCCL then braze's kernel. 256: the largest T measured, and faster than NCCL +
@@ -76,7 +78,7 @@ class FusionConfig:
 
     norm_quant: bool = True
     chain: bool = True
-    collective: bool = False  # off until TP=4 is measured (TP=2: faster, allreduce_norm_tp2.md)
+    collective: bool = True
     symm_max_tokens: int = 256
     post_conv: bool = True
     gated_norm: bool = True

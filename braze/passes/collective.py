@@ -23,8 +23,9 @@ from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
 from braze.patterns.rmsnorm import NormMatch, _is_square_of, match_residual_add, match_rmsnorm, residual_stage
 from braze.patterns.stages import RowChain, dtype_name
 from braze.patterns.tp_norm import reduced_means
+from braze.runtime.collective import one_shot_gap
 
-from .base import Pass, PassContext
+from .base import Pass, PassContext, _symbol_bounds
 from .norm_quant import _args, _dequantizer, fused_call
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
 from .verify import gate
@@ -53,6 +54,20 @@ def fused_allreduce_call(spec: str, group_name: str, symm_max_tokens: int):
 def ops_of(chain: RowChain) -> tuple[str, ...]:
     return ("all_reduce", *(["residual_add"] if chain.residual else []), "rmsnorm",
             *(["fp8_quant"] if chain.quant else []))
+
+
+def _one_shot_gap(site: Site, rows: object, ctx: PassContext) -> str | None:
+    """Why some launch of this site on CUDA could take braze's NCCL + kernel path, or None. That path is
+    slower than stock Inductor's all-reduce + add + norm (3 kernels against 2: the functional all-reduce
+    copies its input; allreduce_norm_tp2.md / _tp4.md), so a site is fused only where every launch it can
+    see takes the one-shot kernel."""
+    x = val(site.ar.input)
+    hi = rows if isinstance(rows, int) else _symbol_bounds(rows)[1] if isinstance(rows, torch.SymInt) else None
+    width = x.shape[-1]
+    if not isinstance(width, int):
+        return f"the row width {width} is dynamic"
+    why = one_shot_gap(x.device, hi, width * x.element_size(), site.ar.group_name, ctx.config.symm_max_tokens)
+    return None if why is None else f"{why}: such launches would take the NCCL path, slower than stock Inductor's"
 
 
 class AllReduceNormFusion(Pass):
@@ -182,6 +197,13 @@ class AllReduceNormFusion(Pass):
         if why:
             ctx.remark("missed", "token-range", site.anchor, "all-reduce -> RMSNorm not fused", reason=why,
                        suggestion="widen FusionConfig.token_ranges['collective']", ops=ops)
+            return None
+        why = _one_shot_gap(site, rows, ctx)
+        if why:
+            ctx.remark("missed", "one-shot-coverage", site.anchor, "all-reduce -> RMSNorm not fused", reason=why,
+                       suggestion="bound the token count (torch._check) or raise FusionConfig.symm_max_tokens and "
+                                  "prepare a larger workspace (braze.runtime.symm_mem.prepare(group, nbytes))",
+                       ops=ops)
             return None
         spec = site.chain.to_json()
         if ctx.config.verify == "compile":

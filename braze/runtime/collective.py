@@ -47,6 +47,35 @@ def _one_shot_workspace(x: torch.Tensor, rows: int, nbytes: int, group_name: str
     return ws
 
 
+def one_shot_gap(device: torch.device, max_rows: int | None, row_bytes: int, group_name: str,
+                 symm_max_tokens: int) -> str | None:
+    """Why a CUDA launch of up to `max_rows` rows (None: unbounded) of `row_bytes` each could take the NCCL
+    path instead of the one-shot kernel, or None when every such launch takes the one-shot kernel (given a
+    workspace: the group's prepared one, or the lazily made default). The compile-time twin of
+    `_one_shot_workspace`'s per-call choice."""
+    if device.type != "cuda":
+        return None
+    if max_rows is None:
+        return "the token count has no upper bound"
+    if max_rows > symm_max_tokens:
+        return f"up to {max_rows} tokens, above symm_max_tokens={symm_max_tokens}"
+    if torch.cuda.is_available():
+        limit = MAX_ROWS_PER_PROGRAM * _sm_count(torch.device("cuda", device.index or 0))
+        if max_rows > limit:
+            return f"up to {max_rows} tokens, above the one-shot kernel's {limit} rows ({MAX_ROWS_PER_PROGRAM} per SM)"
+    try:
+        world = torch.distributed.distributed_c10d._resolve_process_group(group_name).size()
+    except Exception as e:  # noqa: BLE001 - an unknown group: the caller reports it
+        return f"the size of group {group_name!r} is unknown here ({type(e).__name__})"
+    ws = symm_mem._workspaces.get(group_name)
+    half = ws.half_bytes if ws is not None else (symm_mem.LAZY_BYTES // 2) & ~15
+    need = max_rows * row_bytes * world
+    if need > half:
+        return (f"{max_rows} tokens x {row_bytes} bytes x {world} ranks = {need} bytes exceed the workspace half of "
+                f"{half} bytes")
+    return None
+
+
 # Programs of a one-shot launch under the Triton interpreter (two, so that tests see a program take
 # several rows); on a GPU one per SM at most (see braze.codegen.collective).
 INTERPRETER_PROGRAMS = 2
