@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="cached tokens per sequence before the step")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma list of: {', '.join(VARIANTS + EXTRA_VARIANTS)} (braze-merge: braze with "
-                        "sibling-GEMM merging; braze-streams: braze with dual-stream scheduling)")
+                        "sibling-GEMM merging; braze-streams: braze with dual-stream scheduling; braze-no-delta: "
+                        "braze without the delta-rule fusion)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, markdown and PNG")
     p.add_argument("--fp8", action="store_true", help="FP8 linear layers (each model's released scheme)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),

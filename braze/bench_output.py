@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 VARIANT_LABEL = {"eager": "eager", "inductor": "stock Inductor", "braze": "braze",
-                 "braze-merge": "braze + GEMM merging", "braze-streams": "braze + dual stream"}
+                 "braze-merge": "braze + GEMM merging", "braze-streams": "braze + dual stream",
+                 "braze-no-delta": "braze without delta rule"}
 
 
 def write_results(doc: dict, out: Path, stem: str) -> list[Path]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 VARIANTS = ("eager", "inductor", "braze")
-# On request only (--variants): braze without sibling-GEMM merging, and braze with dual-stream scheduling
-# (off by default), to measure what each buys.
-EXTRA_VARIANTS = ("braze-merge", "braze-streams")
+# On request only (--variants): braze with sibling-GEMM merging and braze with dual-stream scheduling
+# (both off by default), and braze without the delta-rule fusion, to measure what each buys.
+EXTRA_VARIANTS = ("braze-merge", "braze-streams", "braze-no-delta")
 
 
 class Variants:
@@ -52,7 +52,8 @@ def compile_variant(variant: str, model, dynamic: bool | None) -> tuple[object, 
     import braze
 
     backend = braze.backend(braze.FusionConfig(gemm_merge=variant == "braze-merge",
-                                               dual_stream=variant == "braze-streams"))
+                                               dual_stream=variant == "braze-streams",
+                                               delta_rule=variant != "braze-no-delta"))
     return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
 
 
