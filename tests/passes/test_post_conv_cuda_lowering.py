@@ -73,7 +73,37 @@ def check_in_place(hk: int, ratio: int, dtype: str) -> None:
     assert not copies, f"copied back into the {[states[c] for c in copies]}"
 
 
-def test_cuda_launches_update_both_states_in_place():
+def check_gate_reads_z_in_place() -> None:
+    """The gated norm's z, a [T, H, dv] view inside the input projection, reaches the row kernel as that view
+    (no clone of it into rows first)."""
+    import triton
+
+    from braze.testing import aten_graph, run_passes
+
+    triton.runtime.driver.set_active(_Sm90())
+    t, h, dv = 3, 4, 16
+
+    def step(o, proj, w):  # RMSNormGated (braze.models.gated_deltanet) with its weight as an input
+        x = o.to(torch.bfloat16)
+        xf = x.float()
+        x_hat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+        z = proj[:, 8:8 + h * dv].view(t, h, dv)
+        return ((w * x_hat) * torch.nn.functional.silu(z.float())).to(torch.bfloat16)
+
+    args = [torch.randn(t, h, dv), torch.randn(t, 8 + 2 * h * dv).bfloat16(), torch.randn(dv).bfloat16()]
+    with torch.no_grad():
+        gm = on_fake_cuda(aten_graph(step, *args), args)
+    record = run_passes(gm)
+    assert [r.name for r in record.remarks if r.kind == "applied"] == ["gated-norm"], record.remarks
+    (launch,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    z = launch.kwargs["kwargs"]["z_ptr"]
+    while z.op != "placeholder":
+        assert z.target in (torch.ops.aten.slice.Tensor, torch.ops.aten.view.default), f"z passes through {z.target}"
+        z = z.args[0]
+    assert launch.kwargs["kwargs"]["z_heads"] == h and launch.kwargs["kwargs"]["z_row_stride"] == 8 + 2 * h * dv
+
+
+def test_cuda_launches_update_both_states_in_place_and_read_z_in_place():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = Path(__file__).parent
@@ -86,4 +116,5 @@ if __name__ == "__main__":
     for case in CASES:
         check_in_place(*case)
         print("checked", *case)
+    check_gate_reads_z_in_place()
     print("ok")
