@@ -1,7 +1,8 @@
 """The gated delta-rule decode update as one Triton kernel: the fp32 state rows updated in place.
 
 Reference: braze.patterns.delta_rule.delta_rule_reference. Grid (T, Hv, cdiv(dv, BLOCK_V)): program
-(t, h, b) owns columns [b·BLOCK_V, (b+1)·BLOCK_V) of the state row S = state[idx[t], h] ([dk, dv]).
+(t, h, b) owns columns [b·BLOCK_V, (b+1)·BLOCK_V) of the state row S = state[idx[t], h] ([dk, dv]),
+written back in place (INDEXED), or of S = state[t, h] written to new[t, h] (Hugging Face's form).
 Every column of S evolves on its own (u, δ and o of column j read column j only), so the
 programs never share state values: each reads its block once, updates it in registers
 (S ← e^g·S; u = Sᵀk; δ = β(v − u); S += k δᵀ), writes it back once, and stores o = Sᵀ(q·scale).
@@ -20,9 +21,9 @@ import triton.language as tl
 @triton.jit
 def braze_delta_rule(
     q_ptr, q_t, q_h, k_ptr, k_t, k_h, v_ptr, v_t, v_h, g_ptr, g_t, b_ptr, b_t,
-    idx_ptr, state_ptr, o_ptr, n_slots, scale,
+    idx_ptr, state_ptr, new_ptr, o_ptr, n_slots, scale,
     RATIO: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, INDEXED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -31,8 +32,11 @@ def braze_delta_rule(
     vv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     km = kk < DK
     vm = vv < DV
-    slot = tl.load(idx_ptr + t).to(tl.int64)
-    slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives
+    if INDEXED:  # state rows idx[t], updated in place
+        slot = tl.load(idx_ptr + t).to(tl.int64)
+        slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives
+    else:  # row t is token t's; the new rows go to new_ptr
+        slot = t
     # the slot check as a tensor (a scalar bool in a tensor mask is no mask to some interpreters)
     slots = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.int64) + slot
     sm = km[:, None] & vm[None, :] & (slots >= 0) & (slots < n_slots)
@@ -48,7 +52,10 @@ def braze_delta_rule(
     u = tl.sum(s * k[:, None], axis=0)  # [BLOCK_V]
     delta = beta * (v - u)
     s = s + k[:, None] * delta[None, :]
-    tl.store(row + offs, s, mask=sm)
+    if INDEXED:
+        tl.store(row + offs, s, mask=sm)
+    else:
+        tl.store(new_ptr + (t * HV + h) * (DK * DV) + offs, s, mask=sm)
     o = tl.sum(s * q[:, None], axis=0)
     tl.store(o_ptr + (t * HV + h) * DV + vv, o, mask=vm)
 

@@ -33,6 +33,9 @@ class DeltaRule:
     dk: int
     dv: int
     scale: float  # q's multiplier (dk^-½ in Qwen 3.5); 1.0 when the graph has none
+    # True: the state rows `indices` [T] are updated in place; False: row t of the state is token t's and
+    # the new rows go to a fresh [T, Hv, dk, dv] tensor (the state is only read)
+    indexed: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -50,25 +53,32 @@ class DeltaRuleMatch:
     v: Node  # [T, Hv, dv]
     g: Node  # [T, Hv]
     beta: Node  # [T, Hv]
-    indices: Node  # [T]
+    indices: Node | None  # [T]; None: row t of the state is token t's
     state: Node  # the graph input [slots, Hv, dk, dv]
     output: Node  # o [T, Hv, dv]
-    copy: Node  # copy_(state, index_put(...))
+    copy: Node | None  # copy_(state, index_put(...)); None when not indexed
+    new_state: Node  # S1, the updated rows
     inner: frozenset[Node]  # values only the update reads: replaced with it
 
 
 def delta_rule_reference(spec: DeltaRule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                         beta: torch.Tensor, indices: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """o [T, Hv, dv] fp32; updates the rows `indices` of `state` in place. Bytes per token and value head:
+                         beta: torch.Tensor, indices: torch.Tensor | None, state: torch.Tensor,
+                         new_state: torch.Tensor | None = None) -> torch.Tensor:
+    """o [T, Hv, dv] fp32; updates the rows `indices` of `state` in place (spec.indexed), else writes the new
+    rows into `new_state` [T, Hv, dk, dv] (row t of `state` is token t's). Bytes per token and value head:
     the state row (4·dk·dv) read and written once, q, k (dk each), v (dv), g, beta, o (4·dv)."""
     r = spec.heads_v // spec.heads_k
     qe = q.float().repeat_interleave(r, dim=1) * spec.scale  # [T, Hv, dk]
     ke = k.float().repeat_interleave(r, dim=1)
-    s = state[indices] * g.float().exp()[:, :, None, None]  # [T, Hv, dk, dv]
+    rows = state[indices] if spec.indexed else state[:q.shape[0]]
+    s = rows * g.float().exp()[:, :, None, None]  # [T, Hv, dk, dv]
     u = (s * ke.unsqueeze(-1)).sum(-2)  # [T, Hv, dv]
     delta = beta.float().unsqueeze(-1) * (v.float() - u)
     s = s + ke.unsqueeze(-1) * delta.unsqueeze(-2)
-    state.index_copy_(0, indices, s)
+    if spec.indexed:
+        state.index_copy_(0, indices, s)
+    else:
+        new_state.copy_(s)
     return (s * qe.unsqueeze(-1)).sum(-2)
 
 
@@ -131,23 +141,43 @@ def match_delta_rule(copy: Node) -> DeltaRuleMatch | Miss:
     idx, written = put.args[1][0], put.args[2]
     if len(shape_of(state) or ()) != 4 or not isinstance(idx, Node) or len(shape_of(idx) or ()) != 1:
         return Miss("not [slots, H, d, d] state rows picked by one index", candidate=False)
-    s1 = written
-    cast = is_cast(s1)
-    if cast:
-        s1 = s1.args[0]
+    cast = is_cast(written)
+    s1 = written.args[0] if cast else written
+    return _match_update(s1, state, idx, put, copy, written, cast)
+
+
+def match_delta_rule_rows(s1: Node) -> DeltaRuleMatch | Miss:
+    """The update S1 = e^g·S + k δᵀ of a state S whose row t is token t's (no slot indices, nothing written
+    back in place: Hugging Face's `torch_recurrent_gated_delta_rule`, whose new state goes to its cache by
+    assignment). The fused op then writes the new rows into a fresh tensor that replaces S1."""
+    if not is_op(s1, aten.add) or len(shape_of(s1) or ()) != 4 or any(is_op(u, aten.index_put) for u in s1.users):
+        return Miss("not a state update", candidate=False)
+    for a in binary_operands(s1):
+        parts = _mul_parts(a)
+        for x, y in (parts, parts[::-1]) if parts else ():
+            if is_op(_unbroadcast(y, 2), aten.exp) and not is_op(strip_lossless_casts(x), aten.index) \
+                    and len(shape_of(x) or ()) == 4 and len(shape_of(y) or ()) == 4:
+                return _match_update(s1, strip_lossless_casts(x), None, None, None, s1, False)
+    return Miss("not e^g·S + k δᵀ", candidate=False)
+
+
+def _match_update(s1: Node, state: Node, idx: Node | None, put: Node | None, copy: Node | None, written: Node,
+                  cast: bool) -> DeltaRuleMatch | Miss:
     if not is_op(s1, aten.add):
         return Miss("the written rows are not S + k δᵀ", candidate=False)
-    # S1 = S0 + outer, S0 = gather(state, idx) · e^g
+    # S1 = S0 + outer, S0 = rows(state) · e^g: the rows gathered by idx, or the state itself
     s0 = outer = gather = decay = None
     for a, b in (binary_operands(s1), binary_operands(s1)[::-1]):
         parts = _mul_parts(a)
         for x, y in (parts, parts[::-1]) if parts else ():
-            if is_op(strip_lossless_casts(x), aten.index) and strip_lossless_casts(x).args[0] is state:
+            src = strip_lossless_casts(x)
+            rows = (is_op(src, aten.index) and src.args[0] is state) if idx is not None else src is state
+            if rows:
                 s0, outer, gather, decay = a, b, x, _unbroadcast(y, 2)
     if s0 is None or not is_op(decay, aten.exp) or not _mul_parts(outer):
         return Miss("the written rows are not e^g·S + k δᵀ of the gathered rows", candidate=False)
     g = decay.args[0]
-    if list(strip_lossless_casts(gather).args[1]) != [idx]:
+    if idx is not None and list(strip_lossless_casts(gather).args[1]) != [idx]:
         return Miss("the rows are gathered with other indices than they are written to", node=s1)
     # u = sum(S0 · k, dk): k's column, and the dim reduced, tell the layout
     u = kcol = None
@@ -189,13 +219,16 @@ def match_delta_rule(copy: Node) -> DeltaRuleMatch | Miss:
     q, rq = _expanded(q_s, hv)
     k, rk = _expanded(k_e, hv)
     shapes = {"q": (q, None), "k": (k, None), "v": (v, (t, hv, dv)), "g": (g, (t, hv)), "beta": (beta, (t, hv))}
+    if idx is None:
+        shapes["state"] = (state, (t, hv, dk, dv))
     for name, (n, want) in shapes.items():
         have = shape_of(n)
         if want is not None and (have is None or len(have) != len(want)
                                  or not all(known_eq(a, b) for a, b in zip(have, want))):
             return Miss(f"{name} of shape {have}, expected {want}", node=s1)
     hk = shape_of(q)[1] if len(shape_of(q) or ()) == 3 else None
-    if rq != rk or hk is None or shape_of(k)[1] != hk or not isinstance(hv, int) or hv != hk * rq:
+    if rq != rk or hk is None or shape_of(k)[1] != hk or not isinstance(hv, int) or hv != hk * rq \
+            or not known_eq(shape_of(q)[2], dk) or not known_eq(shape_of(k)[2], dk):
         return Miss("q and k are not [T, Hk, dk] key heads expanded alike to the value heads", node=s1)
     # near misses on dtype and layout, once the structure is known
     sv = val(state)
@@ -209,9 +242,14 @@ def match_delta_rule(copy: Node) -> DeltaRuleMatch | Miss:
         if dtype_of(n) != torch.float32:
             return Miss(f"{name} is {dtype_of(n)}; the update takes fp32 q, k, g and beta",
                         "compute q, k (their L2 norm), g and beta in fp32", node=s1)
-    inner = {s1, s0, outer, gather, u, delta, diff, drow, kcol, qcol, put, *(x for x in (
-        strip_lossless_casts(gather),) if x is not gather)}
-    inner |= {n for n in s0.users} | {n for n in s1.users if n is not put} | set(u.args[:1])
+    inner = {s1, s0, outer, u, delta, diff, drow, kcol, qcol}
+    if idx is not None:  # the gather (and its upcast); the state itself is an input
+        inner |= {gather, strip_lossless_casts(gather)}
+    elif gather is not state:
+        inner.add(gather)  # a lossless upcast of the state
+    inner |= set(s0.users) | {out.args[0]} | set(u.args[:1])
+    if put is not None:
+        inner.add(put)
     if written is not s1:
         inner.add(written)
     for n in list(inner):  # the broadcast views between the values and their uses
@@ -219,10 +257,12 @@ def match_delta_rule(copy: Node) -> DeltaRuleMatch | Miss:
         while isinstance(cur, Node) and is_op(cur, *_SIZE1_OPS) and cur not in (k_e, q_s):
             inner.add(cur)
             cur = cur.args[0]
-    leak = next((n for n in sorted(inner, key=lambda n: n.name) if n is not out
-                 and any(x not in inner and x is not copy and x is not out for x in n.users)), None)
+    free = {out, copy} | ({s1} if idx is None else set())  # may be read by anything
+    leak = next((n for n in sorted(inner, key=lambda n: n.name) if n not in free
+                 and any(x not in inner and x not in free for x in n.users)), None)
     if leak is not None:
         return Miss(f"{describe(leak)} (an intermediate of the state update) is also read elsewhere",
                     "read only the output o and the written state", node=leak)
-    spec = DeltaRule(heads_k=int(hk), heads_v=int(hv), dk=int(dk), dv=int(dv), scale=float(scale))
-    return DeltaRuleMatch(spec, q, k, v, g, beta, idx, state, out, copy, frozenset(inner))
+    spec = DeltaRule(heads_k=int(hk), heads_v=int(hv), dk=int(dk), dv=int(dv), scale=float(scale),
+                     indexed=idx is not None)
+    return DeltaRuleMatch(spec, q, k, v, g, beta, idx, state, out, copy, s1, frozenset(inner))

@@ -135,3 +135,31 @@ def test_token_range_and_switch():
     assert [n for n, _ in remarks(record, "missed")] == ["token-range"]
     gm, record = compare(gated_delta_rule_step, args, braze.FusionConfig(delta_rule=False))
     assert not remarks(record, "applied") and "delta_rule" not in str(fused_ops(gm))
+
+
+@settings(max_examples=4)
+@given(t=st.sampled_from([1, 3]), hk=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_hugging_face_recurrent_step_fuses_without_slot_indices(t, hk, ratio, seed):
+    """HF's torch_recurrent_gated_delta_rule: row t of the state is token t's, the new state is returned (its
+    cache takes it by assignment): the op writes fresh rows and reads the state only."""
+    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    hv = hk * ratio
+
+    def step(q, k, v, g, beta, ssm):
+        out, state = hf.torch_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=ssm,
+                                                          output_final_state=True, use_qk_l2norm_in_kernel=True)
+        return out, state
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(t, 1, hk, 8, generator=gen), torch.randn(t, 1, hk, 8, generator=gen)
+    args = [q, k, torch.randn(t, 1, hv, 5, generator=gen), -torch.rand(t, 1, hv, generator=gen),
+            torch.rand(t, 1, hv, generator=gen), torch.randn(t, hv, 8, 5, generator=gen) * 0.3]
+    gm = aten_graph(step, *args)
+    record = run_passes(gm)
+    (r,) = [r for r in record.remarks if r.kind == "applied" and r.pass_name == "delta-rule"]
+    assert r.message.endswith("(new state rows)") and "braze.delta_rule_rows_cpu.default" in fused_ops(gm)
+    ssm = args[5].clone()
+    want, got = step(*args), gm(*args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(args[5], ssm), "the state is only read"
