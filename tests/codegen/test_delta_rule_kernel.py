@@ -77,3 +77,25 @@ def test_bad_state_raises_a_clear_error():
     with pytest.raises(ValueError, match=r"expected a contiguous fp32"):
         torch.ops.braze.delta_rule(q, k, v, g, beta, idx, state.transpose(2, 3).contiguous().transpose(2, 3),
                                    spec.to_json())
+
+
+@settings(max_examples=6)
+@given(t=st.sampled_from([1, 3]), hk=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 3]),
+       dk=st.sampled_from([3, 16]), dv=st.sampled_from([5, 64]), seed=st.integers(0, 1000))
+def test_rows_form_writes_fresh_rows_and_only_reads_the_state(t, hk, ratio, dk, dv, seed):
+    hv = hk * ratio
+    spec = DeltaRule(hk, hv, dk, dv, 0.25, indexed=False)
+    q, k, v, g, beta, _, state = inputs_for(t, hk, hv, dk, dv, t, seed, "cpu")
+    state = state.nan_to_num()
+    want_new = torch.full((t, hv, dk, dv), float("nan"))
+    want = delta_rule_reference(spec, q, k, v, g, beta, None, state.clone(), want_new)
+    old = rt.cpu_backend
+    rt.cpu_backend = lambda: "interpret"
+    try:
+        seen = state.clone()
+        got, new = torch.ops.braze.delta_rule_rows(q, k, v, g, beta, seen, spec.to_json())
+    finally:
+        rt.cpu_backend = old
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new, want_new, rtol=1e-5, atol=1e-5)
+    assert torch.equal(seen, state), "the state is only read"
