@@ -14,7 +14,12 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from braze.patterns.delta_rule import DeltaRule, DeltaRuleMatch, match_delta_rule, match_delta_rule_rows
+from braze.patterns.delta_rule import (
+    DeltaRule,
+    DeltaRuleMatch,
+    match_delta_rule,
+    match_delta_rule_rows,
+)
 from braze.patterns.fx import Miss, aten, val
 
 from .base import Pass, PassContext

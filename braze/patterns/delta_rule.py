@@ -19,8 +19,21 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.fx import Node
 
-from .fx import Miss, aten, binary_operands, describe, dtype_of, is_cast, is_op, is_view, known_eq, scalar, \
-    shape_of, strip_lossless_casts, val
+from .fx import (
+    Miss,
+    aten,
+    binary_operands,
+    describe,
+    dtype_of,
+    is_cast,
+    is_op,
+    is_view,
+    known_eq,
+    scalar,
+    shape_of,
+    strip_lossless_casts,
+    val,
+)
 
 
 @dataclass(frozen=True)

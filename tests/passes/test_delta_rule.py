@@ -7,12 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_post_conv import gdn_step, make_inputs
 
 import braze
 from braze.models.gated_deltanet import gated_delta_rule_step
 from braze.testing import aten_graph, fused_ops, run_passes
-
-from test_post_conv import gdn_step, make_inputs
 
 OPS = ("repeat_interleave", "decay", "delta_rule", "state_store", "readout")
 

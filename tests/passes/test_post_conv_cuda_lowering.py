@@ -44,8 +44,8 @@ def on_fake_cuda(gm: torch.fx.GraphModule, args: list[torch.Tensor]) -> torch.fx
 
 def check_in_place(hk: int, ratio: int, dtype: str) -> None:
     import triton
-    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
     from test_post_conv import gdn_step, make_inputs
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 
     from braze.testing import aten_graph, run_passes
 

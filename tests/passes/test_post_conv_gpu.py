@@ -32,7 +32,7 @@ def assert_states_in_place(model, src: str) -> None:
     other kernel reads or copies it back, and no buffer of its shape is allocated. (A count of kernels
     over as many elements as a state proves nothing: at this size the attention's key gather of 3 tokens
     has exactly a 4-slot conv state's 6144 elements.)"""
-    launches = re.findall(r"^\s*(\w+)\.run\((.*)\)\s*$", src, flags=re.M)
+    launches = re.findall(r"^\s*(\w+)\.run\((.*)\)\s*$", src, flags=re.MULTILINE)
     for suffix, kernel in (("conv_state", "braze_post_conv_"), ("ssm_state", "braze_delta_rule")):
         shapes = {tuple(b.shape) for n, b in model.named_buffers() if n.endswith(suffix)}
         for shape in shapes:
