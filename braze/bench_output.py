@@ -7,7 +7,8 @@ from pathlib import Path
 
 VARIANT_LABEL = {"eager": "eager", "inductor": "stock Inductor", "braze": "braze",
                  "braze-merge": "braze + GEMM merging", "braze-streams": "braze + dual stream",
-                 "braze-collective": "braze + collective fusions", "braze-no-collective": "braze, no collective fusions"}
+                 "braze-collective": "braze + collective fusions", "braze-no-collective": "braze, no collective fusions",
+                 "braze-no-delta": "braze without delta rule"}
 
 
 def write_results(doc: dict, out: Path, stem: str) -> list[Path]:

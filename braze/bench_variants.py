@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 VARIANTS = ("eager", "inductor", "braze")
-# On request only (--variants): braze with sibling-GEMM merging, with dual-stream scheduling, and with
-# the collective fusions (each off by default), to measure what each buys.
-# braze variants beyond the defaults: the FusionConfig switches each one sets ("braze" is FusionConfig())
+# braze variants beyond the defaults, on request (--variants), to measure what each switch buys: the
+# FusionConfig switches each one sets ("braze" is FusionConfig())
 VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-streams": {"dual_stream": True},
-                    "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False}}
+                    "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
+                    "braze-no-delta": {"delta_rule": False}}
 EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
 
 

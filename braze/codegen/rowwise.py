@@ -180,7 +180,7 @@ def stage_params(chain: RowChain) -> list[str]:
     if chain.norm.has_weight:
         params.append("w_ptr")
     if chain.gate is not None:
-        params += ["z_ptr", "z_row_stride"]
+        params += ["z_ptr", "z_row_stride", "z_head_stride", "z_heads"]
     return params + [f"{o[0]}_ptr" for o in chain.output_specs()]
 
 
@@ -259,7 +259,10 @@ def emit_rmsnorm(em: _Emitter, norm: RMSNorm, x: str, mean: str | None = None, w
 def _emit_gate(em: _Emitter, gate, y: str) -> str:
     """y · silu(z) with z's row of this program, rounded as the graph rounds it."""
     em.line("# gate: y * silu(z)")
-    z = em.let("tl.load(z_ptr + row * z_row_stride + col, mask=mask, other=0.0).to(tl.float32)", "z")
+    # z's row `row` is head row % z_heads of token row // z_heads: z [T, H, width] is read where it lies
+    # (e.g. inside the input projection), no copy into rows first
+    em.line("z_row = (row // z_heads) * z_row_stride + (row % z_heads) * z_head_stride")
+    z = em.let("tl.load(z_ptr + z_row + col, mask=mask, other=0.0).to(tl.float32)", "z")
     s = em.round_to(em.let(em.div(z, f"(1.0 + tl.exp(-{z}))", per_element=True), "silu"), gate.act)
     return em.round_to(em.round_to(em.let(f"{y} * {s}", "y"), gate.dtype), gate.out)
 

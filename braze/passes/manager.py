@@ -27,6 +27,7 @@ from .branches import BranchAnalysis
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
 from .collective import AllReduceNormFusion
+from .delta_rule import DeltaRuleFusion
 from .gated_norm import GatedNormFusion
 from .gemm_merge import SiblingGemmMerge
 from .norm_quant import NormQuantFusion
@@ -38,7 +39,8 @@ from .tp_norm import TPNormFusion
 # otherwise take the residual add and norm behind an all-reduce without the all-reduce; the
 # TP-reduced norm before the head-chain pass, which then takes the RoPE and cache write after it.
 # The post-conv pass takes the conv state write with its conv update before the head-chain pass
-# would take it alone; the head-chain pass takes a norm -> quant whose bytes a packed cache row
+# would take it alone, and the delta-rule pass the recurrent state's row write with its update (it
+# reads the post-conv outputs); the head-chain pass takes a norm -> quant whose bytes a packed cache row
 # stores before the row passes would; the gated norm takes the FP8 quant after it before the
 # norm-quant pass would call that quant's input a non-norm.
 PASSES: tuple[type[Pass], ...] = (
@@ -46,6 +48,7 @@ PASSES: tuple[type[Pass], ...] = (
     TPNormFusion,
     AllReduceNormFusion,
     PostConvFusion,
+    DeltaRuleFusion,
     HeadChainFusion,
     GatedNormFusion,
     NormQuantFusion,

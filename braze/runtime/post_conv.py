@@ -34,7 +34,7 @@ def unpack(spec: PostConv, buffers: tuple[torch.Tensor, torch.Tensor], t: int) -
     outs = []
     for (buf, off), (_, shape) in zip(spec.placement()[0], spec.output_specs()):
         n = math.prod(shape)
-        outs.append(buffers[buf][t * off:t * (off + n)].view(t, *shape))
+        outs.append(buffers[buf].narrow(0, t * off, t * n).view(t, *shape))
     return outs
 
 

@@ -72,6 +72,15 @@ def _as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.reshape(-1, width)
 
 
+def _gate_rows(z: torch.Tensor, width: int) -> list[object]:
+    """z, its token and head strides, and heads per token: a [T, H, width] z with unit element stride is
+    read in place (rows t·H + h, as x's rows), whatever its token stride; anything else as [N, width] rows."""
+    if z.dim() == 3 and z.shape[-1] == width and z.stride(-1) == 1 and z.shape[1] > 0:
+        return [z, z.stride(0), z.stride(1), z.shape[1]]
+    z = _as_rows(z, width)
+    return [z, z.stride(0), 0, 1]
+
+
 def _launch_args(chain: RowChain, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> tuple[list, dict]:
     named = dict(zip(chain.input_names(), inputs))
     x = _as_rows(named["x"], chain.width)
@@ -82,8 +91,7 @@ def _launch_args(chain: RowChain, inputs: list[torch.Tensor], outs: list[torch.T
     if chain.norm.has_weight:
         args.append(named["weight"].contiguous())
     if chain.gate is not None:
-        z = _as_rows(named["gate"], chain.width)
-        args += [z, z.stride(0)]
+        args += _gate_rows(named["gate"], chain.width)
     args += outs
     args.append(x.shape[0])
     return args, x.shape[0]

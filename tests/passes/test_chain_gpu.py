@@ -48,7 +48,7 @@ def _eager_stock_braze(name: str):
         _, stock_src = _compile_and_code(model, inputs, "inductor")
         restore()
         # the post-conv and gated-norm passes off: the conv-state writes stay store-only chains
-        be = braze.backend(braze.FusionConfig(norm_quant=False, post_conv=False, gated_norm=False))
+        be = braze.backend(braze.FusionConfig(norm_quant=False, post_conv=False, delta_rule=False, gated_norm=False))
         out, src = _compile_and_code(model, inputs, be)
     return model, ref, ref_bufs, out, src, stock_src, be
 

@@ -30,7 +30,7 @@ def _states(cache) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def test_hf_qwen35_gated_deltanet_decode_step_fuses_post_conv_and_gated_norm_and_equals_eager():
+def test_hf_qwen35_gated_deltanet_decode_step_fuses_post_conv_delta_rule_and_gated_norm_and_equals_eager():
     from transformers.cache_utils import DynamicCache
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
@@ -63,6 +63,8 @@ def test_hf_qwen35_gated_deltanet_decode_step_fuses_post_conv_and_gated_norm_and
     for g, w in zip(got_states, want_states, strict=True):  # conv state (shifted in place), recurrent state
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     applied = [(r.name, r.ops) for r in braze.report(be).applied]
-    assert sorted(applied) == [("gated-norm", ("rmsnorm", "silu_gate")),
+    # HF repeats q and k to the value heads before its recurrent step: the delta-rule op reads them per value head
+    assert sorted(applied) == [("delta-rule", ("decay", "delta_rule", "state_store", "readout")),
+                               ("gated-norm", ("rmsnorm", "silu_gate")),
                                ("post-conv", ("conv_update", "silu", "split", "l2norm", "gdn_gating"))]
     assert not braze.report(be).missed, [str(r) for r in braze.report(be).missed]

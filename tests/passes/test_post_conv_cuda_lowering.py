@@ -1,0 +1,120 @@
+"""The CUDA lowering of the post-conv and delta-rule ops, checked on CPU: the graph is retraced on fake CUDA
+tensors, so braze's passes trace each op to its Triton launch (`triton_kernel_wrapper_functional`, whose
+mutated arguments Triton's TTIR analysis finds, for an sm_90 target), then Inductor's reinplacing runs.
+Both states must be updated in place: no clone of a state, no copy back into it (GPU twin:
+tests/passes/test_post_conv_gpu.py). The check runs in a process without the Triton interpreter, which
+would otherwise turn Triton's own library functions into interpreted ones that TTIR generation rejects."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CASES = [(1, 2, "float32"), (2, 3, "bfloat16")]
+
+
+class _Sm90:
+    """Triton's active driver, as far as TTIR generation asks (no GPU needed to build TTIR)."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cuda")
+
+
+def on_fake_cuda(gm: torch.fx.GraphModule, args: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """`gm` (a functional ATen graph with its copy_ epilogue) traced again on fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda") for a in args]
+    with mode, torch.no_grad():
+        return make_fx(gm, tracing_mode="real")(*fake)
+
+
+def check_in_place(hk: int, ratio: int, dtype: str) -> None:
+    import triton
+    from test_post_conv import gdn_step, make_inputs
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+
+    from braze.testing import aten_graph, run_passes
+
+    wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
+    triton.runtime.driver.set_active(_Sm90())
+    hv = hk * ratio
+    args = make_inputs(3, hk, hv, 8, 4, 4, getattr(torch, dtype))
+    gm = on_fake_cuda(aten_graph(gdn_step(hk, hv, 8, 4), *args), args)
+    record = run_passes(gm)
+    fused = [r.name for r in record.remarks if r.kind != "analysis"]
+    assert fused == ["post-conv", "delta-rule"], fused
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    states = {placeholders[1]: "conv state", placeholders[8]: "recurrent state"}
+    launches = [n for n in gm.graph.nodes if n.target is wrapper]
+    assert len(launches) == 2, launches
+    for n in launches:  # Triton's analysis ran (no "every input is mutated" fallback): it names the state
+        clone = n.kwargs["tensors_to_clone"]
+        assert "state_ptr" in clone and "q_ptr" not in clone and "x_ptr" not in clone, clone
+    reinplace_inplaceable_ops_core(gm.graph)
+    for n in launches:
+        state = n.kwargs["kwargs"]["state_ptr"]
+        assert state in states, f"the launch updates {state}, not a state input"
+        assert "state_ptr" not in n.kwargs["tensors_to_clone"], f"the {states[state]} is cloned"
+    copies = [n.args[0] for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default and n.args[0] in states]
+    assert not copies, f"copied back into the {[states[c] for c in copies]}"
+
+
+def check_gate_reads_z_in_place() -> None:
+    """The gated norm's z, a [T, H, dv] view inside the input projection, reaches the row kernel as that view
+    (no clone of it into rows first)."""
+    import triton
+
+    from braze.testing import aten_graph, run_passes
+
+    triton.runtime.driver.set_active(_Sm90())
+    t, h, dv = 3, 4, 16
+
+    def step(o, proj, w):  # RMSNormGated (braze.models.gated_deltanet) with its weight as an input
+        x = o.to(torch.bfloat16)
+        xf = x.float()
+        x_hat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+        z = proj[:, 8:8 + h * dv].view(t, h, dv)
+        return ((w * x_hat) * torch.nn.functional.silu(z.float())).to(torch.bfloat16)
+
+    args = [torch.randn(t, h, dv), torch.randn(t, 8 + 2 * h * dv).bfloat16(), torch.randn(dv).bfloat16()]
+    with torch.no_grad():
+        gm = on_fake_cuda(aten_graph(step, *args), args)
+    record = run_passes(gm)
+    assert [r.name for r in record.remarks if r.kind == "applied"] == ["gated-norm"], record.remarks
+    (launch,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    z = launch.kwargs["kwargs"]["z_ptr"]
+    while z.op != "placeholder":
+        assert z.target in (torch.ops.aten.slice.Tensor, torch.ops.aten.view.default), f"z passes through {z.target}"
+        z = z.args[0]
+    assert launch.kwargs["kwargs"]["z_heads"] == h and launch.kwargs["kwargs"]["z_row_stride"] == 8 + 2 * h * dv
+
+
+def test_cuda_launches_update_both_states_in_place_and_read_z_in_place():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-3000:] + done.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    for case in CASES:
+        check_in_place(*case)
+        print("checked", *case)
+    check_gate_reads_z_in_place()
+    print("ok")
