@@ -63,6 +63,8 @@ def chain_params(chain: HeadChain) -> list[str]:
             params += ["slots_stride", "cache_sb", "cache_sh", "cache_ss"]
     elif chain.fields:
         params.append("slots_ptr")
+    if chain.product is not None:
+        params += ["hw_ptr", "hw_row_stride", "hw_head_stride"]
     if chain.quant is not None and chain.quant_out:
         params += ["q_ptr"] + [f"s{i}_ptr" for i in range(len(chain.quant.scales))]
     return params
@@ -289,7 +291,19 @@ def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str
         sc = amax
         for op in prog:
             sc = em.unary(sc, op)
-        if chain.quant_out:
+        product = chain.product if chain.product is not None and chain.product.scale == i else None
+        if product is not None:  # the scale only feeds w * scale: store that product instead
+            em.line(f"# scale {i} times the per-head weights w[t, h] (one value per head)")
+            w = em.let(f"tl.load({p}hw_ptr + row * {p}hw_row_stride + {p}hq * {p}hw_head_stride, mask={p}hq < {p}H, "
+                       f"other=0.0).to(tl.float32)", "hw")
+            for op in product.pre:
+                w = em.unary(w, op)
+            v = em.round_to(em.let(f"{w} * {sc}", "hw"), product.dtype)
+            for op in product.post:
+                v = em.unary(v, op)
+            em.line(f"tl.store({p}s{i}_ptr + row * {p}H + {p}hq, {v}.to({_TL_DTYPE[product.out_dtype]}), "
+                    f"mask={p}hq < {p}H)")
+        elif chain.quant_out:
             em.line(f"tl.store({p}s{i}_ptr + row * {p}H + {p}hq, {sc}.to({_TL_DTYPE[prog[-1].dtype]}), "
                     f"mask={p}hq < {p}H)")
         emit_fields(em, chain, p, f"scale{i}", sc, f"{p}hq", f"{p}hq < {p}H")

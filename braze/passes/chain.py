@@ -23,6 +23,7 @@ from braze.patterns.layernorm import LayerNormMatch, match_layernorm
 from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
 from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
 from braze.patterns.rope import RopeMatch, _strip, match_rope
+from braze.patterns.scale_product import ScaleProductMatch, ScaleProductMiss, match_scale_product
 from braze.patterns.stages import HeadChain, HeadGroup, dtype_name
 from braze.patterns.store import StoreMatch, match_store
 
@@ -42,6 +43,16 @@ class HeadSite:
     anchor: Node
     quant: QuantMatch | None = None  # the FP8 quant of the result, per head (its q and scale nodes are replaced)
     claims: tuple[Claim, ...] = ()  # packed byte stores the chain's fields write (chain.fields, same order)
+    product: ScaleProductMatch | None = None  # a quant scale times head weights, stored in place of the scale
+
+    def quant_nodes(self) -> list[Node]:
+        """The nodes the quant outputs replace: the fp8 values, then each scale (or its product)."""
+        if self.quant is None or not self.chain.quant_out:
+            return []
+        scales = list(self.quant.scale_nodes)
+        if self.product is not None:
+            scales[self.product.stage.scale] = self.product.output
+        return [self.quant.q, *scales]
 
 
 def fused_heads_call(group: HeadGroup, n_inputs: int):
@@ -164,6 +175,7 @@ class HeadChainFusion(Pass):
                 if isinstance(q, QuantMatch):
                     quants[_through_views(strip_lossless_casts(q.y))] = q
         ctx.bump("ropes-recognized", len(ropes))
+        self._order = {n: i for i, n in enumerate(graph.nodes)}
         byte = ByteStores.collect(graph)
         # a packed byte store is taken only when chains compute every piece of it; else its claims are
         # dropped and the chains are built again without them
@@ -321,7 +333,7 @@ class HeadChainFusion(Pass):
     def _ops(site: HeadSite) -> tuple[str, ...]:
         c = site.chain
         return tuple(([c.norm.kind] if c.norm else []) + (["rope"] if c.rope else []) + (["fp8_quant"] if c.quant else [])
-                     + (["store"] if c.write or c.fields else []))
+                     + (["scale_mul"] if c.product else []) + (["store"] if c.write or c.fields else []))
 
     @staticmethod
     def _args(chain: HeadChain) -> dict[str, object]:
@@ -434,12 +446,23 @@ class HeadChainFusion(Pass):
         if quant_out and claims:  # a writing launch returns no quant outputs: the bytes stay with Inductor
             fields, claims = [], []
             result_users = [u for u in rope.output.users if not consumed(u)]
+        # grow forwards: a quant scale multiplied by per-(token, head) weights (DeepSeek's indexer)
+        product = None
+        if quant_out:
+            chain_nodes = frozenset(rope.nodes) | (frozenset(norm.nodes) if norm is not None else frozenset())
+            found = match_scale_product(quant, t, heads, self._order, chain_nodes)
+            if isinstance(found, ScaleProductMiss):
+                ctx.remark("missed", found.name, found.node, "scale product left to Inductor", reason=found.reason,
+                           suggestion=found.suggestion, ops=("rope", "fp8_quant", "mul"))
+            else:
+                product = found
         chain = HeadChain(
             in_dtype=dtype_name(val(source).dtype), heads=heads, head_dim=stage.head_dim,
             norm=norm.stage if norm is not None else None, rope=stage, gather=gather,
             out=bool(result_users) or (store is None and quant is None and not fields),
             write=store.stage if store is not None else None,
-            quant=quant.stage if quant is not None else None, fields=tuple(fields), quant_out=quant_out)
+            quant=quant.stage if quant is not None else None, fields=tuple(fields), quant_out=quant_out,
+            product=product.stage if product is not None else None)
         source = _as_tokens(source, heads, stage.head_dim)
         if source is None:
             ctx.remark("missed", "rope-layout", rope.output, "RoPE not fused",
@@ -456,9 +479,11 @@ class HeadChainFusion(Pass):
             inputs.append(store.slots)
         elif claims:
             inputs.append(claims[0].write.slots)
+        if product is not None:
+            inputs.append(product.w)
         return HeadSite(chain, tuple(inputs), store.cache if store else None,
                         rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output,
-                        quant, tuple(claims))
+                        quant, tuple(claims), product)
 
     @staticmethod
     def _store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
@@ -524,9 +549,8 @@ class HeadChainFusion(Pass):
             if site.chain.out:
                 site.result.replace_all_uses_with(view_as(graph, next(outs), site.result))
         for site in group:
-            if site.quant is not None and site.chain.quant_out:
-                for old in (site.quant.q, *site.quant.scale_nodes):
-                    old.replace_all_uses_with(view_as(graph, next(quant), old))
+            for old in site.quant_nodes():
+                old.replace_all_uses_with(view_as(graph, next(quant), old))
         for site in group:
             if site.store is not None:
                 new_cache = next(caches)

@@ -74,8 +74,7 @@ def group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> tuple[list[l
             used += [order[u] for u in site.result.users]
         if site.store is not None:
             used += [order[u] for u in site.store.index_put.users]
-        if site.quant is not None and site.chain.quant_out:
-            used += [order[u] for n in (site.quant.q, *site.quant.scale_nodes) for u in n.users]
+        used += [order[u] for n in site.quant_nodes() for u in n.users]
         for c in site.claims:
             used += [order[u] for u in c.store.final.users]
         return min(used, default=len(order))
@@ -102,8 +101,7 @@ def group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> tuple[list[l
         out = [site.result] if site.result is not None else []
         if site.store is not None:
             out.append(site.store.index_put)
-        if site.quant is not None and site.chain.quant_out:
-            out += [site.quant.q, *site.quant.scale_nodes]
+        out += site.quant_nodes()
         return out + [c.store.final for c in site.claims]
 
     replaced_anywhere = {n for s in sites for n in replaced_by(s)}
