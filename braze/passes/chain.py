@@ -216,6 +216,14 @@ class HeadChainFusion(Pass):
             sites.append(site)
         fake_mode = graph_fake_mode(graph)
         groups, dropped = group_siblings(graph, sites)
+        for site in [s for s in dropped if s.product is not None and not s.claims]:
+            ctx.remark("missed", "scale-product-order", site.product.output, "scale product left to Inductor",
+                       reason="the head weights are computed after the quant's values are first read",
+                       suggestion="compute the head weights before the quant's outputs are used", ops=self._ops(site))
+            dropped.remove(site)
+            plain = dataclasses.replace(site, chain=dataclasses.replace(site.chain, product=None),
+                                        inputs=site.inputs[:-1], product=None)
+            groups.append([plain])
         for site in dropped:
             ctx.remark("missed", "packed-row-launch", site.anchor, "packed byte row left to Inductor",
                        reason="the chains that compute its pieces cannot share one launch (a piece is read "

@@ -122,7 +122,9 @@ def group_siblings(graph: torch.fx.Graph, sites: list[HeadSite]) -> tuple[list[l
             moves[-1] = hoist
             continue
         hoist = []
-        if len(unit) == 1 or fits(unit, hoist):
+        # a chain alone always fits unless it reads an input defined after its outputs' first use
+        # (head weights of a scale product); then it is dropped like a unit that cannot share a launch
+        if fits(unit, hoist) or (len(unit) == 1 and unit[0].product is None):
             groups.append(list(unit))
             moves.append(hoist)
         else:

@@ -34,16 +34,17 @@ class ScaleProductMiss:
     suggestion: str
 
 
-def _reader(node: Node) -> tuple[Node, list[Node]] | None:
-    """The one non-view reader of `node` through single-use views, and the views on the way."""
-    path = []
-    while len(node.users) == 1:
-        (u,) = node.users
-        if not (is_view(u) or is_op(u, *_SHAPE_OPS)):
-            return u, path
-        path.append(u)
-        node = u
-    return None
+def _readers(node: Node, skip: frozenset[Node], path: tuple[Node, ...] = ()) -> list[tuple[Node, tuple[Node, ...]]]:
+    """The non-view readers of `node` through views (squeeze, unsqueeze, view), each with the views on its way."""
+    out = []
+    for u in node.users:
+        if u in skip:
+            continue
+        if is_view(u) or is_op(u, *_SHAPE_OPS):
+            out += _readers(u, skip, path + (u,))
+        else:
+            out.append((u, path))
+    return out
 
 
 def match_scale_product(quant: QuantMatch, tokens: object, heads: int, order: dict[Node, int],
@@ -52,16 +53,12 @@ def match_scale_product(quant: QuantMatch, tokens: object, heads: int, order: di
     tensor w that reads none of the chain's values (`chain_nodes`, positions in `order`); None when no
     scale of the quant is multiplied by a tensor."""
     for i, s in enumerate(quant.scale_nodes):
-        outside = [u for u in s.users if u not in quant.nodes]
-        readers = []
-        for u in outside:
-            found = (u, []) if not (is_view(u) or is_op(u, *_SHAPE_OPS)) else _reader(u)
-            if found is not None and is_op(found[0], aten.mul):
-                readers.append((u, found))
-        if not readers:
+        readers = _readers(s, quant.nodes)
+        muls = [(u, path) for u, path in readers if is_op(u, aten.mul)]
+        if not muls:
             continue
-        mul, path = readers[0][1]
-        if len(outside) > 1 or len(readers) > 1 or len(mul.users) == 0:
+        mul, path = muls[0]
+        if len(readers) > 1:
             return ScaleProductMiss("scale-product-shared", mul, "the quant scale has other readers besides its "
                                     "product with the head weights, so it must be stored as well",
                                     "read the product (or the scale) only")
