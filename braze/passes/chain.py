@@ -29,7 +29,7 @@ from braze.patterns.store import StoreMatch, match_store
 
 from .base import Pass, PassContext
 from .chain_bytes import ByteStores, Claim, base_of, byte_dtype_ok, consumed_by_bytes, per_token
-from .chain_groups import group_siblings
+from .chain_groups import group_siblings, hoist
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
 
 
@@ -114,6 +114,21 @@ def _only_feeds(node: Node, targets: set[Node]) -> bool:
                 return False
             continue
         return False
+    return True
+
+
+_GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
+
+
+def _gemm_operand_only(node: Node) -> bool:
+    """`node` has readers, and every one (through views and permutes) is a matmul."""
+    if not node.users:
+        return False
+    for u in node.users:
+        if u.target in _GEMMS:
+            continue
+        if not ((is_view(u) or is_op(u, aten.permute, aten.unsqueeze)) and _gemm_operand_only(u)):
+            return False
     return True
 
 
@@ -214,8 +229,16 @@ class HeadChainFusion(Pass):
                            suggestion="widen FusionConfig.token_ranges['chain']", ops=("store",))
                 continue
             sites.append(site)
+        # norms read only by GEMMs: a norm-only chain, kept only where it shares a launch that saves a kernel
+        optional = []
+        used = {s.anchor for s in sites}
+        for m in {id(m): m for m in norms.values()}.values():
+            site = self._norm_site(m) if m.anchor not in used else None
+            if site is not None and not ctx.token_check(self.family, val(site.inputs[0]).shape[0]):
+                optional.append(site)
         fake_mode = graph_fake_mode(graph)
-        groups, dropped = group_siblings(graph, sites)
+        grouping = group_siblings(graph, sites, optional)
+        groups, moves, dropped = grouping.groups, grouping.moves, grouping.dropped
         for site in [s for s in dropped if s.product is not None and not s.claims]:
             ctx.remark("missed", "scale-product-order", site.product.output, "scale product left to Inductor",
                        reason="the head weights are computed after the quant's values are first read",
@@ -224,6 +247,7 @@ class HeadChainFusion(Pass):
             plain = dataclasses.replace(site, chain=dataclasses.replace(site.chain, product=None),
                                         inputs=site.inputs[:-1], product=None)
             groups.append([plain])
+            moves.append([])
         for site in dropped:
             ctx.remark("missed", "packed-row-launch", site.anchor, "packed byte row left to Inductor",
                        reason="the chains that compute its pieces cannot share one launch (a piece is read "
@@ -235,6 +259,9 @@ class HeadChainFusion(Pass):
                 dataclasses.replace(f, cache=field_caches.index(c.store.cache)) for f, c in zip(s.chain.fields, s.claims)))
                 for s in group)
             spec = HeadGroup(chains)
+            # moved after the launches before it are spliced: a moved GEMM that reads a value one of
+            # them replaces lands after that launch
+            hoist(moves[launch])
             args = [a for s in group for a in s.inputs] + [s.cache for s in group if s.cache is not None] + field_caches
             n_in = sum(len(s.inputs) for s in group)
             try:
@@ -492,6 +519,23 @@ class HeadChainFusion(Pass):
         return HeadSite(chain, tuple(inputs), store.cache if store else None,
                         rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output,
                         quant, tuple(claims), product)
+
+    @staticmethod
+    def _norm_site(norm: NormMatch | LayerNormMatch) -> HeadSite | None:
+        """A norm over [T, width] rows whose output only GEMMs read (DeepSeek's q_c RMSNorm, read by q_b and
+        the indexer's wq_b): a norm-only chain, worth a place only in a launch with other chains."""
+        x, out = norm.x, norm.output
+        width = norm.stage.width
+        shape, out_val = shape_of(x), val(out)
+        if shape is None or len(shape) != 2 or not known_eq(shape[1], width) or not isinstance(width, int):
+            return None
+        if out_val is None or dtype_name(out_val.dtype) != norm.stage.out_dtype or not _gemm_operand_only(out):
+            return None
+        chain = HeadChain(in_dtype=dtype_name(val(x).dtype), heads=1, head_dim=width, norm=norm.stage, rope=None,
+                          gather=False, out=True, write=None)
+        inputs = [x] + ([norm.weight] if norm.weight is not None else []) + (
+            [norm.bias] if getattr(norm, "bias", None) is not None else [])
+        return HeadSite(chain, tuple(inputs), None, out, None, norm.anchor)
 
     @staticmethod
     def _store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
