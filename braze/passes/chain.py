@@ -318,9 +318,10 @@ class HeadChainFusion(Pass):
             if per_token(c.piece.source) == heads * head_dim and c.piece.dtype == torch.float8_e4m3fn:
                 fields.append(c.field("q"))
                 claims.append(c)
+        per_head = head_dim // quant.stage.group_size  # scales per head
         for i, node in enumerate(quant.scale_nodes):
             for c in byte.claims(node):
-                if per_token(c.piece.source) == heads and byte_dtype_ok(c.piece.dtype):
+                if per_token(c.piece.source) == heads * per_head and byte_dtype_ok(c.piece.dtype):
                     fields.append(c.field(f"scale{i}"))
                     claims.append(c)
         return fields, claims
@@ -446,11 +447,13 @@ class HeadChainFusion(Pass):
                                   f"values contiguously", ops=("rope", "store"))
                 store = None
         # grow forwards: an FP8 quant of the rotated values, one scale per head (when nothing is stored)
+        # (one scale per head, or per group of a divisor of the head, whichever dims the group spans)
         quant = quants.get(_through_views(rope.output)) or quants.get(rope.output)
-        if quant is not None and (store is not None or not known_eq(quant.stage.group_size, stage.head_dim)):
+        group = quant.stage.group_size if quant is not None else None
+        if quant is not None and (store is not None or not (isinstance(group, int) and stage.head_dim % group == 0)):
             ctx.remark("missed", "quant-layout", quant.q, "FP8 quant left out of the head chain",
-                       reason=(f"quantizes groups of {quant.stage.group_size} values; the chain quantizes each head "
-                               f"of {stage.head_dim}") if store is None else
+                       reason=(f"quantizes groups of {group} values; the chain quantizes each head of "
+                               f"{stage.head_dim} or groups that divide it") if store is None else
                               "the rotated values are also written to a cache: a chain quantizes or stores",
                        ops=("rope", "fp8_quant"))
             quant = None
@@ -483,7 +486,7 @@ class HeadChainFusion(Pass):
             result_users = [u for u in rope.output.users if not consumed(u)]
         # grow forwards: a quant scale multiplied by per-(token, head) weights (DeepSeek's indexer)
         product = None
-        if quant_out:
+        if quant_out and quant.stage.group_size == stage.head_dim:
             chain_nodes = frozenset(rope.nodes) | (frozenset(norm.nodes) if norm is not None else frozenset())
             found = match_scale_product(quant, t, heads, self._order, chain_nodes)
             if isinstance(found, ScaleProductMiss):

@@ -310,8 +310,9 @@ class HeadChain(_JsonSpec):
     (if rope; `gather`: cos/sin [P, table] indexed by positions [T]; else cos/sin are
     [T, table] rows), slot indices [T] (if a cache write). The cache goes in the op's
     separate list of mutated tensors. Outputs: the result [T, heads, head_dim] if `out`;
-    with `quant` (one scale per head: group_size == head_dim) also the fp8 values
-    [T, heads, head_dim] and each of its scale programs' values [T, heads] (quant_outputs),
+    with `quant` (group_size == head_dim, one scale per head, or a divisor of it) also the fp8 values
+    [T, heads, head_dim] and each of its scale programs' values [T, heads] (quant_outputs; with G groups of
+    group_size per head, [T, heads, G]),
     unless `quant_out` is False (the quant's values only feed `fields`). `fields`: byte fields
     written into byte caches (FieldWrite); they read the slot indices too. `product`: the
     output of scale program `product.scale` is that scale times a per-(token, head) input w
@@ -334,10 +335,11 @@ class HeadChain(_JsonSpec):
     def __post_init__(self) -> None:
         if self.product is not None:
             assert self.quant is not None and self.quant_out, "a scale product needs the quant's outputs"
+            assert self.quant.group_size == self.head_dim, "a scale product takes one scale per head"
             assert 0 <= self.product.scale < len(self.quant.scales), self.product.scale
             assert all(f.value != f"scale{self.product.scale}" for f in self.fields), "the scale is not stored"
         if self.quant is not None:
-            assert self.quant.group_size == self.head_dim, "head-chain quant: one scale per head"
+            assert self.head_dim % self.quant.group_size == 0, "head-chain quant: groups within a head"
             assert self.write is None, "head-chain quant: the fp8 values are outputs or fields, not a cache write"
         for f in self.fields:
             assert f.value == "result" or self.quant is not None, f"field {f.value} of a chain without a quant"
@@ -354,9 +356,11 @@ class HeadChain(_JsonSpec):
         """(dtype, per-token shape) of the quant's outputs: fp8 values, then each scale program's values."""
         if self.quant is None or not self.quant_out:
             return []
+        groups = self.head_dim // self.quant.group_size
+        per_token = (self.heads,) if groups == 1 else (self.heads, groups)
         return [(self.quant.fp8_dtype, (self.heads, self.head_dim))] + [
             (self.product.out_dtype if self.product is not None and self.product.scale == i else prog[-1].dtype,
-             (self.heads,)) for i, prog in enumerate(self.quant.scales)]
+             per_token) for i, prog in enumerate(self.quant.scales)]
 
     @property
     def out_dtype(self) -> str:

@@ -50,7 +50,8 @@ def head_chains(draw) -> HeadChain:
         rope = Rope(style, head_dim, r, 0 if first else head_dim - r, r if full_table else r // 2, mul, dtype)
     quant = None
     if not bare and draw(st.integers(0, 2)) == 0:
-        quant = head_quant(head_dim, draw(st.booleans()))
+        # one scale per head, or (in a RoPE chain, whatever segment holds each group) groups within a head
+        quant = head_quant(head_dim, draw(st.booleans()), head_dim // draw(st.sampled_from([1, 1, 2, 4])))
     layout = draw(st.sampled_from(["rows", "rows", "bhsd"]))
     write = CacheWrite(draw(st.sampled_from([dtype, "float32"])), layout) \
         if quant is None and (bare or draw(st.booleans())) else None
@@ -58,12 +59,13 @@ def head_chains(draw) -> HeadChain:
     return HeadChain(dtype, heads, head_dim, norm, rope, draw(st.booleans()), out, write, quant)
 
 
-def head_quant(head_dim: int, pow2: bool) -> FP8Quant:
-    """One fp32 scale per head: amax/448 floored at 1e-4, or rounded up to a power of two (DeepSeek's ue8m0)."""
+def head_quant(head_dim: int, pow2: bool, group: int | None = None) -> FP8Quant:
+    """One fp32 scale per head (or per `group` values of it): amax/448 floored at 1e-4, or rounded up to a
+    power of two (DeepSeek's ue8m0)."""
     prog = (UnaryOp("cast", F32), UnaryOp("clamp_min", F32, 1e-4), UnaryOp("div", F32, 448.0))
     if pow2:
         prog += (UnaryOp("log2", F32), UnaryOp("ceil", F32), UnaryOp("exp2", F32))
-    return FP8Quant(head_dim, "float8_e4m3fn", F32, "div", prog, (-448.0, 448.0), (prog,))
+    return FP8Quant(group or head_dim, "float8_e4m3fn", F32, "div", prog, (-448.0, 448.0), (prog,))
 
 
 def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
@@ -128,8 +130,9 @@ def test_group_kernel_matches_reference(chains, t, seed, device):
     for chain in chains:
         if chain.quant is None:
             continue
-        q, scale = outs[k].cpu().float().view(t, chain.heads, -1), outs[k + 1].cpu().view(t, chain.heads, 1)
-        rq, rscale = ref[k].float().view(t, chain.heads, -1), ref[k + 1].view(t, chain.heads, 1)
+        groups = chain.head_dim // chain.quant.group_size  # scales per head
+        q, scale = outs[k].cpu().float().view(t, chain.heads, groups, -1), outs[k + 1].cpu().view(t, chain.heads, groups, 1)
+        rq, rscale = ref[k].float().view(t, chain.heads, groups, -1), ref[k + 1].view(t, chain.heads, groups, 1)
         k += len(chain.quant_outputs())
         # The result the quant reads may differ from the reference's by one ulp of its dtype (as the
         # result does), which moves amax by as much and a power-of-two scale by a factor of 2 at a
