@@ -201,7 +201,7 @@ class _Grouper:
         for j in range(k + 1, len(groups)):
             later: list[Node] = []
             again = self.fits(groups[j], later, self._earlier(trial, new_lands, j))
-            if again is None and len(groups[j]) > 1:
+            if again is None and (len(groups[j]) > 1 or moves[j]):  # only a lone chain that moves nothing
                 return False
             moves[j], new_lands[j] = (later, again) if again is not None else (moves[j], new_lands[j])
         out.groups[:], out.moves[:], lands[:] = groups, moves, new_lands
