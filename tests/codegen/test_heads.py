@@ -15,7 +15,17 @@ from hypothesis import strategies as st
 from braze.patterns.layernorm import BiasAdd, LayerNorm
 from braze.patterns.reference import head_group_reference
 from braze.patterns.rope import Rope
-from braze.patterns.stages import CacheWrite, Cast, FieldWrite, FP8Quant, HeadChain, HeadGroup, RMSNorm, UnaryOp, WeightMul
+from braze.patterns.stages import (
+    CacheWrite,
+    Cast,
+    FieldWrite,
+    FP8Quant,
+    HeadChain,
+    HeadGroup,
+    RMSNorm,
+    UnaryOp,
+    WeightMul,
+)
 from braze.runtime import heads as rt
 from braze.runtime.rowwise import _interpreter_ready
 

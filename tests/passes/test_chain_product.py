@@ -8,7 +8,6 @@ computed from the chain's own values), each compared with eager on fresh inputs.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
