@@ -54,7 +54,9 @@ def match_scale_product(quant: QuantMatch, tokens: object, heads: int, order: di
     scale of the quant is multiplied by a tensor."""
     for i, s in enumerate(quant.scale_nodes):
         readers = _readers(s, quant.nodes)
-        muls = [(u, path) for u, path in readers if is_op(u, aten.mul)]
+        # a multiply by another tensor (a multiply by a constant is no product with head weights)
+        muls = [(u, path) for u, path in readers
+                if is_op(u, aten.mul) and all(isinstance(a, Node) for a in binary_operands(u))]
         if not muls:
             continue
         mul, path = muls[0]
