@@ -396,8 +396,8 @@ class HeadChainFusion(Pass):
                            reason=f"cache rows of {store.row_shape} do not hold the {heads}x{stage.head_dim} rotated "
                                   f"values contiguously", ops=("rope", "store"))
                 store = None
-        # grow forwards: an FP8 quant of the rotated values, one scale per head (when nothing is stored)
-        # (one scale per head, or per group of a divisor of the head, whichever dims the group spans)
+        # grow forwards: an FP8 quant of the rotated values (when nothing is stored), one scale per head
+        # or per group of a divisor of the head, whichever dims the group spans
         quant = quants.get(_through_views(rope.output)) or quants.get(rope.output)
         group = quant.stage.group_size if quant is not None else None
         if quant is not None and (store is not None or not (isinstance(group, int) and stage.head_dim % group == 0)):
