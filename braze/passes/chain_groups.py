@@ -177,7 +177,7 @@ class _Grouper:
                 # (head weights of a scale product); then it is dropped like a unit that cannot share a launch
                 if land is not None or (len(unit) == 1 and unit[0].product is None):
                     out.groups.append(list(unit))
-                    out.moves.append(hoist)
+                    out.moves.append(hoist if land is not None else [])  # a failed fit may have collected some
                     lands.append(land if land is not None else max(self.order[n] for n in self.inputs(unit[0])))
                 else:
                     out.dropped += unit
