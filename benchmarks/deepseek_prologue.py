@@ -1,8 +1,8 @@
 """Benchmark: DeepSeek V3.2's attention prologue alone, eager vs stock Inductor vs braze, under CUDA graphs.
 
-    python benchmarks/deepseek_prologue.py [--tokens 1,8,64] [--variants eager,inductor,braze,braze-gemm-merge] [--out DIR]
+    python benchmarks/deepseek_prologue.py [--tokens 1,8,64] [--variants eager,inductor,braze,braze-merge] [--out DIR]
 
-braze-gemm-merge is braze with FusionConfig(gemm_merge=True) (sibling GEMMs merged), beside plain braze.
+braze-merge is braze with FusionConfig(gemm_merge=True) (sibling GEMMs merged), beside plain braze.
 
 The prologue is `MLAAttention.prologue` of the bench config (TP=8 per-rank heads): the fused q_a/kv_a
 projection, q_c and kv_c RMSNorm, k_pe RoPE, the packed 656-byte MLA cache write, the indexer's
@@ -83,13 +83,13 @@ def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-VARIANTS = ("eager", "inductor", "braze", "braze-gemm-merge")
+VARIANTS = ("eager", "inductor", "braze", "braze-merge")
 
 
 def backend_for(variant: str):
     if variant == "braze":
         return braze.backend(braze.FusionConfig())
-    if variant == "braze-gemm-merge":
+    if variant == "braze-merge":
         return braze.backend(braze.FusionConfig(gemm_merge=True))
     return None
 
