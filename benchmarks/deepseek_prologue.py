@@ -1,6 +1,8 @@
 """Benchmark: DeepSeek V3.2's attention prologue alone, eager vs stock Inductor vs braze, under CUDA graphs.
 
-    python benchmarks/deepseek_prologue.py [--tokens 1,8,64] [--out DIR]
+    python benchmarks/deepseek_prologue.py [--tokens 1,8,64] [--variants eager,inductor,braze,braze-merge] [--out DIR]
+
+braze-merge is braze with FusionConfig(gemm_merge=True) (sibling GEMMs merged), beside plain braze.
 
 The prologue is `MLAAttention.prologue` of the bench config (TP=8 per-rank heads): the fused q_a/kv_a
 projection, q_c and kv_c RMSNorm, k_pe RoPE, the packed 656-byte MLA cache write, the indexer's
@@ -81,7 +83,18 @@ def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def run(T: int, device: torch.device, bw: float) -> list[dict]:
+VARIANTS = ("eager", "inductor", "braze", "braze-merge")
+
+
+def backend_for(variant: str):
+    if variant == "braze":
+        return braze.backend(braze.FusionConfig())
+    if variant == "braze-merge":
+        return braze.backend(braze.FusionConfig(gemm_merge=True))
+    return None
+
+
+def run(T: int, device: torch.device, bw: float, variants: tuple[str, ...] = VARIANTS[:3]) -> list[dict]:
     attn, inputs = build(T, device, torch.bfloat16)
     caches = {k: v.clone() for k, v in attn.named_buffers()}
     with torch.no_grad():
@@ -89,11 +102,11 @@ def run(T: int, device: torch.device, bw: float) -> list[dict]:
         ref_caches = {k: v.clone() for k, v in attn.named_buffers()}
     floor_s = weight_bytes(attn) / bw
     rows = []
-    for variant in ("eager", "inductor", "braze"):
+    for variant in variants:
         torch._dynamo.reset()
         for k, v in attn.named_buffers():
             v.copy_(caches[k])
-        be = braze.backend(braze.FusionConfig()) if variant == "braze" else None
+        be = backend_for(variant)
         fn = attn.prologue if variant == "eager" else torch.compile(attn.prologue, fullgraph=True,
                                                                        backend=be or "inductor")
         with torch.no_grad():
@@ -110,13 +123,13 @@ def run(T: int, device: torch.device, bw: float) -> list[dict]:
                "x_floor": timing.median_s / floor_s, "rel_err": err, "cache_bytes_differing": byte_diff,
                "kernel_us": times, "gemm_us": sum(v for k, v in times.items() if is_gemm(k)),
                "other_us": sum(v for k, v in times.items() if not is_gemm(k))}
-        if variant == "braze":
+        if be is not None:
             rep = braze.report(be)
             row["braze_launches"] = len({dict(r.args).get("launch") for r in rep.applied if r.pass_name == "head-chain"})
             row["applied"] = [" -> ".join(r.ops) for r in rep.applied]
             row["missed"] = [f"{r.name}: {r.reason}" for r in rep.missed]
         rows.append(row)
-        print(f"T={T:3d} {variant:8s} {row['us']:8.1f} us  {row['kernels']:3d} kernels  {row['x_floor']:.2f}x floor  "
+        print(f"T={T:3d} {variant:16s} {row['us']:8.1f} us  {row['kernels']:3d} kernels  {row['x_floor']:.2f}x floor  "
               f"rel err {err:.2e}  cache bytes differing {byte_diff:.1e}", flush=True)
     return rows
 
@@ -124,13 +137,19 @@ def run(T: int, device: torch.device, bw: float) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8,64")
+    ap.add_argument("--variants", default="eager,inductor,braze",
+                    help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    variants = tuple(args.variants.split(","))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; expected some of {', '.join(VARIANTS)}")
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     rows = []
     for T in [int(t) for t in args.tokens.split(",")]:
-        rows += run(T, device, bw)
+        rows += run(T, device, bw, variants)
     import triton
 
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -158,8 +177,8 @@ def main() -> int:
         lines.append(f"| {r['T']} | {r['variant']} | {r['gemm_us']:.1f} | {r['other_us']:.1f} | {mine or '-'} |")
     lines.append("")
     for r in rows:
-        if r["variant"] == "braze":
-            lines.append(f"- T={r['T']}: braze launches {r['braze_launches']}; applied: {'; '.join(r['applied'])}"
+        if r["variant"].startswith("braze"):
+            lines.append(f"- T={r['T']} {r['variant']}: braze launches {r['braze_launches']}; applied: {'; '.join(r['applied'])}"
                          + (f"; missed: {'; '.join(r['missed'])}" if r["missed"] else ""))
     (out / "deepseek_prologue.md").write_text("\n".join(lines) + "\n")
     return 0

@@ -63,6 +63,8 @@ def chain_params(chain: HeadChain) -> list[str]:
             params += ["slots_stride", "cache_sb", "cache_sh", "cache_ss"]
     elif chain.fields:
         params.append("slots_ptr")
+    if chain.product is not None:
+        params += ["hw_ptr", "hw_row_stride", "hw_head_stride"]
     if chain.quant is not None and chain.quant_out:
         params += ["q_ptr"] + [f"s{i}_ptr" for i in range(len(chain.quant.scales))]
     return params
@@ -275,6 +277,9 @@ def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str
     """FP8 quant of each head (one scale per head): amax over the head's values as rounded to the
     result dtype, the scale programs stored per [token, head], the fp8 values beside the result."""
     quant = chain.quant
+    if quant.group_size != chain.head_dim:
+        _emit_group_quant(em, chain, segments, p)
+        return
     em.line(f"# fp8 quant, one scale per head of {chain.head_dim} values")
     maxes = []
     for seg in segments:
@@ -289,7 +294,19 @@ def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str
         sc = amax
         for op in prog:
             sc = em.unary(sc, op)
-        if chain.quant_out:
+        product = chain.product if chain.product is not None and chain.product.scale == i else None
+        if product is not None:  # the scale only feeds w * scale: store that product instead
+            em.line(f"# scale {i} times the per-head weights w[t, h] (one value per head)")
+            w = em.let(f"tl.load({p}hw_ptr + row * {p}hw_row_stride + {p}hq * {p}hw_head_stride, mask={p}hq < {p}H, "
+                       f"other=0.0).to(tl.float32)", "hw")
+            for op in product.pre:
+                w = em.unary(w, op)
+            v = em.round_to(em.let(f"{w} * {sc}", "hw"), product.dtype)
+            for op in product.post:
+                v = em.unary(v, op)
+            em.line(f"tl.store({p}s{i}_ptr + row * {p}H + {p}hq, {v}.to({_TL_DTYPE[product.out_dtype]}), "
+                    f"mask={p}hq < {p}H)")
+        elif chain.quant_out:
             em.line(f"tl.store({p}s{i}_ptr + row * {p}H + {p}hq, {sc}.to({_TL_DTYPE[prog[-1].dtype]}), "
                     f"mask={p}hq < {p}H)")
         emit_fields(em, chain, p, f"scale{i}", sc, f"{p}hq", f"{p}hq < {p}H")
@@ -308,6 +325,62 @@ def _emit_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str
                        "v")
         else:
             v = em.let(f"{seg.value} * {seg.bcast(operand)}", "v")
+        v = fp8_value(em, v, quant)
+        if chain.quant_out:
+            em.line(f"tl.store({p}q_ptr + row * {chain.heads * chain.head_dim} + {seg.col}, "
+                    f"{v}.to({_TL_DTYPE[quant.fp8_dtype]}), mask={seg.mask})")
+        emit_fields(em, chain, p, "q", v, seg.col, seg.mask)
+
+
+def _emit_group_quant(em: _Emitter, chain: HeadChain, segments: list[_Segment], p: str) -> None:
+    """FP8 quant in groups of g values, G = head_dim / g groups per head: each element's group is its
+    dim within the head // g, whatever segment (rotated or not) holds it; amax, the scale programs and
+    the operand per (head, group); scales stored [token, head, group]."""
+    quant = chain.quant
+    g = quant.group_size
+    n = chain.head_dim // g
+    em.line(f"# fp8 quant, {n} groups of {g} values per head")
+    gids = [em.let(f"({seg.col} - {seg.head} * {p}HD) // {g}", "gid") for seg in segments]
+    amaxes = []
+    for k in range(n):
+        maxes = []
+        for seg, gid in zip(segments, gids):
+            a = em.let(f"tl.where({seg.mask} & ({gid} == {k}), tl.abs({seg.value}), 0.0)", "a")
+            maxes.append(em.let(f"tl.max(tl.max({a}, axis=2), axis=1)" if seg.rank == 3 else f"tl.max({a}, axis=1)",
+                                "amax"))
+        amax = maxes[0]
+        for m in maxes[1:]:
+            amax = em.let(f"tl.maximum({amax}, {m})", "amax")  # [BLOCK_H]
+        amaxes.append(amax)
+    em.line(f"{p}hq = tl.arange(0, {p}BLOCK_H)")
+    for i, prog in enumerate(quant.scales):
+        for k, amax in enumerate(amaxes):
+            sc = amax
+            for op in prog:
+                sc = em.unary(sc, op)
+            elem = f"{p}hq * {n} + {k}"
+            if chain.quant_out:
+                em.line(f"tl.store({p}s{i}_ptr + row * {p}H * {n} + {elem}, {sc}.to({_TL_DTYPE[prog[-1].dtype]}), "
+                        f"mask={p}hq < {p}H)")
+            emit_fields(em, chain, p, f"scale{i}", sc, f"({elem})", f"{p}hq < {p}H")
+    operands = []
+    for amax in amaxes:
+        operand = amax
+        for op in quant.operand:
+            operand = em.unary(operand, op)
+        if quant.combine == "div" and _power_of_two(quant.operand):  # exact: multiply by 2^-k
+            operand = em.let(em.div(f"(1.0 + tl.zeros_like({operand}))", operand), "inv")
+        operands.append(operand)
+    exact_inverse = quant.combine == "div" and _power_of_two(quant.operand)
+    for seg, gid in zip(segments, gids):
+        per = seg.bcast(operands[-1])
+        for k in range(n - 2, -1, -1):
+            per = f"tl.where({gid} == {k}, {seg.bcast(operands[k])}, {per})"
+        per = em.let(f"{per} + tl.zeros_like({seg.value})", "opd")
+        if exact_inverse or quant.combine == "mul":
+            v = em.let(f"{seg.value} * {per}", "v")
+        else:
+            v = em.let(em.div(seg.value, per, per_element=True), "v")
         v = fp8_value(em, v, quant)
         if chain.quant_out:
             em.line(f"tl.store({p}q_ptr + row * {chain.heads * chain.head_dim} + {seg.col}, "

@@ -13,35 +13,48 @@ in CHAIN_DESIGN.md.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
-from braze.patterns.fx import aten, is_op, is_view, known_eq, shape_of, strip_lossless_casts, val
+from braze.patterns.fx import (
+    aten,
+    is_op,
+    known_eq,
+    shape_of,
+    strip_lossless_casts,
+    val,
+)
 from braze.patterns.layernorm import LayerNormMatch, match_layernorm
 from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
 from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
 from braze.patterns.rope import RopeMatch, _strip, match_rope
+from braze.patterns.scale_product import (
+    ScaleProductMiss,
+    match_scale_product,
+)
 from braze.patterns.stages import HeadChain, HeadGroup, dtype_name
 from braze.patterns.store import StoreMatch, match_store
 
 from .base import Pass, PassContext
-from .chain_bytes import ByteStores, Claim, base_of, byte_dtype_ok, consumed_by_bytes, per_token
-from .chain_groups import group_siblings
+from .chain_bytes import (
+    ByteStores,
+    Claim,
+    base_of,
+    byte_dtype_ok,
+    consumed_by_bytes,
+    per_token,
+)
+from .chain_groups import group_siblings, hoist
+from .chain_sites import (
+    HeadSite,
+    _as_tokens,
+    _only_feeds,
+    _through_views,
+    norm_site,
+    store_site,
+)
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
-
-
-@dataclass(frozen=True)
-class HeadSite:
-    chain: HeadChain
-    inputs: tuple[Node, ...]  # HeadChain.input_names order
-    cache: Node | None
-    result: Node | None  # the node the chain's output replaces (None: nothing else reads it)
-    store: StoreMatch | None
-    anchor: Node
-    quant: QuantMatch | None = None  # the FP8 quant of the result, per head (its q and scale nodes are replaced)
-    claims: tuple[Claim, ...] = ()  # packed byte stores the chain's fields write (chain.fields, same order)
 
 
 def fused_heads_call(group: HeadGroup, n_inputs: int):
@@ -67,43 +80,6 @@ def fused_heads_call(group: HeadGroup, n_inputs: int):
         return outs + shaped + caches  # returning the caches gives their written values
 
     return fn
-
-
-def _as_tokens(node: Node, heads: int, head_dim: int) -> Node | None:
-    """`node` as [T, ...] rows: 2-D and 3-D as they are; [B, 1, H, D] or [B, H, 1, D] (one token per
-    sequence) with the singleton dim squeezed out by a new view node; else None."""
-    shape = shape_of(node)
-    if shape is not None and len(shape) in (2, 3):
-        return node
-    if shape is None or len(shape) != 4:
-        return None
-    for d in (1, 2):
-        rest = shape[:d] + shape[d + 1:]
-        if known_eq(shape[d], 1) and known_eq(rest[1], heads) and known_eq(rest[2], head_dim):
-            with node.graph.inserting_after(node):
-                squeezed = node.graph.call_function(aten.squeeze.dim, (node, d))
-            squeezed.meta["val"] = val(node).squeeze(d)
-            return squeezed
-    return None
-
-
-def _through_views(node: Node) -> Node:
-    while is_view(node):
-        node = node.args[0]
-    return node
-
-
-def _only_feeds(node: Node, targets: set[Node]) -> bool:
-    """Every use of `node` (through views and lossless casts) ends in `targets`."""
-    for u in node.users:
-        if u in targets:
-            continue
-        if (is_view(u) or is_op(u, aten.unsqueeze)) or (u.target is torch.ops.prims.convert_element_type.default):
-            if not _only_feeds(u, targets):
-                return False
-            continue
-        return False
-    return True
 
 
 def _quant_read_elsewhere(quant: QuantMatch, claims: list[Claim]) -> bool:
@@ -164,6 +140,7 @@ class HeadChainFusion(Pass):
                 if isinstance(q, QuantMatch):
                     quants[_through_views(strip_lossless_casts(q.y))] = q
         ctx.bump("ropes-recognized", len(ropes))
+        self._order = {n: i for i, n in enumerate(graph.nodes)}
         byte = ByteStores.collect(graph)
         # a packed byte store is taken only when chains compute every piece of it; else its claims are
         # dropped and the chains are built again without them
@@ -193,7 +170,7 @@ class HeadChainFusion(Pass):
         for store in {s.copy: s for s in stores.values()}.values():
             if store.copy in taken or produced & set(store.sources()):
                 continue
-            site = self._store_site(store, ctx)
+            site = store_site(store, ctx)
             if site is None:
                 continue
             why = ctx.token_check(self.family, val(site.inputs[0]).shape[0])
@@ -202,8 +179,25 @@ class HeadChainFusion(Pass):
                            suggestion="widen FusionConfig.token_ranges['chain']", ops=("store",))
                 continue
             sites.append(site)
+        # norms read only by GEMMs: a norm-only chain, kept only where it shares a launch that saves a kernel
+        optional = []
+        used = {s.anchor for s in sites}
+        for m in {id(m): m for m in norms.values()}.values():
+            site = norm_site(m) if m.anchor not in used else None
+            if site is not None and not ctx.token_check(self.family, val(site.inputs[0]).shape[0]):
+                optional.append(site)
         fake_mode = graph_fake_mode(graph)
-        groups, dropped = group_siblings(graph, sites)
+        grouping = group_siblings(graph, sites, optional)
+        groups, moves, dropped = grouping.groups, grouping.moves, grouping.dropped
+        for site in [s for s in dropped if s.product is not None and not s.claims]:
+            ctx.remark("missed", "scale-product-order", site.product.output, "scale product left to Inductor",
+                       reason="the head weights are computed after the quant's values are first read",
+                       suggestion="compute the head weights before the quant's outputs are used", ops=self._ops(site))
+            dropped.remove(site)
+            plain = dataclasses.replace(site, chain=dataclasses.replace(site.chain, product=None),
+                                        inputs=site.inputs[:-1], product=None)
+            groups.append([plain])
+            moves.append([])
         for site in dropped:
             ctx.remark("missed", "packed-row-launch", site.anchor, "packed byte row left to Inductor",
                        reason="the chains that compute its pieces cannot share one launch (a piece is read "
@@ -215,6 +209,9 @@ class HeadChainFusion(Pass):
                 dataclasses.replace(f, cache=field_caches.index(c.store.cache)) for f, c in zip(s.chain.fields, s.claims)))
                 for s in group)
             spec = HeadGroup(chains)
+            # moved after the launches before it are spliced: a moved GEMM that reads a value one of
+            # them replaces lands after that launch
+            hoist(moves[launch])
             args = [a for s in group for a in s.inputs] + [s.cache for s in group if s.cache is not None] + field_caches
             n_in = sum(len(s.inputs) for s in group)
             try:
@@ -271,9 +268,10 @@ class HeadChainFusion(Pass):
             if per_token(c.piece.source) == heads * head_dim and c.piece.dtype == torch.float8_e4m3fn:
                 fields.append(c.field("q"))
                 claims.append(c)
+        per_head = head_dim // quant.stage.group_size  # scales per head
         for i, node in enumerate(quant.scale_nodes):
             for c in byte.claims(node):
-                if per_token(c.piece.source) == heads and byte_dtype_ok(c.piece.dtype):
+                if per_token(c.piece.source) == heads * per_head and byte_dtype_ok(c.piece.dtype):
                     fields.append(c.field(f"scale{i}"))
                     claims.append(c)
         return fields, claims
@@ -321,7 +319,7 @@ class HeadChainFusion(Pass):
     def _ops(site: HeadSite) -> tuple[str, ...]:
         c = site.chain
         return tuple(([c.norm.kind] if c.norm else []) + (["rope"] if c.rope else []) + (["fp8_quant"] if c.quant else [])
-                     + (["store"] if c.write or c.fields else []))
+                     + (["scale_mul"] if c.product else []) + (["store"] if c.write or c.fields else []))
 
     @staticmethod
     def _args(chain: HeadChain) -> dict[str, object]:
@@ -398,12 +396,14 @@ class HeadChainFusion(Pass):
                            reason=f"cache rows of {store.row_shape} do not hold the {heads}x{stage.head_dim} rotated "
                                   f"values contiguously", ops=("rope", "store"))
                 store = None
-        # grow forwards: an FP8 quant of the rotated values, one scale per head (when nothing is stored)
+        # grow forwards: an FP8 quant of the rotated values (when nothing is stored), one scale per head
+        # or per group of a divisor of the head, whichever dims the group spans
         quant = quants.get(_through_views(rope.output)) or quants.get(rope.output)
-        if quant is not None and (store is not None or not known_eq(quant.stage.group_size, stage.head_dim)):
+        group = quant.stage.group_size if quant is not None else None
+        if quant is not None and (store is not None or not (isinstance(group, int) and stage.head_dim % group == 0)):
             ctx.remark("missed", "quant-layout", quant.q, "FP8 quant left out of the head chain",
-                       reason=(f"quantizes groups of {quant.stage.group_size} values; the chain quantizes each head "
-                               f"of {stage.head_dim}") if store is None else
+                       reason=(f"quantizes groups of {group} values; the chain quantizes each head of "
+                               f"{stage.head_dim} or groups that divide it") if store is None else
                               "the rotated values are also written to a cache: a chain quantizes or stores",
                        ops=("rope", "fp8_quant"))
             quant = None
@@ -434,12 +434,23 @@ class HeadChainFusion(Pass):
         if quant_out and claims:  # a writing launch returns no quant outputs: the bytes stay with Inductor
             fields, claims = [], []
             result_users = [u for u in rope.output.users if not consumed(u)]
+        # grow forwards: a quant scale multiplied by per-(token, head) weights (DeepSeek's indexer)
+        product = None
+        if quant_out and quant.stage.group_size == stage.head_dim:
+            chain_nodes = frozenset(rope.nodes) | (frozenset(norm.nodes) if norm is not None else frozenset())
+            found = match_scale_product(quant, t, heads, self._order, chain_nodes)
+            if isinstance(found, ScaleProductMiss):
+                ctx.remark("missed", found.name, found.node, "scale product left to Inductor", reason=found.reason,
+                           suggestion=found.suggestion, ops=("rope", "fp8_quant", "mul"))
+            else:
+                product = found
         chain = HeadChain(
             in_dtype=dtype_name(val(source).dtype), heads=heads, head_dim=stage.head_dim,
             norm=norm.stage if norm is not None else None, rope=stage, gather=gather,
             out=bool(result_users) or (store is None and quant is None and not fields),
             write=store.stage if store is not None else None,
-            quant=quant.stage if quant is not None else None, fields=tuple(fields), quant_out=quant_out)
+            quant=quant.stage if quant is not None else None, fields=tuple(fields), quant_out=quant_out,
+            product=product.stage if product is not None else None)
         source = _as_tokens(source, heads, stage.head_dim)
         if source is None:
             ctx.remark("missed", "rope-layout", rope.output, "RoPE not fused",
@@ -456,61 +467,11 @@ class HeadChainFusion(Pass):
             inputs.append(store.slots)
         elif claims:
             inputs.append(claims[0].write.slots)
+        if product is not None:
+            inputs.append(product.w)
         return HeadSite(chain, tuple(inputs), store.cache if store else None,
                         rope.output if chain.out else None, store, norm.anchor if norm is not None else rope.output,
-                        quant, tuple(claims))
-
-    @staticmethod
-    def _store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
-        """A cache write of rows no chain produced: `cache.view(-1, *row)[slots] = rows` as a store-only chain.
-
-        Inductor can lower such a write into a view of a graph input as a functional copy of the whole
-        cache plus a copy back (seen on CUDA, torch 2.11); the fused op writes the T rows in place."""
-        cache_val, slots_val = val(store.cache), val(store.slots)
-        shape = tuple(store.row_shape)
-        if cache_val is None or slots_val is None or not cache_val.is_contiguous():
-            return None
-        t = slots_val.shape[0]
-        width = 1
-        for d in shape:
-            width *= d
-        # the rows as [T, *row] or [T, width]: index_put broadcasts, so at T=1 the graph may carry them
-        # without the token dim; the view chain back to the model's tensor usually still has it
-        rows = next((n for n in store.sources() if val(n) is not None and known_eq(val(n).shape[0], t)
-                     and (tuple(val(n).shape[1:]) == shape or tuple(val(n).shape[1:]) == (width,))), None)
-        if store.stage.layout == "bhsd":  # [B, H, 1, D] values, one token per sequence
-            rows = _as_tokens(store.rows, shape[0], shape[1])
-        elif rows is None and known_eq(t, 1) and tuple(shape_of(store.rows) or ()) == shape:
-            with store.rows.graph.inserting_after(store.rows):
-                rows = store.rows.graph.call_function(aten.unsqueeze.default, (store.rows, 0))
-            rows.meta["val"] = val(store.rows).unsqueeze(0)
-        rows = rows if rows is not None else store.rows
-        rows_val = val(rows)
-        if rows_val is None:
-            return None
-        if store.stage.layout == "rows" and not known_eq(rows_val.shape[0], t):
-            ctx.remark("missed", "store-layout", store.copy, "cache write left to Inductor",
-                       reason=f"{tuple(rows_val.shape)} rows broadcast to {t} slots: braze writes one row per slot",
-                       suggestion="if there is one slot per token, say so in the model: "
-                                  "torch._check(slots.shape[0] == tokens.shape[0])", ops=("store",))
-            return None
-        byte_rows = rows_val.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn) and rows_val.dtype == cache_val.dtype
-        if not ((rows_val.dtype.is_floating_point and rows_val.dtype.itemsize >= 2) or byte_rows):
-            ctx.remark("missed", "store-dtype", store.copy, "cache write left to Inductor",
-                       reason=f"rows of {rows_val.dtype} into a {cache_val.dtype} cache: braze's plain store takes "
-                              "16- and 32-bit floats, or bytes (uint8, int8, fp8) into a cache of the same dtype",
-                       ops=("store",))
-            return None
-        if len(shape) > 2 or tuple(rows_val.shape[1:]) not in (shape, (width,)) or not all(isinstance(d, int) for d in shape):
-            ctx.remark("missed", "store-layout", store.copy, "cache write left to Inductor",
-                       reason=f"rows of shape {tuple(rows_val.shape)} into cache rows of {shape}: braze's plain "
-                              "store takes [T, heads, head_dim] or [T, width] rows",
-                       suggestion="view the cache as [slots, heads, head_dim] where its rows allow it", ops=("store",))
-            return None
-        heads, head_dim = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
-        chain = HeadChain(in_dtype=dtype_name(rows_val.dtype), heads=heads, head_dim=head_dim, norm=None, rope=None,
-                          gather=False, out=False, write=store.stage)
-        return HeadSite(chain, (rows, store.slots), store.cache, None, store, store.index_put)
+                        quant, tuple(claims), product)
 
     @staticmethod
     def _replace(graph: torch.fx.Graph, group: list[HeadSite], traced: GraphModule, args: list[Node],
@@ -524,9 +485,8 @@ class HeadChainFusion(Pass):
             if site.chain.out:
                 site.result.replace_all_uses_with(view_as(graph, next(outs), site.result))
         for site in group:
-            if site.quant is not None and site.chain.quant_out:
-                for old in (site.quant.q, *site.quant.scale_nodes):
-                    old.replace_all_uses_with(view_as(graph, next(quant), old))
+            for old in site.quant_nodes():
+                old.replace_all_uses_with(view_as(graph, next(quant), old))
         for site in group:
             if site.store is not None:
                 new_cache = next(caches)

@@ -259,6 +259,10 @@ def _apply(prog: tuple[UnaryOp, ...], t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+apply_program = _apply  # the names other modules use
+unary_step = _unary_step
+
+
 def fp8_quant_reference(y: torch.Tensor, stage: FP8Quant) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(q [..., D] fp8, scales [..., G] each) of `y` per the stage."""
     lead, d = y.shape[:-1], y.shape[-1]

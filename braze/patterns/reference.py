@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from .layernorm import layernorm_reference
-from .quant import fp8_quant_reference
+from .quant import apply_program, fp8_quant_reference
 from .rmsnorm import residual_add_reference, rmsnorm_reference
 from .rope import rope_reference
-from .stages import FieldWrite, HeadChain, HeadGroup, RowChain
+from .stages import FieldWrite, HeadChain, HeadGroup, RowChain, ScaleProduct
 
 
 def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -71,11 +71,21 @@ def head_chain_reference(chain: HeadChain, inputs: list[torch.Tensor], caches: l
         values["q"] = q
         scales = [s.to(getattr(torch, prog[-1].dtype)) for s, prog in zip(scales, chain.quant.scales)]
         values.update((f"scale{i}", s) for i, s in enumerate(scales))
+        if chain.product is not None:
+            i = chain.product.scale
+            scales[i] = scale_product_reference(named["head_weights"], scales[i], chain.product)
         if chain.quant_out:
             outs += [q, *scales]
     for f in chain.fields:
         write_field(field_caches[f.cache], f, named["slots"].reshape(-1), values[f.value])
     return outs
+
+
+def scale_product_reference(w: torch.Tensor, scale: torch.Tensor, stage: ScaleProduct) -> torch.Tensor:
+    """post(pre(w) * scale) [T, heads] (ScaleProduct), each op rounded as the graph rounds it."""
+    v = apply_program(stage.pre, w.float().reshape(scale.shape))
+    v = (v * scale.float()).to(getattr(torch, stage.dtype)).float()
+    return apply_program(stage.post, v).to(getattr(torch, stage.out_dtype))
 
 
 def write_field(cache: torch.Tensor, f: FieldWrite, slots: torch.Tensor, value: torch.Tensor) -> None:

@@ -280,6 +280,27 @@ class FieldWrite:
 
 
 @dataclass(frozen=True)
+class ScaleProduct:
+    """A per-(token, head) tensor w [T, heads] times the chain's quant scale program `scale`:
+        out = post(round(pre(w) * s, dtype))
+    (DeepSeek's indexer head weights `w * q_scale`, with the constants the model multiplies in
+    folded into `pre` / `post`). The product is the chain's output in place of that scale.
+    `pre` starts with a cast to w's own dtype (so it is never empty); each op rounds to its dtype.
+    """
+
+    scale: int
+    w_dtype: str
+    pre: tuple[UnaryOp, ...]
+    dtype: str
+    post: tuple[UnaryOp, ...] = ()
+    kind: str = field(default="scale_product", init=False)
+
+    @property
+    def out_dtype(self) -> str:
+        return self.post[-1].dtype if self.post else self.dtype
+
+
+@dataclass(frozen=True)
 class HeadChain(_JsonSpec):
     """norm -> RoPE -> FP8 quant -> (outputs and/or cache write) over the heads of each token.
 
@@ -289,10 +310,13 @@ class HeadChain(_JsonSpec):
     (if rope; `gather`: cos/sin [P, table] indexed by positions [T]; else cos/sin are
     [T, table] rows), slot indices [T] (if a cache write). The cache goes in the op's
     separate list of mutated tensors. Outputs: the result [T, heads, head_dim] if `out`;
-    with `quant` (one scale per head: group_size == head_dim) also the fp8 values
-    [T, heads, head_dim] and each of its scale programs' values [T, heads] (quant_outputs),
+    with `quant` (group_size == head_dim, one scale per head, or a divisor of it) also the fp8 values
+    [T, heads, head_dim] and each of its scale programs' values [T, heads] (quant_outputs; with G groups of
+    group_size per head, [T, heads, G]),
     unless `quant_out` is False (the quant's values only feed `fields`). `fields`: byte fields
-    written into byte caches (FieldWrite); they read the slot indices too.
+    written into byte caches (FieldWrite); they read the slot indices too. `product`: the
+    output of scale program `product.scale` is that scale times a per-(token, head) input w
+    [T, heads] (ScaleProduct; w is the chain's last input), not the scale itself.
     """
 
     in_dtype: str
@@ -306,10 +330,16 @@ class HeadChain(_JsonSpec):
     quant: FP8Quant | None = None
     fields: tuple[FieldWrite, ...] = ()
     quant_out: bool = True
+    product: ScaleProduct | None = None
 
     def __post_init__(self) -> None:
+        if self.product is not None:
+            assert self.quant is not None and self.quant_out, "a scale product needs the quant's outputs"
+            assert self.quant.group_size == self.head_dim, "a scale product takes one scale per head"
+            assert 0 <= self.product.scale < len(self.quant.scales), self.product.scale
+            assert all(f.value != f"scale{self.product.scale}" for f in self.fields), "the scale is not stored"
         if self.quant is not None:
-            assert self.quant.group_size == self.head_dim, "head-chain quant: one scale per head"
+            assert self.head_dim % self.quant.group_size == 0, "head-chain quant: groups within a head"
             assert self.write is None, "head-chain quant: the fp8 values are outputs or fields, not a cache write"
         for f in self.fields:
             assert f.value == "result" or self.quant is not None, f"field {f.value} of a chain without a quant"
@@ -318,15 +348,19 @@ class HeadChain(_JsonSpec):
     @property
     def name(self) -> str:
         parts = ([self.norm.kind] if self.norm else []) + (["rope"] if self.rope else []) + (
-            ["fp8"] if self.quant else []) + (["store"] if self.write or self.fields else [])
+            ["fp8"] if self.quant else []) + (["scale_mul"] if self.product else []) + (
+            ["store"] if self.write or self.fields else [])
         return "_".join(parts) or "copy"
 
     def quant_outputs(self) -> list[tuple[str, tuple[int, ...]]]:
         """(dtype, per-token shape) of the quant's outputs: fp8 values, then each scale program's values."""
         if self.quant is None or not self.quant_out:
             return []
+        groups = self.head_dim // self.quant.group_size
+        per_token = (self.heads,) if groups == 1 else (self.heads, groups)
         return [(self.quant.fp8_dtype, (self.heads, self.head_dim))] + [
-            (prog[-1].dtype, (self.heads,)) for prog in self.quant.scales]
+            (self.product.out_dtype if self.product is not None and self.product.scale == i else prog[-1].dtype,
+             per_token) for i, prog in enumerate(self.quant.scales)]
 
     @property
     def out_dtype(self) -> str:
@@ -344,6 +378,8 @@ class HeadChain(_JsonSpec):
             names += ["cos", "sin"] + (["positions"] if self.gather else [])
         if self.write is not None or self.fields:
             names.append("slots")
+        if self.product is not None:
+            names.append("head_weights")
         return names
 
 
@@ -402,7 +438,7 @@ def _encode(obj: Any) -> Any:
 
 
 _TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm, FP8Quant, RowChain, CacheWrite,
-                                   FieldWrite, HeadChain, HeadGroup)}
+                                   FieldWrite, ScaleProduct, HeadChain, HeadGroup)}
 
 
 def _register_late_types() -> None:

@@ -67,6 +67,9 @@ def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -
         args += [slots, cache, cache.numel() // (chain.heads * chain.head_dim)]
     elif chain.fields:
         args.append(slots)
+    if chain.product is not None:  # w [T, heads], any strides (a slice of a projection's output)
+        w = named["head_weights"].reshape(t, chain.heads)
+        args += [w, w.stride(0), w.stride(1)]
     return args
 
 

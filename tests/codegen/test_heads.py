@@ -5,6 +5,8 @@ Caches are poisoned; only the written slots may change, and they must hold the r
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -13,7 +15,17 @@ from hypothesis import strategies as st
 from braze.patterns.layernorm import BiasAdd, LayerNorm
 from braze.patterns.reference import head_group_reference
 from braze.patterns.rope import Rope
-from braze.patterns.stages import CacheWrite, Cast, FieldWrite, FP8Quant, HeadChain, HeadGroup, RMSNorm, UnaryOp, WeightMul
+from braze.patterns.stages import (
+    CacheWrite,
+    Cast,
+    FieldWrite,
+    FP8Quant,
+    HeadChain,
+    HeadGroup,
+    RMSNorm,
+    UnaryOp,
+    WeightMul,
+)
 from braze.runtime import heads as rt
 from braze.runtime.rowwise import _interpreter_ready
 
@@ -48,7 +60,8 @@ def head_chains(draw) -> HeadChain:
         rope = Rope(style, head_dim, r, 0 if first else head_dim - r, r if full_table else r // 2, mul, dtype)
     quant = None
     if not bare and draw(st.integers(0, 2)) == 0:
-        quant = head_quant(head_dim, draw(st.booleans()))
+        # one scale per head, or (in a RoPE chain, whatever segment holds each group) groups within a head
+        quant = head_quant(head_dim, draw(st.booleans()), head_dim // draw(st.sampled_from([1, 1, 2, 4])))
     layout = draw(st.sampled_from(["rows", "rows", "bhsd"]))
     write = CacheWrite(draw(st.sampled_from([dtype, "float32"])), layout) \
         if quant is None and (bare or draw(st.booleans())) else None
@@ -56,12 +69,13 @@ def head_chains(draw) -> HeadChain:
     return HeadChain(dtype, heads, head_dim, norm, rope, draw(st.booleans()), out, write, quant)
 
 
-def head_quant(head_dim: int, pow2: bool) -> FP8Quant:
-    """One fp32 scale per head: amax/448 floored at 1e-4, or rounded up to a power of two (DeepSeek's ue8m0)."""
+def head_quant(head_dim: int, pow2: bool, group: int | None = None) -> FP8Quant:
+    """One fp32 scale per head (or per `group` values of it): amax/448 floored at 1e-4, or rounded up to a
+    power of two (DeepSeek's ue8m0)."""
     prog = (UnaryOp("cast", F32), UnaryOp("clamp_min", F32, 1e-4), UnaryOp("div", F32, 448.0))
     if pow2:
         prog += (UnaryOp("log2", F32), UnaryOp("ceil", F32), UnaryOp("exp2", F32))
-    return FP8Quant(head_dim, "float8_e4m3fn", F32, "div", prog, (-448.0, 448.0), (prog,))
+    return FP8Quant(group or head_dim, "float8_e4m3fn", F32, "div", prog, (-448.0, 448.0), (prog,))
 
 
 def make_inputs(chain: HeadChain, t: int, device: str, gen: torch.Generator):
@@ -126,8 +140,9 @@ def test_group_kernel_matches_reference(chains, t, seed, device):
     for chain in chains:
         if chain.quant is None:
             continue
-        q, scale = outs[k].cpu().float().view(t, chain.heads, -1), outs[k + 1].cpu().view(t, chain.heads, 1)
-        rq, rscale = ref[k].float().view(t, chain.heads, -1), ref[k + 1].view(t, chain.heads, 1)
+        groups = chain.head_dim // chain.quant.group_size  # scales per head
+        q, scale = outs[k].cpu().float().view(t, chain.heads, groups, -1), outs[k + 1].cpu().view(t, chain.heads, groups, 1)
+        rq, rscale = ref[k].float().view(t, chain.heads, groups, -1), ref[k + 1].view(t, chain.heads, groups, 1)
         k += len(chain.quant_outputs())
         # The result the quant reads may differ from the reference's by one ulp of its dtype (as the
         # result does), which moves amax by as much and a power-of-two scale by a factor of 2 at a
@@ -236,3 +251,46 @@ def test_byte_fields_pack_quant_values_scales_and_rope_into_byte_caches(dtype, h
     assert not q.isnan().any()
     # one ulp of the normed value may move amax, and a power-of-two scale by 2 at a boundary (as above)
     torch.testing.assert_close(q * scale, rq * rscale, rtol=0.13, atol=float(rscale.max()) * 2 ** -9)
+
+
+@given(heads=st.sampled_from([1, 3, 4]), head_dim=st.sampled_from([64, 128]), pow2=st.booleans(),
+       w_dtype=st.sampled_from(["bfloat16", "float32"]), post=st.booleans(), t=st.sampled_from([1, 3, 5]),
+       seed=st.integers(0, 999))
+def test_scale_product_is_stored_in_place_of_the_scale(heads, head_dim, pow2, w_dtype, post, t, seed, device):
+    """DeepSeek's indexer q: NeoX RoPE -> fp8 per head, the head weights w [T, H] (a strided slice of a
+    projection) times the quant scale with constant factors before (and after) the product."""
+    if device == "cpu" and not _interpreter_ready():
+        pytest.skip("needs the Triton interpreter")
+    from braze.patterns.stages import ScaleProduct
+
+    pre = (UnaryOp("cast", w_dtype), UnaryOp("cast", F32), UnaryOp("mul", F32, 128 ** -0.5 * 64 ** -0.5))
+    product = ScaleProduct(0, w_dtype, pre, F32, (UnaryOp("mul", F32, 0.75),) if post else ())
+    rope = Rope("neox", head_dim, 64, 0, 32, F32, "bfloat16")
+    chain = HeadChain("bfloat16", heads, head_dim, None, rope, True, False, None, head_quant(head_dim, pow2),
+                      product=product)
+    group = HeadGroup((chain,))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, heads, head_dim, generator=gen).to(torch.bfloat16) * 3
+    proj = torch.randn(t, 2 * heads + 1, generator=gen).to(getattr(torch, w_dtype))
+    w = proj[:, 1:1 + 2 * heads:2]  # [T, H], row stride 2H + 1, head stride 2
+    inputs = [x, torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen),
+              torch.randint(0, 16, (t,), generator=gen), w]
+    ref = head_group_reference(group, inputs, [])
+    plain = head_group_reference(HeadGroup((dataclasses.replace(chain, product=None),)), inputs, [])
+    inputs = [i.to(device) for i in inputs]
+    kernel = rt.heads_kernel(group)
+    outs = rt._outputs(group, inputs[0])
+    outs[2].fill_(float("nan"))
+    on_cpu = device == "cpu"
+    rt._launch(kernel, kernel.interpreted if on_cpu else kernel.jit, group, inputs, [], outs, interpreted=on_cpu)
+    assert len(outs) == len(ref) == 3 and outs[2].dtype == torch.float32
+    got, want, scale = outs[2].cpu().view(t, heads), ref[2].view(t, heads), plain[2].view(t, heads)
+    assert not got.isnan().any(), "a head's product was not written"
+    # the reference's product is the head weights times its own scale
+    factor = 0.75 if post else 1.0
+    torch.testing.assert_close(want, (w.float() * 128 ** -0.5 * 64 ** -0.5) * scale * factor, rtol=1e-6, atol=0)
+    # the kernel's scale may differ by a factor of 2 where one ulp of the rotated value moves amax across a
+    # power of two (as in the tests above); elsewhere the product is exact up to fp32 rounding
+    ratio = got / want.where(want != 0, torch.ones_like(want))
+    ok = ((ratio - 1).abs() <= 2 ** -7) | (ratio == 2) | (ratio == 0.5) | ((got == 0) & (want == 0))
+    assert bool(ok.all()), ratio
