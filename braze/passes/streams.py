@@ -83,14 +83,14 @@ _CREATION = (aten.full.default, aten.zeros.default, aten.ones.default, aten.empt
              prims.iota.default)
 
 
-def _movable(node: Node, before: int, order: dict[Node, int]) -> bool:
-    """Whether `node` can be computed before position `before` by moving it (and the nodes it needs) there:
-    a pure view, slice or getitem, or a creation op, whose inputs are earlier or movable themselves."""
-    if node.op != "call_function" or _mutates(node):
+def _movable(node: Node, before: int, order: dict[Node, int], inside: set[Node]) -> bool:
+    """Whether `node` (outside the branches) can be computed before position `before` by moving it and the
+    nodes it needs there: a pure view, slice or getitem, or a creation op, of earlier or movable values."""
+    if node in inside or node.op != "call_function" or _mutates(node):
         return False
     if not (is_free(node) or node.target in _CREATION):
         return False
-    return all(order[a] < before or _movable(a, before, order) for a in node.all_input_nodes)
+    return all(order[a] < before or _movable(a, before, order, inside) for a in node.all_input_nodes)
 
 
 def with_created_inputs(branch: Branch, others: set[Node]) -> Branch:
@@ -123,7 +123,7 @@ def schedule(main: Branch, side: Branch) -> tuple[list[Node], str]:
                 collect(b)
 
     for a in external:
-        if order[a] > first and _movable(a, first, order):
+        if order[a] > first and _movable(a, first, order, inside):
             collect(a)
     ready_at = {a: (first if a in hoist else order[a]) for a in external}
     ready = max(ready_at.values(), default=first)
@@ -133,7 +133,24 @@ def schedule(main: Branch, side: Branch) -> tuple[list[Node], str]:
         late = max(ready_at, key=lambda a: (ready_at[a], order[a]))
         return [], (f"{describe(u)} uses a branch value before {describe(late)}, which a branch reads, "
                     "is computed (braze moves only views and creation ops of earlier values)")
+    # The op reads its inputs at `ready`, the branches read them anywhere up to their last node: no write in
+    # place into their storage may fall in between (a cache written by another op, say).
+    lo, hi = min(first, ready), max(max(order[n] for n in inside), ready)
+    roots = {_root(a): a for a in external}
+    for m in graph.nodes:
+        if lo < order[m] < hi and m not in inside and _mutates(m):
+            hit = next((roots[_root(x)] for x in m.all_input_nodes if _root(x) in roots), None)
+            if hit is not None:
+                return [], (f"{describe(m)} writes in place into {describe(hit)}, which a branch reads, between "
+                            "where the branches would run and where they ran")
     return sorted(hoist, key=order.__getitem__), ""
+
+
+def _root(node: Node) -> Node:
+    """The node whose storage `node` views (itself unless it is a view, slice or getitem)."""
+    while node.op == "call_function" and is_free(node) and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
 
 
 def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node]]:

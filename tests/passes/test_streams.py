@@ -191,6 +191,22 @@ def test_a_weight_computed_after_the_routed_experts_keeps_the_branches_on_one_st
     torch.testing.assert_close(gm(*MOE_ARGS), want, rtol=0, atol=0)
 
 
+def test_a_weight_written_in_place_between_fork_and_use_keeps_the_branches_on_one_stream():
+    gm = aten_graph(moe_layer, *MOE_ARGS)
+    w_down = [n for n in gm.graph.nodes if n.op == "placeholder"][5]  # the shared expert's down weight
+    index = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.index.Tensor)
+    with gm.graph.inserting_before(index):  # doubled in place after the router, before the shared expert reads it
+        gm.graph.call_function(torch.ops.aten.mul_.Tensor, (w_down, 2.0)).meta["val"] = w_down.meta["val"]
+    gm.recompile()
+    fresh = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in MOE_ARGS]  # noqa: E731
+    want = gm(*fresh())
+    (r,) = run_passes(gm, ON, (DualStream,), inputs=MOE_ARGS).remarks
+    assert (r.kind, r.name) == ("missed", "dual-stream")
+    assert r.reason == ("`mul__tensor` (mul_.Tensor) writes in place into `permute_4` (permute.default), which a branch "
+                        "reads, between where the branches would run and where they ran")
+    torch.testing.assert_close(gm(*fresh()), want, rtol=0, atol=0)
+
+
 @settings(max_examples=8, deadline=None)
 @given(tokens=st.sampled_from([1, 3]), width=st.sampled_from([256, 257, 384]),
        layout=st.sampled_from(["shared-last", "shared-first", "weight-computed-late"]))
