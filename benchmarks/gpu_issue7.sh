@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/card.tx
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >> "$OUT/card.txt"
 
 timeout $(( $(left) - 75 )) python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
-  --variants inductor,braze,braze-merge,braze-streams --budget-s 120 --out "$OUT/results" > "$OUT/bench.log" 2>&1
+  --variants braze,braze-streams,braze-merge,inductor --budget-s 95 --out "$OUT/results" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? at ${SECONDS}s"
 timeout $(( $(left) > 40 ? 40 : $(left) )) python3 -m pytest -q -p no:logging -rs -s tests/passes/test_streams_gpu.py \
   > "$OUT/test_streams_gpu.log" 2>&1
