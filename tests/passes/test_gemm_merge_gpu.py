@@ -85,11 +85,16 @@ def test_merged_gemms_under_cuda_graph_replays_and_in_place_weight_updates(name)
     # update a merged weight in place after capture: both captured graphs must see it without re-capture
     key, sibling = MERGED_WEIGHTS[name]
     params = dict(merged_model.named_parameters())
-    assert params[key].untyped_storage().data_ptr() == params[sibling].untyped_storage().data_ptr()
+    shared = params[key].untyped_storage().data_ptr() == params[sibling].untyped_storage().data_ptr()
+    print(f"{name}: {key} and {sibling} share one storage: {shared}", flush=True)  # the log says where it stopped
+    assert shared, "braze did not re-point the merged weights into one buffer (see the weights-not-shared remark)"
     with torch.no_grad():
         for model in (merged_model, plain_model):
             dict(model.named_parameters())[key].mul_(0.5)
     (after_m, _), (after_p, _) = merged(), plain()
+    print(f"{name}: after the update, merged changed: {not torch.equal(after_m, first_m)}, unmerged changed: "
+          f"{not torch.equal(after_p, first_p)}, max |merged - unmerged| = "
+          f"{(after_m.float() - after_p.float()).abs().max().item():.3g}", flush=True)
     assert not torch.equal(after_m, first_m), "the captured merged GEMM did not see the in-place update"
     torch.testing.assert_close(after_m.float(), after_p.float(), rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
