@@ -78,7 +78,7 @@ class FusionConfig:
     symm_max_tokens: int = 64
     post_conv: bool = True
     gated_norm: bool = True
-    gemm_merge: bool = False  # off until its GPU tests pass (an H100 run hit a device-side assert)
+    gemm_merge: bool = False  # off until tests/passes/test_gemm_merge_gpu.py passes on a GPU (STREAMS_DESIGN.md)
     dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0
