@@ -16,8 +16,9 @@ rewrite is provably the same computation:
 - the token count lies in `FusionConfig.token_ranges['dual_stream']` (default [1, 64]: above it the
   branches' GEMMs approach compute-bound and each fills the GPU alone);
 - no node of either branch is already part of another outlined pair.
-Off by default (`FusionConfig(dual_stream=False)`): the CUDA side of the op has not run on a GPU in
-braze's tests yet (STREAMS_DESIGN.md says what the GPU tests check).
+Off by default (`FusionConfig(dual_stream=True)` turns it on): on the H100 it acts on DeepSeek V3.2's
+MoE layers (router beside shared expert) and saves 1.6 % of the T=1 step; STREAMS_DESIGN.md has the
+measurements and what the GPU tests check.
 """
 
 from __future__ import annotations
