@@ -63,7 +63,7 @@ def run(size: str, tokens: list[int], device: str) -> list[dict]:
                 if device == "cuda":
                     from braze.bench_device import time_cuda_graph
 
-                    timing = time_cuda_graph(lambda: step(h), warmup=10, replays=100)
+                    timing = time_cuda_graph(lambda step=step, h=h: step(h), warmup=10, replays=100)
                     row["us"] = timing.median_s * 1e6
             rows.append(row)
             print(json.dumps(row), flush=True)

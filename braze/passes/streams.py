@@ -37,7 +37,6 @@ from .branches import Branch, Fork, decide, find_forks
 from .cost import is_free
 from .rewrite import graph_fake_mode
 
-
 prims = torch.ops.prims
 
 

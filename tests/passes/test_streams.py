@@ -8,10 +8,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.proxy_tensor import make_fx
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from braze import FusionConfig, TokenRange
 from braze.passes.branches import decide, find_forks
@@ -182,7 +181,7 @@ def test_the_router_runs_beside_the_shared_expert_once_the_weight_views_move_bef
 
 
 def test_a_weight_computed_after_the_routed_experts_keeps_the_branches_on_one_stream():
-    fn = lambda *a: moe_layer(*a, scale_late=True)  # noqa: E731  the down weight is scaled late: not a view
+    fn = lambda *a: moe_layer(*a, scale_late=True)
     gm = aten_graph(fn, *MOE_ARGS)
     want = gm(*MOE_ARGS)
     (r,) = run_passes(gm, ON, (DualStream,), inputs=MOE_ARGS).remarks
@@ -200,7 +199,7 @@ def test_a_weight_written_in_place_between_fork_and_use_keeps_the_branches_on_on
     with gm.graph.inserting_before(index):  # doubled in place after the router, before the shared expert reads it
         gm.graph.call_function(torch.ops.aten.mul_.Tensor, (w_down, 2.0)).meta["val"] = w_down.meta["val"]
     gm.recompile()
-    fresh = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in MOE_ARGS]  # noqa: E731
+    fresh = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in MOE_ARGS]
     want = gm(*fresh())
     (r,) = run_passes(gm, ON, (DualStream,), inputs=MOE_ARGS).remarks
     assert (r.kind, r.name) == ("missed", "dual-stream")
@@ -217,7 +216,7 @@ def test_moe_variants_overlap_exactly_when_every_late_input_can_move(tokens, wid
     computed after the routed experts cannot move, so the branches stay on one stream. Results equal."""
     args = (torch.randn(tokens, width), frozen(8, width, seed=1), frozen(64, width, seed=2), frozen(width, 64, seed=3),
             frozen(16384, width, seed=4), frozen(width, 16384, seed=5))
-    fn = lambda *a: moe_layer(*a, scale_late=layout == "weight-computed-late",  # noqa: E731
+    fn = lambda *a: moe_layer(*a, scale_late=layout == "weight-computed-late",
                               shared_first=layout == "shared-first")
     gm = aten_graph(fn, *args)
     want = gm(*args)
