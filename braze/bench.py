@@ -424,7 +424,11 @@ def _braze_summary(graphs: list) -> dict:
             "failed": len(rep.failed), "kernels_per_layer": after, "stock_kernels_per_layer": before,
             "kernels_total": sum(after.values()), "pass_seconds": rep.pass_seconds,
             "applied_names": sorted({r.name for r in rep.applied}),
-            "missed_reasons": sorted({f"{r.name}: {r.reason}" for r in rep.missed})[:50]}
+            "missed_reasons": sorted({f"{r.name}: {r.reason}" for r in rep.missed})[:50],
+            # dual-stream: per layer, the nodes on the side stream and the cost model's reason
+            "streams": [{"location": r.location, "stream0": list(dict(r.args)["stream0"]),
+                         "stream1": list(dict(r.args)["stream1"]), "message": r.message}
+                        for r in rep.applied if r.name == "dual-stream"]}
 
 
 def _fxgraph_counters() -> dict[str, int]:

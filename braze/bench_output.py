@@ -145,6 +145,11 @@ def _braze_section(doc: dict) -> list[str]:
                      f"Applied: {', '.join(b['applied_names']) or 'none'}. Kernels per layer: {per_layer or '-'}.")
         for reason in b["missed_reasons"][:8]:
             lines.append(f"  - missed {reason}")
+        for st in b.get("streams", []):
+            side, main = st["stream1"], st["stream0"]
+            lines.append(f"  - two streams at {st['location']}: side stream {len(side)} nodes ({', '.join(side[:3])} ... "
+                         f"{side[-1]}), default stream {len(main)} nodes ({', '.join(main[:3])} ... {main[-1]}); "
+                         f"{st['message'].split('(both compiled by Inductor); ')[-1]}")
     return lines + [""]
 
 

@@ -86,7 +86,7 @@ class FusionConfig:
     post_conv: bool = True
     delta_rule: bool = True  # 10-12 µs faster per Qwen 3.5 step than without (H100: qwen3.5_bench_tp1_static_delta_rule.md)
     gated_norm: bool = True
-    gemm_merge: bool = False  # off until its GPU tests pass (an H100 run hit a device-side assert)
+    gemm_merge: bool = False  # off until tests/passes/test_gemm_merge_gpu.py passes on a GPU (STREAMS_DESIGN.md)
     dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0

@@ -7,13 +7,18 @@ cost model (`braze.passes.branches.decide`). A fork's two branches are outlined 
 rewrite is provably the same computation:
 - both branches are pure (no in-place op, no mutation of a graph input, no multi-output value
   leaving the branch) and all their sizes are static (the op compiles its branches per shape);
-- every value a branch reads exists before the first value it produces is used (so the op can sit
-  where its inputs are ready without moving any other node);
+- every value a branch reads exists before the first value it produces is used, so the op can sit
+  where its inputs are ready. Two kinds of nodes are moved to make that hold, both pure: a view of
+  a weight (`permute(W)`, which Inductor's graph places just before its GEMM, after work that
+  reads the other branch's outputs) moves before the branches' first node, and a tensor the graph
+  creates from nothing (`full`, `iota`, `scalar_tensor`) that only one branch reads moves into that
+  branch. Anything else computed late is left in place, and the branches stay on one stream;
 - the token count lies in `FusionConfig.token_ranges['dual_stream']` (default [1, 64]: above it the
   branches' GEMMs approach compute-bound and each fills the GPU alone);
 - no node of either branch is already part of another outlined pair.
-Off by default (`FusionConfig(dual_stream=False)`): the CUDA side of the op has not run on a GPU in
-braze's tests yet (STREAMS_DESIGN.md says what the GPU tests check).
+Off by default (`FusionConfig(dual_stream=True)` turns it on): on the H100 it acts on DeepSeek V3.2's
+MoE layers (router beside shared expert) and saves 1.6 % of the T=1 step; STREAMS_DESIGN.md has the
+measurements and what the GPU tests check.
 """
 
 from __future__ import annotations
@@ -24,12 +29,19 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 import braze.runtime.streams  # noqa: F401  registers braze::parallel_branches
-from braze.patterns.fx import describe, module_path, val
+from braze.patterns.fx import aten, describe, module_path, val
 from braze.runtime.streams import encode_spec
 
 from .base import Pass, PassContext
 from .branches import Branch, Fork, decide, find_forks
+from .cost import is_free
 from .rewrite import graph_fake_mode
+
+prims = torch.ops.prims
+
+
+def order_of(graph: Graph) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def _static(v: object) -> bool:
@@ -63,6 +75,82 @@ def why_not_outlined(branch: Branch) -> str:
             if a not in inside and not isinstance(a.meta.get("val"), torch.Tensor):
                 return f"{describe(n)} reads {describe(a)}, which is not a tensor"
     return ""
+
+
+# Ops that create a tensor from no tensor input, deterministically (no RNG): free to move anywhere.
+_CREATION = (aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
+             aten.scalar_tensor.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
+             prims.iota.default)
+
+
+def _movable(node: Node, before: int, order: dict[Node, int], inside: set[Node]) -> bool:
+    """Whether `node` (outside the branches) can be computed before position `before` by moving it and the
+    nodes it needs there: a pure view, slice or getitem, or a creation op, of earlier or movable values."""
+    if node in inside or node.op != "call_function" or _mutates(node):
+        return False
+    if not (is_free(node) or node.target in _CREATION):
+        return False
+    return all(order[a] < before or _movable(a, before, order, inside) for a in node.all_input_nodes)
+
+
+def with_created_inputs(branch: Branch, others: set[Node]) -> Branch:
+    """`branch` plus the creation ops (`full`, `iota`, ...) that only it reads: computed inside the subgraph
+    rather than passed in."""
+    inside = set(branch.nodes)
+    extra = {a for n in branch.nodes for a in n.all_input_nodes
+             if a.op == "call_function" and a.target in _CREATION and not a.all_input_nodes and not _mutates(a)
+             and all(u in inside for u in a.users) and a not in others}
+    if not extra:
+        return branch
+    order = {n: i for i, n in enumerate(next(iter(inside)).graph.nodes)}
+    return Branch(branch.head, tuple(sorted(inside | extra, key=order.__getitem__)), branch.cost)
+
+
+def schedule(main: Branch, side: Branch) -> tuple[list[Node], str]:
+    """Where the op can go: the nodes to move before the branches' first node (graph order), or why the
+    branches cannot be replaced by one op (a value they read is computed after a value they produce is used)."""
+    graph = main.head.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inside = set(main.nodes) | set(side.nodes)
+    first = min(order[n] for n in inside)
+    external = {a for n in inside for a in n.all_input_nodes if a not in inside}
+    hoist: set[Node] = set()
+
+    def collect(a: Node) -> None:
+        if order[a] > first and a not in hoist:
+            hoist.add(a)
+            for b in a.all_input_nodes:
+                collect(b)
+
+    for a in external:
+        if order[a] > first and _movable(a, first, order, inside):
+            collect(a)
+    ready_at = {a: (first if a in hoist else order[a]) for a in external}
+    ready = max(ready_at.values(), default=first)
+    early = [u for n in inside for u in n.users if u not in inside and order[u] <= ready]
+    if early:
+        u = min(early, key=order.__getitem__)
+        late = max(ready_at, key=lambda a: (ready_at[a], order[a]))
+        return [], (f"{describe(u)} uses a branch value before {describe(late)}, which a branch reads, "
+                    "is computed (braze moves only views and creation ops of earlier values)")
+    # The op reads its inputs at `ready`, the branches read them anywhere up to their last node: no write in
+    # place into their storage may fall in between (a cache written by another op, say).
+    lo, hi = min(first, ready), max(max(order[n] for n in inside), ready)
+    roots = {_root(a): a for a in external}
+    for m in graph.nodes:
+        if lo < order[m] < hi and m not in inside and _mutates(m):
+            hit = next((roots[_root(x)] for x in m.all_input_nodes if _root(x) in roots), None)
+            if hit is not None:
+                return [], (f"{describe(m)} writes in place into {describe(hit)}, which a branch reads, between "
+                            "where the branches would run and where they ran")
+    return sorted(hoist, key=order.__getitem__), ""
+
+
+def _root(node: Node) -> Node:
+    """The node whose storage `node` views (itself unless it is a view, slice or getitem)."""
+    while node.op == "call_function" and is_free(node) and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
 
 
 def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node]]:
@@ -102,7 +190,10 @@ class DualStream(Pass):
             side = decision.side
             main = next(b for b in fork.branches if b is not side)
             try:
+                main = with_created_inputs(main, set(side.nodes))
+                side = with_created_inputs(side, set(main.nodes))
                 why = self._why_not(fork, main, side, taken, ctx)
+                hoist, why = ([], why) if why else schedule(main, side)
                 prepared = None if why else self._prepare(graph, main, side)
             except Exception as e:
                 ctx.remark("failed", "internal-error", fork.fork, "branches left on one stream after an error in "
@@ -112,6 +203,10 @@ class DualStream(Pass):
                 ctx.remark("missed", "dual-stream", fork.fork, "branches left on one stream", reason=why,
                            suggestion="see braze/passes/streams.py for what can be outlined", ops=("fork",))
                 continue
+            order = order_of(graph)
+            first = min(main.nodes + side.nodes, key=order.__getitem__)
+            for n in hoist:  # pure views of weights and creation ops the branches read: before their first node
+                first.prepend(n)
             self._rewrite(graph, fork, main, side, *prepared)
             taken |= set(main.nodes) | set(side.nodes)
             work = lambda b: [n.name for n in b.nodes if n.op == "call_function"]
@@ -137,14 +232,6 @@ class DualStream(Pass):
             why = why_not_outlined(b)
             if why:
                 return why
-        order = {n: i for i, n in enumerate(fork.fork.graph.nodes)}
-        inside = set(main.nodes) | set(side.nodes)
-        ready = max(order[a] for n in inside for a in n.all_input_nodes if a not in inside)
-        for n in inside:
-            for u in n.users:
-                if u not in inside and order[u] <= ready:
-                    return (f"{describe(u)} uses a branch value before {describe(list(order)[ready])}, which a "
-                            "branch reads, is computed")
         return ""
 
     @staticmethod

@@ -14,24 +14,26 @@ import braze
 from braze.runtime.streams import side_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_streams import two_heavy_branches
+from test_streams import MOE_ARGS, moe_layer, two_heavy_branches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 REPLAYS = 200
 
 
-def _args():
+def _args(fn=two_heavy_branches):
+    if fn is moe_layer:  # the router (topk, sorts) beside the shared expert, as in DeepSeek V3.2's MoE
+        return [MOE_ARGS[0].cuda()] + [torch.nn.Parameter(w.data.cuda(), requires_grad=False) for w in MOE_ARGS[1:]]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, generator=g)
     ws = [torch.nn.Parameter(torch.randn(*s, generator=g), requires_grad=False) for s in ((64, 16), (32, 16), (16, 64))]
     return [x.cuda()] + [torch.nn.Parameter(w.data.cuda(), requires_grad=False) for w in ws]
 
 
-def _captured(dual_stream: bool, args):
+def _captured(dual_stream: bool, args, fn=two_heavy_branches):
     torch._dynamo.reset()
     be = braze.backend(braze.FusionConfig(dual_stream=dual_stream, gemm_merge=False))
-    fn = torch.compile(two_heavy_branches, backend=be, fullgraph=True)
+    fn = torch.compile(fn, backend=be, fullgraph=True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -44,11 +46,17 @@ def _captured(dual_stream: bool, args):
     return be, graph, out
 
 
-def test_dual_stream_replays_are_identical_and_match_single_stream():
-    args = _args()
-    be, graph, out = _captured(True, args)
+def _tensors(out) -> tuple[torch.Tensor, ...]:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+@pytest.mark.parametrize("fn", [two_heavy_branches, moe_layer], ids=["softmax-chains", "moe-router-shared"])
+def test_dual_stream_replays_are_identical_and_match_single_stream(fn):
+    args = _args(fn)
+    be, graph, out = _captured(True, args, fn)
     assert [r.name for r in braze.report(be).applied] == ["dual-stream"]
-    _, graph1, out1 = _captured(False, args)
+    _, graph1, out1 = _captured(False, args, fn)
+    out, out1 = _tensors(out), _tensors(out1)
     graph1.replay()
     torch.cuda.synchronize()
     single = [o.clone() for o in out1]
