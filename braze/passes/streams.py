@@ -67,6 +67,9 @@ def why_not_outlined(branch: Branch) -> str:
             return f"{describe(n)} is not an operator call"
         if _mutates(n):
             return f"{describe(n)} writes in place"
+        if _communicates(n):  # every rank must issue collectives in one order, and braze's one-shot ops
+            # share one workspace per group that two streams must not use at once (COLLECTIVE_DESIGN.md)
+            return f"{describe(n)} communicates across ranks"
         if not _static(n.meta.get("val")):
             return f"{describe(n)} has symbolic sizes (a dynamic token count)"
         if not isinstance(n.meta.get("val"), torch.Tensor) and any(u not in inside for u in n.users):
@@ -75,6 +78,17 @@ def why_not_outlined(branch: Branch) -> str:
             if a not in inside and not isinstance(a.meta.get("val"), torch.Tensor):
                 return f"{describe(n)} reads {describe(a)}, which is not a tensor"
     return ""
+
+
+_BRAZE_COLLECTIVES = ("allreduce_rowwise", "tp_rmsnorm")
+
+
+def _communicates(node: Node) -> bool:
+    """A functional collective, or one of braze's fused collective ops."""
+    ns = getattr(node.target, "namespace", "")
+    if ns in ("_c10d_functional", "c10d_functional", "_dtensor"):
+        return True
+    return ns == "braze" and node.target.name().split("::")[-1].split(".")[0] in _BRAZE_COLLECTIVES
 
 
 # Ops that create a tensor from no tensor input, deterministically (no RNG): free to move anywhere.

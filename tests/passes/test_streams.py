@@ -96,6 +96,31 @@ def test_a_branch_that_writes_in_place_stays_on_one_stream():
     assert r.kind == "missed" and "writes in place" in r.reason
 
 
+def test_a_branch_that_communicates_stays_on_one_stream():
+    """Collectives keep one order on every rank and braze's fused ones share a workspace per group: never
+    on a side stream."""
+    import torch.distributed._functional_collectives as funcol
+
+    from braze.testing import single_rank_group
+
+    with single_rank_group() as group:
+        def fn(x, wa, wb, wc):
+            h = x * 2.0
+            a = F.linear(F.linear(h, wa).softmax(-1), wc).softmax(-1)
+            a = F.linear(a.softmax(-1), wc.t()).softmax(-1).cumsum(-1)
+            b = torch.softmax(F.linear(h.tanh(), wb), -1)
+            b = funcol.all_reduce(b, "sum", group).cumsum(-1).softmax(-1)
+            return a.sum(-1) + b.sum(-1)
+
+        gm = aten_graph(fn, *ARGS)
+        (fork,) = find_forks(gm.graph)
+        assert any("communicates across ranks" in why_not_outlined(b) for b in fork.branches)
+        remarks = run_passes(gm, ON, (DualStream,), inputs=ARGS).remarks
+        assert not [r for r in remarks if r.kind == "applied"]
+        missed = [r for r in remarks if r.kind == "missed"]
+        assert missed and all("communicates across ranks" in r.reason for r in missed)
+
+
 def test_a_branch_with_symbolic_sizes_stays_on_one_stream():
     from torch._inductor.decomposition import select_decomp_table
 
