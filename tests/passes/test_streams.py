@@ -173,7 +173,7 @@ def moe_layer(x, wg, w13, w2, ws13, ws2, scale_late=False, shared_first=False):
         shared = F.linear(F.silu(F.linear(h, ws13)), ws2)
     weights, idx = F.linear(h, wg).softmax(-1).topk(k, -1)  # router: [T, k] each
     order = idx.flatten().argsort(stable=True)
-    ends = (idx.flatten()[:, None] == torch.arange(wg.shape[0])).sum(0).cumsum(0)  # [E] group ends, as for grouped GEMMs
+    ends = (idx.flatten()[:, None] == torch.arange(wg.shape[0], device=h.device)).sum(0).cumsum(0)  # [E] group ends, as for grouped GEMMs
     ys = F.linear(F.relu(F.linear(h[order // k], w13)), w2)[order.argsort()].view(t, k, -1)
     routed = (ys * weights.unsqueeze(-1)).sum(1) * (ends[-1] / (t * k))  # reads the fork and the router (ends[-1] = T·k)
     if not shared_first:
