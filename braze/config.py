@@ -55,9 +55,12 @@ class FusionConfig:
     gated_norm: fuse the gated RMSNorm (x̂·w)·silu(z) [-> FP8 quant].
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound.
-        Off by default: its first H100 run failed (benchmarks/results/gpu_tests.md).
+        Off by default: -1.4% of DeepSeek V3.2's step at T=1 on an H100, but the merged GEMMs add
+        split-K kernels at T=8/64 and its GPU test has not yet passed for Qwen 3.5 (gpu_tests.md).
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
-        model says it pays (both branches compiled by Inductor). Off by default: not yet run on a GPU.
+        model says it pays (both branches compiled by Inductor). Off by default: -1.6% of DeepSeek
+        V3.2's step at T=1 on an H100 (deepseek-v3.2_bench_tp1_static_streams.md), below what would
+        justify a second stream in every user's graph; its newest GPU test case is not yet rerun.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
         TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). On CUDA the
         all-reduce + norm is fused only where every launch the graph can see takes the one-shot
