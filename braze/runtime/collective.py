@@ -55,6 +55,9 @@ def one_shot_gap(device: torch.device, max_rows: int | None, row_bytes: int, gro
     `_one_shot_workspace`'s per-call choice."""
     if device.type != "cuda":
         return None
+    why = symm_mem.available()
+    if why:
+        return f"no symmetric memory here ({why})"
     if max_rows is None:
         return "the token count has no upper bound"
     if max_rows > symm_max_tokens:

@@ -15,10 +15,16 @@ CUDA = torch.device("cuda", 0)
 HALF = (symm_mem.LAZY_BYTES // 2) & ~15
 
 
-@pytest.fixture(scope="module")
-def group_name():
+@pytest.fixture
+def group_name(monkeypatch):
+    monkeypatch.setattr(symm_mem, "available", lambda: None)  # as on a GPU host with symmetric memory
     with single_rank_group() as group:
         yield group.group_name
+
+
+def test_without_symmetric_memory_every_cuda_launch_would_take_nccl():
+    why = one_shot_gap(CUDA, 1, 16, "any", 256)
+    assert why is not None and why.startswith("no symmetric memory here (")
 
 
 def test_cpu_launches_have_no_gap(group_name):
@@ -39,6 +45,7 @@ def test_launches_that_could_take_nccl_are_named(group_name, max_rows, row_bytes
     assert one_shot_gap(CUDA, max_rows, row_bytes, group_name, 256) == expected
 
 
-def test_an_unknown_group_is_a_gap_not_an_error():
+def test_an_unknown_group_is_a_gap_not_an_error(monkeypatch):
+    monkeypatch.setattr(symm_mem, "available", lambda: None)
     why = one_shot_gap(CUDA, 1, 16, "no-such-group", 256)
     assert why is not None and why.startswith("the size of group 'no-such-group' is unknown here")
