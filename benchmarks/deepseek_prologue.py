@@ -25,6 +25,7 @@ import torch
 
 import braze
 from braze.bench_device import copy_bandwidth, count_cuda_kernels, time_cuda_graph
+from prologue_util import is_gemm, kernel_times, relerr
 from braze.models.common import PageTable, RotaryCache, init_random, yarn_inv_freq
 from braze.models.deepseek_v32 import DeepseekV32Config, MLAAttention
 
@@ -55,32 +56,6 @@ def weight_bytes(attn: MLAAttention) -> int:
             continue
         total += p.numel() * p.element_size() // (2 if name.startswith("kv_b_proj") else 1)
     return total
-
-
-def kernel_times(step, n: int = 20) -> dict[str, float]:
-    """Device µs per call of each kernel (profiler, `n` calls outside a graph), by kernel name."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")):
-            out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / n
-    return out
-
-
-def is_gemm(name: str) -> bool:
-    return name.startswith(("nvjet", "void cublas", "sm90_", "cutlass", "ampere_", "void gemm")) or "gemm" in name
-
-
-def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 VARIANTS = ("eager", "inductor", "braze", "braze-merge")

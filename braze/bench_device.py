@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,9 +43,45 @@ class KernelCount:
     memcpy: int
     memset: int
     names: dict[str, int]  # kernel name -> launches in the step (memcpy/memset excluded)
+    time_us: dict[str, float] = field(default_factory=dict)  # kernel name -> device µs summed over its launches
+    copy_us: float = 0.0  # memcpy + memset device µs
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "by_kind": kernel_time_by_kind(self.names, self.time_us, self.copy_us)}
+
+
+# What each kernel is, from its name (first match wins). braze names every kernel it generates `braze_*`;
+# Inductor's are `triton_*` (`triton_tem_*`: its GEMM templates); torch._grouped_mm runs CUTLASS's grouped
+# (GroupProblemShape) kernels; cuBLAS's are nvjet / xmma / gemv / gemm kernels plus its split-K reduce.
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("braze", ("braze_",)),
+    ("grouped GEMM", ("groupproblemshape", "grouped")),
+    ("GEMM", ("triton_tem", "nvjet", "xmma", "gemm", "gemv", "cutlass", "splitkreduce", "cublas")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("collective", ("nccl", "allreduce", "all_reduce")),
+    ("Inductor Triton", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel by its name: one of KERNEL_KINDS' labels, else "other"."""
+    low = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if low.startswith(marks[0]) if kind in ("braze", "Inductor Triton") else any(m in low for m in marks):
+            return kind
+    return "other"
+
+
+def kernel_time_by_kind(names: dict[str, int], time_us: dict[str, float], copy_us: float = 0.0) -> dict:
+    """{kind: {"us": device µs, "kernels": launches}} over one step, plus "memcpy/memset"."""
+    out: dict[str, dict] = {}
+    for name, n in names.items():
+        slot = out.setdefault(kernel_kind(name), {"us": 0.0, "kernels": 0})
+        slot["us"] += time_us.get(name, 0.0)
+        slot["kernels"] += n
+    if copy_us:
+        out["memcpy/memset"] = {"us": copy_us, "kernels": None}
+    return out
 
 
 def _quantiles(samples: list[float], method: str) -> Timing:
@@ -148,7 +184,9 @@ def time_cpu(step: Callable[[], object], repeats: int) -> Timing:
 
 
 def count_cuda_kernels(step: Callable[[], object]) -> KernelCount:
-    """Kernels, memcpys and memsets of one step, from the profiler's CUDA activity."""
+    """Kernels, memcpys and memsets of one step and their device time, from the profiler's CUDA activity.
+    The step is launched eagerly (not replayed from a graph): each kernel's duration is what it takes in the
+    graph too, but their sum leaves out the gaps between dependent kernels that the graph's time includes."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -157,18 +195,24 @@ def count_cuda_kernels(step: Callable[[], object]) -> KernelCount:
         step()
         torch.cuda.synchronize()
     kernels: Counter = Counter()
+    time_us: Counter = Counter()
     memcpy = memset = 0
+    copy_us = 0.0
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        low = e.name.lower()
+        low, us = e.name.lower(), e.time_range.elapsed_us()
         if low.startswith("memcpy"):
             memcpy += 1
+            copy_us += us
         elif low.startswith("memset"):
             memset += 1
+            copy_us += us
         else:
             kernels[e.name] += 1
-    return KernelCount(sum(kernels.values()), memcpy, memset, dict(kernels.most_common()))
+            time_us[e.name] += us
+    return KernelCount(sum(kernels.values()), memcpy, memset, dict(kernels.most_common()),
+                       {k: round(v, 3) for k, v in time_us.most_common()}, round(copy_us, 3))
 
 
 def synchronize(device: torch.device) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from braze.bench_device import KERNEL_KINDS, kernel_time_by_kind
+
 VARIANT_LABEL = {"eager": "eager", "inductor": "stock Inductor", "braze": "braze",
                  "braze-merge": "braze + GEMM merging", "braze-streams": "braze + dual stream",
                  "braze-collective": "braze + collective fusions", "braze-no-collective": "braze, no collective fusions",
@@ -84,7 +86,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {T} | {label} | {_us(t)} | {vs} | {_us(floor['floor_s'])} | {t / floor['floor_s']:.2f} | "
                      f"{kern} | {bz} | {_fmt(r.get('compile_s'), '.1f')} | {mem} | {err} | "
                      f"{_fmt(c.get('top1_agree'), '.3f')} | {_verdict(r)} |")
-    lines += ["", *_checks(doc), *_floor_table(doc), "", *_braze_section(doc), *_failures(doc)]
+    lines += ["", *_checks(doc), *_floor_table(doc), "", *_time_table(doc), *_braze_section(doc), *_failures(doc)]
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +133,39 @@ def _floor_table(doc: dict) -> list[str]:
                      f"{f.get('moe_path') or '-'} | {f['gemm_flops'] / 1e9:.1f} | {_us(f['bytes_s'])} | "
                      f"{_us(f.get('flops_s'))} |")
     return lines
+
+
+def _time_table(doc: dict) -> list[str]:
+    """Device time of one step by kernel kind (the profiler's launch of the step, see `count_cuda_kernels`),
+    and each row's three longest kernels."""
+    rows = [r for r in doc["rows"] if (r.get("kernels") or {}).get("time_us")]
+    if not rows:
+        return []
+    by = {id(r): r["kernels"].get("by_kind") or kernel_time_by_kind(
+        r["kernels"]["names"], r["kernels"]["time_us"], r["kernels"].get("copy_us", 0.0)) for r in rows}
+    kinds = [k for k, _ in KERNEL_KINDS] + ["other", "memcpy/memset"]
+    kinds = [k for k in kinds if any(k in b for b in by.values())]
+    lines = ["## Where the time goes", "",
+             "Device µs per kind of kernel in one step launched without a CUDA graph (the profiler's run that "
+             "counts kernels), with launches in parentheses; `busy` is their sum, `gaps` the graph's step time "
+             "minus it (idle time between dependent kernels). Kinds come from kernel names "
+             "(`braze.bench_device.KERNEL_KINDS`).", "",
+             "| T | variant | step µs | busy µs | gaps µs | " + " | ".join(kinds) + " |",
+             "|---:|---|---:|---:|---:|" + "---:|" * len(kinds)]
+    tops = []
+    for r in rows:
+        b = by[id(r)]
+        busy = sum(v["us"] for v in b.values())
+        step = r["time"]["median_s"] * 1e6
+        cells = " | ".join((f"{b[k]['us']:.1f}" + (f" ({b[k]['kernels']})" if b[k]["kernels"] is not None else ""))
+                           if k in b else "-" for k in kinds)
+        label = VARIANT_LABEL.get(r["variant"], r["variant"])
+        lines.append(f"| {r['tokens']} | {label} | {step:.1f} | {busy:.1f} | {step - busy:.1f} | {cells} |")
+        longest = sorted(r["kernels"]["time_us"].items(), key=lambda kv: -kv[1])[:3]
+        tops.append(f"- T={r['tokens']} {label}: " + "; ".join(
+            f"`{n[:70]}{'…' if len(n) > 70 else ''}` {us:.1f} µs × {r['kernels']['names'].get(n, 0)}"
+            for n, us in longest))
+    return lines + ["", "Longest kernels (µs summed over launches × launches):", "", *tops, ""]
 
 
 def _braze_section(doc: dict) -> list[str]:

@@ -151,7 +151,8 @@ def test_gpu_shaped_results_render(tmp_path):
     doc["meta"].update(device="cuda", card="NVIDIA H100 80GB HBM3", matmul_bf16_TFLOPs=700.0)
     doc["model"]["variants"] = ["eager", "inductor", "braze"]
     eager = doc["rows"][0]
-    eager.update(kernels={"kernels": 120, "memcpy": 2, "memset": 1, "names": {"gemv": 40}},
+    eager.update(kernels={"kernels": 120, "memcpy": 2, "memset": 1, "names": {"gemv": 40, "triton_poi_fused_0": 80},
+                          "time_us": {"gemv": 400.0, "triton_poi_fused_0": 160.0}, "copy_us": 3.0},
                  peak_mem_bytes=3 * 2**30, extra_mem_bytes=5 * 2**20)
     braze_row = copy.deepcopy(eager)
     braze_row.update(variant="braze", compile_s=12.5, kernels={"kernels": 80, "memcpy": 0, "memset": 0, "names": {}},
@@ -167,6 +168,9 @@ def test_gpu_shaped_results_render(tmp_path):
     assert "FAILED: RuntimeError: boom / here" in md and "skipped: time budget" in md
     assert "2.00×" in md and "| 60 |" in md and "missed norm-quant: no quant consumer" in md
     assert "## Failures" in md
+    # the eager row's device time by kind: 40 GEMVs and 80 Inductor kernels, 563 µs busy
+    assert "## Where the time goes" in md and "| 563.0 |" in md and "400.0 (40)" in md and "160.0 (80)" in md
+    assert "`gemv` 400.0 µs × 40" in md
     paths = write_results(doc, tmp_path / "gpu", "fake")
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size for p in paths)
 
@@ -246,3 +250,27 @@ def test_verdict_tolerates_few_tokens_at_router_near_ties():
     assert compare_logits(got, ref, 1e-2, tie)["verdict"] == "mismatch"
     one = compare_logits(ref[:1] * 2, ref[:1], 1e-2, torch.tensor([0.5]))  # T=1: the tie alone decides
     assert one["verdict"] == "router near-tie"
+
+
+def test_kernel_kinds_from_names():
+    from braze.bench_device import kernel_kind, kernel_time_by_kind
+
+    names = {
+        "braze_heads_g0_0123456789ab": "braze",
+        "braze_allreduce_rms_w2_abc": "braze",
+        "void cutlass::device_kernel<at::cuda::detail::enable_3x_kernel_for_sm9x<cutlass::gemm::kernel::"
+        "GemmUniversal<cutlass::gemm::GroupProblemShape<cute::tuple<int, int, int> >": "grouped GEMM",
+        "nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT": "GEMM",
+        "void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "GEMM",
+        "triton_tem_fused_mm_3": "GEMM",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "Inductor Triton",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
+        "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>": "other",
+    }
+    for name, kind in names.items():
+        assert kernel_kind(name) == kind, name
+    by = kernel_time_by_kind({"braze_x": 2, "triton_poi_y": 3, "gemv2T_kernel": 1},
+                             {"braze_x": 5.0, "triton_poi_y": 6.0, "gemv2T_kernel": 20.0}, copy_us=1.5)
+    assert by == {"braze": {"us": 5.0, "kernels": 2}, "Inductor Triton": {"us": 6.0, "kernels": 3},
+                  "GEMM": {"us": 20.0, "kernels": 1}, "memcpy/memset": {"us": 1.5, "kernels": None}}

@@ -94,8 +94,10 @@ class MiniMaxM2Attention(nn.Module):
         k = self.k_norm.weight * (k * torch.rsqrt(var[:, 1:2] + self.eps)).to(dtype)
         return q, k
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
-                block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    def prologue(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Everything before the attention kernel: qkv projection, TP-reduced QK-norm, RoPE, the K and V
+        cache writes. Returns q [T, H', D]."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H' + 2·Hkv')·D]
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -105,8 +107,13 @@ class MiniMaxM2Attention(nn.Module):
         k = apply_rope(k.view(t, self.kv_heads, self.head_dim), cos, sin, style="neox")  # [T, Hkv', D]
         write_slots(self.k_cache, slot_mapping, k)
         write_slots(self.v_cache, slot_mapping, v.view(t, self.kv_heads, self.head_dim))
+        return q
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        q = self.prologue(x, cos, sin, slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, block_table, seq_lens, self.scale)  # [T, H', D]
-        return self.o_proj(o.reshape(t, -1))
+        return self.o_proj(o.reshape(x.shape[0], -1))
 
 
 class MiniMaxM2DecoderLayer(nn.Module):
