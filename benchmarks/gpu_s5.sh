@@ -11,13 +11,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
   python3 -c 'import torch, triton, sys; print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])'
 } | tee "$OUT/env.txt"
 t0=$SECONDS
-py() { python3 -m pytest -q -p no:logging -p no:cacheprovider -rs "$@"; }
+PY="python3 -m pytest -q -p no:logging -p no:cacheprovider -rs"
 if [[ ${1:-tests} == tests ]]; then
-  timeout 150 py -m gpu tests/passes/test_post_conv_gpu.py tests/test_backend.py tests/test_ops.py 2>&1 | tee "$OUT/tests_a.log" | tail -8
+  timeout 150 $PY -m gpu tests/passes/test_post_conv_gpu.py tests/test_backend.py tests/test_ops.py 2>&1 | tee "$OUT/tests_a.log" | tail -8
   echo "a: $((SECONDS - t0)) s"
-  timeout 70 py tests/passes/test_streams_gpu.py 2>&1 | tee "$OUT/streams_gpu.log" | tail -6
+  timeout 70 $PY tests/passes/test_streams_gpu.py 2>&1 | tee "$OUT/streams_gpu.log" | tail -6
   echo "streams: $((SECONDS - t0)) s"
-  timeout 200 py -s tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/gemm_merge_gpu.log" | grep -v Warn | tail -12
+  timeout 200 $PY -s tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/gemm_merge_gpu.log" | grep -v Warn | tail -12
   echo "tests: $((SECONDS - t0)) s"
 else
   timeout 560 python3 -m braze bench --model deepseek-v3.2,qwen3.5,minimax-m2.5 --size bench --tokens "${TOKENS:-1}" \
