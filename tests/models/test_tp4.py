@@ -19,7 +19,7 @@ from braze.models.deepseek_v32 import DeepseekV32Config, DeepseekV32ForCausalLM
 from braze.models.minimax_m2 import MiniMaxM2Config, MiniMaxM2ForCausalLM
 from braze.models.qwen3_5 import Qwen35Config, Qwen35ForCausalLM
 
-KW = dict(dtype=torch.float32, max_batch=3, max_context=32, seed=3)
+KW = {"dtype": torch.float32, "max_batch": 3, "max_context": 32, "seed": 3}
 LENS = [5, 11, 19]
 
 
