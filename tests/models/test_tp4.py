@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from braze import models
-from braze.models.common import make_decode_inputs
+from braze.models.common import load_full_state_dict, make_decode_inputs
 from braze.models.deepseek_v32 import DeepseekV32Config, DeepseekV32ForCausalLM
 from braze.models.minimax_m2 import MiniMaxM2Config, MiniMaxM2ForCausalLM
 from braze.models.qwen3_5 import Qwen35Config, Qwen35ForCausalLM
@@ -67,7 +67,12 @@ def _tp4_worker(rank: int, world_size: int) -> None:
     minimax_full = MiniMaxM2ForCausalLM(MiniMaxM2Config.tiny(), **KW)
     minimax = MiniMaxM2ForCausalLM(MiniMaxM2Config.tiny(), group=group, **KW)
     _check_minimax_replication(minimax_full, minimax, rank, world_size)
-    del minimax_full
+    # Loading a full (TP=1) state dict, the path Hugging Face weights take, replicates the same way.
+    loaded = MiniMaxM2ForCausalLM(MiniMaxM2Config.tiny(), group=group, **{**KW, "seed": 0})
+    load_full_state_dict(loaded, minimax_full.state_dict(), group)
+    for (n, x), (_, y) in zip(loaded.named_parameters(), minimax.named_parameters()):
+        assert torch.equal(x, y), f"rank {rank}: {n} loaded from the full state dict differs from the seeded draw"
+    del minimax_full, loaded
     deepseek = DeepseekV32ForCausalLM(DeepseekV32Config.tiny(), group=group, **KW)
     assert deepseek.layers[0].self_attn.heads == 1
     qwen_tp = Qwen35ForCausalLM(qwen, group=group, **KW)
