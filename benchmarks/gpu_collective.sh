@@ -24,9 +24,8 @@ if [[ $what == micro || $what == all ]]; then
   timeout "${MICRO_TIMEOUT:-400}" torchrun --nproc-per-node "$P" benchmarks/allreduce_norm.py \
     --inner 50 --out "$OUT/results" 2>&1 | tee "$OUT/allreduce_norm_tp$P.log" | grep -v Warn | tail -20
 fi
-# At TP=4 only DeepSeek V3.2's bench config divides (MiniMax's has 2 kv heads, Qwen 3.5's 2 GDN key heads;
-# kv-head replication is modeled for Qwen's attention only).
-steps_models=${STEPS_MODELS:-$([[ $P -le 2 ]] && echo all || echo deepseek-v3.2)}
+# The bench models built for P ranks keep the bench's per-rank heads (`bench(tp=P)`), so all three run at every P.
+steps_models=${STEPS_MODELS:-all}
 if [[ $what == steps || $what == all ]]; then
   timeout "${STEPS_TIMEOUT:-500}" torchrun --nproc-per-node "$P" -m braze bench --model "$steps_models" --size bench \
     --tokens 1,8,64 --variants eager,inductor,braze,braze-collective --budget-s "${STEPS_BUDGET:-450}" \

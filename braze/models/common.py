@@ -54,29 +54,58 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None, size: int) -> torch.
     return x
 
 
+class Sharding(NamedTuple):
+    """How a marked tensor is split over the TP ranks and drawn at random init (see `mark`)."""
+
+    dim: int | None
+    parts: tuple[int, ...] | None
+    init: str
+    replicas: tuple[int, ...] | None = None
+
+
 def mark(t: torch.Tensor, *, dim: int | None = None, parts: tuple[int, ...] | None = None,
-         init: str = "normal") -> torch.Tensor:
+         init: str = "normal", replicas: tuple[int, ...] | None = None) -> torch.Tensor:
     """Record on `t` (a Parameter or buffer, once wrapped) how it is sharded (along `dim`, each segment
     of `parts` split evenly over the ranks) and how it is drawn at random init.
+
+    replicas (one per segment of `parts`, which then must be given): k > 1 replicates the segment over
+    k ranks, as heads are when the group is larger than their count: the segment splits into size/k
+    pieces and rank r holds piece r // k. The full shape stays the unreplicated one, so a TP=P model
+    draws and loads the same full tensors as the TP=1 model.
 
     init: "normal" (std 0.02), "one" (1 + 0.1·N, norm weights), "small" (0.1·N: zero-centered
     norm weights, biases), "zero".
     """
-    t._braze = (dim, parts, init)  # type: ignore[attr-defined]
+    if replicas is not None and (parts is None or len(replicas) != len(parts)):
+        raise ValueError(f"replicas {replicas} needs one entry per segment of parts {parts}")
+    t._braze = Sharding(dim, parts, init, replicas)  # type: ignore[attr-defined]
     return t
 
 
-def shard(full: torch.Tensor, dim: int | None, parts: tuple[int, ...] | None, rank: int, size: int) -> torch.Tensor:
-    """This rank's slice of `full`: each segment of `parts` along `dim` is split into `size` equal pieces."""
+def local_size(parts: tuple[int, ...], replicas: tuple[int, ...] | None, size: int) -> int:
+    """Width of one rank's slice of segments `parts` (full sizes) with `replicas` (see `mark`)."""
+    replicas = replicas or (1,) * len(parts)
+    for p, k in zip(parts, replicas):
+        if size % k or p % (size // k):
+            raise ValueError(f"a segment of {p} replicated over {k} ranks does not split over TP={size}; "
+                             "pick a TP size that divides the heads, or a multiple of their count")
+    return sum(p // (size // k) for p, k in zip(parts, replicas))
+
+
+def shard(full: torch.Tensor, dim: int | None, parts: tuple[int, ...] | None, rank: int, size: int,
+          replicas: tuple[int, ...] | None = None) -> torch.Tensor:
+    """This rank's slice of `full`: each segment of `parts` along `dim` is split into `size` equal pieces
+    (into size/k pieces, rank r taking piece r // k, for a segment replicated over k ranks)."""
     if dim is None or size == 1:
         return full
     segments = full.split(list(parts), dim) if parts else [full]
     pieces = []
-    for seg in segments:
-        if seg.shape[dim] % size:
+    for seg, k in zip(segments, replicas or (1,) * len(segments)):
+        ways = size // k if size % k == 0 else 0
+        if not ways or seg.shape[dim] % ways:
             raise ValueError(f"cannot shard a segment of {seg.shape[dim]} along dim {dim} over {size} ranks "
-                             f"(full shape {tuple(full.shape)}); pick a TP size that divides it")
-        pieces.append(seg.chunk(size, dim)[rank])
+                             f"(replicated {k}x; full shape {tuple(full.shape)}); pick a TP size that divides it")
+        pieces.append(seg.chunk(ways, dim)[rank // k])
     return torch.cat(pieces, dim)
 
 
@@ -89,13 +118,14 @@ def _marked(model: nn.Module):
 
 
 def _full_shape(t: torch.Tensor, size: int) -> tuple[int, ...]:
-    dim = t._braze[0]
-    return tuple(n * size if i == dim else n for i, n in enumerate(t.shape))
+    dim, parts, _, replicas = t._braze
+    full = sum(parts) if replicas else None  # a replicated segment's local width times size overshoots
+    return tuple((full or n * size) if i == dim else n for i, n in enumerate(t.shape))
 
 
 def full_shapes(model: nn.Module, size: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (full TP=1 shape, init kind) for every marked parameter and buffer."""
-    return {key: (_full_shape(t, size), t._braze[2]) for _, _, key, t in _marked(model)}
+    return {key: (_full_shape(t, size), t._braze.init) for _, _, key, t in _marked(model)}
 
 
 @torch.no_grad()
@@ -113,15 +143,15 @@ def _load(mod: nn.Module, name: str, key: str, t: torch.Tensor, full: torch.Tens
     if hasattr(mod, "load_full"):  # FP8 weights: quantized whole, as a checkpoint is, then sliced
         mod.load_full(name, full, rank, size)
         return
-    dim, parts, _ = t._braze
-    local = shard(full, dim, parts, rank, size)
+    dim, parts, _, replicas = t._braze
+    local = shard(full, dim, parts, rank, size, replicas)
     if local.shape != t.shape:
         raise ValueError(f"{key}: expected local shape {tuple(t.shape)}, got {tuple(local.shape)}")
     t.copy_(local)
 
 
 def shard_fp8(q: torch.Tensor, s: torch.Tensor, scheme: Fp8Scheme, dim: int | None, parts: tuple[int, ...] | None,
-              rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+              rank: int, size: int, replicas: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice a quantized weight q [..., N, K] and its scales like `shard` slices the weight. Per-channel
     scales [..., N, 1] follow the rows (a K split leaves them whole); 128x128 block scales follow
     their blocks, so every shard must hold whole blocks."""
@@ -129,13 +159,14 @@ def shard_fp8(q: torch.Tensor, s: torch.Tensor, scheme: Fp8Scheme, dim: int | No
         return q, s
     k_dim = q.dim() - 1
     if not scheme.block:
-        return shard(q, dim, parts, rank, size), (s if dim == k_dim else shard(s, dim, parts, rank, size))
-    for seg in parts or (q.shape[dim],):
-        if seg % (128 * size):
+        return (shard(q, dim, parts, rank, size, replicas),
+                s if dim == k_dim else shard(s, dim, parts, rank, size, replicas))
+    for seg, k in zip(parts or (q.shape[dim],), replicas or (1,) * len(parts or (0,))):
+        if seg % (128 * (size // k)):
             raise ValueError(f"block FP8 under TP={size} needs shards of whole 128-blocks; a segment of {seg} "
                              f"along dim {dim} does not split so. Use FP8_CHANNEL or another TP size")
     block_parts = tuple(p // 128 for p in parts) if parts else None
-    return shard(q, dim, parts, rank, size), shard(s, dim, block_parts, rank, size)
+    return shard(q, dim, parts, rank, size, replicas), shard(s, dim, block_parts, rank, size, replicas)
 
 
 def _draw(shape, init: str, generator: torch.Generator, device, std: float) -> torch.Tensor:
@@ -155,7 +186,7 @@ def init_random(model: nn.Module, seed: int, group: ProcessGroup | None = None, 
         return
     generator = torch.Generator(device=device).manual_seed(seed)
     for mod, name, key, t in marked:
-        _load(mod, name, key, t, _draw(_full_shape(t, size), t._braze[2], generator, device, std), rank, size)
+        _load(mod, name, key, t, _draw(_full_shape(t, size), t._braze.init, generator, device, std), rank, size)
 
 
 def random_full_state_dict(model: nn.Module, generator: torch.Generator, size: int, device: torch.device | str,
@@ -172,19 +203,24 @@ def random_full_state_dict(model: nn.Module, generator: torch.Generator, size: i
 
 class Linear(nn.Module):
     """y = x·Wᵀ (no bias). parallel: None (replicated), "column" (W split by output rows; each of
-    `output_sizes` is split separately, for merged projections) or "row" (W split by input columns;
-    the partial sums are all-reduced unless reduce=False, which leaves the reduce to the caller)."""
+    `output_sizes` is split separately, for merged projections; `replicas`, one per output size,
+    replicates heads over ranks as `mark` describes) or "row" (W split by input columns; the partial
+    sums are all-reduced unless reduce=False, which leaves the reduce to the caller)."""
 
     def __init__(self, in_features: int, out_features: int, *, parallel: str | None = None,
                  group: ProcessGroup | None = None, output_sizes: tuple[int, ...] | None = None,
-                 reduce: bool = True, fp8: Fp8Scheme | None = None,
+                 replicas: tuple[int, ...] | None = None, reduce: bool = True, fp8: Fp8Scheme | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.group, self.tp = group, tp_size(group)
+        if replicas is not None and (parallel != "column" or output_sizes is None):
+            raise ValueError("replicas applies to a column-parallel linear with output_sizes")
         self.parallel, self.reduce, self.fp8 = parallel, reduce, fp8
         out_local, in_local = out_features, in_features
         if parallel == "column":
             out_local, dim = out_features // self.tp, 0
+            if replicas is not None:
+                out_local = local_size(output_sizes, replicas, self.tp)
         elif parallel == "row":
             in_local, dim = in_features // self.tp, 1
         elif parallel is None:
@@ -195,7 +231,7 @@ class Linear(nn.Module):
             raise ValueError(f"block FP8 needs a local input width divisible by 128, got {in_local}; use FP8_CHANNEL")
         w = torch.empty(out_local, in_local, device=device, dtype=FP8 if fp8 else dtype)
         self.weight = mark(nn.Parameter(w, requires_grad=False), dim=dim,
-                           parts=output_sizes if parallel == "column" else None)
+                           parts=output_sizes if parallel == "column" else None, replicas=replicas)
         if fp8 is not None:
             n_s = (out_local, 1) if not fp8.block else (-(-out_local // 128), in_local // 128)
             self.weight_scale = nn.Parameter(torch.ones(n_s, device=device), requires_grad=False)
@@ -203,11 +239,11 @@ class Linear(nn.Module):
 
     def load_full(self, name: str, full: torch.Tensor, rank: int, size: int) -> None:
         """Set the weight from its full [out, in] value: sliced for this rank (quantized first if FP8)."""
-        dim, parts, _ = self.weight._braze
+        dim, parts, _, replicas = self.weight._braze
         if self.fp8 is None:
-            self.weight.copy_(shard(full, dim, parts, rank, size))
+            self.weight.copy_(shard(full, dim, parts, rank, size, replicas))
             return
-        q, s = shard_fp8(*quant_weight_fp8(full, self.fp8), self.fp8, dim, parts, rank, size)
+        q, s = shard_fp8(*quant_weight_fp8(full, self.fp8), self.fp8, dim, parts, rank, size, replicas)
         self.weight.copy_(q)
         self.weight_scale.copy_(s)
 

@@ -80,11 +80,14 @@ class DeepseekV32Config:
                    moe_inter=128, block_size=16)
 
     @classmethod
-    def bench(cls) -> DeepseekV32Config:
-        # Real hidden/vocab/MLA/indexer sizes; 128 heads at the published TP=8 -> 16 per rank (and the
-        # dense MLP's 18432 -> 2304 per rank); 16 whole experts (as under expert parallelism), 4 layers.
+    def bench(cls, tp: int = 1) -> DeepseekV32Config:
+        """One rank of the published TP=8 deployment: real hidden/vocab/MLA/indexer sizes, 128 heads -> 16
+        per rank (and the dense MLP's 18432 -> 2304 per rank), 16 whole experts (as under expert
+        parallelism), 4 layers. For a TP group of `tp` ranks the attention heads are 16·tp, so every rank
+        still holds 16 (tp=8: the real 128); the indexer (replicated) and the MLP/expert widths (split
+        over the group) do not grow."""
         return cls(vocab_size=129280, hidden_size=7168, num_layers=4, first_k_dense=1, dense_inter=2304,
-                   num_heads=16, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64,
+                   num_heads=16 * tp, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64,
                    v_head_dim=128, index_heads=64, index_head_dim=128, index_topk=2048, num_experts=16, n_group=8,
                    topk_group=4, top_k=8, moe_inter=2048)
 

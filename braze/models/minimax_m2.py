@@ -4,7 +4,8 @@ Per layer: RMSNorm -> qkv_proj -> QK RMSNorm over the WHOLE projected q and k wi
 per-token variances of the local slices are summed across ranks with a [T, 2] fp32 all-reduce
 and divided by P before the local weight slice is applied) -> partial NeoX RoPE (rotary_dim of
 head_dim) -> paged K/V cache write -> GQA -> o_proj + all-reduce -> RMSNorm -> sigmoid router
-with correction bias -> SwiGLU experts -> all-reduce.
+with correction bias -> SwiGLU experts -> all-reduce. When TP exceeds the kv heads (a multiple of
+them), each kv head and its k_norm weight slice are replicated over TP/kv ranks, as in vLLM.
 
 Norm convention is Hugging Face's `MiniMaxM2RMSNorm`: x̂ is cast to the model dtype before the
 weight multiplies it (vLLM multiplies in fp32; the two agree in fp32).
@@ -50,10 +51,13 @@ class MiniMaxM2Config:
                    rotary_dim=32, num_experts=8, top_k=2, moe_inter=128)
 
     @classmethod
-    def bench(cls) -> MiniMaxM2Config:
-        # Real hidden size, vocab and head_dim; 48/8 heads at the published TP=4 -> 12/2 per rank.
-        return cls(vocab_size=200064, hidden_size=3072, num_layers=4, num_heads=12, num_kv_heads=2, head_dim=128,
-                   rotary_dim=64, num_experts=16, top_k=8, moe_inter=1536, block_size=64)
+    def bench(cls, tp: int = 1) -> MiniMaxM2Config:
+        """One rank of the published TP=4 deployment (48/8 heads -> 12/2 per rank) with the real hidden
+        size, vocab and head_dim, 4 layers and 16 experts. For a TP group of `tp` ranks the full head
+        counts are 12·tp / 2·tp, so every rank still holds 12 q and 2 kv heads (tp=4: the real 48/8);
+        expert widths stay full and split over the group."""
+        return cls(vocab_size=200064, hidden_size=3072, num_layers=4, num_heads=12 * tp, num_kv_heads=2 * tp,
+                   head_dim=128, rotary_dim=64, num_experts=16, top_k=8, moe_inter=1536, block_size=64)
 
     def replace(self, **kw) -> MiniMaxM2Config:
         return dataclasses.replace(self, **kw)
@@ -64,21 +68,26 @@ class MiniMaxM2Attention(nn.Module):
                  fp8: Fp8Scheme | None, device, dtype: torch.dtype):
         super().__init__()
         self.group, self.tp = group, tp_size(group)
-        if cfg.num_kv_heads % self.tp:
-            raise ValueError(f"TP={self.tp} must divide the {cfg.num_kv_heads} kv heads "
-                             "(replicating kv heads for a larger TP is not modeled)")
-        self.heads, self.kv_heads = cfg.num_heads // self.tp, cfg.num_kv_heads // self.tp
+        P, H, Hkv = self.tp, cfg.num_heads, cfg.num_kv_heads
+        if H % P or (Hkv % P and P % Hkv):
+            raise ValueError(f"attention heads ({H} q, {Hkv} kv) do not split over TP={P}: it must divide the q "
+                             "heads and divide the kv heads or be a multiple of them")
+        # kv heads are replicated when P > Hkv (as vLLM does): rank r holds kv head r // (P/Hkv), with
+        # that head's k_norm weight slice.
+        self.kv_replicas = max(1, P // Hkv)
+        self.heads, self.kv_heads = H // P, max(1, Hkv // P)
         self.head_dim, self.eps, self.scale = cfg.head_dim, cfg.rms_norm_eps, cfg.head_dim ** -0.5
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q_size, kv_size = H * cfg.head_dim, Hkv * cfg.head_dim  # full (TP=1) widths
+        rep = (1, self.kv_replicas, self.kv_replicas)
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q_size + 2 * kv_size,
-                                             output_sizes=(q_size, kv_size, kv_size), group=group, fp8=fp8,
-                                             device=device, dtype=dtype)
+                                             output_sizes=(q_size, kv_size, kv_size), replicas=rep, group=group,
+                                             fp8=fp8, device=device, dtype=dtype)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, group=group, fp8=fp8, device=device, dtype=dtype)
         # Norm weights over the full width, sharded with their heads (only .weight is used).
-        self.q_norm = RMSNorm(q_size // self.tp, cfg.rms_norm_eps, device=device, dtype=dtype)
-        self.k_norm = RMSNorm(kv_size // self.tp, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(q_size // P, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(self.kv_heads * cfg.head_dim, cfg.rms_norm_eps, device=device, dtype=dtype)
         mark(self.q_norm.weight, dim=0, init="one")
-        mark(self.k_norm.weight, dim=0, init="one")
+        mark(self.k_norm.weight, dim=0, parts=(kv_size,), replicas=(self.kv_replicas,), init="one")
         shape = (pages.num_blocks, pages.block_size, self.kv_heads, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
@@ -88,7 +97,10 @@ class MiniMaxM2Attention(nn.Module):
         dtype = q.dtype
         q, k = q.float(), k.float()
         var = torch.cat([q.pow(2).mean(-1, keepdim=True), k.pow(2).mean(-1, keepdim=True)], dim=-1)  # [T, 2]
-        if self.tp > 1:  # equal slice widths: the full-width mean is the mean of the rank means
+        if self.tp > 1:
+            # Equal slice widths: the full-width mean is the mean of the P rank means. With kv heads
+            # replicated, each of the Hkv distinct k slices sits on P/Hkv ranks, so the sum over ranks
+            # counts each one P/Hkv times and sum / P is still the mean over the Hkv distinct slices.
             var = all_reduce(var, self.group, self.tp) / self.tp
         q = self.q_norm.weight * (q * torch.rsqrt(var[:, 0:1] + self.eps)).to(dtype)
         k = self.k_norm.weight * (k * torch.rsqrt(var[:, 1:2] + self.eps)).to(dtype)

@@ -136,7 +136,7 @@ class Experts(nn.Module):
 
     def load_full(self, name: str, full: torch.Tensor, rank: int, size: int) -> None:
         """Set w13 [E, 2I, H] or w2 [E, H, I] from the full value (each expert quantized whole if FP8)."""
-        dim, parts, _ = getattr(self, name)._braze
+        dim, parts = getattr(self, name)._braze[:2]  # experts are never replicated
         if self.fp8 is None:
             getattr(self, name).copy_(shard(full, dim, parts, rank, size))
             return

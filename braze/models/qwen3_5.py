@@ -11,8 +11,9 @@ streams), attention's q/gate, k and v into one `qkv_proj`. `load_hf_state_dict` 
 Hugging Face's separate projections into these.
 
 Tensor parallelism: attention heads, GDN key/value heads (conv channels per q/k/v
-segment, A_log, dt_bias) and expert widths are split over the group; kv heads are
-replicated when the group is larger than their count. Two all-reduces per layer, after
+segment, A_log, dt_bias) and expert widths are split over the group; attention kv heads
+and GDN key heads are replicated when the group is larger than their count (rank r holds
+head r // (P/count), see `common.mark`). Two all-reduces per layer, after
 `o_proj`/`out_proj` and after the MoE.
 """
 
@@ -91,13 +92,15 @@ class Qwen35Config:
                    moe_intermediate_size=128, shared_expert_intermediate_size=128, block_size=4)
 
     @classmethod
-    def bench(cls) -> Qwen35Config:
-        """Real hidden size and one rank's heads of the published TEP=8 deployment, run at TP=1:
-        attention 32/8 = 4 q heads and 1 kv head (2 kv heads replicated over 8 ranks), GDN 16/8 = 2
-        key and 64/8 = 8 value heads; one [GDN×3, full] group. Experts cut from 512 to 16 (top-10
-        kept): common's MoE reads only the chosen experts when T·k < E, else runs all E densely."""
-        return cls(num_layers=4, num_attention_heads=4, num_kv_heads=1, linear_num_key_heads=2,
-                   linear_num_value_heads=8, num_experts=16, block_size=64)
+    def bench(cls, tp: int = 1) -> Qwen35Config:
+        """Real hidden size and one rank's heads of the published TEP=8 deployment: attention 32/8 = 4 q
+        heads and 1 kv head (2 kv heads replicated over 8 ranks), GDN 16/8 = 2 key and 64/8 = 8 value
+        heads; one [GDN×3, full] group. Experts cut from 512 to 16 (top-10 kept): common's MoE reads only
+        the chosen experts when T·k < E, else runs all E densely. For a TP group of `tp` ranks the full
+        head counts are these times tp (4·tp q, tp kv, 2·tp key, 8·tp value heads), so every rank still
+        holds the heads above; the expert widths stay full and split over the group."""
+        return cls(num_layers=4, num_attention_heads=4 * tp, num_kv_heads=tp, linear_num_key_heads=2 * tp,
+                   linear_num_value_heads=8 * tp, num_experts=16, block_size=64)
 
 
 class StepInputs(NamedTuple):
@@ -125,22 +128,28 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: Qwen35Config, *, group: ProcessGroup | None, max_batch: int, fp8: Fp8Scheme | None,
                  device, dtype: torch.dtype):
         super().__init__()
-        P = tp_size(group)
-        if cfg.linear_num_key_heads % P or cfg.linear_num_value_heads % cfg.linear_num_key_heads:
-            raise ValueError(f"GDN needs key heads ({cfg.linear_num_key_heads}) divisible by TP={P} and value heads "
-                             f"({cfg.linear_num_value_heads}) a multiple of key heads")
-        self.hk, self.hv = cfg.linear_num_key_heads // P, cfg.linear_num_value_heads // P
+        P, Hk, Hv = tp_size(group), cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        if Hv % Hk or Hv % P or (Hk % P and P % Hk):
+            raise ValueError(f"GDN heads ({Hk} key, {Hv} value) do not split over TP={P}: value heads must be a "
+                             "multiple of key heads and of TP, and TP must divide the key heads or be a multiple")
+        # Key heads are replicated when P > Hk: rank r holds key head r // (P/Hk), the one its Hv/P value
+        # heads (a contiguous run inside that key head's group of Hv/Hk) read.
+        self.key_replicas = max(1, P // Hk)
+        self.hk, self.hv = max(1, Hk // P), Hv // P
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        key, value = cfg.linear_num_key_heads * self.dk, cfg.linear_num_value_heads * self.dv  # full widths
+        key, value = Hk * self.dk, Hv * self.dv  # full widths
         self.conv_dim = 2 * self.hk * self.dk + self.hv * self.dv  # C': local conv channels [q‖k‖v]
         kw = dict(group=group, device=device, dtype=dtype)
+        rk = self.key_replicas
         self.in_proj_qkvz = ColumnParallelLinear(cfg.hidden_size, 2 * key + 2 * value,
-                                                 output_sizes=(key, key, value, value), fp8=fp8, **kw)
+                                                 output_sizes=(key, key, value, value), replicas=(rk, rk, 1, 1),
+                                                 fp8=fp8, **kw)
         self.in_proj_ba = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.linear_num_value_heads,
                                                output_sizes=(cfg.linear_num_value_heads,) * 2, **kw)
         K = cfg.linear_conv_kernel
         self.conv_weight = mark(nn.Parameter(torch.empty(self.conv_dim, K, device=device, dtype=dtype),
-                                             requires_grad=False), dim=0, parts=(key, key, value), init="small")
+                                             requires_grad=False), dim=0, parts=(key, key, value),
+                                        replicas=(rk, rk, 1), init="small")
         self.A_log = mark(nn.Parameter(torch.empty(self.hv, device=device), requires_grad=False), dim=0,
                           init="small")
         self.dt_bias = mark(nn.Parameter(torch.empty(self.hv, device=device), requires_grad=False), dim=0,
@@ -196,12 +205,12 @@ class GatedAttention(nn.Module):
         H, Hkv, D = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim
         if H % P or (Hkv % P and P % Hkv):
             raise ValueError(f"attention heads ({H} q, {Hkv} kv) do not split over TP={P}")
-        # kv heads are replicated when P > Hkv: the loader repeats each one P/Hkv times (`expand_kv_heads`)
+        # kv heads are replicated when P > Hkv: rank r holds kv head r // (P/Hkv)
         self.kv_replicas = max(1, P // Hkv)
         self.h, self.hkv, self.d = H // P, max(1, Hkv // P), D
-        kv = Hkv * self.kv_replicas * D
+        kv, r = Hkv * D, self.kv_replicas
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, 2 * H * D + 2 * kv, output_sizes=(2 * H * D, kv, kv),
-                                             group=group, fp8=fp8, device=device, dtype=dtype)
+                                             replicas=(1, r, r), group=group, fp8=fp8, device=device, dtype=dtype)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps, zero_centered=True, device=device, dtype=dtype)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps, zero_centered=True, device=device, dtype=dtype)
         self.o_proj = RowParallelLinear(H * D, cfg.hidden_size, group=group, fp8=fp8, device=device, dtype=dtype)
@@ -286,28 +295,16 @@ class Qwen35ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_random(self, seed: int) -> None:
-        """Draw every weight from a generator seeded with `seed` (the same math at every TP size as long
-        as no kv head is replicated)."""
+        """Draw every weight at its full (TP=1) shape from a generator seeded with `seed`: the same math
+        at every TP size, replicated heads included."""
         device = self.embed_tokens.device
         gen = torch.Generator(device=device).manual_seed(seed)
-        full = random_full_state_dict(self, gen, tp_size(self.group), device, self.embed_tokens.dtype)
-        for key, attn in self._attentions():
-            if attn.kv_replicas > 1:  # drawn at the replicated width: keep one copy of each kv head
-                full[key] = collapse_kv_heads(full[key], self.config, attn.kv_replicas)
-        self.load_full_state_dict(full)
+        self.load_full_state_dict(random_full_state_dict(self, gen, tp_size(self.group), device,
+                                                         self.embed_tokens.dtype))
 
     def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
-        """Load a TP=1-shaped state dict (our names) into this rank's shards, replicating kv heads if needed."""
-        full = dict(full)
-        for key, attn in self._attentions():
-            if attn.kv_replicas > 1:
-                full[key] = expand_kv_heads(full[key], self.config, attn.kv_replicas)
+        """Load a TP=1-shaped state dict (our names) into this rank's shards (replicated heads included)."""
         load_full_state_dict(self, full, self.group)
-
-    def _attentions(self):
-        for i, layer in enumerate(self.layers):
-            if layer.layer_type == "full_attention":
-                yield f"layers.{i}.self_attn.qkv_proj.weight", layer.self_attn
 
     # ---- running
 
@@ -348,29 +345,8 @@ class Qwen35ForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# kv-head replication and Hugging Face weights
+# Hugging Face weights
 # ----------------------------------------------------------------------------
-
-
-def _split_qkv(w: torch.Tensor, cfg: Qwen35Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q = 2 * cfg.num_attention_heads * cfg.head_dim
-    kv = (w.shape[0] - q) // 2
-    return w[:q], w[q:q + kv], w[q + kv:]
-
-
-def expand_kv_heads(w: torch.Tensor, cfg: Qwen35Config, replicas: int) -> torch.Tensor:
-    """qkv_proj weight [q‖k‖v] with each kv head repeated `replicas` times, so an even split over
-    P = Hkv·replicas ranks gives rank r kv head r // replicas."""
-    q, k, v = _split_qkv(w, cfg)
-    rep = lambda t: t.view(cfg.num_kv_heads, cfg.head_dim, -1).repeat_interleave(replicas, 0).flatten(0, 1)
-    return torch.cat([q, rep(k), rep(v)])
-
-
-def collapse_kv_heads(w: torch.Tensor, cfg: Qwen35Config, replicas: int) -> torch.Tensor:
-    """Inverse of `expand_kv_heads` (keeps the first copy of each head)."""
-    q, k, v = _split_qkv(w, cfg)
-    one = lambda t: t.view(cfg.num_kv_heads, replicas, cfg.head_dim, -1)[:, 0].flatten(0, 1)
-    return torch.cat([q, one(k), one(v)])
 
 
 def hf_to_full_state_dict(hf_state: dict[str, torch.Tensor], cfg: Qwen35Config) -> dict[str, torch.Tensor]:

@@ -85,6 +85,18 @@ def _reach(nodes: list[Node], depth: int = _REACH) -> set[Node]:
     return seen
 
 
+def _ancestors(nodes: list[Node]) -> set[Node]:
+    """Every node that `nodes` depend on."""
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
 def _escapes(nodes: frozenset[Node] | set[Node], keep: set[Node]) -> Node | None:
     """A node of `nodes` read from outside them (other than the `keep` results), else None."""
     for n in nodes:
@@ -248,12 +260,16 @@ class PostConvFusion(Pass):
         """The gating whose g and beta meet this site's outputs within _REACH ops (the recurrent update)."""
         near = _reach(site.replaced)
         t = val(site.conv.x).shape[0]
+        # A g or sigmoid the conv input depends on (another layer's, e.g. a shared-expert gate σ(x·w) of
+        # T·Hv values when Hv = 1) cannot be this site's: the fused op would feed its own input.
+        upstream = _ancestors([site.conv.x])
         for g in gates:
             hv = g.stage.heads
-            if g.g in taken or not (_reach([g.g]) & near) or not known_eq(val(g.a).numel(), t * hv):
+            if g.g in taken or g.g in upstream or not (_reach([g.g]) & near) \
+                    or not known_eq(val(g.a).numel(), t * hv):
                 continue
             for sig in sigmoids:
-                if sig in taken or not (_reach([sig]) & near):
+                if sig in taken or sig in upstream or not (_reach([sig]) & near):
                     continue
                 beta = match_beta(sig, hv)
                 if isinstance(beta, Miss) or not known_eq(val(beta[0]).numel(), t * hv):

@@ -12,6 +12,7 @@ from braze.models.common import (
     FP8_BLOCK, FP8_BLOCK_UE8M0, FP8_CHANNEL, MoE, PageTable, ReplicatedLinear, RMSNorm, RouterSpec,
     apply_rope, context_mask, gather_pages, load_full_state_dict, paged_attention, quant_fp8_group,
     quant_fp8_per_token, quant_weight_fp8, random_full_state_dict, rope_inv_freq, route, shard, shard_fp8, write_slots,
+    local_size, mark,
     yarn_inv_freq, dequant_weight_fp8,
 )
 
@@ -166,6 +167,32 @@ def test_shard_merged_columns():
     assert shard(full, 0, None, 0, 3).flatten().tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="cannot shard"):
         shard(full, 0, (5, 7), 0, 2)
+
+
+def test_shard_replicated_segments():
+    # q segment of 4 rows split over 4 ranks; a kv segment of 2 heads (4 rows each) replicated 2x:
+    # rank r holds kv head r // 2.
+    full = torch.arange(12).view(12, 1)
+    got = [shard(full, 0, (4, 8), r, 4, replicas=(1, 2)).flatten().tolist() for r in range(4)]
+    assert got == [[0, 4, 5, 6, 7], [1, 4, 5, 6, 7], [2, 8, 9, 10, 11], [3, 8, 9, 10, 11]]
+    assert local_size((4, 8), (1, 2), 4) == 5
+    with pytest.raises(ValueError, match="cannot shard"):
+        shard(full, 0, (4, 8), 0, 4, replicas=(1, 3))
+    with pytest.raises(ValueError, match="does not split over TP=4"):
+        local_size((4, 8), (1, 3), 4)
+    with pytest.raises(ValueError, match="one entry per segment"):
+        mark(torch.empty(12), dim=0, parts=(4, 8), replicas=(2,))
+
+
+@pytest.mark.parametrize("scheme", [FP8_CHANNEL, FP8_BLOCK], ids=["channel", "block"])
+def test_fp8_shards_of_replicated_segments_are_slices_of_the_whole_quantized_weight(scheme):
+    w = torch.randn(1024, 256, generator=gen(13))
+    q, s = quant_weight_fp8(w, scheme)
+    whole = dequant_weight_fp8(q, s, scheme)
+    for rank in range(4):
+        qr, sr = shard_fp8(q, s, scheme, 0, (512, 256, 256), rank, 4, replicas=(1, 2, 2))
+        assert qr.shape[0] == 128 + 2 * 128
+        assert torch.equal(dequant_weight_fp8(qr, sr, scheme), shard(whole, 0, (512, 256, 256), rank, 4, (1, 2, 2)))
 
 
 def test_write_slots_in_place_and_gather():

@@ -5,7 +5,8 @@ NCCL/gloo path of the fused ops (the one above the one-shot threshold, and the o
 The built-in models go through Dynamo, AOT and braze's passes, the graph then run eagerly (Inductor's C++
 build costs minutes on CPU; the functions above cover Inductor with both fused ops). By default only
 MiniMax-M2.5, which has both fusions, runs: each model costs ~20 s of tracing on CPU. BRAZE_TP_MODELS=all
-adds DeepSeek V3.2 and Qwen 3.5; BRAZE_TP_MODELS_FULL=1 compiles them with Inductor.
+adds DeepSeek V3.2 and Qwen 3.5; BRAZE_TP_MODELS_FULL=1 compiles them with Inductor; BRAZE_TP_RANKS=4 runs
+on four ranks instead of two (the tiny models divide there through kv-head and GDN key-head replication).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _tiny(name: str):
     return getattr(mod, model_cls)(cfg, dtype=torch.float32, group=dist.group.WORLD, max_batch=2, max_context=16)
 
 
-# model -> (allreduce-norm sites, tp-norm sites) at TP=2: every all-reduce of the step
+# model -> (allreduce-norm sites, tp-norm sites) at any TP: every all-reduce of the step
 EXPECTED = {"minimax-m2.5": (4, 2), "deepseek-v3.2": (4, 0), "qwen3.5": (8, 0)}
 
 
@@ -169,4 +170,5 @@ def _worker(rank: int, world_size: int, names: list[str], full: bool) -> None:
 def test_two_ranks_compiled_equals_eager_and_every_rank_reports_the_fusions():
     """One spawn for both (starting two ranks costs ~15 s)."""
     names = list(EXPECTED) if os.environ.get("BRAZE_TP_MODELS") == "all" else ["minimax-m2.5"]
-    run_on_ranks(2, _worker, names, os.environ.get("BRAZE_TP_MODELS_FULL") == "1")
+    ranks = int(os.environ.get("BRAZE_TP_RANKS", "2"))
+    run_on_ranks(ranks, _worker, names, os.environ.get("BRAZE_TP_MODELS_FULL") == "1")

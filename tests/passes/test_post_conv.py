@@ -267,3 +267,25 @@ def test_inductor_shifts_the_conv_state_in_place(hf):
              for dims in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", call)]
     assert state.numel() not in sizes, f"a buffer of the state's {state.numel()} values is allocated"
     assert f"{state_arg}.copy_" not in call and f"copy_({state_arg}" not in call, "the state is copied back"
+
+
+
+@pytest.mark.parametrize("where", ["upstream", "downstream"])
+def test_a_sigmoid_the_site_depends_on_or_feeds_is_not_taken_for_beta(where):
+    # One value head (TP = Hv, e.g. Qwen 3.5 tiny at TP=4): another sigmoid of T·Hv values within reach
+    # (the previous layer's shared-expert gate σ(x·w) that the conv input depends on, or one computed
+    # from the recurrent update's output) must not be taken for beta: the fused op would depend on
+    # its own output (a cycle).
+    def step(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm):
+        if where == "upstream":
+            x = x * torch.sigmoid(x[:, :1] @ torch.ones(1, 1))  # [T, 1] gate, before the real beta
+        o = gdn_step(1, 1, 4, 4)(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm).flatten(1)  # [T, 4]
+        if where == "downstream":
+            o = o * torch.sigmoid(o @ torch.ones(4, 1))
+        return o
+
+    gm, record = compile_and_compare(step, make_inputs(2, 1, 1, 4, 4, 4, torch.float32))
+    (applied,) = [r for r in record.remarks if r.kind == "applied" and r.pass_name == "post-conv"]
+    assert applied.ops == POST_CONV
+    sigmoids = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sigmoid.default]
+    assert len(sigmoids) == 1  # the gate's stays; beta's went into the fused op
