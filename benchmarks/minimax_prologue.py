@@ -71,6 +71,12 @@ def backend_for(variant: str):
     return None
 
 
+def mark(what: str) -> None:
+    """With BRAZE_TRACE=1, say on stderr where this rank is (to find where a run stops)."""
+    if os.environ.get("BRAZE_TRACE") == "1":
+        print(f"[rank {os.environ.get('RANK', '0')}] {what}", file=sys.stderr, flush=True)
+
+
 def worst(x: float, group) -> float:
     """The largest value over the ranks."""
     if group is None:
@@ -96,15 +102,21 @@ def run(T: int, device: torch.device, bw: float, variants: tuple[str, ...], grou
         fn = attn.prologue if variant == "eager" else torch.compile(attn.prologue, fullgraph=True,
                                                                        backend=be or "inductor")
         with torch.no_grad():
+            mark(f"T={T} {variant}: first call")
             out = fn(*inputs)
+            torch.cuda.synchronize()
+            mark(f"T={T} {variant}: first call done")
             err = worst(relerr(out, ref), group)
             cache_err = worst(max(relerr(v, ref_caches[k]) for k, v in attn.named_buffers()), group)
             step = lambda: fn(*inputs)  # noqa: E731
             kernels = count_cuda_kernels(step)
+            mark(f"T={T} {variant}: counted")
             times = kernel_times(step)
+            mark(f"T={T} {variant}: profiled")
             if group is not None:
                 dist.barrier(group)
             timing = time_cuda_graph(step, warmup=20, replays=200)
+            mark(f"T={T} {variant}: timed")
         us = worst(timing.median_s * 1e6, group)  # the slowest rank's median: a TP step waits for it
         row = {"T": T, "variant": variant, "us": us, "us_this_rank": timing.median_s * 1e6,
                "kernels": kernels.kernels, "memcpy": kernels.memcpy, "memset": kernels.memset,
@@ -161,6 +173,10 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if os.environ.get("BRAZE_HANG_DUMP_S"):  # every thread's Python stack on stderr after that many seconds
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["BRAZE_HANG_DUMP_S"]), exit=True)
     variants = tuple(args.variants.split(","))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
