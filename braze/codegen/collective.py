@@ -7,7 +7,8 @@ sentinel (all bits set: a NaN pattern the sender never sends, it sends another N
 every rank's row in rank order in fp32 (so every rank gets bit-identical sums), rounds to the
 all-reduce's dtype and runs the row chain on the registers it holds. Each element it read it sets
 back to the sentinel, so the buffer is all sentinel again when the launch ends (the invariant every
-launch starts from). An element is written once per launch, so "not the sentinel" means "arrived":
+launch starts from), once every warp of the program has read it (a CTA barrier: an element several warps
+hold must not be cleared under a warp that has not read it yet). An element is written once per launch, so "not the sentinel" means "arrived":
 no flag, no fence, no second barrier.
 
 The buffer has two halves, used by alternate launches: a peer that has finished launch k may start
@@ -109,6 +110,11 @@ def _emit_take(em: _Emitter, slot: str, mask: str, shape: str, bits: str, out: s
     em.line(f"{out} = tl.load({slot}, mask={mask}, other=0, volatile=True)")
     em.line(f"while tl.max(tl.where({mask} & ({out} == {SENTINEL}), 1, 0)) > 0:")
     em.line(f"    {out} = tl.load({slot}, mask={mask}, other=0, volatile=True)")
+    # Several warps can hold the same element (the probe; a tile smaller than the program, as the TP norms'
+    # [N] means): a warp that cleared it before a slower one had read it would leave that one polling
+    # forever (seen: the MiniMax prologue at TP=4, T=8, hung in CUDA-graph replays). Clear only after
+    # every warp of the program has read the slot.
+    em.line("tl.debug_barrier()")
     em.line(f"tl.store({slot}, tl.full({shape}, {SENTINEL}, {bits}), mask={mask})")
 
 

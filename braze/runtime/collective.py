@@ -19,6 +19,7 @@ The group is the one named in the graph (`group_name`), never the default one.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch.library import custom_op
@@ -191,6 +192,14 @@ def _tp_launch(group: TPNormGroup, phase: str, grid_rows: int, args: list, inter
         kernel.jit[(grid_rows,)](*args, **consts, **extra, num_warps=kernel.source.num_warps)
 
 
+# The TP norms' one-shot kernel (the exchange of the means inside the normalizing kernel) is off unless
+# BRAZE_TP_NORM_ONE_SHOT=1: on 4 H100s its launches hung in CUDA-graph replays of the MiniMax prologue at
+# T=8 (commit 4d41bf4), a warp clearing a slot another warp had not read yet. `_emit_take` now clears only
+# after a barrier, but that kernel has not run on a GPU since; until it has, the op takes the two small
+# kernels around an NCCL all-reduce of the [T, N] means.
+TP_NORM_ONE_SHOT = os.environ.get("BRAZE_TP_NORM_ONE_SHOT", "0") == "1"
+
+
 @custom_op("braze::tp_rmsnorm", mutates_args=())
 def tp_rmsnorm(inputs: list[torch.Tensor], spec: str, group_name: str, symm_max_tokens: int) -> list[torch.Tensor]:
     """Each side of the TPNormGroup `spec` normalized over its full (all-rank) width."""
@@ -198,7 +207,7 @@ def tp_rmsnorm(inputs: list[torch.Tensor], spec: str, group_name: str, symm_max_
     x0 = inputs[0]
     rows = x0.numel() // group.sides[0].norm.width
     n = len(group.sides)
-    ws = _one_shot_workspace(x0, rows, rows * n * 4, group_name, symm_max_tokens)
+    ws = _one_shot_workspace(x0, rows, rows * n * 4, group_name, symm_max_tokens) if TP_NORM_ONE_SHOT else None
     if ws is not None:
         PATH_COUNTS["one-shot"] += 1
         return _one_shot_tp(group, inputs, ws)

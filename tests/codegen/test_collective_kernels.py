@@ -64,6 +64,20 @@ def test_generated_sources_are_valid_python(world):
         compile(generate_tp_norm(_tp_group((48, 16), world), phase).source, "<tp-norm>", "exec")
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_slot_is_cleared_only_after_every_warp_of_the_program_read_it(world):
+    # Warps can hold copies of one element (the chain kernel's probe, the TP norms' [N] means): the clearing
+    # store must come after a CTA barrier that follows the polling loop (one per peer once unrolled).
+    for src in (generate_allreduce_chain(_chain(7168, True), world).source,
+                generate_tp_norm(_tp_group((1536, 256), world), "symm").source):
+        lines = [ln.strip() for ln in src.splitlines()]
+        clears = [i for i, ln in enumerate(lines) if ln.startswith("tl.store(mine")]
+        assert len(clears) == 1, src  # inside the unrolled loop over peers
+        for i in clears:
+            assert lines[i - 1] == "tl.debug_barrier()", "\n".join(lines[i - 4:i + 1])
+            assert lines[i - 2].endswith("volatile=True)") and lines[i - 3].startswith("while "), lines[i - 3:i]
+
+
 @torch.no_grad()
 def _one_shot_worker(rank: int, world_size: int, folder: str) -> None:
     from braze.runtime.collective import _one_shot_chain, _one_shot_tp

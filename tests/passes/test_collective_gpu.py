@@ -97,17 +97,62 @@ def test_one_shot_allreduce_chain_matches_nccl_and_the_reference(group, width, v
                 torch.testing.assert_close(dq, dq_ref, rtol=0.13, atol=2e-2)
 
 
-@pytest.mark.parametrize("widths", [(48, 16), (1536, 256), (3072, 512)])
-def test_one_shot_tp_norm_matches_the_nccl_path(group, widths):
+def _tp_spec(widths: tuple[int, ...], world: int) -> str:
     from braze.patterns.stages import Cast, RMSNorm, UnaryOp, WeightMul
     from braze.patterns.tp_norm import TPNorm, TPNormGroup
+
+    f32 = "float32"
+    return TPNormGroup(tuple(TPNorm(RMSNorm(1e-6, d, f32, f32, f32, f32, (Cast("bfloat16"),
+                                            WeightMul("bfloat16", "bfloat16")), True),
+                                    (UnaryOp("div", f32, float(world)),)) for d in widths)).to_json()
+
+
+@pytest.fixture
+def tp_norm_one_shot(monkeypatch):
+    """The TP norms' one-shot kernel, off by default (braze.runtime.collective.TP_NORM_ONE_SHOT), on."""
+    import braze.runtime.collective as rc
+
+    monkeypatch.setattr(rc, "TP_NORM_ONE_SHOT", True)
+
+
+def test_one_shot_tp_norm_survives_back_to_back_graph_replays(group, tp_norm_one_shot):
+    # The hang of commit 4d41bf4 (MiniMax prologue, 4 ranks, T=8): launches back to back with nothing between
+    # them let ranks drift, and a warp that cleared a slot before a slower warp of its program read it left
+    # that warp polling. 64 launches per graph, 30 replays, against the NCCL path.
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = _tp_spec((1536, 256), world)
+    gen = torch.Generator(device="cuda").manual_seed(11 + rank)
+    inputs = [torch.randn(8, 1536, device="cuda", generator=gen).bfloat16(), torch.randn(1536, device="cuda").bfloat16(),
+              torch.randn(8, 256, device="cuda", generator=gen).bfloat16(), torch.randn(256, device="cuda").bfloat16()]
+    ref = torch.ops.braze.tp_rmsnorm(inputs, spec, group.group_name, 0)  # the NCCL path
+
+    def step():
+        outs = None
+        for _ in range(64):
+            outs = torch.ops.braze.tp_rmsnorm(inputs, spec, group.group_name, THRESHOLD)
+        return outs
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(30):
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(outs, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize("widths", [(48, 16), (1536, 256), (3072, 512)])
+def test_one_shot_tp_norm_matches_the_nccl_path(group, widths, tp_norm_one_shot):
     from braze.runtime.collective import PATH_COUNTS
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    f32 = "float32"
-    spec = TPNormGroup(tuple(TPNorm(RMSNorm(1e-6, d, f32, f32, f32, f32, (Cast("bfloat16"),
-                                            WeightMul("bfloat16", "bfloat16")), True),
-                                    (UnaryOp("div", f32, float(world)),)) for d in widths)).to_json()
+    spec = _tp_spec(widths, world)
     for seed in range(8):
         for t in TOKENS:
             gen = torch.Generator(device="cuda").manual_seed(7 + 1000 * seed + t + rank)  # per-rank slices
