@@ -149,7 +149,10 @@ def _time_table(doc: dict) -> list[str]:
              "Device µs per kind of kernel in one step launched without a CUDA graph (the profiler's run that "
              "counts kernels), with launches in parentheses; `busy` is their sum, `gaps` the graph's step time "
              "minus it (idle time between dependent kernels). Kinds come from kernel names "
-             "(`braze.bench_device.KERNEL_KINDS`).", "",
+             "(`braze.bench_device.KERNEL_KINDS`)."
+             + (" Under TP the profiled launch is not synchronized across ranks, so a collective kernel's time "
+                "(NCCL's, and braze's one-shot kernels') includes waiting for the other ranks: busy and gaps "
+                "are not meaningful there, the other kinds are." if doc["model"].get("tp", 1) > 1 else ""), "",
              "| T | variant | step µs | busy µs | gaps µs | " + " | ".join(kinds) + " |",
              "|---:|---|---:|---:|---:|" + "---:|" * len(kinds)]
     tops = []
