@@ -25,7 +25,7 @@ import torch
 
 import braze
 from braze.bench_device import copy_bandwidth, count_cuda_kernels, time_cuda_graph
-from prologue_util import is_gemm, kernel_times, relerr
+from prologue_util import is_gemm, kernel_times, reference, relerr, variant_fn
 from braze.models.common import PageTable, RotaryCache, init_random, yarn_inv_freq
 from braze.models.deepseek_v32 import DeepseekV32Config, MLAAttention
 
@@ -71,19 +71,12 @@ def backend_for(variant: str):
 
 def run(T: int, device: torch.device, bw: float, variants: tuple[str, ...] = VARIANTS[:3]) -> list[dict]:
     attn, inputs = build(T, device, torch.bfloat16)
-    caches = {k: v.clone() for k, v in attn.named_buffers()}
-    with torch.no_grad():
-        ref = attn.prologue(*inputs)
-        ref_caches = {k: v.clone() for k, v in attn.named_buffers()}
+    caches, ref, ref_caches = reference(attn, inputs)
     floor_s = weight_bytes(attn) / bw
     rows = []
     for variant in variants:
-        torch._dynamo.reset()
-        for k, v in attn.named_buffers():
-            v.copy_(caches[k])
         be = backend_for(variant)
-        fn = attn.prologue if variant == "eager" else torch.compile(attn.prologue, fullgraph=True,
-                                                                       backend=be or "inductor")
+        fn = variant_fn(attn, caches, variant, be)
         with torch.no_grad():
             out = fn(*inputs)
             err = max(relerr(o, r) for o, r in zip(out, ref) if o.dtype != torch.float8_e4m3fn)

@@ -32,7 +32,7 @@ import braze
 from braze.bench_device import copy_bandwidth, count_cuda_kernels, time_cuda_graph
 from braze.models.common import PageTable, RotaryCache, init_random, rope_inv_freq
 from braze.models.minimax_m2 import MiniMaxM2Attention, MiniMaxM2Config
-from prologue_util import is_gemm, kernel_times, relerr
+from prologue_util import is_gemm, kernel_times, reference, relerr, variant_fn
 
 VARIANTS = ("eager", "inductor", "braze", "braze-no-collective")
 ISSUE_TARGET = "the MiniMax-M2.5 attention prologue at TP=4 (bench config): kernels and time vs stock Inductor (issue 5)"
@@ -88,19 +88,12 @@ def worst(x: float, group) -> float:
 
 def run(T: int, device: torch.device, bw: float, variants: tuple[str, ...], group) -> list[dict]:
     attn, inputs = build(T, device, group)
-    caches = {k: v.clone() for k, v in attn.named_buffers()}
-    with torch.no_grad():
-        ref = attn.prologue(*inputs)
-        ref_caches = {k: v.clone() for k, v in attn.named_buffers()}
+    caches, ref, ref_caches = reference(attn, inputs)
     floor_s = weight_bytes(attn) / bw
     rows = []
     for variant in variants:
-        torch._dynamo.reset()
-        for k, v in attn.named_buffers():
-            v.copy_(caches[k])
         be = backend_for(variant)
-        fn = attn.prologue if variant == "eager" else torch.compile(attn.prologue, fullgraph=True,
-                                                                       backend=be or "inductor")
+        fn = variant_fn(attn, caches, variant, be)
         with torch.no_grad():
             mark(f"T={T} {variant}: first call")
             out = fn(*inputs)

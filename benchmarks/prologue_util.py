@@ -29,3 +29,22 @@ def is_gemm(name: str) -> bool:
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def reference(attn, inputs: tuple) -> tuple[dict, object, dict]:
+    """The caches before the prologue (to restore), its eager output, and the caches it leaves."""
+    before = {k: v.clone() for k, v in attn.named_buffers()}
+    with torch.no_grad():
+        out = attn.prologue(*inputs)
+    return before, out, {k: v.clone() for k, v in attn.named_buffers()}
+
+
+def variant_fn(attn, before: dict, variant: str, backend):
+    """The caches restored to `before` and the prologue as `variant` runs it: eager, or compiled afresh
+    (Dynamo reset) with `backend` (None: stock Inductor)."""
+    torch._dynamo.reset()
+    for k, v in attn.named_buffers():
+        v.copy_(before[k])
+    if variant == "eager":
+        return attn.prologue
+    return torch.compile(attn.prologue, fullgraph=True, backend=backend or "inductor")

@@ -97,6 +97,19 @@ def test_one_shot_allreduce_chain_matches_nccl_and_the_reference(group, width, v
                 torch.testing.assert_close(dq, dq_ref, rtol=0.13, atol=2e-2)
 
 
+def _captured(step):
+    """`step` run once on a side stream (lazy set-up), then captured: (graph, the outputs it writes)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    return graph, outs
+
+
 def _tp_spec(widths: tuple[int, ...], world: int) -> str:
     from braze.patterns.stages import Cast, RMSNorm, UnaryOp, WeightMul
     from braze.patterns.tp_norm import TPNorm, TPNormGroup
@@ -132,14 +145,7 @@ def test_one_shot_tp_norm_survives_back_to_back_graph_replays(group, tp_norm_one
             outs = torch.ops.braze.tp_rmsnorm(inputs, spec, group.group_name, THRESHOLD)
         return outs
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = _captured(step)
     for _ in range(30):
         graph.replay()
     torch.cuda.synchronize()
@@ -178,14 +184,7 @@ def test_the_one_shot_op_replays_in_a_cuda_graph(group):
     def step():
         return torch.ops.braze.allreduce_rowwise([x, r, w], spec, group.group_name, THRESHOLD)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = _captured(step)
     for i in range(20):  # new inputs each replay, read in place by the captured kernel
         x.copy_(torch.randn(8, 4096, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i + rank)))
         graph.replay()
