@@ -56,8 +56,8 @@ class KernelCount:
 KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("braze", ("braze_",)),
     ("grouped GEMM", ("groupproblemshape", "grouped")),
+    ("attention", ("flash", "fmha", "attention")),  # before GEMM: PyTorch's flash/efficient kernels are cutlass::
     ("GEMM", ("triton_tem", "nvjet", "xmma", "gemm", "gemv", "cutlass", "splitkreduce", "cublas")),
-    ("attention", ("flash", "fmha", "attention")),
     ("collective", ("nccl", "allreduce", "all_reduce")),
     ("Inductor Triton", ("triton_",)),
 )

@@ -265,6 +265,9 @@ def test_kernel_kinds_from_names():
         "triton_tem_fused_mm_3": "GEMM",
         "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "Inductor Triton",
         "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>)":
+            "attention",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 32, 4>>": "attention",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
         "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>": "other",
     }

@@ -97,6 +97,18 @@ def _ancestors(nodes: list[Node]) -> set[Node]:
     return seen
 
 
+def _descendants(nodes: list[Node]) -> set[Node]:
+    """Every node that depends on `nodes`."""
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
 def _escapes(nodes: frozenset[Node] | set[Node], keep: set[Node]) -> Node | None:
     """A node of `nodes` read from outside them (other than the `keep` results), else None."""
     for n in nodes:
@@ -261,15 +273,16 @@ class PostConvFusion(Pass):
         near = _reach(site.replaced)
         t = val(site.conv.x).shape[0]
         # A g or sigmoid the conv input depends on (another layer's, e.g. a shared-expert gate σ(x·w) of
-        # T·Hv values when Hv = 1) cannot be this site's: the fused op would feed its own input.
-        upstream = _ancestors([site.conv.x])
+        # T·Hv values when Hv = 1), or one computed from the conv's own outputs, cannot be this site's:
+        # the fused op would feed its own input (a cycle).
+        foreign = _ancestors([site.conv.x]) | _descendants([site.conv.x])
         for g in gates:
             hv = g.stage.heads
-            if g.g in taken or g.g in upstream or not (_reach([g.g]) & near) \
+            if g.g in taken or g.g in foreign or not (_reach([g.g]) & near) \
                     or not known_eq(val(g.a).numel(), t * hv):
                 continue
             for sig in sigmoids:
-                if sig in taken or sig in upstream or not (_reach([sig]) & near):
+                if sig in taken or sig in foreign or not (_reach([sig]) & near):
                     continue
                 beta = match_beta(sig, hv)
                 if isinstance(beta, Miss) or not known_eq(val(beta[0]).numel(), t * hv):

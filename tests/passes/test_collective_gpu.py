@@ -146,6 +146,11 @@ def test_one_shot_tp_norm_survives_back_to_back_graph_replays(group, tp_norm_one
         return outs
 
     graph, outs = _captured(step)
+    from braze.runtime.collective import PATH_COUNTS
+
+    before = PATH_COUNTS["one-shot"]
+    step()
+    assert PATH_COUNTS["one-shot"] == before + 64, "the launches did not take the one-shot kernel"
     for _ in range(30):
         graph.replay()
     torch.cuda.synchronize()

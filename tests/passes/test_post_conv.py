@@ -270,13 +270,27 @@ def test_inductor_shifts_the_conv_state_in_place(hf):
 
 
 
-@pytest.mark.parametrize("where", ["upstream", "downstream"])
+def _gdn_step_with_conv_gate(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm):
+    """gdn_step(1, 1, 4, 4) with a sigmoid of T·Hv values computed from the conv's v output before the
+    gating (so before the real beta in graph order), gating the update's output."""
+    t = x.shape[0]
+    y = causal_conv1d_update(x, conv_state, w, idx)
+    q, k, v = y.split([4, 4, 4], dim=-1)
+    gate = torch.sigmoid(v.view(t, 1, 4).sum(-1))  # [T, 1]
+    q, k = l2norm(q.view(t, 1, 4), 1e-6), l2norm(k.view(t, 1, 4), 1e-6)
+    g, beta = gdn_gating(a, b, a_log, dt_bias)
+    return gated_delta_rule_step(q, k, v.view(t, 1, 4), g, beta, ssm, idx) * gate[..., None]
+
+
+@pytest.mark.parametrize("where", ["upstream", "downstream", "from-conv"])
 def test_a_sigmoid_the_site_depends_on_or_feeds_is_not_taken_for_beta(where):
     # One value head (TP = Hv, e.g. Qwen 3.5 tiny at TP=4): another sigmoid of T·Hv values within reach
-    # (the previous layer's shared-expert gate σ(x·w) that the conv input depends on, or one computed
-    # from the recurrent update's output) must not be taken for beta: the fused op would depend on
-    # its own output (a cycle).
+    # (the previous layer's shared-expert gate σ(x·w) that the conv input depends on, one computed from
+    # the conv's outputs ahead of the real beta, or one from the recurrent update's output) must not be
+    # taken for beta: the fused op would depend on its own output (a cycle).
     def step(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm):
+        if where == "from-conv":
+            return _gdn_step_with_conv_gate(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm).flatten(1)
         if where == "upstream":
             x = x * torch.sigmoid(x[:, :1] @ torch.ones(1, 1))  # [T, 1] gate, before the real beta
         o = gdn_step(1, 1, 4, 4)(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm).flatten(1)  # [T, 4]
