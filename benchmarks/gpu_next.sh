@@ -4,7 +4,7 @@
 # (`test_one_shot_tp_norm_survives_back_to_back_graph_replays`, with the barrier fix of commit b0f2041);
 # (2) the MiniMax-M2.5 attention prologue at TP=4 with the TP norm's one-shot kernel on
 # (BRAZE_TP_NORM_ONE_SHOT=1), T=1 and 8, the case that hung; (3) if both pass, the MiniMax decode step at TP=4
-# with it on. If all pass, turn `TP_NORM_ONE_SHOT`'s default on (braze/runtime/collective.py). Then, on 2 GPUs,
+# with it on; (4) the gemm-merge GPU test pair on one GPU. If (1)-(3) pass, turn `TP_NORM_ONE_SHOT`'s default on (braze/runtime/collective.py). Then, on 2 GPUs,
 # `bash benchmarks/gpu_tp.sh 2` (the TP=2 decode steps with the per-rank bench heads).
 # Usage (repo root on the GPU machine): BRAZE_COMMIT=<sha> bash benchmarks/gpu_next.sh
 set -uo pipefail
@@ -27,5 +27,9 @@ if [[ $tests_rc == 0 && $prologue_rc == 0 ]]; then
     --tokens 1,8 --shapes static --variants inductor,braze --budget-s 130 --out "$OUT/results" 2>&1 \
     | tee "$OUT/steps_tp4.log" | grep "bench " | tail -8
 fi
+# the gemm-merge pair in one process (the Qwen case failed its sharing check after DeepSeek's in session 5;
+# the test now prints the gemm-merge remarks when it does)
+CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -p no:cacheprovider -s tests/passes/test_gemm_merge_gpu.py 2>&1 \
+  | tee "$OUT/gemm_merge_gpu.log" | grep -v -i warn | tail -12
 echo "total: $((SECONDS - t0)) s"
 tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
