@@ -85,28 +85,27 @@ def _reach(nodes: list[Node], depth: int = _REACH) -> set[Node]:
     return seen
 
 
-def _ancestors(nodes: list[Node]) -> set[Node]:
-    """Every node that `nodes` depend on."""
+def _closure(nodes: list[Node], step) -> set[Node]:
+    """Every node reachable from `nodes` by repeated `step` (a node -> its neighbours), `nodes` excluded
+    unless reached again."""
     seen: set[Node] = set()
     stack = list(nodes)
     while stack:
-        for a in stack.pop().all_input_nodes:
+        for a in step(stack.pop()):
             if a not in seen:
                 seen.add(a)
                 stack.append(a)
     return seen
 
 
+def _ancestors(nodes: list[Node]) -> set[Node]:
+    """Every node that `nodes` depend on."""
+    return _closure(nodes, lambda n: n.all_input_nodes)
+
+
 def _descendants(nodes: list[Node]) -> set[Node]:
     """Every node that depends on `nodes`."""
-    seen: set[Node] = set()
-    stack = list(nodes)
-    while stack:
-        for u in stack.pop().users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
+    return _closure(nodes, lambda n: n.users)
 
 
 def _escapes(nodes: frozenset[Node] | set[Node], keep: set[Node]) -> Node | None:
