@@ -4,8 +4,8 @@ A site is an all-reduce of local means of squares (one packed [T, N] tensor,
 or one all-reduce per norm) followed by each norm's normalization with its
 local weight slice. It becomes `braze::tp_rmsnorm`: the local means, one packed
 [T, N] fp32 all-reduce, the normalization (on CUDA at small T one kernel with the
-exchange inside it, when `braze.runtime.collective.TP_NORM_ONE_SHOT` is on; see
-COLLECTIVE_DESIGN.md for why it is off by default for now). Separate all-reduces of the same group and tokens that
+exchange inside it, unless `braze.runtime.collective.TP_NORM_ONE_SHOT` is turned
+off; see COLLECTIVE_DESIGN.md). Separate all-reduces of the same group and tokens that
 do not depend on each other are packed into one. RoPE and the cache write after
 the norm are left to the head-chain pass, which runs later.
 """

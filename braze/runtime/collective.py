@@ -192,12 +192,12 @@ def _tp_launch(group: TPNormGroup, phase: str, grid_rows: int, args: list, inter
         kernel.jit[(grid_rows,)](*args, **consts, **extra, num_warps=kernel.source.num_warps)
 
 
-# The TP norms' one-shot kernel (the exchange of the means inside the normalizing kernel) is off unless
-# BRAZE_TP_NORM_ONE_SHOT=1: on 4 H100s its launches hung in CUDA-graph replays of the MiniMax prologue at
-# T=8 (commit 4d41bf4), a warp clearing a slot another warp had not read yet. `_emit_take` now clears only
-# after a barrier, but that kernel has not run on a GPU since; until it has, the op takes the two small
-# kernels around an NCCL all-reduce of the [T, N] means.
-TP_NORM_ONE_SHOT = os.environ.get("BRAZE_TP_NORM_ONE_SHOT", "0") == "1"
+# The TP norms' one-shot kernel (the exchange of the means inside the normalizing kernel), on unless
+# BRAZE_TP_NORM_ONE_SHOT=0, which sends the op to its two small kernels around an NCCL all-reduce of the
+# [T, N] means. It hung at T=8 on 4 H100s (commit 4d41bf4: a warp cleared a slot another warp of its
+# program had not read); `_emit_take` clears only after a barrier since, and at commit 5e5d852 the
+# reproducer, the MiniMax prologue at T=1 and 8 and the MiniMax step at T=8 all ran on 4 H100s.
+TP_NORM_ONE_SHOT = os.environ.get("BRAZE_TP_NORM_ONE_SHOT", "1") != "0"
 
 
 @custom_op("braze::tp_rmsnorm", mutates_args=())

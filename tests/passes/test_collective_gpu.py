@@ -122,7 +122,8 @@ def _tp_spec(widths: tuple[int, ...], world: int) -> str:
 
 @pytest.fixture
 def tp_norm_one_shot(monkeypatch):
-    """The TP norms' one-shot kernel, off by default (braze.runtime.collective.TP_NORM_ONE_SHOT), on."""
+    """The TP norms' one-shot kernel on (braze.runtime.collective.TP_NORM_ONE_SHOT, the default unless
+    BRAZE_TP_NORM_ONE_SHOT=0), whatever the environment says."""
     import braze.runtime.collective as rc
 
     monkeypatch.setattr(rc, "TP_NORM_ONE_SHOT", True)
