@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
-    ws_mem = symm_mem.prepare(group, 16 << 20)
+    symm_mem.prepare(group, 16 << 20)  # at set-up, on every rank
     widths = tuple(int(w) for w in args.widths.split(","))
     spec = spec_for(widths, world)
     inners = [int(i) for i in args.inner.split(",")]
