@@ -44,6 +44,30 @@ def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def _mixer(layer):
+    """The layer's token mixer (attention or linear attention), or None."""
+    return getattr(layer, "self_attn", None) or getattr(layer, "linear_attn", None)
+
+
+def _routing_changes(layer, h_in, mixer_out, mixer_ref) -> list[int] | None:
+    """Tokens whose experts (eager's router, on the residual stream after the mixer) differ between the
+    variant's mixer output and eager's; None when the layer has no MoE after its mixer."""
+    from braze.models.moe import route
+
+    moe, norm = getattr(layer, "mlp", None), getattr(layer, "post_attention_layernorm", None)
+    if not isinstance(moe, MoE) or norm is None:
+        return None
+
+    def experts(m):
+        x = norm(h_in + m)
+        _, idx = route(moe.gate(x.to(moe.router.dtype)), moe.router, moe.e_score_correction_bias)
+        return idx.sort(-1).values
+
+    with torch.no_grad():
+        a, b = experts(mixer_out), experts(mixer_ref)
+    return [int(t) for t in (a != b).any(-1).nonzero().flatten()]
+
+
 def record_eager(model, batch) -> list[dict]:
     """Per decoder layer: its positional args (cloned), output, buffers before and after, router margin."""
     layers = list(model.layers)
@@ -59,6 +83,16 @@ def record_eager(model, batch) -> list[dict]:
             rec[i]["after"] = {k: v.clone() for k, v in mod.named_buffers()}
 
         handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
+        mixer = _mixer(layer)
+        if mixer is not None:
+            def mixer_pre(mod, args, i=i):
+                rec[i]["mixer_args"] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+                rec[i]["mixer_before"] = {k: v.clone() for k, v in mod.named_buffers()}
+
+            def mixer_post(mod, args, out, i=i):
+                rec[i]["mixer_out"] = out.clone()
+
+            handles += [mixer.register_forward_pre_hook(mixer_pre), mixer.register_forward_hook(mixer_post)]
         for moe in (m for m in layer.modules() if isinstance(m, MoE)):
             def gate_hook(gate, args, logits, moe=moe, i=i):
                 margin = _margin(logits.detach().float(), moe.router, moe.e_score_correction_bias)
@@ -100,15 +134,32 @@ def layer_errors(model, batch, variants: tuple[str, ...]) -> tuple[list[dict], d
             if variant == "braze":
                 rep = braze.report(backend)
                 v["applied"] = sorted({r_.name for r_ in rep.applied})
+            if "mixer_out" in r:  # the mixer alone, on eager's input to it: its output's error per token
+                torch._dynamo.reset()
+                mixer = _mixer(layer)
+                for k, b in mixer.named_buffers():
+                    b.copy_(r["mixer_before"][k])
+                backend = braze.backend(braze.FusionConfig()) if variant == "braze" else "inductor"
+                with torch.no_grad():
+                    m_out = torch.compile(mixer, fullgraph=True, dynamic=False, backend=backend)(*r["mixer_args"])
+                v["mixer_rel_err_per_token"] = [float(e) for e in _rows_relerr(m_out, r["mixer_out"])]
+                flips = _routing_changes(layer, r["args"][0], m_out, r["mixer_out"])
+                if flips is not None:
+                    v["tokens_routed_differently"] = flips
             row["variants"][variant] = v
         rows.append(row)
         margin = "-" if row["router_margin"] is None else f"{min(row['router_margin']):.2f}"
         print(f"layer {i} ({row['kind']}): router margin / near-tie {margin}; " + "; ".join(
-            f"{n} update err max {max(v['update_rel_err_per_token']):.2e} state "
+            f"{n} update err max {max(v['update_rel_err_per_token']):.2e} mixer "
+            f"{max(v.get('mixer_rel_err_per_token', [0.0])):.2e} rerouted {v.get('tokens_routed_differently', '-')} state "
             f"{max(v['state_rel_err'].values(), default=0.0):.2e}" for n, v in row["variants"].items()), flush=True)
     for k, v in model.named_buffers():
         v.copy_(buffers[k])
     return rows, {"logits": rec[0]["logits"]}
+
+
+def _tokens(ts: list[int] | None) -> str:
+    return "-" if ts is None else ("none" if not ts else ", ".join(map(str, ts)))
 
 
 def render(meta: dict, rows: list[dict]) -> str:
@@ -118,15 +169,21 @@ def render(meta: dict, rows: list[dict]) -> str:
              f"Card: {meta['card']}; torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}. "
              f"Command: `{meta['command']}`.",
              "Each decoder layer compiled alone (static shapes), called on eager's input to it with its states "
-             "restored; error of its update (output − input) per token vs eager, and of the states it writes. "
+             "restored; error of its update (output − input) per token vs eager, and of the states it writes; the "
+             "layer's token mixer likewise, alone on eager's input to it (its output's error per token). "
              "Router margin: the smallest over tokens of the relative gap between the k-th and (k+1)-th choice, "
-             "over the near-tie threshold (below 1: a rounding can flip the routing).", "",
+             "over the near-tie threshold (below 1: a rounding can flip the routing). Rerouted: the tokens whose "
+             "experts eager's router picks differently on the residual stream with the variant's mixer output "
+             "than with eager's.", "",
              "| layer | mixer | router margin / near-tie | " + " | ".join(
-                 f"{v} update err (worst token) | {v} state err" for v in vs) + " |",
-             "|---:|---|---:|" + "---:|---:|" * len(vs)]
+                 f"{v} update err (worst token) | {v} mixer err (worst token) | {v} rerouted | {v} state err"
+                 for v in vs) + " |",
+             "|---:|---|---:|" + "---:|---:|---|---:|" * len(vs)]
     for r in rows:
         margin = "-" if r["router_margin"] is None else f"{min(r['router_margin']):.2f}"
         cells = " | ".join(f"{max(r['variants'][v]['update_rel_err_per_token']):.2e} | "
+                           f"{max(r['variants'][v].get('mixer_rel_err_per_token', [0.0])):.2e} | "
+                           f"{_tokens(r['variants'][v].get('tokens_routed_differently'))} | "
                            f"{max(r['variants'][v]['state_rel_err'].values(), default=0.0):.2e}" for v in vs)
         lines.append(f"| {r['layer']} | {r['kind']} | {margin} | {cells} |")
     return "\n".join(lines) + "\n"
