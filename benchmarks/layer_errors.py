@@ -33,6 +33,19 @@ from braze.models.common import MoE, make_decode_inputs
 VARIANTS = ("inductor", "braze")
 
 
+def backend_for(variant: str):
+    """inductor (stock), braze, or braze-no-<pass> (braze with FusionConfig(<pass>=False), e.g. braze-no-chain);
+    a trailing `#n` (braze#2) compiles the same variant again, to see whether a result repeats."""
+    name = variant.split("#")[0]
+    if name == "inductor":
+        return "inductor"
+    if name == "braze":
+        return braze.backend(braze.FusionConfig())
+    if name.startswith("braze-no-"):
+        return braze.backend(braze.FusionConfig(**{name.removeprefix("braze-no-").replace("-", "_"): False}))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
 def _rows_relerr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[T] relative Frobenius error of each token's row of a vs b."""
     a, b = a.float().reshape(a.shape[0], -1), b.float().reshape(b.shape[0], -1)
@@ -93,6 +106,15 @@ def record_eager(model, batch) -> list[dict]:
                 rec[i]["mixer_out"] = out.clone()
 
             handles += [mixer.register_forward_pre_hook(mixer_pre), mixer.register_forward_hook(mixer_post)]
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None:
+            def mlp_pre(mod, args, i=i):
+                rec[i]["mlp_args"] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+            def mlp_post(mod, args, out, i=i):
+                rec[i]["mlp_out"] = out.clone()
+
+            handles += [mlp.register_forward_pre_hook(mlp_pre), mlp.register_forward_hook(mlp_post)]
         for moe in (m for m in layer.modules() if isinstance(m, MoE)):
             def gate_hook(gate, args, logits, moe=moe, i=i):
                 margin = _margin(logits.detach().float(), moe.router, moe.e_score_correction_bias)
@@ -109,11 +131,13 @@ def record_eager(model, batch) -> list[dict]:
     return rec
 
 
-def layer_errors(model, batch, variants: tuple[str, ...]) -> tuple[list[dict], dict]:
+def layer_errors(model, batch, variants: tuple[str, ...], only: set[int] | None = None) -> tuple[list[dict], dict]:
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     rec = record_eager(model, batch)
     rows = []
     for i, (layer, r) in enumerate(zip(model.layers, rec)):
+        if only is not None and i not in only:
+            continue
         h_in = r["args"][0]
         update_ref = r["out"].float() - h_in.float()
         row = {"layer": i, "kind": type(getattr(layer, "linear_attn", None) or getattr(layer, "self_attn", layer)).__name__,
@@ -122,7 +146,7 @@ def layer_errors(model, batch, variants: tuple[str, ...]) -> tuple[list[dict], d
             torch._dynamo.reset()
             for k, v in layer.named_buffers():
                 v.copy_(r["before"][k])
-            backend = braze.backend(braze.FusionConfig()) if variant == "braze" else "inductor"
+            backend = backend_for(variant)
             fn = torch.compile(layer, fullgraph=True, dynamic=False, backend=backend)
             with torch.no_grad():
                 out = fn(*r["args"])
@@ -131,7 +155,7 @@ def layer_errors(model, batch, variants: tuple[str, ...]) -> tuple[list[dict], d
             state = {k: _relerr(dict(layer.named_buffers())[k], r["after"][k]) for k in sorted(changed)}
             v = {"update_rel_err_per_token": [float(e) for e in per_token],
                  "output_rel_err": _relerr(out, r["out"]), "state_rel_err": state}
-            if variant == "braze":
+            if variant.startswith("braze"):
                 rep = braze.report(backend)
                 v["applied"] = sorted({r_.name for r_ in rep.applied})
             if "mixer_out" in r:  # the mixer alone, on eager's input to it: its output's error per token
@@ -139,19 +163,25 @@ def layer_errors(model, batch, variants: tuple[str, ...]) -> tuple[list[dict], d
                 mixer = _mixer(layer)
                 for k, b in mixer.named_buffers():
                     b.copy_(r["mixer_before"][k])
-                backend = braze.backend(braze.FusionConfig()) if variant == "braze" else "inductor"
+                backend = backend_for(variant)
                 with torch.no_grad():
                     m_out = torch.compile(mixer, fullgraph=True, dynamic=False, backend=backend)(*r["mixer_args"])
                 v["mixer_rel_err_per_token"] = [float(e) for e in _rows_relerr(m_out, r["mixer_out"])]
                 flips = _routing_changes(layer, r["args"][0], m_out, r["mixer_out"])
                 if flips is not None:
                     v["tokens_routed_differently"] = flips
+            if "mlp_out" in r:  # the MLP / MoE alone, on eager's input to it
+                torch._dynamo.reset()
+                with torch.no_grad():
+                    f_out = torch.compile(layer.mlp, fullgraph=True, dynamic=False,
+                                          backend=backend_for(variant))(*r["mlp_args"])
+                v["mlp_rel_err_per_token"] = [float(e) for e in _rows_relerr(f_out, r["mlp_out"])]
             row["variants"][variant] = v
         rows.append(row)
         margin = "-" if row["router_margin"] is None else f"{min(row['router_margin']):.2f}"
         print(f"layer {i} ({row['kind']}): router margin / near-tie {margin}; " + "; ".join(
             f"{n} update err max {max(v['update_rel_err_per_token']):.2e} mixer "
-            f"{max(v.get('mixer_rel_err_per_token', [0.0])):.2e} rerouted {v.get('tokens_routed_differently', '-')} state "
+            f"{max(v.get('mixer_rel_err_per_token', [0.0])):.2e} mlp {max(v.get('mlp_rel_err_per_token', [0.0])):.2e} rerouted {v.get('tokens_routed_differently', '-')} state "
             f"{max(v['state_rel_err'].values(), default=0.0):.2e}" for n, v in row["variants"].items()), flush=True)
     for k, v in model.named_buffers():
         v.copy_(buffers[k])
@@ -196,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="bench")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--layers", default="", help="comma-separated layer indices (default: all)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/results")
@@ -209,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                       max_context=args.context + 1, seed=0).eval()
         with torch.no_grad():
             batch = tuple(make_decode_inputs(model, T, args.context, torch.Generator().manual_seed(0)))
-        rows, _ = layer_errors(model, batch, variants)
+        only = {int(i) for i in args.layers.split(",")} if args.layers else None
+        rows, _ = layer_errors(model, batch, variants, only)
         meta = {"model": args.model, "size": args.size, "dtype": args.dtype, "T": T, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                 "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"layer_errors_{args.model}_T{T}"
+        stem = f"layer_errors_{args.model}_T{T}" + (f"_layers{args.layers.replace(',', '-')}" if args.layers else "")
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (out / f"{stem}.md").write_text(render(meta, rows))
         print(render(meta, rows))
