@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="bench")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0, help="weights and prompts")
     ap.add_argument("--layers", default="", help="comma-separated layer indices (default: all)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
@@ -237,17 +238,18 @@ def main(argv: list[str] | None = None) -> int:
 
     for T in [int(t) for t in args.tokens.split(",")]:
         model = build(args.model, args.size, device=device, dtype=dtype, max_batch=T,
-                      max_context=args.context + 1, seed=0).eval()
+                      max_context=args.context + 1, seed=args.seed).eval()
         with torch.no_grad():
-            batch = tuple(make_decode_inputs(model, T, args.context, torch.Generator().manual_seed(0)))
+            batch = tuple(make_decode_inputs(model, T, args.context, torch.Generator().manual_seed(args.seed)))
         only = {int(i) for i in args.layers.split(",")} if args.layers else None
         rows, _ = layer_errors(model, batch, variants, only)
-        meta = {"model": args.model, "size": args.size, "dtype": args.dtype, "T": T, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        meta = {"model": args.model, "seed": args.seed, "size": args.size, "dtype": args.dtype, "T": T, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                 "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"layer_errors_{args.model}_T{T}" + (f"_layers{args.layers.replace(',', '-')}" if args.layers else "")
+        stem = (f"layer_errors_{args.model}_T{T}" + (f"_layers{args.layers.replace(',', '-')}" if args.layers else "")
+                + (f"_seed{args.seed}" if args.seed else ""))
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (out / f"{stem}.md").write_text(render(meta, rows))
         print(render(meta, rows))
