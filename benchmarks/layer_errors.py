@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import braze
-from braze.bench_checks import NEAR_TIE, _margin
+from braze.bench_checks import _margin, near_tie
 from braze.models import build
 from braze.models.common import MoE, make_decode_inputs
 
@@ -118,7 +118,7 @@ def record_eager(model, batch) -> list[dict]:
         for moe in (m for m in layer.modules() if isinstance(m, MoE)):
             def gate_hook(gate, args, logits, moe=moe, i=i):
                 margin = _margin(logits.detach().float(), moe.router, moe.e_score_correction_bias)
-                rec[i]["margin"] = margin / NEAR_TIE.get(moe.router.dtype, NEAR_TIE[torch.bfloat16])
+                rec[i]["margin"] = margin / near_tie(moe.router.dtype, rec[i]["args"][0].dtype)
             handles.append(moe.gate.register_forward_hook(gate_hook))
     try:
         with torch.no_grad():

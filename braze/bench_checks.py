@@ -25,9 +25,20 @@ class CacheSnapshot:
         return {name: b.detach().clone() for (name, b), s in zip(self.buffers, self.saved) if not torch.equal(b, s)}
 
 
-# A router choice this close (relative) to the next one can flip when upstream rounding differs: the
-# logits of a bf16 router are rounded to 8 bits (2^-8 = 4e-3), an fp32 router only sees its bf16 inputs move.
+# A router choice this close (relative) to the next one can flip when upstream rounding differs. By the
+# router GEMM's dtype: a bf16 router's logits are rounded to 8 bits (2^-8 = 4e-3). By the dtype of the
+# activations it reads (an fp32 router fed bf16 hidden states still sees them move by bf16 rounding):
+# measured with benchmarks/router_sensitivity.py (MiniMax-M2.5 bench, fp32 router, bf16 activations, noise
+# the size of a compiled mixer's error): tokens up to 3-5x the old fp32 threshold of 2e-3 were rerouted,
+# none of 30 between 5x and 10x (benchmarks/results/router_sensitivity_minimax-m2.5.md). A token's threshold
+# is the larger of the two.
 NEAR_TIE = {torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2, torch.float32: 2e-3}
+NEAR_TIE_INPUTS = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 0.0}
+
+
+def near_tie(router_dtype: torch.dtype, input_dtype: torch.dtype) -> float:
+    """The relative router margin below which upstream rounding may pick other experts (see NEAR_TIE)."""
+    return max(NEAR_TIE.get(router_dtype, NEAR_TIE[torch.bfloat16]), NEAR_TIE_INPUTS.get(input_dtype, 1e-2))
 
 
 def compare_logits(got: torch.Tensor, want: torch.Tensor, tol: float,
@@ -69,17 +80,22 @@ def router_margins(model):
     """Record, while the block runs the model eagerly, how close each token came to a different routing:
     per MoE layer the relative margin (c_k - c_(k+1)) / |c_k| between the k-th and (k+1)-th choice values
     (and, for group-limited routing, between the last kept and first dropped group), over that router's
-    NEAR_TIE; the minimum over layers. Yields a list that holds the [T] ratios after the block (below 1:
+    `near_tie` (its GEMM's dtype and the dtype of the activations it reads); the minimum over layers. Yields a list that holds the [T] ratios after the block (below 1:
     a near-tie); it stays empty for a model without MoE."""
     from braze.models.common import MoE
 
     per_layer: list[torch.Tensor] = []
     handles = []
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        def hook(gate, args, logits, moe=moe):
+        seen: dict[str, torch.dtype] = {}
+
+        def pre(mod, args, seen=seen):  # the activations' dtype, before the MoE casts them for its router
+            seen["dtype"] = args[0].dtype
+
+        def hook(gate, args, logits, moe=moe, seen=seen):
             margin = _margin(logits.detach().float(), moe.router, moe.e_score_correction_bias)
-            per_layer.append(margin / NEAR_TIE.get(moe.router.dtype, NEAR_TIE[torch.bfloat16]))
-        handles.append(moe.gate.register_forward_hook(hook))
+            per_layer.append(margin / near_tie(moe.router.dtype, seen.get("dtype", args[0].dtype)))
+        handles += [moe.register_forward_pre_hook(pre), moe.gate.register_forward_hook(hook)]
     out: list[torch.Tensor] = []
     try:
         yield out

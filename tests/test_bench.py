@@ -234,6 +234,30 @@ def test_router_margins_and_near_tie_verdict():
     assert tie.shape == (3,) and (tie <= layer1 + 1e-5).all() and (tie > 0).all()
 
 
+def test_near_tie_threshold_follows_the_activations_an_fp32_router_reads():
+    # an fp32 router fed bf16 hidden states sees them move by bf16 rounding: its threshold is the bf16
+    # activations' (measured, benchmarks/results/router_sensitivity_minimax-m2.5.md), not fp32's 2e-3
+    from braze.bench_checks import NEAR_TIE, NEAR_TIE_INPUTS, near_tie, router_margins
+    from braze.models import build, make_decode_inputs
+
+    assert near_tie(torch.float32, torch.float32) == NEAR_TIE[torch.float32]
+    assert near_tie(torch.float32, torch.bfloat16) == NEAR_TIE_INPUTS[torch.bfloat16] > NEAR_TIE[torch.float32]
+    assert near_tie(torch.bfloat16, torch.bfloat16) == NEAR_TIE[torch.bfloat16]
+    m = build("minimax-m2.5", "tiny", dtype=torch.bfloat16, max_batch=3, max_context=16)  # router GEMM in fp32
+    batch = make_decode_inputs(m, 3, 6, torch.Generator().manual_seed(1))
+    moe = m.layers[0].mlp
+    assert moe.router.dtype == torch.float32
+    seen = []
+    handle = moe.gate.register_forward_hook(lambda mod, a, out: seen.append(out.detach()))
+    with torch.no_grad(), router_margins(m) as ties:
+        m(*batch)
+    handle.remove()
+    (tie,) = ties
+    choice = (seen[0].float().sigmoid() + moe.e_score_correction_bias).sort(-1, descending=True).values
+    layer0 = (choice[:, 1] - choice[:, 2]) / choice[:, 1] / NEAR_TIE_INPUTS[torch.bfloat16]
+    assert (tie <= layer0 + 1e-5).all() and (tie > 0).all()
+
+
 def test_verdict_tolerates_few_tokens_at_router_near_ties():
     ref = torch.randn(16, 40)
     got = ref + 1e-4 * torch.randn(16, 40)
