@@ -115,6 +115,17 @@ def torch_one_shot_time(x, group, inner: int, replays: int) -> float | None:
         return None
 
 
+def init_tp(workspace_bytes: int):
+    """Under torchrun: this rank's GPU, the NCCL world group and its symmetric-memory workspace, prepared
+    at set-up on every rank. Returns (rank, world, group, workspace)."""
+    from braze.runtime import symm_mem
+
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    group = dist.group.WORLD
+    return dist.get_rank(), dist.get_world_size(), group, symm_mem.prepare(group, workspace_bytes)
+
+
 def count_kernels(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -150,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from braze.runtime import symm_mem
     from braze.runtime.collective import PATH_COUNTS
 
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD
-    ws = symm_mem.prepare(group, args.workspace_mib << 20)  # at set-up, on every rank
+    rank, world, group, ws = init_tp(args.workspace_mib << 20)
     rows = []
     for width in [int(h) for h in args.hidden.split(",")]:
         spec = spec_for(width)

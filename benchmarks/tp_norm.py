@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allreduce_norm import count_kernels, time_graph
+from allreduce_norm import count_kernels, init_tp, time_graph
 
 EPS = 1e-6
 
@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import braze.runtime.collective as rc
     from braze.runtime import symm_mem
 
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD
-    symm_mem.prepare(group, 16 << 20)  # at set-up, on every rank
+    rank, world, group, _ = init_tp(16 << 20)
     widths = tuple(int(w) for w in args.widths.split(","))
     spec = spec_for(widths, world)
     inners = [int(i) for i in args.inner.split(",")]
