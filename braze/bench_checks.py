@@ -80,8 +80,9 @@ def router_margins(model):
     """Record, while the block runs the model eagerly, how close each token came to a different routing:
     per MoE layer the relative margin (c_k - c_(k+1)) / |c_k| between the k-th and (k+1)-th choice values
     (and, for group-limited routing, between the last kept and first dropped group), over that router's
-    `near_tie` (its GEMM's dtype and the dtype of the activations it reads); the minimum over layers. Yields a list that holds the [T] ratios after the block (below 1:
-    a near-tie); it stays empty for a model without MoE."""
+    `near_tie` (by its GEMM's dtype and the dtype of the activations it reads); the minimum over layers.
+    Yields a list that holds the [T] ratios after the block (below 1: a near-tie); it stays empty for a
+    model without MoE."""
     from braze.models.common import MoE
 
     per_layer: list[torch.Tensor] = []
