@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# What the next GPU session must run first (left open by session 5, whose device time ran out), on a host of
+# Ran in session 6 at commit 5e5d852 (results: benchmarks/results/session6_gpu/next/; everything passed and the
+# TP norm's one-shot default went on): kept as the command behind those results.
+# What the next GPU session had to run first (left open by session 5, whose device time ran out), on a host of
 # 4 H100s, in one call: (1) the collective GPU tests on 4 ranks, including the reproducer of the TP-norm hang
 # (`test_one_shot_tp_norm_survives_back_to_back_graph_replays`, with the barrier fix of commit b0f2041);
 # (2) the MiniMax-M2.5 attention prologue at TP=4 with the TP norm's one-shot kernel on
