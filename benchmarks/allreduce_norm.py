@@ -126,6 +126,17 @@ def init_tp(workspace_bytes: int):
     return dist.get_rank(), dist.get_world_size(), group, symm_mem.prepare(group, workspace_bytes)
 
 
+def tp_meta(world: int, script: str, argv: list[str] | None) -> dict:
+    """What a TP benchmark's results record about the run: card, versions, the multicast settings, command."""
+    import triton
+
+    return {"card": torch.cuda.get_device_name(), "world": world, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+            "command": f"torchrun --nproc-per-node {world} benchmarks/{script} "
+                       + " ".join(argv if argv is not None else sys.argv[1:])}
+
+
 def count_kernels(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -154,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() or "WORLD_SIZE" not in os.environ:
         print("allreduce_norm benchmark: run under torchrun on >= 2 GPUs", file=sys.stderr)
         return 2
-    import triton
 
     from braze.patterns.reference import row_chain_reference
     from braze.patterns.stages import RowChain
@@ -222,12 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{t_nccl / t_stock:4.2f}  [NCCL AR alone {t_nccl_ar * 1e6:.2f}, torch one-shot AR alone "
                       f"{_us(row['torch_one_shot_allreduce_only_us'])}]", flush=True)
     if rank == 0:
-        meta = {"card": torch.cuda.get_device_name(), "world": world, "torch": torch.__version__,
-                "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                "workspace_bytes": ws.nbytes,
-                "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
-                "command": f"torchrun --nproc-per-node {world} benchmarks/allreduce_norm.py "
-                           + " ".join(argv if argv is not None else sys.argv[1:]),
+        meta = {**tp_meta(world, "allreduce_norm.py", argv), "workspace_bytes": ws.nbytes,
                 "timing": f"CUDA graph of {args.inner} calls, median of {args.replays} replays (barrier and a "
                           "device-side NCCL meeting before each), device events, slowest rank; median of "
                           f"{args.rounds} interleaved rounds"}

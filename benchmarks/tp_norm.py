@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allreduce_norm import count_kernels, init_tp, time_graph
+from allreduce_norm import count_kernels, init_tp, time_graph, tp_meta
 
 EPS = 1e-6
 
@@ -69,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() or "WORLD_SIZE" not in os.environ:
         print("tp_norm benchmark: run under torchrun on >= 2 GPUs", file=sys.stderr)
         return 2
-    import triton
 
     import braze.runtime.collective as rc
     from braze.runtime import symm_mem
@@ -133,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{checks['one-shot']['path']}/{checks['nccl']['path']}  max|diff| "
                   f"{checks['one-shot']['max_abs_diff']:.2e}/{checks['nccl']['max_abs_diff']:.2e}", flush=True)
     if rank == 0:
-        meta = {"card": torch.cuda.get_device_name(), "world": world, "torch": torch.__version__,
-                "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
-                "command": f"torchrun --nproc-per-node {world} benchmarks/tp_norm.py "
-                           + " ".join(argv if argv is not None else sys.argv[1:]),
+        meta = {**tp_meta(world, "tp_norm.py", argv),
                 "timing": f"CUDA graph of `inner` calls, median of {args.replays} replays (ranks meet on the "
                           f"device before each), slowest rank; median of {args.rounds} interleaved rounds"}
         out = Path(args.out)
