@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "gemm_merge",
+FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "gemm_merge",
             "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
@@ -53,6 +53,9 @@ class FusionConfig:
     delta_rule: fuse Gated DeltaNet's recurrent decode update (decay, u = Sᵀk, δ = β(v − u),
         S += kδᵀ, o = Sᵀq, the fp32 state rows written in place) into one kernel.
     gated_norm: fuse the gated RMSNorm (x̂·w)·silu(z) [-> FP8 quant].
+    moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
+        un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
+        while the pairs do not outnumber the experts.
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound.
         Off by default: -1.4% of DeepSeek V3.2's step at T=1 on an H100, but the merged GEMMs add
@@ -89,6 +92,7 @@ class FusionConfig:
     post_conv: bool = True
     delta_rule: bool = True  # 10-12 µs faster per Qwen 3.5 step than without (H100: qwen3.5_bench_tp1_static_delta_rule.md)
     gated_norm: bool = True
+    moe: bool = True
     gemm_merge: bool = False  # off until tests/passes/test_gemm_merge_gpu.py passes on a GPU (STREAMS_DESIGN.md)
     dual_stream: bool = False
     verify: str = "off"
@@ -98,7 +102,7 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "gemm_merge",
+        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "gemm_merge",
                   "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):

@@ -30,6 +30,7 @@ from .collective import AllReduceNormFusion
 from .delta_rule import DeltaRuleFusion
 from .gated_norm import GatedNormFusion
 from .gemm_merge import SiblingGemmMerge
+from .moe import ExpertsFusion
 from .norm_quant import NormQuantFusion
 from .post_conv import PostConvFusion
 from .streams import DualStream
@@ -52,6 +53,7 @@ PASSES: tuple[type[Pass], ...] = (
     HeadChainFusion,
     GatedNormFusion,
     NormQuantFusion,
+    ExpertsFusion,
     BranchAnalysis,  # before gemm-merge: it reports the branches as the model wrote them
     SiblingGemmMerge,
     DualStream,  # last: it outlines regions of the graph as it will run

@@ -1,0 +1,105 @@
+"""Routed SwiGLU experts of a small decode step as two Triton kernels, pair by pair, with no sort.
+
+Reference: braze.patterns.moe.experts_reference. With S = T·k (token, expert) pairs and p = t·k + j:
+
+- `braze_moe_gate_up`, grid (S, cdiv(I, BLOCK_N)): program (p, b) reads x[t] and rows [b·BLOCK_N, ..) of
+  expert idx[p]'s gate and up weights, and writes h[p, b·BLOCK_N..] = silu(x·W_gate)·(x·W_up).
+- `braze_moe_down`, grid (T, cdiv(H, BLOCK_N)): program (t, b) runs the down projection of token t's k
+  experts for output columns [b·BLOCK_N, ..) and sums them weighted by w[t, j] in fp32.
+
+Bytes: each pair reads its expert's 2·I·H gate/up and I·H down weights once (3·I·H·2 bytes in bf16) plus x,
+h and y, which are tiny at decode: the kernels are a read of the chosen experts' weights, as the grouped
+GEMMs are, without the sort, gathers, un-sort and weighted sum around them. A pair re-reads its expert's
+weights if another pair chose the same expert, so the pass fuses only while S <= E.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(v, ROUND: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    """fp32 v rounded (RNE) to bf16 and back when ROUND; SOFT_ROUND spells it in integer ops (the
+    interpreter's conversion truncates)."""
+    if ROUND:
+        if SOFT_ROUND:
+            b = v.to(tl.uint32, bitcast=True)
+            r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            v = tl.where(v != v, v, r)
+        else:
+            v = v.to(tl.bfloat16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def braze_moe_gate_up(
+    x_ptr, x_t, x_h, ids_ptr, w_ptr, w_e, w_h, w_n, h_ptr, n_experts,
+    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_ACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr,
+):
+    p = tl.program_id(0).to(tl.int64)
+    t = p // TOP_K
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    e = tl.where(e < 0, e + n_experts, e)  # eager indexing wraps negatives
+    nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    nm = nn < INTER
+    ok = (e >= 0) & (e < n_experts)
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w_row = w_ptr + e * w_e
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        km = (k0 + kk) < HIDDEN
+        xk = tl.load(x_ptr + t * x_t + (k0 + kk) * x_h, mask=km, other=0.0).to(tl.float32)
+        m = nm[:, None] & km[None, :] & ok
+        off = (k0 + kk)[None, :] * w_h + nn[:, None] * w_n
+        wg = tl.load(w_row + off, mask=m, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        wu = tl.load(w_row + off + INTER * w_n, mask=m, other=0.0).to(tl.float32)
+        acc_g += tl.sum(wg * xk[None, :], axis=1)
+        acc_u += tl.sum(wu * xk[None, :], axis=1)
+    g = _round(acc_g, True, SOFT_ROUND)
+    u = _round(acc_u, True, SOFT_ROUND)
+    a = _round(g / (1.0 + tl.exp(-g)), ROUND_ACT, SOFT_ROUND)
+    h = _round(a * u, True, SOFT_ROUND)
+    tl.store(h_ptr + p * INTER + nn, h.to(tl.bfloat16), mask=nm)
+
+
+@triton.jit
+def braze_moe_down(
+    h_ptr, ids_ptr, w_ptr, w_e, w_i, w_n, r_ptr, r_t, r_k, y_ptr, n_experts,
+    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    nm = nn < HIDDEN
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(TOP_K):
+        p = t * TOP_K + j
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        e = tl.where(e < 0, e + n_experts, e)
+        ok = (e >= 0) & (e < n_experts)
+        r = tl.load(r_ptr + t * r_t + j * r_k).to(tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, INTER, BLOCK_K):
+            km = (k0 + kk) < INTER
+            hk = tl.load(h_ptr + p * INTER + k0 + kk, mask=km, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + e * w_e + (k0 + kk)[None, :] * w_i + nn[:, None] * w_n,
+                        mask=nm[:, None] & km[None, :] & ok, other=0.0).to(tl.float32)
+            acc += tl.sum(w * hk[None, :], axis=1)
+        out += _round(acc, True, SOFT_ROUND) * r
+    tl.store(y_ptr + t * HIDDEN + nn, _round(out, ROUND_OUT, SOFT_ROUND), mask=nm)  # y: fp32 or bf16
+
+
+def blocks(rows: int, depth: int, programs_per_row_block: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for GEMV tiles over `rows` output rows of `depth` inputs: K chunks of up
+    to 512 (64 KB of bf16 weights in flight per program and weight), and BLOCK_N as small as keeps about
+    1000 programs in the grid (several waves on an H100's 132 SMs, so every SM keeps loads in flight)."""
+    block_k = min(512, triton.next_power_of_2(depth))
+    block_n = 4
+    while block_n < 64 and programs_per_row_block * triton.cdiv(rows, block_n * 2) >= 1024:
+        block_n *= 2
+    return block_n, block_k, 4

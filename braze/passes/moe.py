@@ -1,0 +1,82 @@
+"""Routed-experts fusion: the sorted, grouped-GEMM SwiGLU experts of a small decode step as two kernels.
+
+For every second grouped GEMM of a SwiGLU expert pair (braze.patterns.moe) the sort of the
+(token, expert) pairs, the gathers, both grouped GEMMs, the SwiGLU, the un-sort and the weighted sum
+over the k slots become `braze::moe_experts`, which computes each pair in place with no sort. Only
+while the pairs do not outnumber the experts (S = T·k <= E): each pair then reads its expert's weights
+about once, as the grouped GEMMs do; with more pairs than experts the GEMV kernels would read an
+expert's weights once per pair, and the grouped GEMMs are left alone (a `pairs-exceed-experts` remark).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from braze.patterns.fx import aten, is_op
+from braze.patterns.moe import Experts, ExpertsMatch, match_experts
+
+from .base import Pass, PassContext
+from .rewrite import graph_fake_mode, splice, trace_functional, view_as
+
+OPS = ("sort", "gather", "grouped_mm", "silu_mul", "grouped_mm", "unsort", "weighted_sum")
+
+
+def experts_call(spec: Experts):
+    import braze.runtime.moe  # noqa: F401  (registers the op)
+
+    text = spec.to_json()
+
+    def fn(x, w13, w2, idx, weights):
+        return [torch.ops.braze.moe_experts(x, w13, w2, idx, weights, text)]
+
+    return fn
+
+
+class ExpertsFusion(Pass):
+    name = "moe-experts"
+    family = "moe"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> None:
+        graph = gm.graph
+        sites: list[ExpertsMatch] = []
+        for n in list(graph.nodes):
+            if not is_op(n, aten._grouped_mm):
+                continue
+            m = match_experts(n)
+            if isinstance(m, ExpertsMatch):
+                sites.append(m)
+            elif m.candidate:
+                ctx.remark("missed", "experts-not-recognized", m.node or n, "routed experts not fused",
+                           reason=m.reason, suggestion=m.suggestion, ops=OPS)
+        ctx.bump("sites-recognized", len(sites))
+        fake_mode = graph_fake_mode(graph) if sites else None
+        for site in sites:
+            s = site.spec
+            pairs = s.tokens * s.top_k
+            why = ctx.token_check(self.family, s.tokens)
+            if why:
+                ctx.remark("missed", "token-range", site.output, "routed experts not fused", reason=why,
+                           suggestion="widen FusionConfig.token_ranges['moe']", ops=OPS)
+                continue
+            if pairs > s.experts:
+                ctx.remark("missed", "pairs-exceed-experts", site.output, "routed experts left to the grouped GEMMs",
+                           reason=f"{s.tokens} tokens x top-{s.top_k} = {pairs} (token, expert) pairs for {s.experts} "
+                           "experts: the fused kernels would read an expert's weights once per pair choosing it, "
+                           "the grouped GEMMs once", suggestion="", ops=OPS)
+                continue
+            inputs = [site.x, site.w13, site.w2, site.idx, site.weights]
+            try:
+                traced = trace_functional(experts_call(s), [n.meta["val"] for n in inputs], fake_mode)
+            except Exception as e:  # a bug in braze must not break the user's compile
+                ctx.remark("failed", "internal-error", site.output, "routed experts left unfused after an error "
+                           "in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug",
+                           ops=OPS)
+                continue
+            (y,) = splice(graph, traced, inputs, site.output)
+            site.output.replace_all_uses_with(view_as(graph, y, site.output))
+            ctx.remark("applied", "moe-experts", site.output, "fused the routed SwiGLU experts into two kernels "
+                       "(no sort, no gathers)", ops=OPS,
+                       args={"tokens": s.tokens, "top_k": s.top_k, "experts": s.experts, "hidden": s.hidden,
+                             "inter": s.inter})
+            ctx.bump("sites-fused")

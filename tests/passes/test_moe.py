@@ -1,0 +1,141 @@
+"""Routed-experts fusion on FX graphs: braze's and Hugging Face's grouped-GEMM spellings fuse at any sizes while
+the pairs do not outnumber the experts, equal eager, and the variants that must not fuse say why."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from braze.config import FusionConfig
+from braze.testing import aten_graph, fused_ops, run_passes
+
+OPS = ("sort", "gather", "grouped_mm", "silu_mul", "grouped_mm", "unsort", "weighted_sum")
+
+
+def braze_spelling(x, w13, w2, idx, weights, *, act=F.silu, cast=True, escape=False):
+    """braze.models.moe.Experts._forward_sparse, with its weights as [E, 2I, H] and [E, H, I]."""
+    t, k = idx.shape
+    pair = idx.flatten()
+    order = pair.argsort(stable=True)
+    counts = (pair[:, None] == torch.arange(w13.shape[0])).sum(0)
+    offs = counts.cumsum(0).to(torch.int32)
+    gu = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)
+    gate, up = gu.chunk(2, dim=-1)
+    ys = torch._grouped_mm(act(gate) * up, w2.transpose(1, 2), offs=offs)
+    y = (ys[order.argsort()].view(t, k, -1).float() * weights.unsqueeze(-1)).sum(1)
+    y = y.to(x.dtype) if cast else y
+    return (y, gu) if escape else y
+
+
+def hf_spelling(x, w13, w2, idx, weights):
+    """transformers.integrations.moe.grouped_mm_experts_forward (sorted ids, histc, weights before un-sorting)."""
+    t, k = idx.shape
+    ids_sorted, perm = torch.sort(idx.reshape(-1))
+    xs = x[perm // k]
+    w_sorted = weights.reshape(-1)[perm]
+    counts = torch.histc(ids_sorted.float(), bins=w13.shape[0], min=0, max=w13.shape[0] - 1)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    gate, up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    out = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs) * w_sorted.unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.size(0))
+    return out[inv].view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+def make_inputs(t, k, e, hid, inter, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, hid, generator=g).to(torch.bfloat16)
+    w13 = (torch.randn(e, 2 * inter, hid, generator=g) * hid ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(e, hid, inter, generator=g) * inter ** -0.5).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g)
+    return [x, w13, w2, idx, weights]
+
+
+def fuse(fn, args, config=None):
+    gm = aten_graph(fn, *args)
+    record = run_passes(gm, config)
+    return gm, record
+
+
+def remarks(record, kind):
+    return [r for r in record.remarks if r.kind == kind and r.pass_name == "moe-experts"]
+
+
+@settings(max_examples=10)
+@given(t=st.sampled_from([1, 2, 3]), k=st.sampled_from([1, 2, 4]), extra=st.integers(0, 5),
+       hid=st.sampled_from([8, 24, 64]), inter=st.sampled_from([8, 16, 40]), spelling=st.sampled_from(["braze", "hf"]),
+       cast=st.booleans(), seed=st.integers(0, 99))
+def test_experts_fuse_at_any_sizes_and_equal_eager(t, k, extra, hid, inter, spelling, cast, seed):
+    e = t * k + extra
+    fn = hf_spelling if spelling == "hf" else (lambda *a: braze_spelling(*a, cast=cast))
+    args = make_inputs(t, k, e, hid, inter, seed)
+    gm, record = fuse(fn, args)
+    (r,) = remarks(record, "applied")
+    assert (r.name, r.ops) == ("moe-experts", OPS)
+    assert dict(r.args) == {"tokens": t, "top_k": k, "experts": e, "hidden": hid, "inter": inter}
+    assert fused_ops(gm) == ["braze.moe_experts_cpu.default"]
+    assert not any("_grouped_mm" in str(n.target) or "sort" in str(n.target) for n in gm.graph.nodes)
+    want, got = fn(*args), gm(*args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert (got == want).float().mean() > 0.95  # rounded where eager rounds: nearly all bit-equal
+
+
+def test_more_pairs_than_experts_stay_grouped_gemms():
+    args = make_inputs(3, 4, 8, 16, 8)
+    gm, record = fuse(hf_spelling, args)
+    (r,) = remarks(record, "missed")
+    assert r.name == "pairs-exceed-experts"
+    assert r.reason.startswith("3 tokens x top-4 = 12 (token, expert) pairs for 8 experts")
+    assert not fused_ops(gm)
+    torch.testing.assert_close(gm(*args), hf_spelling(*args), rtol=0, atol=0)
+
+
+def test_token_range_is_honoured():
+    args = make_inputs(2, 2, 8, 16, 8)
+    gm, record = fuse(braze_spelling, args, FusionConfig(token_ranges={"moe": (1, 1)}))
+    (r,) = remarks(record, "missed")
+    assert (r.name, r.reason) == ("token-range", "2 tokens is outside the configured range [1, 1]")
+    assert not fused_ops(gm)
+
+
+def test_an_intermediate_with_another_reader_is_not_fused():
+    args = make_inputs(1, 2, 8, 16, 8)
+    fn = lambda *a: braze_spelling(*a, escape=True)  # noqa: E731
+    gm, record = fuse(fn, args)
+    (r,) = remarks(record, "missed")
+    assert r.name == "experts-not-recognized"
+    assert "is also read by" in r.reason and "_grouped_mm" in r.reason
+    assert not fused_ops(gm)
+    for got, want in zip(gm(*args), fn(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_another_activation_is_not_fused():
+    args = make_inputs(1, 2, 8, 16, 8)
+    fn = lambda *a: braze_spelling(*a, act=F.gelu)  # noqa: E731
+    gm, record = fuse(fn, args)
+    (r,) = remarks(record, "missed")
+    assert r.name == "experts-not-recognized"
+    assert "is not silu(gate) · up over the two halves of the first grouped GEMM" in r.reason
+    assert not fused_ops(gm)
+
+
+def test_offsets_of_other_ids_are_not_fused():
+    def wrong_offsets(x, w13, w2, idx, weights):
+        t, k = idx.shape
+        pair = idx.flatten()
+        order = pair.argsort(stable=True)
+        offs = (pair[:, None] == torch.arange(w13.shape[0])).sum(0).flip(0).cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+        return (ys[order.argsort()].view(t, k, -1).float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+
+    args = make_inputs(1, 2, 8, 16, 8)
+    gm, record = fuse(wrong_offsets, args)
+    (r,) = remarks(record, "missed")
+    assert "not a count of the expert ids over 8 experts" in r.reason
+    assert not fused_ops(gm)
