@@ -46,7 +46,8 @@ class DeviceModel:
 
 H100 = DeviceModel()
 
-GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten._scaled_mm.default)
+GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten._scaled_mm.default,
+         aten._grouped_mm.default)
 _REDUCTIONS = (
     aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.var_mean, aten.var, aten.prod,
     aten.argmax, aten.argmin, aten.topk, aten.sort, aten.cumsum, aten._softmax, aten._log_softmax,
@@ -140,12 +141,25 @@ def node_cost(node: Node, inside: set[Node] | frozenset[Node] = frozenset()) -> 
         return Cost()
     ins = [a for a in node.all_input_nodes if val(a) is not None]
     if is_extern(node):
-        read = sum(_source_bytes(a) for a in ins)
+        read = sum(_source_bytes(a) * _expert_fraction(node, a) for a in ins)
         flops = gemm_flops(node) if is_gemm(node) else numel(node)
         return Cost(read + nbytes(node), flops, 1, int(is_gemm(node)))
     read = sum(_source_bytes(a) for a in ins if _source(a) not in inside)
     written = nbytes(node) if any(u not in inside for u in node.users) else 0
     return Cost(read + written, numel(node), int(is_reduction(node)), 0)
+
+
+def _expert_fraction(node: Node, arg: Node) -> float:
+    """The share of a stacked expert weight [E, ...] that a grouped GEMM or braze's fused experts read: at
+    most one expert per (token, expert) pair, so min(1, pairs / E); 1 for every other operand."""
+    name = str(node.target)
+    if node.target is aten._grouped_mm.default and arg is node.args[1] and len(val(arg).shape) == 3:
+        pairs, experts = _hint(val(node.args[0]).shape[0]), _hint(val(arg).shape[0])
+    elif "braze.moe_experts" in name and arg in node.args[1:3]:
+        pairs, experts = _hint(val(node.args[3]).numel()), _hint(val(arg).shape[0])
+    else:
+        return 1.0
+    return min(1.0, pairs / max(experts, 1))
 
 
 def region_cost(nodes: list[Node] | set[Node]) -> Cost:
