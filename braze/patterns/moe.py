@@ -26,7 +26,19 @@ import torch
 from torch.fx import Node
 
 from .conv import _silu_of
-from .fx import Miss, aten, binary_operands, describe, dtype_of, is_cast, is_op, is_view, prims, scalar, shape_of
+from .fx import (
+    Miss,
+    aten,
+    binary_operands,
+    describe,
+    dtype_of,
+    is_cast,
+    is_op,
+    is_view,
+    prims,
+    scalar,
+    shape_of,
+)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
