@@ -20,6 +20,8 @@ case ${1:-tests} in
       | tee "$OUT/moe_experts.log" | grep -v Warn | tail -40
     echo "moe_experts: $((SECONDS - t0)) s" ;;
   steps)
+    timeout 90 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/codegen/test_moe_kernel.py 2>&1 \
+      | tee "$OUT/moe_tests.log" | tail -4
     timeout 570 python3 -m braze bench --model "${MODELS:-deepseek-v3.2,qwen3.5,minimax-m2.5}" --size bench --tokens 1 \
       --shapes static --variants inductor,braze --budget-s "${BUDGET:-500}" --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench.log" | grep -v Warn | tail -30

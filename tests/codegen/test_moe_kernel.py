@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import braze.runtime.moe as rt
 from braze.models.moe import Experts as ModelExperts
 from braze.patterns.moe import Experts, experts_reference
+from braze.runtime.rowwise import _interpreter_ready
 
 
 def inputs_for(t, k, e, hid, inter, seed, device="cpu", transposed=True, weight_dtype=torch.float32):
@@ -40,6 +41,7 @@ def interpreted(*args):
         rt.cpu_backend = old
 
 
+@pytest.mark.skipif(not _interpreter_ready(), reason="needs Triton's interpreter (TRITON_INTERPRET=1 before triton loads)")
 @settings(max_examples=15, deadline=None)
 @given(t=st.sampled_from([1, 2, 3]), k=st.sampled_from([1, 2, 3, 8]), extra=st.integers(0, 9),
        hid=st.sampled_from([1, 9, 41, 64, 257]), inter=st.sampled_from([1, 3, 16, 41]), transposed=st.booleans(),
