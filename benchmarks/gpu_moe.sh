@@ -32,3 +32,8 @@ case ${1:-tests} in
       | tee "$OUT/layers.log" | grep -v Warn | tail -12
     echo "layers: $((SECONDS - t0)) s" ;;
 esac
+if [[ ${1:-} == tune ]]; then
+  timeout 420 python3 benchmarks/moe_tune.py --tokens "${TOKENS:-1,8}" --kernels "${KERNELS:-down}" --out "$OUT/results" 2>&1 \
+    | tee "$OUT/moe_tune.log" | grep -v Warn | tail -30
+  echo "tune: $((SECONDS - t0)) s"
+fi
