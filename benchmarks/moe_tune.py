@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             kernels = {"gate_up": (inter, hid, t * k, 2 * inter * hid * 2), "down": (hid, inter, t, inter * hid * 2)}
             kernels = {w: v for w, v in kernels.items() if w in args.kernels.split(",")}
             ref = {}
+            bn, bk, warps = blocks(inter, hid, t * k)  # h for the down kernel: the gate/up kernel's, default tiles
+            braze_moe_gate_up[(t * k, triton.cdiv(inter, bn))](
+                x, x.stride(0), x.stride(1), ids, w13, *w13.stride(), h, e, TOP_K=k, HIDDEN=hid, INTER=inter,
+                ROUND_ACT=True, BLOCK_N=bn, BLOCK_K=bk, SOFT_ROUND=False, num_warps=warps)
             for which, (rows_, depth, progs, per_expert) in kernels.items():
                 floor_us = distinct * per_expert / bw * 1e6
                 default = blocks(rows_, depth, progs)
