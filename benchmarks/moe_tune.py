@@ -48,14 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--kernels", default="down", help="gate_up,down")
+    ap.add_argument("--models", default=",".join(DIMS))
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     bw = copy_bandwidth(torch.device("cuda"))
     rows = []
-    for model, (hid, inter, k, e) in DIMS.items():
+    for model in args.models.split(","):
+        hid, inter, k, e = DIMS[model]
         torch.manual_seed(0)
-        w13 = (torch.randn(e, 2 * inter, hid, device="cuda") * hid ** -0.5).to(torch.bfloat16).transpose(1, 2)
-        w2 = (torch.randn(e, hid, inter, device="cuda") * inter ** -0.5).to(torch.bfloat16).transpose(1, 2)
+        w13 = (torch.randn(e, 2 * inter, hid, device="cuda", dtype=torch.bfloat16) * hid ** -0.5).transpose(1, 2)
+        w2 = (torch.randn(e, hid, inter, device="cuda", dtype=torch.bfloat16) * inter ** -0.5).transpose(1, 2)
         for t in (int(x) for x in args.tokens.split(",")):
             x = torch.randn(t, hid, device="cuda").to(torch.bfloat16)
             idx = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model:14s} T={t:2d} {which:8s} floor {floor_us:6.1f} us  default {picked and picked['us']:.1f} "
                       f"{default}  best {results[0]['us']:.1f} {results[0]['config']}  "
                       f"next {[(d['config'], round(d['us'], 1)) for d in results[1:4]]}", flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "moe_tune.json").write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
