@@ -33,7 +33,7 @@ case ${1:-tests} in
     echo "layers: $((SECONDS - t0)) s" ;;
 esac
 if [[ ${1:-} == tune ]]; then
-  timeout 420 python3 benchmarks/moe_tune.py --tokens "${TOKENS:-1,8}" --kernels "${KERNELS:-down}" --models "${MODELS:-deepseek-v3.2,qwen3.5,minimax-m2.5}" --out "$OUT/results" 2>&1 \
+  timeout 420 python3 benchmarks/moe_tune.py --tokens "${TOKENS:-1,8}" --kernels "${KERNELS:-down}" --models "${MODELS:-deepseek-v3.2,qwen3.5,minimax-m2.5}" --configs "${CONFIGS:-}" --out "$OUT/results" 2>&1 \
     | tee "$OUT/moe_tune.log" | grep -v Warn | tail -30
   echo "tune: $((SECONDS - t0)) s"
 fi

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--kernels", default="down", help="gate_up,down")
     ap.add_argument("--models", default=",".join(DIMS))
+    ap.add_argument("--configs", default="", help='only these "BLOCK_N,BLOCK_K,warps;..." (3 stages)')
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     bw = copy_bandwidth(torch.device("cuda"))
@@ -78,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                 floor_us = distinct * per_expert / bw * 1e6
                 default = blocks(rows_, depth, progs)
                 results = []
-                configs = [(*default, 3)] + [c for c in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), (3, 4))
-                                             if c != (*default, 3)]
+                sweep = itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), (3, 4))
+                if args.configs:  # only these (BLOCK_N, BLOCK_K, warps), 3 stages
+                    sweep = [(*map(int, c.split(",")), 3) for c in args.configs.split(";")]
+                configs = [(*default, 3)] + [c for c in sweep if c != (*default, 3)]
                 for bn, bk, warps, stages in configs:
                     if bk > triton.next_power_of_2(depth) or bn * bk > 32768:
                         continue
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                     ref.setdefault(which, out)  # the default config runs first
                     results.append({"config": [bn, bk, warps, stages], "us": us})
                 results.sort(key=lambda d: d["us"])
+                if args.configs:
+                    print(f"{model:14s} T={t:2d} {which:8s} floor {floor_us:6.1f} us: "
+                          + ", ".join(f"{d['config'][:3]} {d['us']:.1f}" for d in results), flush=True)
                 picked = next((d for d in results if d["config"] == [*default, 3]), None)
                 row = {"model": model, "T": t, "kernel": which, "floor_us": floor_us, "distinct_experts": distinct,
                        "best": results[:5], "default": picked}
