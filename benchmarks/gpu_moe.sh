@@ -37,3 +37,12 @@ if [[ ${1:-} == tune ]]; then
     | tee "$OUT/moe_tune.log" | grep -v Warn | tail -30
   echo "tune: $((SECONDS - t0)) s"
 fi
+if [[ ${1:-} == both ]]; then  # the routed experts alone, then the steps (the kernels' tiles changed)
+  timeout 250 python3 benchmarks/moe_experts.py --tokens 1,8 --out "$OUT/results" 2>&1 | tee "$OUT/moe_experts.log" \
+    | grep -v Warn | tail -30
+  echo "moe_experts: $((SECONDS - t0)) s"
+  timeout 300 python3 -m braze bench --model deepseek-v3.2,qwen3.5,minimax-m2.5 --size bench --tokens 1 --shapes static \
+    --variants inductor,braze --budget-s 260 --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" | grep -v Warn | tail -14
+  echo "steps: $((SECONDS - t0)) s"
+  tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
+fi

@@ -5,7 +5,7 @@
 Why: in the T=1 decode steps (session 7) `braze_moe_gate_up` ran at 1.0-1.15× its floor but `braze_moe_down` at
 1.3-1.5×. This sweeps (BLOCK_N, BLOCK_K, num_warps, num_stages) of each kernel for the three models' expert
 shapes (real expert counts), checks every config against the reference, and reports the best and the one
-`braze.codegen.moe.blocks` picks. Timing: a CUDA graph of 20 launches, median of 30 replays, per launch; the
+`braze.codegen.moe.gate_up_blocks` / `down_blocks` pick. Timing: a CUDA graph of 20 launches, median of 30 replays, per launch; the
 chosen experts' weights (k per token, distinct) exceed L2 at every shape.
 """
 
@@ -21,7 +21,7 @@ import torch
 import triton
 
 from braze.bench_device import copy_bandwidth
-from braze.codegen.moe import blocks, braze_moe_down, braze_moe_gate_up
+from braze.codegen.moe import braze_moe_down, braze_moe_gate_up, down_blocks, gate_up_blocks
 
 DIMS = {"deepseek-v3.2": (7168, 2048, 8, 256), "qwen3.5": (4096, 1024, 10, 512), "minimax-m2.5": (3072, 1536, 8, 256)}
 
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             kernels = {"gate_up": (inter, hid, t * k, 2 * inter * hid * 2), "down": (hid, inter, t, inter * hid * 2)}
             kernels = {w: v for w, v in kernels.items() if w in args.kernels.split(",")}
             ref = {}
-            bn, bk, warps = blocks(inter, hid, t * k)  # h for the down kernel: the gate/up kernel's, default tiles
+            bn, bk, warps = gate_up_blocks(hid)  # h for the down kernel: the gate/up kernel's, default tiles
             braze_moe_gate_up[(t * k, triton.cdiv(inter, bn))](
                 x, x.stride(0), x.stride(1), ids, w13, *w13.stride(), h, e, TOP_K=k, HIDDEN=hid, INTER=inter,
                 ROUND_ACT=True, BLOCK_N=bn, BLOCK_K=bk, SOFT_ROUND=False, num_warps=warps)
-            for which, (rows_, depth, progs, per_expert) in kernels.items():
+            for which, (_, _, _, per_expert) in kernels.items():
                 floor_us = distinct * per_expert / bw * 1e6
-                default = blocks(rows_, depth, progs)
+                default = gate_up_blocks(hid) if which == "gate_up" else down_blocks(hid, inter)
                 results = []
                 sweep = itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), (3, 4))
                 if args.configs:  # only these (BLOCK_N, BLOCK_K, warps), 3 stages

@@ -94,12 +94,18 @@ def braze_moe_down(
     tl.store(y_ptr + t * HIDDEN + nn, _round(out, ROUND_OUT, SOFT_ROUND), mask=nm)  # y: fp32 or bf16
 
 
-def blocks(rows: int, depth: int, programs_per_row_block: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for GEMV tiles over `rows` output rows of `depth` inputs: K chunks of up
-    to 512 (64 KB of bf16 weights in flight per program and weight), and BLOCK_N as small as keeps about
-    1000 programs in the grid (several waves on an H100's 132 SMs, so every SM keeps loads in flight)."""
-    block_k = min(512, triton.next_power_of_2(depth))
-    block_n = 4
-    while block_n < 64 and programs_per_row_block * triton.cdiv(rows, block_n * 2) >= 1024:
-        block_n *= 2
-    return block_n, block_k, 4
+def gate_up_blocks(hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of `braze_moe_gate_up`. Measured on an H100 (benchmarks/results/moe_tune_*.json,
+    the three models' expert shapes at T = 1 and 8): 16 rows × 128-wide K chunks with 8 warps is within 1-2% of
+    the best of 96 tilings at every shape but DeepSeek's T=8 (0.5%), where the old rule (up to 64 rows, 512 wide)
+    lost up to 12% (Qwen T=1)."""
+    return 16, min(128, triton.next_power_of_2(hidden)), 8
+
+
+def down_blocks(hidden: int, inter: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of `braze_moe_down`: 256-wide K chunks; 8 rows and 8 warps when a token's
+    output still spans >= 768 programs of 8 rows (H >= 6144: DeepSeek's 7168, 81.9 µs vs 99.2 µs with 4 rows at
+    T=1), else 4 rows and 4 warps (MiniMax's 3072: 32.6 vs 37.5 µs). The old rule (4 × 512, 4 warps) was 1.38× the
+    weight floor on DeepSeek at T=1; this one is 1.03×."""
+    block_n = 8 if hidden // 8 >= 768 else 4
+    return block_n, min(256, triton.next_power_of_2(inter)), block_n

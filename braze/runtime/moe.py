@@ -14,7 +14,7 @@ import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
 
-from braze.codegen.moe import blocks, braze_moe_down, braze_moe_gate_up
+from braze.codegen.moe import braze_moe_down, braze_moe_gate_up, down_blocks, gate_up_blocks
 from braze.patterns.moe import Experts, experts_reference
 
 from .rowwise import cpu_backend
@@ -56,8 +56,8 @@ def _run(x, w13, w2, idx, weights, spec_json: str, out: torch.Tensor | None = No
     ids = idx.reshape(t * k).contiguous()
     h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)
     interpreted = x.device.type == "cpu"
-    bn1, bk1, w1 = blocks(inter, hid, t * k)
-    bn2, bk2, w2_warps = blocks(hid, inter, t)
+    bn1, bk1, w1 = gate_up_blocks(hid)
+    bn2, bk2, w2_warps = down_blocks(hid, inter)
     grid1 = (t * k, triton.cdiv(inter, bn1))
     grid2 = (t, triton.cdiv(hid, bn2))
     args1 = (x, x.stride(0), x.stride(1), ids, w13, w13.stride(0), w13.stride(1), w13.stride(2), h, spec.experts)
