@@ -44,5 +44,8 @@ if [[ ${1:-} == both ]]; then  # the routed experts alone, then the steps (the k
   timeout 300 python3 -m braze bench --model deepseek-v3.2,qwen3.5,minimax-m2.5 --size bench --tokens 1 --shapes static \
     --variants inductor,braze --budget-s 260 --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" | grep -v Warn | tail -14
   echo "steps: $((SECONDS - t0)) s"
+  timeout 150 python3 benchmarks/qwen_layers.py --tokens 1 --blocks linear-layer,full-layer --out "$OUT/results" 2>&1 \
+    | tee "$OUT/layers.log" | grep -v Warn | tail -8
+  echo "layers: $((SECONDS - t0)) s"
   tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
 fi
