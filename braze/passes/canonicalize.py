@@ -115,8 +115,8 @@ class Canonicalize(Pass):
             if not isinstance(total, int):
                 return None
             sizes = [min(sizes, total - i) for i in range(0, total, sizes)]
-        if not all(isinstance(s, int) for s in sizes):
-            return None
+        if not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) for s in sizes):
+            return None  # a symbolic split size (chunk of a dynamic width) stays a split
         users = list(node.users)
         if not all(u.target is operator.getitem for u in users):
             return None

@@ -230,6 +230,10 @@ def match_experts(g2: Node) -> ExpertsMatch | Miss:
     if any(dtype_of(n) != torch.bfloat16 for n in (xs, w13, h, w2)):
         return Miss("grouped GEMMs whose operands are not all bf16", "")
     e, hid, two_i = shape_of(w13)
+    pairs = shape_of(xs)[0]
+    if not all(isinstance(d, int) for d in (pairs, e, hid, two_i, *shape_of(w2))):
+        return Miss(f"the experts' sizes are dynamic (pairs {pairs}, experts {e}, hidden {hid}, width {two_i}): the "
+                    "fused kernels are specialized on them", "compile with static shapes (dynamic=False) for decode steps")
     inter = two_i // 2
     if two_i % 2 or tuple(shape_of(w2)) != (e, inter, hid):
         return Miss(f"weights {shape_of(w13)} and {shape_of(w2)} are not [E, H, 2I] and [E, I, H]",

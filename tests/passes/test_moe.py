@@ -139,3 +139,19 @@ def test_offsets_of_other_ids_are_not_fused():
     (r,) = remarks(record, "missed")
     assert "not a count of the expert ids over 8 experts" in r.reason
     assert not fused_ops(gm)
+
+
+def test_a_dynamic_token_count_is_left_with_a_reason():
+    import torch._dynamo
+
+    import braze
+
+    torch._dynamo.reset()
+    be = braze.backend()
+    fn = torch.compile(hf_spelling, backend=be, dynamic=True, fullgraph=True)
+    args = make_inputs(2, 2, 8, 16, 8)
+    torch.testing.assert_close(fn(*args), hf_spelling(*args), rtol=2e-2, atol=2e-2)  # Inductor's own rounding
+    (r,) = [r for r in braze.report(be).missed if r.pass_name == "moe-experts"]
+    assert r.name == "experts-not-recognized"
+    assert r.reason.startswith("the experts' sizes are dynamic (pairs s")
+    assert r.suggestion == "compile with static shapes (dynamic=False) for decode steps"
