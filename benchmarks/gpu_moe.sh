@@ -49,3 +49,13 @@ if [[ ${1:-} == both ]]; then  # the routed experts alone, then the steps (the k
   echo "layers: $((SECONDS - t0)) s"
   tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
 fi
+if [[ ${1:-} == merge ]]; then  # where sibling-GEMM merging pays (issues 4 and 7): the prologue at small T, the steps at T=1
+  timeout 200 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4,8 --variants inductor,braze,braze-merge \
+    --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep -v Warn | tail -14
+  echo "prologue: $((SECONDS - t0)) s"
+  timeout 380 python3 -m braze bench --model deepseek-v3.2,qwen3.5,minimax-m2.5 --size bench --tokens 1 --shapes static \
+    --variants inductor,braze,braze-merge --budget-s 350 --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" \
+    | grep -v Warn | grep "T=1\|done" | tail -12
+  echo "steps: $((SECONDS - t0)) s"
+  tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
+fi
