@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "gemm_merge",
-            "dual_stream")
+FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "topk",
+            "gemm_merge", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -56,6 +56,9 @@ class FusionConfig:
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts.
+    topk: run each `aten.topk` over rows of at most 4096 values (routers, DeepSeek V3.2's indexer over a
+        short context) as one Triton sort kernel; ties come out in index order. Its token range
+        bounds the rows (the tensor's first dim).
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound.
         Off by default: -1.4% of DeepSeek V3.2's step at T=1 on an H100, but the merged GEMMs add
@@ -93,6 +96,7 @@ class FusionConfig:
     delta_rule: bool = True  # 10-12 µs faster per Qwen 3.5 step than without (H100: qwen3.5_bench_tp1_static_delta_rule.md)
     gated_norm: bool = True
     moe: bool = True
+    topk: bool = True
     gemm_merge: bool = False  # off until tests/passes/test_gemm_merge_gpu.py passes on a GPU (STREAMS_DESIGN.md)
     dual_stream: bool = False
     verify: str = "off"
@@ -102,8 +106,8 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "gemm_merge",
-                  "dual_stream", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "topk",
+                  "gemm_merge", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

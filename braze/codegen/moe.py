@@ -46,14 +46,15 @@ def braze_moe_gate_up(
     nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     nm = nn < INTER
-    ok = (e >= 0) & (e < n_experts)
+    ev = tl.zeros([BLOCK_N], dtype=tl.int64) + e  # as a block: Triton 3.9's interpreter makes block & scalar-bool int32
+    wm = nm & (ev >= 0) & (ev < n_experts)  # an out-of-range id reads nothing (eager raises; braze must not fault)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     w_row = w_ptr + e * w_e
     for k0 in range(0, HIDDEN, BLOCK_K):
         km = (k0 + kk) < HIDDEN
         xk = tl.load(x_ptr + t * x_t + (k0 + kk) * x_h, mask=km, other=0.0).to(tl.float32)
-        m = nm[:, None] & km[None, :] & ok
+        m = wm[:, None] & km[None, :]
         off = (k0 + kk)[None, :] * w_h + nn[:, None] * w_n
         wg = tl.load(w_row + off, mask=m, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
         wu = tl.load(w_row + off + INTER * w_n, mask=m, other=0.0).to(tl.float32)
@@ -81,14 +82,15 @@ def braze_moe_down(
         p = t * TOP_K + j
         e = tl.load(ids_ptr + p).to(tl.int64)
         e = tl.where(e < 0, e + n_experts, e)
-        ok = (e >= 0) & (e < n_experts)
+        ev = tl.zeros([BLOCK_N], dtype=tl.int64) + e
+        wm = nm & (ev >= 0) & (ev < n_experts)
         r = tl.load(r_ptr + t * r_t + j * r_k).to(tl.float32)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, INTER, BLOCK_K):
             km = (k0 + kk) < INTER
             hk = tl.load(h_ptr + p * INTER + k0 + kk, mask=km, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + e * w_e + (k0 + kk)[None, :] * w_i + nn[:, None] * w_n,
-                        mask=nm[:, None] & km[None, :] & ok, other=0.0).to(tl.float32)
+                        mask=wm[:, None] & km[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * hk[None, :], axis=1)
         out += _round(acc, True, SOFT_ROUND) * r
     tl.store(y_ptr + t * HIDDEN + nn, _round(out, ROUND_OUT, SOFT_ROUND), mask=nm)  # y: fp32 or bf16

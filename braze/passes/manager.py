@@ -34,6 +34,7 @@ from .moe import ExpertsFusion
 from .norm_quant import NormQuantFusion
 from .post_conv import PostConvFusion
 from .streams import DualStream
+from .topk import TopKSort
 from .tp_norm import TPNormFusion
 
 # Every pass braze runs, in order. The collective passes come before norm-quant, which would
@@ -54,6 +55,7 @@ PASSES: tuple[type[Pass], ...] = (
     GatedNormFusion,
     NormQuantFusion,
     ExpertsFusion,
+    TopKSort,
     BranchAnalysis,  # before gemm-merge: it reports the branches as the model wrote them
     SiblingGemmMerge,
     DualStream,  # last: it outlines regions of the graph as it will run

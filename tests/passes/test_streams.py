@@ -284,7 +284,8 @@ def test_deepseek_moe_router_beside_the_shared_expert():
     args = dict(r.args)
     assert args["side_head"] == "layers.1.mlp.shared_expert.gate_up_proj"
     assert args["stream1"][0] == "mm_13" and args["stream1"][-1] == "mm_14"  # gate_up ... down projection
-    assert {"mm_12", "topk_2", "topk_4", "gather_2", "div_19"} <= set(args["stream0"])  # the router
+    assert {"mm_12", "gather_2", "div_19"} <= set(args["stream0"])  # the router
+    assert sum(name.startswith("topk_cpu") for name in args["stream0"]) == 3  # its three top-k (small-topk)
     assert ops(gm).count("braze.parallel_branches.default") == 1
     got = gm(*example)
     for g, w in zip(got, want):
@@ -301,5 +302,5 @@ def test_through_the_backend_the_moe_router_and_shared_expert_take_two_streams()
         out = torch.compile(moe_layer, backend=be, fullgraph=True)(*MOE_ARGS)
     torch._dynamo.reset()
     torch.testing.assert_close(out, moe_layer(*MOE_ARGS), rtol=1e-5, atol=1e-5)
-    (r,) = braze.report(be).applied
+    (r,) = [r for r in braze.report(be).applied if r.pass_name == "dual-stream"]
     assert r.name == "dual-stream" and dict(r.args)["stream1"][0] == "mm_3"

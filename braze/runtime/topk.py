@@ -1,0 +1,79 @@
+"""Top-k of short rows: `braze::topk` (CUDA, a `triton_op`) and its CPU twin.
+
+`topk(x, spec)` -> (values [..., k] in x's dtype, indices [..., k] int64) over the last dim of x [..., n],
+as braze.patterns.topk.topk_reference defines it; one launch, one program per row (braze.codegen.topk).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch.library import custom_op, triton_op, wrap_triton
+
+from braze.codegen.topk import braze_topk, topk_warps
+from braze.patterns.topk import DTYPES, TopK, topk_reference
+
+from .rowwise import cpu_backend
+
+
+@functools.cache
+def _interpreted(fn):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn.fn)
+
+
+def _check(spec: TopK, x: torch.Tensor) -> None:
+    if x.dim() == 0 or x.shape[-1] != spec.n:
+        raise ValueError(f"braze topk: x of shape {tuple(x.shape)}, expected rows of {spec.n} in the last dim")
+    if DTYPES.get(x.dtype) != spec.dtype:
+        raise ValueError(f"braze topk: x is {x.dtype}, expected torch.{spec.dtype}")
+
+
+def _run(x: torch.Tensor, spec_json: str, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(values, indices); written into `out` when given (tests pass poisoned ones)."""
+    spec = TopK.from_json(spec_json)
+    _check(spec, x)
+    if x.device.type == "cpu" and cpu_backend() == "reference":
+        return topk_reference(x, spec.k, spec.largest)
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, spec.n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if out is None:
+        vals = torch.empty(*lead, spec.k, dtype=x.dtype, device=x.device)
+        idx = torch.empty(*lead, spec.k, dtype=torch.int64, device=x.device)
+    else:
+        vals, idx = out
+    if rows.shape[0] == 0:
+        return vals, idx
+    args = (rows, rows.stride(0), vals, idx)
+    block = triton.next_power_of_2(spec.n)
+    const = dict(N=spec.n, K=spec.k, BLOCK=block, LARGEST=spec.largest, LOG=block.bit_length() - 1)
+    grid = (rows.shape[0],)
+    if x.device.type == "cpu":
+        _interpreted(braze_topk)[grid](*args, **const, INTERPRETED=True)
+    else:
+        wrap_triton(braze_topk)[grid](*args, **const, num_warps=topk_warps(spec.n))
+    return vals, idx
+
+
+@triton_op("braze::topk", mutates_args=())
+def topk(x: torch.Tensor, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type == "cpu":
+        return torch.ops.braze.topk_cpu(x, spec)
+    return _run(x, spec)
+
+
+@custom_op("braze::topk_cpu", mutates_args=())
+def topk_cpu(x: torch.Tensor, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run(x, spec)
+
+
+@topk_cpu.register_fake
+def _(x, spec):
+    s = TopK.from_json(spec)
+    shape = (*x.shape[:-1], s.k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)

@@ -1,0 +1,115 @@
+"""The one-program top-k kernel against its reference (a stable sort cut at k) under the interpreter and on CUDA,
+and the reference against torch.topk's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import braze.runtime.topk as rt
+from braze.patterns.topk import DTYPES, MAX_ROW, TopK, topk_reference
+from braze.runtime.rowwise import _interpreter_ready
+
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def rows_for(shape, dtype, specials, seed, device="cpu"):
+    """Random rows with ties, ±0, ±inf and NaN sprinkled in when `specials`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    if specials:
+        pick = torch.rand(*shape, generator=g)
+        x = torch.where(pick < 0.10, torch.round(x), x)  # many ties (and -0.0 from rounding small negatives)
+        x = torch.where((pick >= 0.10) & (pick < 0.13), float("-inf"), x)
+        x = torch.where((pick >= 0.13) & (pick < 0.15), float("inf"), x)
+        x = torch.where((pick >= 0.15) & (pick < 0.17), float("nan"), x)
+        x = torch.where((pick >= 0.17) & (pick < 0.19), -0.0, x)
+    return x.to(dtype).to(device)
+
+
+def poisoned(shape, k, dtype, device):
+    lead = shape[:-1]
+    return (torch.full((*lead, k), float("nan"), dtype=dtype, device=device),
+            torch.full((*lead, k), -7, dtype=torch.int64, device=device))
+
+
+def run_kernel(x, spec: TopK):
+    old = rt.cpu_backend
+    rt.cpu_backend = lambda: "interpret"
+    try:
+        return rt._run(x, spec.to_json(), out=poisoned(tuple(x.shape), spec.k, x.dtype, x.device))
+    finally:
+        rt.cpu_backend = old
+
+
+def assert_same(got, want, dtype):
+    (gv, gi), (wv, wi) = got, want
+    assert gi.dtype == torch.int64 and gv.dtype == dtype and gv.shape == wv.shape and gi.shape == wi.shape
+    bad = (gi != wi).nonzero()
+    assert bad.numel() == 0, f"{len(bad)} of {gi.numel()} indices differ, first at {bad[:4].tolist()}"
+    # bit-equal values: -0.0 stays -0.0 and NaN stays NaN
+    assert torch.equal(gv.view(BITS[dtype]), wv.view(BITS[dtype]))
+
+
+interpreter = pytest.mark.skipif(not _interpreter_ready(), reason="needs Triton's interpreter "
+                                 "(TRITON_INTERPRET=1 before triton loads)")
+
+
+@interpreter
+@settings(max_examples=25, deadline=None)
+@given(lead=st.sampled_from([(1,), (3,), (2, 3), (9,)]), n=st.sampled_from([1, 2, 3, 8, 9, 32, 41, 256, 257, 576]),
+       kf=st.floats(0, 1), largest=st.booleans(), dtype=st.sampled_from(list(DTYPES)), specials=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_interpreted_kernel_equals_reference(lead, n, kf, largest, dtype, specials, seed):
+    k = max(1, round(kf * n))
+    x = rows_for((*lead, n), dtype, specials, seed)
+    spec = TopK(n=n, k=k, largest=largest, dtype=DTYPES[dtype])
+    assert_same(run_kernel(x, spec), topk_reference(x, k, largest), dtype)
+
+
+@interpreter
+def test_longest_row_and_strided_rows():
+    x = rows_for((2, MAX_ROW), torch.float32, True, 3)
+    spec = TopK(n=MAX_ROW, k=2048, largest=True, dtype="float32")
+    assert_same(run_kernel(x, spec), topk_reference(x, 2048, True), torch.float32)
+    wide = rows_for((3, 80), torch.bfloat16, True, 4)[:, 5:69]  # rows of 64 with a row stride of 80
+    spec = TopK(n=64, k=5, largest=False, dtype="bfloat16")
+    assert_same(run_kernel(wide, spec), topk_reference(wide, 5, False), torch.bfloat16)
+    t = rows_for((64, 3), torch.float32, False, 5).t()  # last-dim stride 3: copied to rows first
+    spec = TopK(n=64, k=7, largest=True, dtype="float32")
+    assert_same(run_kernel(t, spec), topk_reference(t, 7, True), torch.float32)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_reference_is_a_topk(largest):
+    """The reference returns what torch.topk may: the same values, indices that point at them, sorted."""
+    x = rows_for((7, 300), torch.float32, True, 11)
+    want_v, _ = torch.topk(x, 20, largest=largest)
+    v, i = topk_reference(x, 20, largest)
+    assert torch.equal(v.nan_to_num(123.0), want_v.nan_to_num(123.0))
+    assert torch.equal(x.gather(-1, i).nan_to_num(123.0), v.nan_to_num(123.0))
+    assert all(len(set(r.tolist())) == 20 for r in i)
+
+
+def test_bad_input_is_a_clear_error():
+    spec = TopK(n=16, k=4, largest=True, dtype="float32").to_json()
+    with pytest.raises(ValueError, match="expected rows of 16"):
+        rt._run(torch.zeros(2, 15), spec)
+    with pytest.raises(ValueError, match="expected torch.float32"):
+        rt._run(torch.zeros(2, 16, dtype=torch.bfloat16), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("lead,n,k,largest,dtype", [
+    ((1,), 576, 576, True, torch.float32), ((64,), 576, 576, True, torch.float32), ((1,), 256, 8, True, torch.float32),
+    ((8, 8), 32, 2, True, torch.float32), ((4,), 4096, 2048, True, torch.float32), ((5,), 41, 7, False, torch.bfloat16),
+    ((3,), 512, 10, True, torch.float16), ((2,), 1, 1, True, torch.float32)])
+def test_cuda_kernel_equals_reference(lead, n, k, largest, dtype):
+    for seed in range(5):
+        x = rows_for((*lead, n), dtype, seed % 2 == 0, seed, device="cuda")
+        spec = TopK(n=n, k=k, largest=largest, dtype=DTYPES[dtype])
+        got = rt._run(x, spec.to_json(), out=poisoned(tuple(x.shape), k, dtype, "cuda"))
+        assert_same(got, topk_reference(x, k, largest), dtype)
