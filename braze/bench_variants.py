@@ -10,7 +10,7 @@ VARIANTS = ("eager", "inductor", "braze")
 # FusionConfig switches each one sets ("braze" is FusionConfig())
 VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-streams": {"dual_stream": True},
                     "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
-                    "braze-no-delta": {"delta_rule": False}}
+                    "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False}}
 EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
 
 
