@@ -5,7 +5,10 @@ order is the order wanted, ties included, so one `tl.sort` of the keys sorts val
 
 - high 32 bits: the fp32 value's bits made order-preserving as a signed int (negative floats have their 31
   low bits flipped), after -0.0 -> +0.0 (they tie) and every NaN -> one positive NaN (above +inf);
-- low 32 bits: the index, complemented when sorting descending, so that equal values keep index order.
+- low 32 bits: the index, complemented, so that equal values keep index order in the descending sort.
+
+For the k smallest the high half is complemented too (NaN then sorts last, as torch.topk puts it), so every
+top-k is one descending sort.
 
 Padding (the row rounded up to a power of two) takes a key beyond every real one and is never selected
 (k <= n). Bytes: the row is read once and k values and indices written; the values are re-read by index
@@ -44,7 +47,7 @@ def _bitonic_sort(key, BLOCK: tl.constexpr, LOG: tl.constexpr, DESCENDING: tl.co
 
 @triton.jit
 def braze_topk(x_ptr, x_row, vals_ptr, idx_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
-               LARGEST: tl.constexpr, LOG: tl.constexpr, INTERPRETED: tl.constexpr = False):
+               LARGEST: tl.constexpr, LOG: tl.constexpr, INTERPRETED: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     m = i < N
@@ -54,24 +57,16 @@ def braze_topk(x_ptr, x_row, vals_ptr, idx_ptr, N: tl.constexpr, K: tl.constexpr
     x = tl.where(x != x, float("nan"), x)
     b = x.to(tl.int32, bitcast=True)
     key32 = b ^ ((b >> 31) & 0x7FFFFFFF)  # signed order == float order
-    i64 = i.to(tl.int64)
+    if not LARGEST:
+        key32 = ~key32  # the smallest first, still one descending sort
+    key32 = tl.where(m, key32, -2147483648)  # padding sorts last
     low32 = tl.full([BLOCK], 0xFFFFFFFF, tl.int64)
-    if LARGEST:
-        key32 = tl.where(m, key32, -2147483648)
-        low = low32 - i64
-    else:
-        key32 = tl.where(m, key32, 2147483647)
-        low = i64
-    key = (key32.to(tl.int64) << 32) | low
+    key = (key32.to(tl.int64) << 32) | (low32 - i.to(tl.int64))  # equal keys: the lower index first
     if INTERPRETED:
-        key = _bitonic_sort(key, BLOCK, LOG, LARGEST)
+        key = _bitonic_sort(key, BLOCK, LOG, True)
     else:
-        key = tl.sort(key, descending=LARGEST)
-    low = key & low32
-    if LARGEST:
-        idx = low32 - low
-    else:
-        idx = low
+        key = tl.sort(key, descending=True)
+    idx = low32 - (key & low32)
     o = i < K
     tl.store(idx_ptr + r * K + i, idx, mask=o)
     tl.store(vals_ptr + r * K + i, tl.load(row + idx, mask=o), mask=o)

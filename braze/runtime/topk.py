@@ -56,7 +56,7 @@ def _run(x: torch.Tensor, spec_json: str, out: tuple[torch.Tensor, torch.Tensor]
     if x.device.type == "cpu":
         _interpreted(braze_topk)[grid](*args, **const, INTERPRETED=True)
     else:
-        wrap_triton(braze_topk)[grid](*args, **const, num_warps=topk_warps(spec.n))
+        wrap_triton(braze_topk)[grid](*args, **const, INTERPRETED=False, num_warps=topk_warps(spec.n))
     return vals, idx
 
 

@@ -3,6 +3,7 @@ equals eager; the variants that must stay ATen's say why."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -124,3 +125,29 @@ def test_a_dynamic_row_length_is_left_with_a_reason():
     assert r.name == "topk-not-taken"
     assert r.reason.startswith("the row length s") and r.reason.endswith("is dynamic")
     assert r.suggestion == "mark the selected dim static"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_inductor_launches_the_kernel_in_its_graph():
+    """The kernel as Inductor launches it (a user Triton kernel in its wrapper), not only as the op runs it."""
+    import torch._dynamo
+
+    import braze
+
+    def fn(lg, b, scores):
+        idx, w = router(lg, b, groups=8, top_groups=4, k=6)
+        near = torch.topk(scores.masked_fill(scores < -1, float("-inf")), 100, largest=False)
+        return idx, w, near.values, near.indices
+
+    torch._dynamo.reset()
+    be = braze.backend()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    args = (torch.randn(5, 256, device="cuda", generator=g), torch.randn(256, device="cuda", generator=g) * 0.1,
+            torch.randn(5, 576, device="cuda", generator=g))
+    got, want = torch.compile(fn, backend=be, fullgraph=True)(*args), fn(*args)
+    assert [dict(r.args)["n"] for r in braze.report(be).applied if r.pass_name == "small-topk"] == [32, 8, 256, 576]
+    assert torch.equal(got[0].sort(-1).values, want[0].sort(-1).values)
+    torch.testing.assert_close(got[1].sort(-1).values, want[1].sort(-1).values, rtol=1e-6, atol=0)
+    assert torch.equal(got[2], want[2])  # sorted values, distinct random scores: the same result
+    assert torch.equal(got[3], want[3])
