@@ -7,6 +7,7 @@ CPU), and has a pure-torch `*_reference` with the same signature.
     q, scale = braze.ops.rmsnorm_quant(x, w, 1e-6, group_size=128, scale_format="ue8m0")
     out = braze.ops.rmsnorm(x, w, 1e-6, residual=r)   # out.normed, out.residual
     out = braze.ops.allreduce_rmsnorm(x, w, 1e-6, group=tp_group, residual=r)   # sum over the TP group first
+    values, indices = braze.ops.topk(scores, 8)   # rows of up to 4096 values, one program per row
 """
 
 from __future__ import annotations
@@ -192,5 +193,30 @@ def allreduce_rmsnorm_reference(*args, **kwargs) -> NormOut:
     return allreduce_rmsnorm(*args, _reference=True, **kwargs)
 
 
+def topk(x: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest (or smallest) of each row of x [..., n] (n <= 4096; float32, bfloat16 or float16), sorted, with
+    their int64 indices: one Triton program per row. Equal values come out in index order, -0.0 ties +0.0, NaN
+    counts as the largest (torch.topk's order; it leaves the order of ties open). Only float32 is verified on
+    a GPU so far (the small-topk pass takes float32 rows only)."""
+    from braze.patterns.topk import DTYPES, KERNEL_MAX_ROW, TopK
+
+    if x.dim() == 0 or x.dtype not in DTYPES:
+        raise ValueError(f"braze.ops.topk: x of shape {tuple(x.shape)} and {x.dtype}; expected rows [..., n] of "
+                         "float32, bfloat16 or float16")
+    n = x.shape[-1]
+    if not 0 < k <= n or n > KERNEL_MAX_ROW:
+        raise ValueError(f"braze.ops.topk: k={k} of rows of {n}; expected 0 < k <= n <= {KERNEL_MAX_ROW}")
+    spec = TopK(n=n, k=k, largest=bool(largest), dtype=DTYPES[x.dtype]).to_json()
+    return tuple(torch.ops.braze.topk(x, spec))
+
+
+def topk_reference(x: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pure-torch reference of topk: a stable sort cut at k."""
+    from braze.patterns.topk import topk_reference as ref
+
+    return ref(x, k, largest)
+
+
 import braze.runtime.collective  # noqa: E402,F401  registers torch.ops.braze.allreduce_rowwise
 import braze.runtime.rowwise  # noqa: E402,F401  registers torch.ops.braze.*
+import braze.runtime.topk  # noqa: E402,F401  registers torch.ops.braze.topk

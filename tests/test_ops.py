@@ -68,3 +68,14 @@ def test_allreduce_rmsnorm_matches_reference_on_one_rank():
         ref = ops.allreduce_rmsnorm_reference(x, w, 1e-5, group=group, residual=r, zero_centered=True)
         assert torch.equal(out.residual, ref.residual) and torch.equal(out.residual, x + r)
         torch.testing.assert_close(out.normed.float(), ref.normed.float(), rtol=2 ** -8, atol=0)
+
+
+def test_topk_matches_reference_and_rejects_what_it_cannot_sort(device):
+    x = torch.randn(3, 5, 300, device=device)
+    for largest in (True, False):
+        got, want = ops.topk(x, 17, largest), ops.topk_reference(x, 17, largest)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="expected 0 < k <= n <= 4096"):
+        ops.topk(x, 301)
+    with pytest.raises(ValueError, match="expected rows"):
+        ops.topk(x.double(), 3)

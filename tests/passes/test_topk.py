@@ -38,7 +38,7 @@ def router(logits, bias, *, groups, top_groups, k):
 
 @settings(max_examples=15)
 @given(lead=st.sampled_from([(1,), (3,), (2, 5)]), n=st.sampled_from([1, 3, 8, 9, 41, 64, 257]), kf=st.floats(0, 1),
-       largest=st.booleans(), sort=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       largest=st.booleans(), sort=st.booleans(), dtype=st.just(torch.float32),
        dim_last=st.sampled_from([-1, "last"]), uses=st.sampled_from(["values", "indices", "both"]),
        seed=st.integers(0, 999))
 def test_topk_is_taken_at_any_sizes_and_equals_eager(lead, n, kf, largest, sort, dtype, dim_last, uses, seed):
@@ -85,11 +85,11 @@ def test_what_must_stay_aten_says_why():
     cases = [
         (lambda x: torch.topk(x, 2, dim=0), torch.randn(8, 5), "it selects along dim 0 of a 2-d tensor, not the last"),
         (lambda x: torch.topk(x, 3), torch.randn(2, MAX_ROW + 1),
-         f"rows of {MAX_ROW + 1} values are longer than the {MAX_ROW} one program sorts"),
+         f"rows of {MAX_ROW + 1} values: above {MAX_ROW} ATen's top-k is faster than one program's sort"),
         (lambda x: torch.topk(x, 3), torch.randint(0, 9, (2, 16)),
-         "the values are torch.int64; the kernel sorts float32, bfloat16 and float16"),
-        (lambda x: torch.topk(x, 3), torch.randn(2, 16, dtype=torch.float64),
-         "the values are torch.float64; the kernel sorts float32, bfloat16 and float16"),
+         "the values are torch.int64; braze takes float32 rows (its other dtypes are not yet verified on a GPU)"),
+        (lambda x: torch.topk(x, 3), torch.randn(2, 16, dtype=torch.bfloat16),
+         "the values are torch.bfloat16; braze takes float32 rows (its other dtypes are not yet verified on a GPU)"),
     ]
     for fn, x, reason in cases:
         gm, record = fuse(fn, [x])
