@@ -53,9 +53,10 @@ def braze_topk(x_ptr, x_row, vals_ptr, idx_ptr, N: tl.constexpr, K: tl.constexpr
     m = i < N
     row = x_ptr + r * x_row
     x = tl.load(row + i, mask=m, other=0.0).to(tl.float32)  # [BLOCK]
-    x = tl.where(x == 0.0, 0.0, x)
-    x = tl.where(x != x, float("nan"), x)
     b = x.to(tl.int32, bitcast=True)
+    mag = b & 0x7FFFFFFF
+    b = tl.where(mag > 0x7F800000, 0x7FC00000, b)  # every NaN (either sign) -> one positive NaN, above +inf
+    b = tl.where(mag == 0, 0, b)  # -0.0 -> +0.0 (they tie); in integer ops, which no compiler folds
     key32 = b ^ ((b >> 31) & 0x7FFFFFFF)  # signed order == float order
     if not LARGEST:
         key32 = ~key32  # the smallest first, still one descending sort

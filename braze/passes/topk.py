@@ -9,6 +9,7 @@ other than float32 and other dims are left to ATen with a `missed` remark.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -54,7 +55,7 @@ class TopKSort(Pass):
         fake_mode = graph_fake_mode(graph) if sites else None
         for site in sites:
             s, node = site.spec, site.node
-            rows = site.x.meta["val"].shape[0] if site.x.meta["val"].dim() > 1 else 1
+            rows = math.prod(site.x.meta["val"].shape[:-1])  # every row, e.g. T x groups
             why = ctx.token_check(self.family, rows)
             if why:
                 ctx.remark("missed", "token-range", node, "top-k left to ATen", reason=why,

@@ -30,6 +30,8 @@ def _check(spec: TopK, x: torch.Tensor) -> None:
         raise ValueError(f"braze topk: x of shape {tuple(x.shape)}, expected rows of {spec.n} in the last dim")
     if DTYPES.get(x.dtype) != spec.dtype:
         raise ValueError(f"braze topk: x is {x.dtype}, expected torch.{spec.dtype}")
+    if not 0 < spec.k <= spec.n:
+        raise ValueError(f"braze topk: k={spec.k} for rows of {spec.n}; expected 0 < k <= n")
 
 
 def _run(x: torch.Tensor, spec_json: str, out: tuple[torch.Tensor, torch.Tensor] | None = None):

@@ -151,3 +151,21 @@ def test_on_cuda_inductor_launches_the_kernel_in_its_graph():
     torch.testing.assert_close(got[1].sort(-1).values, want[1].sort(-1).values, rtol=1e-6, atol=0)
     assert torch.equal(got[2], want[2])  # sorted values, distinct random scores: the same result
     assert torch.equal(got[3], want[3])
+
+
+def test_a_dynamic_token_count_with_static_rows_is_taken():
+    import torch._dynamo
+
+    import braze
+
+    torch._dynamo.reset()
+    be = braze.backend()
+    fn = torch.compile(lambda x: torch.topk(x.sigmoid(), 4), backend=be, fullgraph=True)
+    for t in (3, 5, 9):
+        x = torch.randn(t, 40)
+        torch._dynamo.mark_dynamic(x, 0)
+        v, i = fn(x)
+        want = torch.topk(x.sigmoid(), 4)
+        assert torch.equal(v, want.values) and torch.equal(i, want.indices)
+    (r,) = [r for r in braze.report(be).applied if r.pass_name == "small-topk"]
+    assert dict(r.args) == {"n": 40, "k": 4, "largest": True, "dtype": "float32"}
