@@ -64,7 +64,7 @@ def remarks(record, kind):
     return [r for r in record.remarks if r.kind == kind and r.pass_name == "moe-experts"]
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(t=st.sampled_from([1, 2, 3]), k=st.sampled_from([1, 2, 4]), extra=st.integers(0, 5),
        hid=st.sampled_from([8, 24, 64]), inter=st.sampled_from([8, 16, 40]), spelling=st.sampled_from(["braze", "hf"]),
        cast=st.booleans(), seed=st.integers(0, 99))
