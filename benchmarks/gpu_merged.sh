@@ -5,13 +5,7 @@
 # tests need about 300 s and the gemm-merge pair 120 s: the 150 s and 60 s of the first run cut them); logs
 # and results under $OUT. Usage (repo root on the GPU machine): BRAZE_COMMIT=<sha> bash benchmarks/gpu_merged.sh
 set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT/results"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-{ echo "commit ${BRAZE_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton, sys; print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])'
-} | tee "$OUT/env.txt"
-t0=$SECONDS
+source "$(dirname "$0")/gpu_env.sh"
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu --ignore=tests/passes/test_collective_gpu.py \
   --ignore=tests/passes/test_streams_gpu.py --ignore=tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -12
 echo "tests: $((SECONDS - t0)) s"

@@ -4,13 +4,7 @@
 # only bench T where T·k < E, so the only one the fusion changes) vs stock Inductor; `layers`: Qwen 3.5's layers
 # at T=1. Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_moe.sh tests|steps|layers
 set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT/results"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-{ echo "commit ${BRAZE_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton, sys; print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])'
-} | tee "$OUT/env.txt"
-t0=$SECONDS
+source "$(dirname "$0")/gpu_env.sh"
 case ${1:-tests} in
   tests)
     timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/codegen/test_moe_kernel.py \

@@ -4,13 +4,7 @@
 # own timeout; `bench` = decode steps of the three bench models vs stock Inductor (static shapes), whose
 # results now carry device time per kernel kind. Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s5.sh tests|bench
 set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT/results"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-{ echo "commit ${BRAZE_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton, sys; print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])'
-} | tee "$OUT/env.txt"
-t0=$SECONDS
+source "$(dirname "$0")/gpu_env.sh"
 PY="python3 -m pytest -q -p no:logging -p no:cacheprovider -rs"
 if [[ ${1:-tests} == tests ]]; then
   timeout 150 $PY -m gpu tests/passes/test_post_conv_gpu.py tests/test_backend.py tests/test_ops.py 2>&1 | tee "$OUT/tests_a.log" | tail -8

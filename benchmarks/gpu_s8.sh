@@ -4,13 +4,7 @@
 # small-topk. `steps`: Qwen 3.5 and MiniMax-M2.5 the same way at T=1/8/64, then DeepSeek's attention prologue
 # with and without sibling-GEMM merging at T=1-8. Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s8.sh topk|steps
 set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT/results"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-{ echo "commit ${BRAZE_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton, sys; print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])'
-} | tee "$OUT/env.txt"
-t0=$SECONDS
+source "$(dirname "$0")/gpu_env.sh"
 case ${1:-topk} in
   topk)
     timeout 120 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/codegen/test_topk_kernel.py \

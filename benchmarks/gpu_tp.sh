@@ -5,13 +5,7 @@
 # Usage (repo root on the GPU machine): BRAZE_COMMIT=<sha> bash benchmarks/gpu_tp.sh P
 set -uo pipefail
 P=${1:?usage: gpu_tp.sh P}
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT/results"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-{ echo "commit ${BRAZE_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton, sys; print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])'
-} | tee "$OUT/env.txt"
-t0=$SECONDS
+source "$(dirname "$0")/gpu_env.sh"
 if [[ ${PROLOGUE:-0} == 1 ]]; then
   timeout "${PROLOGUE_TIMEOUT:-150}" torchrun --nproc-per-node "$P" benchmarks/minimax_prologue.py --tokens "${PROLOGUE_TOKENS:-1,8,64}" \
     --out "$OUT/results" 2>&1 | tee "$OUT/prologue_tp$P.log" | grep -v Warn | tail -14

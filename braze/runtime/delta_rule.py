@@ -10,8 +10,6 @@ input written back at the end (as for the post-conv op's conv state).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
@@ -19,14 +17,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from braze.codegen.delta_rule import blocks, braze_delta_rule
 from braze.patterns.delta_rule import DeltaRule, delta_rule_reference
 
-from .rowwise import cpu_backend
-
-
-@functools.cache
-def _interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(braze_delta_rule.fn)
+from .rowwise import cpu_backend, interpreted
 
 
 def _rows(x: torch.Tensor, t: int, heads: int, d: int, what: str) -> torch.Tensor:
@@ -71,7 +62,7 @@ def _run(q, k, v, g, beta, indices, state, spec_json: str, new=None) -> torch.Te
     const = dict(RATIO=spec.heads_v // spec.heads_k, HV=spec.heads_v, DK=spec.dk, DV=spec.dv,
                  BLOCK_K=block_k, BLOCK_V=block_v, INDEXED=indices is not None)
     if q.device.type == "cpu":
-        _interpreted()[grid](*args, **const)
+        interpreted(braze_delta_rule)[grid](*args, **const)
     else:
         wrap_triton(braze_delta_rule)[grid](*args, **const, num_warps=warps)
     return o

@@ -8,8 +8,6 @@ SwiGLU, then the down GEMVs with the weighted sum (braze.codegen.moe).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
@@ -17,16 +15,9 @@ from torch.library import custom_op, triton_op, wrap_triton
 from braze.codegen.moe import braze_moe_down, braze_moe_gate_up, down_blocks, gate_up_blocks
 from braze.patterns.moe import Experts, experts_reference
 
-from .rowwise import cpu_backend
+from .rowwise import cpu_backend, interpreted
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@functools.cache
-def _interpreted(fn):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(fn.fn)
 
 
 def _check(spec: Experts, x, w13, w2, idx, weights) -> None:
@@ -55,21 +46,21 @@ def _run(x, w13, w2, idx, weights, spec_json: str, out: torch.Tensor | None = No
         return y
     ids = idx.reshape(t * k).contiguous()
     h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)
-    interpreted = x.device.type == "cpu"
+    on_cpu = x.device.type == "cpu"
     bn1, bk1, w1 = gate_up_blocks(hid)
     bn2, bk2, w2_warps = down_blocks(hid, inter)
     grid1 = (t * k, triton.cdiv(inter, bn1))
     grid2 = (t, triton.cdiv(hid, bn2))
     args1 = (x, x.stride(0), x.stride(1), ids, w13, w13.stride(0), w13.stride(1), w13.stride(2), h, spec.experts)
     const1 = dict(TOP_K=k, HIDDEN=hid, INTER=inter, ROUND_ACT=spec.round_act, BLOCK_N=bn1, BLOCK_K=bk1,
-                  SOFT_ROUND=interpreted)
+                  SOFT_ROUND=on_cpu)
     args2 = (h, ids, w2, w2.stride(0), w2.stride(1), w2.stride(2), weights, weights.stride(0), weights.stride(1),
              y, spec.experts)
     const2 = dict(TOP_K=k, HIDDEN=hid, INTER=inter, ROUND_OUT=spec.out == "bfloat16", BLOCK_N=bn2, BLOCK_K=bk2,
-                  SOFT_ROUND=interpreted)
-    if interpreted:
-        _interpreted(braze_moe_gate_up)[grid1](*args1, **const1)
-        _interpreted(braze_moe_down)[grid2](*args2, **const2)
+                  SOFT_ROUND=on_cpu)
+    if on_cpu:
+        interpreted(braze_moe_gate_up)[grid1](*args1, **const1)
+        interpreted(braze_moe_down)[grid2](*args2, **const2)
     else:
         wrap_triton(braze_moe_gate_up)[grid1](*args1, **const1, num_warps=w1)
         wrap_triton(braze_moe_down)[grid2](*args2, **const2, num_warps=w2_warps)

@@ -11,6 +11,7 @@ interpreter, or the pure-torch reference (`set_cpu_backend`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,6 +48,14 @@ def cpu_backend() -> str:
     if _cpu_backend == "interpret" and _interpreter_ready():
         return "interpret"
     return "reference"
+
+
+@functools.cache
+def interpreted(kernel):
+    """A @triton.jit kernel as Triton's interpreter runs it on CPU tensors (launched like the kernel)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(kernel.fn)
 
 
 def _interpreter_ready() -> bool:

@@ -6,8 +6,6 @@ as braze.patterns.topk.topk_reference defines it; one launch, one program per ro
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
@@ -15,14 +13,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from braze.codegen.topk import braze_topk, topk_warps
 from braze.patterns.topk import DTYPES, TopK, topk_reference
 
-from .rowwise import cpu_backend
-
-
-@functools.cache
-def _interpreted(fn):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(fn.fn)
+from .rowwise import cpu_backend, interpreted
 
 
 def _check(spec: TopK, x: torch.Tensor) -> None:
@@ -56,7 +47,7 @@ def _run(x: torch.Tensor, spec_json: str, out: tuple[torch.Tensor, torch.Tensor]
     const = dict(N=spec.n, K=spec.k, BLOCK=block, LARGEST=spec.largest, LOG=block.bit_length() - 1)
     grid = (rows.shape[0],)
     if x.device.type == "cpu":
-        _interpreted(braze_topk)[grid](*args, **const, INTERPRETED=True)
+        interpreted(braze_topk)[grid](*args, **const, INTERPRETED=True)
     else:
         wrap_triton(braze_topk)[grid](*args, **const, INTERPRETED=False, num_warps=topk_warps(spec.n))
     return vals, idx
