@@ -62,7 +62,7 @@ class TopKSort(Pass):
                            suggestion="widen FusionConfig.token_ranges['topk']", ops=OPS)
                 continue
             users = list(node.users)
-            if not all(is_op(u, operator.getitem) or u.target is operator.getitem for u in users):
+            if not all(u.target is operator.getitem for u in users):
                 ctx.remark("missed", "topk-not-taken", node, "top-k left to ATen",
                            reason="its result is used other than through its values and indices", ops=OPS)
                 continue

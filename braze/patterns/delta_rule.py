@@ -13,8 +13,7 @@ head counts, dims, the scale and the token count are read from the graph.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
@@ -34,10 +33,11 @@ from .fx import (
     strip_lossless_casts,
     val,
 )
+from .stages import FlatJsonSpec
 
 
 @dataclass(frozen=True)
-class DeltaRule:
+class DeltaRule(FlatJsonSpec):
     """The fused site: q, k [T, Hk, dk], v [T, Hv, dv], g, beta [T, Hv] -> o [T, Hv, dv] fp32; the fp32
     state [slots, Hv, dk, dv] is updated in place at the rows `indices` [T]."""
 
@@ -49,13 +49,6 @@ class DeltaRule:
     # True: the state rows `indices` [T] are updated in place; False: row t of the state is token t's and
     # the new rows go to a fresh [T, Hv, dk, dv] tensor (the state is only read)
     indexed: bool = True
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> DeltaRule:
-        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)

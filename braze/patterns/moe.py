@@ -18,9 +18,8 @@ sorts. Matched on structure: T, k, E, H, I are read from the graph.
 
 from __future__ import annotations
 
-import json
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
@@ -39,12 +38,13 @@ from .fx import (
     scalar,
     shape_of,
 )
+from .stages import FlatJsonSpec
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class Experts:
+class Experts(FlatJsonSpec):
     """The fused site: x [T, H], W13 [E, H, 2I], W2 [E, I, H] (bf16), idx [T, k], w [T, k] -> y [T, H].
 
     Rounding as the graph does it: each GEMM's output to bf16, silu(gate) to bf16 when `round_act`,
@@ -57,13 +57,6 @@ class Experts:
     inter: int
     round_act: bool = True
     out: str = "bfloat16"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Experts:
-        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ rounding step for step. Stages know nothing about FX or Triton.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
 
 import torch
@@ -44,6 +44,17 @@ class _JsonSpec:
         spec = _decode(json.loads(text))
         assert isinstance(spec, cls), type(spec)
         return spec
+
+
+class FlatJsonSpec:
+    """JSON round trip for a flat frozen dataclass of plain values (the specs of braze's non-chain ops)."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls(**json.loads(text))
 
 
 # Unary ops a scale program may apply, each followed by rounding to `dtype`.

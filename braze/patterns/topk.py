@@ -13,13 +13,13 @@ to `MAX_ROW` values in registers. The reference is the semantics braze's kernel 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
 
 from .fx import Miss, aten, is_op, val
+from .stages import FlatJsonSpec
 
 KERNEL_MAX_ROW = 4096  # one program sorts the row in registers: 4096 int64 keys over 8 warps is 16 per thread
 # The pass takes rows up to 2048: on an H100 the kernel is 1.0-2.0x ATen's top-k up to 2048 values and 0.5x at
@@ -33,20 +33,13 @@ PASS_DTYPES = (torch.float32,)
 
 
 @dataclass(frozen=True)
-class TopK:
+class TopK(FlatJsonSpec):
     """One top-k over the last dim: rows of `n` values in `dtype`, the first `k` of them kept."""
 
     n: int
     k: int
     largest: bool
     dtype: str
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_json(text: str) -> TopK:
-        return TopK(**json.loads(text))
 
 
 @dataclass(frozen=True)
