@@ -1,7 +1,8 @@
 """Top-k of short rows: `braze::topk` (CUDA, a `triton_op`) and its CPU twin.
 
 `topk(x, spec)` -> (values [..., k] in x's dtype, indices [..., k] int64) over the last dim of x [..., n],
-as braze.patterns.topk.topk_reference defines it; one launch, one program per row (braze.codegen.topk).
+as braze.patterns.topk.topk_reference defines it; one launch of the kernel `topk_plan` picks for the call
+(braze.codegen.topk: a sort in one program per row, or each value ranked against its row).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
 
-from braze.codegen.topk import braze_topk, topk_warps
+from braze.codegen.topk import TopKPlan, braze_topk, braze_topk_rank, topk_plan
 from braze.patterns.topk import DTYPES, TopK, topk_reference
 
 from .rowwise import cpu_backend, interpreted
@@ -25,8 +26,10 @@ def _check(spec: TopK, x: torch.Tensor) -> None:
         raise ValueError(f"braze topk: k={spec.k} for rows of {spec.n}; expected 0 < k <= n")
 
 
-def _run(x: torch.Tensor, spec_json: str, out: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """(values, indices); written into `out` when given (tests pass poisoned ones)."""
+def _run(x: torch.Tensor, spec_json: str, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+         plan: TopKPlan | None = None):
+    """(values, indices); written into `out` when given (tests pass poisoned ones); `plan` overrides topk_plan's
+    choice of kernel and blocks (tests, benchmarks)."""
     spec = TopK.from_json(spec_json)
     _check(spec, x)
     if x.device.type == "cpu" and cpu_backend() == "reference":
@@ -43,13 +46,22 @@ def _run(x: torch.Tensor, spec_json: str, out: tuple[torch.Tensor, torch.Tensor]
     if rows.shape[0] == 0:
         return vals, idx
     args = (rows, rows.stride(0), vals, idx)
-    block = triton.next_power_of_2(spec.n)
-    const = dict(N=spec.n, K=spec.k, BLOCK=block, LARGEST=spec.largest, LOG=block.bit_length() - 1)
-    grid = (rows.shape[0],)
-    if x.device.type == "cpu":
-        interpreted(braze_topk)[grid](*args, **const, INTERPRETED=True)
+    if plan is None:
+        plan = topk_plan(spec.n, rows.shape[0], interpreted=x.device.type == "cpu")
+    if plan.kernel == "rank":
+        fn = braze_topk_rank
+        const = {"N": spec.n, "K": spec.k, "BLOCK_I": plan.block_i, "BLOCK_J": plan.block_j, "LARGEST": spec.largest}
+        grid = (rows.shape[0], triton.cdiv(spec.n, plan.block_i))
     else:
-        wrap_triton(braze_topk)[grid](*args, **const, INTERPRETED=False, num_warps=topk_warps(spec.n))
+        fn = braze_topk
+        block = triton.next_power_of_2(spec.n)
+        const = {"N": spec.n, "K": spec.k, "BLOCK": block, "LARGEST": spec.largest, "LOG": block.bit_length() - 1,
+                 "INTERPRETED": x.device.type == "cpu"}
+        grid = (rows.shape[0],)
+    if x.device.type == "cpu":
+        interpreted(fn)[grid](*args, **const)
+    else:
+        wrap_triton(fn)[grid](*args, **const, num_warps=plan.warps)
     return vals, idx
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import braze.runtime.topk as rt
+from braze.codegen.topk import topk_plan
 from braze.patterns.topk import DTYPES, KERNEL_MAX_ROW, TopK, topk_reference
 from braze.runtime.rowwise import _interpreter_ready
 
@@ -35,11 +36,12 @@ def poisoned(shape, k, dtype, device):
             torch.full((*lead, k), -7, dtype=torch.int64, device=device))
 
 
-def run_kernel(x, spec: TopK):
+def run_kernel(x, spec: TopK, kernel=None):
     old = rt.cpu_backend
     rt.cpu_backend = lambda: "interpret"
     try:
-        return rt._run(x, spec.to_json(), out=poisoned(tuple(x.shape), spec.k, x.dtype, x.device))
+        plan = topk_plan(spec.n, x.numel() // spec.n, kernel, interpreted=True)
+        return rt._run(x, spec.to_json(), out=poisoned(tuple(x.shape), spec.k, x.dtype, x.device), plan=plan)
     finally:
         rt.cpu_backend = old
 
@@ -53,6 +55,7 @@ def assert_same(got, want, dtype):
     assert torch.equal(gv.view(BITS[dtype]), wv.view(BITS[dtype]))
 
 
+KERNELS = ["rank", "sort"]
 interpreter = pytest.mark.skipif(not _interpreter_ready(), reason="needs Triton's interpreter "
                                  "(TRITON_INTERPRET=1 before triton loads)")
 
@@ -61,15 +64,16 @@ interpreter = pytest.mark.skipif(not _interpreter_ready(), reason="needs Triton'
 @settings(max_examples=25, deadline=None)
 @given(lead=st.sampled_from([(1,), (3,), (2, 3), (9,)]), n=st.sampled_from([1, 2, 3, 8, 9, 32, 41, 256, 257, 576]),
        kf=st.floats(0, 1), largest=st.booleans(), dtype=st.sampled_from(list(DTYPES)), specials=st.booleans(),
-       seed=st.integers(0, 10_000))
-def test_interpreted_kernel_equals_reference(lead, n, kf, largest, dtype, specials, seed):
+       seed=st.integers(0, 10_000), kernel=st.sampled_from(KERNELS))
+def test_interpreted_kernel_equals_reference(lead, n, kf, largest, dtype, specials, seed, kernel):
     k = max(1, round(kf * n))
     x = rows_for((*lead, n), dtype, specials, seed)
     spec = TopK(n=n, k=k, largest=largest, dtype=DTYPES[dtype])
-    assert_same(run_kernel(x, spec), topk_reference(x, k, largest), dtype)
+    assert_same(run_kernel(x, spec, kernel), topk_reference(x, k, largest), dtype)
 
 
-def test_nan_of_either_sign_is_the_largest(device):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nan_of_either_sign_is_the_largest(device, kernel):
     """torch.topk counts every NaN as larger than +inf, whatever its sign bit."""
     if device == "cpu" and not _interpreter_ready():
         pytest.skip("needs Triton's interpreter")
@@ -78,7 +82,8 @@ def test_nan_of_either_sign_is_the_largest(device):
     x[1, 1:5] = bits.view(torch.float32)
     for largest in (True, False):
         spec = TopK(n=8, k=6, largest=largest, dtype="float32")
-        got = run_kernel(x.to(device), spec) if device == "cpu" else rt._run(x.to(device), spec.to_json())
+        got = (run_kernel(x.to(device), spec, kernel) if device == "cpu"
+               else rt._run(x.to(device), spec.to_json(), plan=topk_plan(8, 2, kernel)))
         want = topk_reference(x, 6, largest)  # the CPU sort: every NaN largest
         assert torch.equal(got[1].cpu(), want[1])
         assert torch.equal(got[0].cpu().view(torch.int32), want[0].view(torch.int32))
@@ -86,16 +91,48 @@ def test_nan_of_either_sign_is_the_largest(device):
 
 
 @interpreter
-def test_longest_row_and_strided_rows():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_longest_row_and_strided_rows(kernel):
     x = rows_for((2, KERNEL_MAX_ROW), torch.float32, True, 3)
     spec = TopK(n=KERNEL_MAX_ROW, k=2048, largest=True, dtype="float32")
-    assert_same(run_kernel(x, spec), topk_reference(x, 2048, True), torch.float32)
+    assert_same(run_kernel(x, spec, kernel), topk_reference(x, 2048, True), torch.float32)
     wide = rows_for((3, 80), torch.bfloat16, True, 4)[:, 5:69]  # rows of 64 with a row stride of 80
     spec = TopK(n=64, k=5, largest=False, dtype="bfloat16")
-    assert_same(run_kernel(wide, spec), topk_reference(wide, 5, False), torch.bfloat16)
+    assert_same(run_kernel(wide, spec, kernel), topk_reference(wide, 5, False), torch.bfloat16)
     t = rows_for((64, 3), torch.float32, False, 5).t()  # last-dim stride 3: copied to rows first
     spec = TopK(n=64, k=7, largest=True, dtype="float32")
-    assert_same(run_kernel(t, spec), topk_reference(t, 7, True), torch.float32)
+    assert_same(run_kernel(t, spec, kernel), topk_reference(t, 7, True), torch.float32)
+
+
+@interpreter
+def test_rank_kernel_with_the_gpu_blocks():
+    """The interpreter's plan takes big blocks; the GPU's (32 x 128) split a row over programs and the j loop."""
+    x = rows_for((2, 300), torch.float32, True, 8)
+    plan = topk_plan(300, 2, "rank")
+    assert (plan.block_i, plan.block_j) == (32, 128)
+    for k, largest in ((300, True), (17, False)):
+        spec = TopK(n=300, k=k, largest=largest, dtype="float32").to_json()
+        got = rt._run(x, spec, out=poisoned((2, 300), k, torch.float32, "cpu"), plan=plan)
+        assert_same(got, topk_reference(x, k, largest), torch.float32)
+
+
+def test_the_plan_ranks_small_calls_and_sorts_large_ones():
+    assert topk_plan(576, 64).kernel == "rank" and topk_plan(16, 512).kernel == "rank"
+    assert topk_plan(2048, 64).kernel == "sort"  # 64 x 2048^2 comparisons: the sort's n log^2 n wins
+    assert topk_plan(4096, 2, interpreted=True).block_i == 512
+    assert topk_plan(576, 64, "sort").kernel == "sort" and topk_plan(4096, 64, "rank").kernel == "rank"
+    with pytest.raises(ValueError, match="expected 'rank' or 'sort'"):
+        topk_plan(16, 1, "heap")
+    # a symbolic row count: the rank kernel only where every count it may take is known to fit, with no guard
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    unbounded = env.create_unbacked_symint()
+    assert topk_plan(576, unbounded).kernel == "sort"
+    torch._check(unbounded <= 8)
+    torch._check(unbounded >= 1)
+    assert topk_plan(576, unbounded).kernel == "rank"
+    assert not env.guards
 
 
 @pytest.mark.parametrize("largest", [True, False])
@@ -125,11 +162,13 @@ def test_bad_input_is_a_clear_error():
     ((5,), 41, 7, False, torch.bfloat16),
     ((5,), 41, 7, False, torch.float32), ((5,), 41, 7, True, torch.bfloat16), ((5,), 100, 9, True, torch.float32),
     ((3,), 512, 10, True, torch.float16), ((2,), 1, 1, True, torch.float32)])
-def test_cuda_kernel_equals_reference(lead, n, k, largest, dtype):
+@pytest.mark.parametrize("kernel", [None, *KERNELS])
+def test_cuda_kernel_equals_reference(lead, n, k, largest, dtype, kernel):
     for seed in range(5):
         x = rows_for((*lead, n), dtype, seed % 2 == 0, seed, device="cuda")
         spec = TopK(n=n, k=k, largest=largest, dtype=DTYPES[dtype])
-        got = rt._run(x, spec.to_json(), out=poisoned(tuple(x.shape), k, dtype, "cuda"))
+        plan = None if kernel is None else topk_plan(n, x.numel() // n, kernel)
+        got = rt._run(x, spec.to_json(), out=poisoned(tuple(x.shape), k, dtype, "cuda"), plan=plan)
         # the reference sorts on the CPU: CUDA's sort of short rows orders floats by their bits, so it puts
         # a negative NaN (what converting NaN to bfloat16 gives on the CPU) first, where topk puts every NaN
         # last; that, not the kernel, is the likeliest cause of the bf16 case that failed on an H100

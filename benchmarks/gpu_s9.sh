@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 9's single-GPU calls. `topk`: the top-k GPU tests (both kernels), the selections alone with the rank
+# kernel's block sweep (benchmarks/topk.py), then DeepSeek V3.2's decode step at T=1/8/64, stock Inductor vs
+# braze. `steps`: Qwen 3.5 and MiniMax-M2.5 the same way, then DeepSeek's attention prologue with and without
+# sibling-GEMM merging at T=1-8. Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s9.sh topk|steps
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+case ${1:-topk} in
+  topk)
+    timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/codegen/test_topk_kernel.py \
+      tests/passes/test_topk.py 2>&1 | tee "$OUT/tests.log" | tail -6
+    echo "tests: $((SECONDS - t0)) s"
+    timeout 200 python3 benchmarks/topk.py --tokens 1,8,64,256 --sweep --out "$OUT/results" 2>&1 \
+      | tee "$OUT/topk.log" | grep -v Warn | tail -50
+    echo "topk: $((SECONDS - t0)) s"
+    timeout 330 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens "${TOKENS:-1,8,64}" --shapes static \
+      --variants inductor,braze --budget-s "${BUDGET:-300}" --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | tail -16
+    echo "steps: $((SECONDS - t0)) s" ;;
+  steps)
+    timeout 420 python3 -m braze bench --model qwen3.5,minimax-m2.5 --size bench --tokens "${TOKENS:-1,8,64}" \
+      --shapes static --variants inductor,braze --budget-s "${BUDGET:-390}" --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | tail -16
+    echo "steps: $((SECONDS - t0)) s"
+    timeout 150 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4,8 --variants inductor,braze,braze-merge \
+      --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep -v Warn | tail -14
+    echo "prologue: $((SECONDS - t0)) s" ;;
+esac
+tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
