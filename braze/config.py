@@ -56,9 +56,9 @@ class FusionConfig:
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts.
-    topk: run each `aten.topk` over float32 rows of at most 2048 values (routers, DeepSeek V3.2's indexer
-        over a short context) as one Triton sort kernel (1.0-6x ATen's on an H100, topk.md); ties come
-        out in index order. Its token range bounds the rows (the product of the dims before the last).
+    topk: run each `aten.topk` over rows of at most 2048 values (routers, DeepSeek V3.2's indexer over a
+        short context) as one Triton kernel, a sort per row or a rank of each value (1.1-6.7x ATen's on
+        an H100 where it applies, topk.md); ties come out in index order. Its token range bounds the rows (the product of the dims before the last).
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound.
         Off by default: -1.4% of DeepSeek V3.2's step at T=1 on an H100, but the merged GEMMs add

@@ -195,9 +195,9 @@ def allreduce_rmsnorm_reference(*args, **kwargs) -> NormOut:
 
 def topk(x: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest (or smallest) of each row of x [..., n] (n <= 4096; float32, bfloat16 or float16), sorted, with
-    their int64 indices: one Triton program per row. Equal values come out in index order, -0.0 ties +0.0, NaN
-    counts as the largest (torch.topk's order; it leaves the order of ties open). Only float32 is verified on
-    a GPU so far (the small-topk pass takes float32 rows only)."""
+    their int64 indices: one Triton launch (a sort per row, or each value ranked against its row). Equal values
+    come out in index order, -0.0 ties +0.0, NaN counts as the largest (torch.topk's order; it leaves the order
+    of ties open)."""
     from braze.patterns.topk import DTYPES, KERNEL_MAX_ROW, TopK
 
     if x.dim() == 0 or x.dtype not in DTYPES:

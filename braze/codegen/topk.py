@@ -132,23 +132,42 @@ class TopKPlan:
     block_j: int = 0
 
 
-# The rank kernel's comparisons per call (rows x n^2) up to which it is chosen over the sort
-RANK_MAX_PAIRS = 1 << 25
+# Cost model of the two kernels on an H100 (µs per call, fitted to benchmarks/results/topk.md, session 9):
+# the sort is one program per row, latency-bound, ~1.5 + 1e-4 * B * log2(B)^2 for rows padded to B (2.8, 5.7,
+# 11.6, 28, 72 µs at B = 256 ... 4096, flat in the row count up to 64 rows); the rank kernel costs a base that
+# grows with its j loop plus its comparisons at ~1.7e6 per µs (3.7 µs for one row of 576, 14 for 64 rows).
+SORT_BASE_US, SORT_PER_STEP_US = 1.5, 1e-4
+RANK_BASE_US, RANK_PER_VALUE_US, RANK_PAIRS_PER_US = 2.0, 0.0015, 1.7e6
+RANK_SMALL_BLOCK_PROGRAMS = 512  # up to this many programs of 16 rows each the rank kernel keeps block_i 16
+
+
+def rank_max_rows(n: int) -> int:
+    """The most rows of n values for which the rank kernel is estimated faster than the sort (0: never)."""
+    block = triton.next_power_of_2(n)
+    sort_us = SORT_BASE_US + SORT_PER_STEP_US * block * (block.bit_length() - 1) ** 2
+    spare_us = sort_us - RANK_BASE_US - RANK_PER_VALUE_US * n
+    return max(0, int(spare_us * RANK_PAIRS_PER_US / (n * n)))
 
 
 def topk_plan(n: int, rows, kernel: str | None = None, interpreted: bool = False) -> TopKPlan:
-    """The kernel for `rows` rows of n values. `rows` may be symbolic (a compile with dynamic shapes): the rank
-    kernel is then chosen only where every row count it can take is known to fit, with no guard added.
-    `kernel` forces one ("rank" or "sort"; the tests run both). Under the interpreter the rank kernel takes
-    blocks of up to 512 x 512 (its cost there is per operation, not per element)."""
-    if kernel is None:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
+    """The kernel for `rows` rows of n values: the rank kernel up to `rank_max_rows(n)` rows, else the sort.
+    `rows` may be symbolic (a compile with dynamic shapes): the rank kernel is then chosen only where every row
+    count it can take is known to fit, with no guard added. `kernel` forces one ("rank" or "sort"; the tests
+    run both). Rank blocks (from the sweep in topk.md): 16 values x 256 per program with 4 warps while that
+    makes few programs (one row: 3.7 µs for 576 values), else 64 x 256 with 2 warps; under the interpreter,
+    up to 512 x 512 (its cost there is per operation, not per element)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-        kernel = "rank" if statically_known_true(rows * n * n <= RANK_MAX_PAIRS) else "sort"
+    if kernel is None:
+        kernel = "rank" if statically_known_true(rows <= rank_max_rows(n)) else "sort"
     if kernel == "sort":
         return TopKPlan("sort", topk_warps(n))
     if kernel != "rank":
         raise ValueError(f"braze topk: kernel {kernel!r}; expected 'rank' or 'sort'")
     block = triton.next_power_of_2(n)
-    block_i, block_j = (min(block, 512), min(block, 512)) if interpreted else (min(block, 32), min(block, 128))
-    return TopKPlan("rank", 4 if block_i * block_j >= 2048 else 1, block_i, block_j)
+    if interpreted:
+        return TopKPlan("rank", 1, min(block, 512), min(block, 512))
+    few = statically_known_true(rows * triton.cdiv(n, 16) <= RANK_SMALL_BLOCK_PROGRAMS)
+    block_i, block_j = min(block, 16 if few else 64), min(block, 256)
+    warps = 1 if block_i * block_j < 1024 else 4 if block_i == 16 else 2
+    return TopKPlan("rank", warps, block_i, block_j)

@@ -3,8 +3,9 @@
 Decode steps select over short rows (routers' top-k of the experts and of expert groups, DeepSeek V3.2's
 indexer over a short context), and ATen spends 5-22 µs per call on an H100 there (a radix select, or a
 segmented sort of several passes) for what a single program sorts in registers (braze.patterns.topk).
-Rows longer than `MAX_ROW` (2048: ATen's radix select is faster above), a dynamic row length or k, dtypes
-other than float32 and other dims are left to ATen with a `missed` remark.
+Rows longer than `MAX_ROW` (2048: ATen's radix select is faster above), more than `LONG_ROW_MAX_ROWS` rows
+(or a row count not known to be at most that) of more than `LONG_ROW` values, a dynamic row length or k,
+dtypes other than float32, bfloat16 and float16 and other dims are left to ATen with a `missed` remark.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import operator
 
 import torch
 from torch.fx import GraphModule
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from braze.patterns.fx import aten, is_op
-from braze.patterns.topk import TopK, TopKMatch, match_topk
+from braze.patterns.topk import LONG_ROW, LONG_ROW_MAX_ROWS, TopK, TopKMatch, match_topk
 
 from .base import Pass, PassContext
 from .rewrite import graph_fake_mode, splice, trace_functional
@@ -60,6 +62,12 @@ class TopKSort(Pass):
             if why:
                 ctx.remark("missed", "token-range", node, "top-k left to ATen", reason=why,
                            suggestion="widen FusionConfig.token_ranges['topk']", ops=OPS)
+                continue
+            if s.n > LONG_ROW and not statically_known_true(rows <= LONG_ROW_MAX_ROWS):
+                ctx.remark("missed", "topk-not-taken", node, "top-k left to ATen",
+                           reason=f"{rows} rows of {s.n} values: above {LONG_ROW_MAX_ROWS} rows of more than "
+                                  f"{LONG_ROW} ATen's radix select is as fast", ops=OPS,
+                           suggestion="bound the token range (FusionConfig.token_ranges['topk'])")
                 continue
             users = list(node.users)
             if not all(u.target is operator.getitem for u in users):

@@ -22,14 +22,16 @@ from .fx import Miss, aten, is_op, val
 from .stages import FlatJsonSpec
 
 KERNEL_MAX_ROW = 4096  # one program sorts the row in registers: 4096 int64 keys over 8 warps is 16 per thread
-# The pass takes rows up to 2048: on an H100 the kernel is 1.0-2.0x ATen's top-k up to 2048 values and 0.5x at
-# 4096 (benchmarks/results/topk.md), where ATen's radix select pays off.
+# The pass takes rows up to 2048: on an H100 braze's kernels beat ATen's top-k there up to 64 rows (and at rows of
+# at most 1024 values up to 256 rows), while at 4096 values only one row's rank kernel does (benchmarks/results/
+# topk.md); above LONG_ROW values the pass needs the row count known to be at most LONG_ROW_MAX_ROWS: at 256 rows
+# of 2048 ATen's radix select is faster (44.6 vs 48.7 µs).
 MAX_ROW = 2048
+LONG_ROW, LONG_ROW_MAX_ROWS = 1024, 64
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# The kernel takes all three dtypes (and its CPU tests run them all); the pass takes float32 rows only, what the
-# models select over, until bfloat16 and float16 pass on a GPU: a bfloat16 case failed its H100 test, most likely
-# because that test's reference (CUDA's sort) put a negative NaN first (tests/codegen/test_topk_kernel.py).
-PASS_DTYPES = (torch.float32,)
+# The kernels and the pass take all three dtypes: their CPU tests run them all, and the H100 tests passed for each
+# (session 9; an earlier bfloat16 failure was the test's reference, CUDA's sort, putting a negative NaN first).
+PASS_DTYPES = tuple(DTYPES)
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def match_topk(node: Node) -> TopKMatch | Miss:
     if not isinstance(k, int):
         return Miss(f"k={k} is dynamic", "make k a Python int", node=node)
     if xv.dtype not in PASS_DTYPES:
-        return Miss(f"the values are {xv.dtype}; braze takes float32 rows (its other dtypes are not yet verified "
-                    "on a GPU)", "select over .float() scores", node=node)
+        return Miss(f"the values are {xv.dtype}; braze takes float32, bfloat16 and float16 rows",
+                    "select over .float() scores", node=node)
     if n > MAX_ROW:
         return Miss(f"rows of {n} values: above {MAX_ROW} ATen's top-k is faster than one program's sort",
                     "", node=node)
