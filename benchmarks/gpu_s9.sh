@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Session 9's single-GPU calls. `topk`: the top-k GPU tests (both kernels), the selections alone with the rank
 # kernel's block sweep (benchmarks/topk.py), then DeepSeek V3.2's decode step at T=1/8/64, stock Inductor vs
-# braze. `steps`: Qwen 3.5 and MiniMax-M2.5 the same way, then DeepSeek's attention prologue with and without
-# sibling-GEMM merging at T=1-8. Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s9.sh topk|steps
+# braze. `steps`: DeepSeek's step at T=1/8 and its attention prologue at T=1-8, each with and without sibling-GEMM
+# merging, then Qwen 3.5 and MiniMax-M2.5 steps at T=1, stock Inductor vs braze (after the top-k kernel's GPU
+# tests). Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s9.sh topk|steps
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 case ${1:-topk} in
@@ -18,12 +19,18 @@ case ${1:-topk} in
       | tee "$OUT/bench.log" | grep -v Warn | tail -16
     echo "steps: $((SECONDS - t0)) s" ;;
   steps)
-    timeout 420 python3 -m braze bench --model qwen3.5,minimax-m2.5 --size bench --tokens "${TOKENS:-1,8,64}" \
-      --shapes static --variants inductor,braze --budget-s "${BUDGET:-390}" --out "$OUT/results" 2>&1 \
-      | tee "$OUT/bench.log" | grep -v Warn | tail -16
-    echo "steps: $((SECONDS - t0)) s"
-    timeout 150 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4,8 --variants inductor,braze,braze-merge \
+    timeout 80 python3 -m pytest -q -p no:logging -p no:cacheprovider tests/codegen/test_topk_kernel.py 2>&1 \
+      | tee "$OUT/tests.log" | tail -2
+    timeout 190 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens "${DS_TOKENS:-1,8}" --shapes static \
+      --variants inductor,braze,braze-merge --budget-s 175 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|report\|done"
+    echo "deepseek: $((SECONDS - t0)) s"
+    timeout 120 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4,8 --variants inductor,braze,braze-merge \
       --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep -v Warn | tail -14
-    echo "prologue: $((SECONDS - t0)) s" ;;
+    echo "prologue: $((SECONDS - t0)) s"
+    timeout 170 python3 -m braze bench --model qwen3.5,minimax-m2.5 --size bench --tokens "${TOKENS:-1}" \
+      --shapes static --variants inductor,braze --budget-s 150 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|minimax\|report\|done"
+    echo "steps: $((SECONDS - t0)) s" ;;
 esac
 tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
