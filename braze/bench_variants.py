@@ -8,7 +8,8 @@ import torch
 VARIANTS = ("eager", "inductor", "braze")
 # braze variants beyond the defaults, on request (--variants), to measure what each switch buys: the
 # FusionConfig switches each one sets ("braze" is FusionConfig())
-VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-streams": {"dual_stream": True},
+VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gemm_merge": False},
+                    "braze-streams": {"dual_stream": True},
                     "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
                     "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False}}
 EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)

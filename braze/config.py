@@ -33,10 +33,12 @@ class TokenRange:
         return f"[{self.lo}, {'inf' if self.hi is None else self.hi}]"
 
 
-# Sibling GEMMs merge only while they are memory-bound (braze.passes.gemm_merge); 256 tokens keeps
-# bf16 GEMMs well below an H100's balance point (~295 FLOP/byte) and bounds a dynamic token count.
+# Sibling GEMMs merge at one token: there the merged GEMM is faster on an H100 (DeepSeek V3.2's prologue 70.3 ->
+# 59.5 µs, its step 2112.6 -> 2066.2 µs), while from 2 tokens cuBLAS splits the merged GEMMs over more kernels
+# (13 instead of 9 in the prologue: 55.2 -> 53.6 µs at T=2, 55.1 -> 74.9 at T=4, 54.8 -> 76.1 at T=8;
+# benchmarks/results/deepseek_prologue_s9.md). The cost model still requires every member memory-bound.
 # Two streams only while the branches are small: above 64 tokens a branch's GEMMs fill the GPU alone.
-_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 256), "dual_stream": TokenRange(1, 64)}
+_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 1), "dual_stream": TokenRange(1, 64)}
 
 
 def _default_ranges() -> tuple[tuple[str, TokenRange], ...]:
@@ -60,9 +62,10 @@ class FusionConfig:
         short context) as one Triton kernel, a sort per row or a rank of each value (1.1-6.7x ATen's on
         an H100 where it applies, topk.md); ties come out in index order. Its token range bounds the rows (the product of the dims before the last).
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
-        which the backend re-points into one buffer (no extra memory); only while memory-bound.
-        Off by default: -1.4% of DeepSeek V3.2's step at T=1 on an H100, but the merged GEMMs add
-        split-K kernels at T=8/64 and its GPU test has not yet passed for Qwen 3.5 (gpu_tests.md).
+        which the backend re-points into one buffer (no extra memory); only while memory-bound, at
+        one token by default (-2.2% of DeepSeek V3.2's step at T=1 on an H100; from T=2 the merged
+        GEMMs add cuBLAS split-K kernels and lose). Weights must be frozen nn.Parameters
+        (requires_grad=False), else a `not-parameters` remark says why nothing merged.
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: -1.6% of DeepSeek
         V3.2's step at T=1 on an H100 (deepseek-v3.2_bench_tp1_static_streams.md), below what would
@@ -97,7 +100,7 @@ class FusionConfig:
     gated_norm: bool = True
     moe: bool = True
     topk: bool = True
-    gemm_merge: bool = False  # off until tests/passes/test_gemm_merge_gpu.py passes on a GPU (STREAMS_DESIGN.md)
+    gemm_merge: bool = True  # GPU tests passed (gpu_tests.md, session 6); token range [1, 1] (see above)
     dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0

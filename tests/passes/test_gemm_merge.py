@@ -19,6 +19,8 @@ from braze.testing import aten_graph, run_passes
 
 PASSES = (Canonicalize, SiblingGemmMerge)
 SIZES = st.sampled_from([1, 3, 9, 41, 257])
+# the default range is one token (where merging pays on an H100); these tests merge at up to 257
+MERGE = FusionConfig(token_ranges={"gemm_merge": TokenRange(1, 256)})
 WIDE = FusionConfig(gemm_merge=True, token_ranges={"gemm_merge": TokenRange(1, 1024)})
 
 
@@ -30,7 +32,7 @@ def frozen(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.nn.Paramete
 def merge(fn, *inputs, config: FusionConfig | None = None):
     """fn traced with inputs as placeholders, run through gemm-merge knowing the real inputs."""
     gm = aten_graph(fn, *inputs)
-    record = run_passes(gm, config or FusionConfig(gemm_merge=True), PASSES, inputs=inputs)
+    record = run_passes(gm, config or MERGE, PASSES, inputs=inputs)
     return gm, record
 
 
@@ -183,8 +185,13 @@ def test_token_range_and_compute_bound_sizes_are_missed():
     def fn(x, wa, wb):
         return F.linear(x, wa), F.linear(x, wb)
 
-    _, record = merge(fn, torch.randn(300, 512), wa, wb)  # above the default range [1, 256]
+    _, record = merge(fn, torch.randn(300, 512), wa, wb)  # above [1, 256]
     assert [r.name for r in record.remarks] == ["token-range"]
+    gm, record = merge(fn, torch.randn(2, 512), wa, wb, config=FusionConfig())  # the default range: one token
+    assert [(r.name, r.reason) for r in record.remarks] == [("token-range",
+                                                             "2 tokens is outside the configured range [1, 1]")]
+    gm, record = merge(fn, torch.randn(1, 512), wa, wb, config=FusionConfig())
+    assert sibling_ops(gm) == 1 and [r.name for r in record.remarks] == ["gemm-merge"]
     big = [frozen(2048, 2048, dtype=torch.bfloat16, seed=i) for i in (1, 2)]  # at 1024 tokens: ~2x over balance
     _, record = merge(fn, torch.randn(1024, 2048, dtype=torch.bfloat16), *big, config=WIDE)
     assert [r.name for r in record.remarks] == ["compute-bound"]

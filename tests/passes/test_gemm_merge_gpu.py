@@ -32,7 +32,8 @@ def _captured_step(name: str, gemm_merge: bool):
     model = models.build(name, "tiny", device="cuda", dtype=torch.bfloat16)
     inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
     inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
-    be = braze.backend(braze.FusionConfig(gemm_merge=gemm_merge))
+    # three tokens: above the default range of one, so the range is widened to exercise the merged graph
+    be = braze.backend(braze.FusionConfig(gemm_merge=gemm_merge, token_ranges={"gemm_merge": (1, 256)}))
     step = torch.compile(model, backend=be, fullgraph=True)
     with torch.no_grad():
         s = torch.cuda.Stream()
