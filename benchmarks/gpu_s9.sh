@@ -3,7 +3,8 @@
 # kernel's block sweep (benchmarks/topk.py), then DeepSeek V3.2's decode step at T=1/8/64, stock Inductor vs
 # braze. `steps`: DeepSeek's step at T=1/8 and its attention prologue at T=1-8, each with and without sibling-GEMM
 # merging, then Qwen 3.5 and MiniMax-M2.5 steps at T=1, stock Inductor vs braze (after the top-k kernel's GPU
-# tests). Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s9.sh topk|steps
+# tests). `final`: the GEMM-merge GPU test, then the three models' steps at T=1/8/64 with merging on by default.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s9.sh topk|steps|final
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 case ${1:-topk} in
@@ -30,6 +31,18 @@ case ${1:-topk} in
     echo "prologue: $((SECONDS - t0)) s"
     timeout 170 python3 -m braze bench --model qwen3.5,minimax-m2.5 --size bench --tokens "${TOKENS:-1}" \
       --shapes static --variants inductor,braze --budget-s 150 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|minimax\|report\|done"
+    echo "steps: $((SECONDS - t0)) s" ;;
+  final)
+    timeout 90 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_gemm_merge_gpu.py 2>&1 \
+      | tee "$OUT/tests.log" | tail -3
+    echo "tests: $((SECONDS - t0)) s"
+    timeout 215 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1,8,64 --shapes static \
+      --variants inductor,braze --budget-s 200 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|report\|done"
+    echo "deepseek: $((SECONDS - t0)) s"
+    timeout 265 python3 -m braze bench --model qwen3.5,minimax-m2.5 --size bench --tokens 1,8,64 --shapes static \
+      --variants inductor,braze --budget-s 240 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|minimax\|report\|done"
     echo "steps: $((SECONDS - t0)) s" ;;
 esac
