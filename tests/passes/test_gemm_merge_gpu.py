@@ -25,12 +25,30 @@ MERGED_WEIGHTS = {
 }
 
 
-def _captured_step(name: str, gemm_merge: bool):
+def _seed_without_router_ties(name: str) -> int:
+    """A seed whose decode step has no token at a router near-tie (braze.bench_checks.router_margins): there
+    a merged GEMM's different tiling may round a router logit the other way, pick another expert and move
+    that token's logits and states by far more than any tolerance (a legitimate difference; the bench
+    flags such tokens). Merged and unmerged must agree on the tokens whose routing is not on edge."""
+    from braze.bench_checks import router_margins
+
+    for seed in range(20):
+        model = models.build(name, "tiny", device="cuda", dtype=torch.bfloat16)
+        inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(seed))
+        inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
+        with torch.no_grad(), router_margins(model) as margins:
+            model(*inputs)
+        if not margins or bool((margins[0] >= 1).all()):  # (Qwen 3.5 tiny: seed 5; DeepSeek: seed 1)
+            return seed
+    pytest.fail(f"{name}: every seed tried puts a token at a router near-tie")
+
+
+def _captured_step(name: str, gemm_merge: bool, seed: int):
     """A tiny bf16 model (same seed, so the same weights either way), compiled with braze, one decode step
     captured in a CUDA graph. Returns (model, replay() -> (logits, buffers) copies, backend); each replay
     starts from the buffers as the warm-up left them."""
     model = models.build(name, "tiny", device="cuda", dtype=torch.bfloat16)
-    inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(0))
+    inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(seed))
     inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
     # three tokens: above the default range of one, so the range is widened to exercise the merged graph
     be = braze.backend(braze.FusionConfig(gemm_merge=gemm_merge, token_ranges={"gemm_merge": (1, 256)}))
@@ -62,11 +80,12 @@ def _captured_step(name: str, gemm_merge: bool):
 
 @pytest.mark.parametrize("name", ["deepseek-v3.2", "qwen3.5"])
 def test_merged_gemms_under_cuda_graph_replays_and_in_place_weight_updates(name):
+    seed = _seed_without_router_ties(name)
     torch._dynamo.reset()
-    merged_model, merged, be = _captured_step(name, gemm_merge=True)
+    merged_model, merged, be = _captured_step(name, gemm_merge=True, seed=seed)
     assert [r for r in braze.report(be).applied if r.pass_name == "gemm-merge"], "nothing merged"
     torch._dynamo.reset()
-    plain_model, plain, _ = _captured_step(name, gemm_merge=False)
+    plain_model, plain, _ = _captured_step(name, gemm_merge=False, seed=seed)
     (first_m, state_m), (first_p, state_p) = merged(), plain()
     for _ in range(REPLAYS):
         got, state = merged()
