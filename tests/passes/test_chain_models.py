@@ -11,6 +11,10 @@ from braze import models
 pytestmark = pytest.mark.slow
 
 
+# the steps decode 3 tokens; gemm-merge's default range is one token, widened so the merged graph is tested
+MERGE_AT_3 = {"gemm_merge": (1, 256)}
+
+
 def compiled_step_vs_eager(name: str, device: str = "cpu", config: braze.FusionConfig | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, dict, dict, object, object]:
     """One fp32 decode step of model `name` (tiny), eager then braze from the same caches:
@@ -25,7 +29,7 @@ def compiled_step_vs_eager(name: str, device: str = "cpu", config: braze.FusionC
         ref_bufs = {k: v.clone() for k, v in model.named_buffers()}
         for k, v in model.named_buffers():
             v.copy_(saved[k])
-        be = braze.backend(config or braze.FusionConfig(norm_quant=False, gemm_merge=True))
+        be = braze.backend(config or braze.FusionConfig(norm_quant=False, token_ranges=MERGE_AT_3))
         out = torch.compile(model, backend=be, fullgraph=True)(*inputs)
     torch._dynamo.reset()
     return ref, out, ref_bufs, dict(model.named_buffers()), be, model
@@ -33,7 +37,8 @@ def compiled_step_vs_eager(name: str, device: str = "cpu", config: braze.FusionC
 
 def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
     # the post-conv and delta-rule passes off: the conv state write is left to the chain pass, as a plain store
-    config = braze.FusionConfig(norm_quant=False, post_conv=False, delta_rule=False, gated_norm=False, gemm_merge=True)
+    config = braze.FusionConfig(norm_quant=False, post_conv=False, delta_rule=False, gated_norm=False,
+                                token_ranges=MERGE_AT_3)
     ref, out, ref_bufs, bufs, be, model = compiled_step_vs_eager("qwen3.5", config=config)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     for k, v in bufs.items():
