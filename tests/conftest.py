@@ -1,4 +1,4 @@
-"""Test session set-up: Triton's interpreter on CPU-only machines, private caches, hypothesis profile."""
+"""Test session set-up: Triton's interpreter on CPU-only machines, private caches, hypothesis profile, gloo ranks."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ os.environ.setdefault("BRAZE_CACHE_DIR", os.path.join(_CACHE, "braze"))
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from ranks import RankPools  # noqa: E402
 
 settings.register_profile(
     "default",
@@ -35,3 +36,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "device" in metafunc.fixturenames:
         cuda = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])
         metafunc.parametrize("device", ["cpu", cuda])
+
+
+@pytest.fixture(scope="session")
+def tp_runner():
+    """tp_runner(world_size, fn, *args): fn(rank, world_size, *args) on gloo ranks kept for the session
+    (tests/ranks.py: each fresh spawn cost ~10-15 s of imports)."""
+    pools = RankPools()
+    try:
+        yield pools
+    finally:
+        pools.close()

@@ -33,7 +33,7 @@ from braze.patterns.tp_norm import (
     finish_reference,
     local_means_reference,
 )
-from braze.testing import make_shared_workspace_files, run_on_ranks, shared_workspace
+from braze.testing import make_shared_workspace_files, shared_workspace
 
 F32 = "float32"
 
@@ -128,10 +128,10 @@ def _one_shot_worker(rank: int, world_size: int, folder: str) -> None:
         check_state()
 
 
-def test_one_shot_kernels_under_the_interpreter_on_two_processes_equal_the_references():
+def test_one_shot_kernels_under_the_interpreter_on_two_processes_equal_the_references(tp_runner):
     folder = tempfile.mkdtemp(prefix="braze-symm-", dir="/dev/shm" if _has_shm() else None)
     make_shared_workspace_files(folder, 2)
-    run_on_ranks(2, _one_shot_worker, folder)
+    tp_runner(2, _one_shot_worker, folder)
 
 
 def _has_shm() -> bool:

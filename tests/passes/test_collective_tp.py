@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 import braze
 from braze import models
-from braze.testing import run_on_ranks
 
 # the collective family is off by default (slower than stock on 2 H100s so far); these tests turn it on
 ON = braze.FusionConfig(collective=True)
@@ -167,8 +166,8 @@ def _worker(rank: int, world_size: int, names: list[str], full: bool) -> None:
     _models_worker(names, full)
 
 
-def test_two_ranks_compiled_equals_eager_and_every_rank_reports_the_fusions():
-    """One spawn for both (starting two ranks costs ~15 s)."""
+def test_two_ranks_compiled_equals_eager_and_every_rank_reports_the_fusions(tp_runner):
+    """One run for both (tp_runner keeps its ranks for the session; starting two costs ~15 s)."""
     names = list(EXPECTED) if os.environ.get("BRAZE_TP_MODELS") == "all" else ["minimax-m2.5"]
     ranks = int(os.environ.get("BRAZE_TP_RANKS", "2"))
-    run_on_ranks(ranks, _worker, names, os.environ.get("BRAZE_TP_MODELS_FULL") == "1")
+    tp_runner(ranks, _worker, names, os.environ.get("BRAZE_TP_MODELS_FULL") == "1")
