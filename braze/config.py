@@ -60,7 +60,8 @@ class FusionConfig:
         while the pairs do not outnumber the experts.
     topk: run each `aten.topk` over rows of at most 2048 values (routers, DeepSeek V3.2's indexer over a
         short context) as one Triton kernel, a sort per row or a rank of each value (1.1-6.7x ATen's on
-        an H100 where it applies, topk.md); ties come out in index order. Its token range bounds the rows (the product of the dims before the last).
+        an H100 where it applies, topk.md); ties come out in index order. Its token range bounds the
+        rows (the product of the dims before the last).
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound, at
         one token by default (-2.2% of DeepSeek V3.2's step at T=1 on an H100; from T=2 the merged
