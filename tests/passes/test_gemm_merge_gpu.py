@@ -25,29 +25,49 @@ MERGED_WEIGHTS = {
 }
 
 
+ROUTER_SHARPEN = 8.0  # router weights scaled so every routing decision has a wide margin (see _build)
+
+
+def _build(name: str):
+    """The tiny bf16 model on CUDA with its routers' weights scaled by ROUTER_SHARPEN. The tiny routers pick
+    2 of 8 experts from nearly equal scores (Qwen 3.5 tiny: relative margins near 1 on most seeds), and
+    across 8 layers the merged GEMM's different rounding can flip a choice, which moves that token's
+    logits by far more than any tolerance (a legitimate difference, not what this test is about). Scaling
+    the logits spreads the scores; the merge's math is unchanged."""
+    from braze.models.common import MoE
+
+    model = models.build(name, "tiny", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.gate.weight.mul_(ROUTER_SHARPEN)
+    return model
+
+
 def _seed_without_router_ties(name: str) -> int:
-    """A seed whose decode step has no token at a router near-tie (braze.bench_checks.router_margins): there
-    a merged GEMM's different tiling may round a router logit the other way, pick another expert and move
-    that token's logits and states by far more than any tolerance (a legitimate difference; the bench
-    flags such tokens). Merged and unmerged must agree on the tokens whose routing is not on edge."""
+    """Of 20 seeds, the one whose decode step's routing has the widest margin (braze.bench_checks.
+    router_margins: 1 is one rounding of the router's logits; the minimum over tokens and layers), which
+    must be at least 4: merged and unmerged must then agree on every token."""
     from braze.bench_checks import router_margins
 
+    best = (-1.0, 0)
     for seed in range(20):
-        model = models.build(name, "tiny", device="cuda", dtype=torch.bfloat16)
+        model = _build(name)
         inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(seed))
         inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
         with torch.no_grad(), router_margins(model) as margins:
             model(*inputs)
-        if not margins or bool((margins[0] >= 1).all()):  # (Qwen 3.5 tiny: seed 5; DeepSeek: seed 1)
-            return seed
-    pytest.fail(f"{name}: every seed tried puts a token at a router near-tie")
+        margin = margins[0].min().item() if margins else float("inf")
+        best = max(best, (margin, -seed))
+    if best[0] < 4:
+        pytest.fail(f"{name}: every seed tried puts a token near a router tie (widest margin {best[0]:.2f})")
+    return -best[1]
 
 
 def _captured_step(name: str, gemm_merge: bool, seed: int):
     """A tiny bf16 model (same seed, so the same weights either way), compiled with braze, one decode step
     captured in a CUDA graph. Returns (model, replay() -> (logits, buffers) copies, backend); each replay
     starts from the buffers as the warm-up left them."""
-    model = models.build(name, "tiny", device="cuda", dtype=torch.bfloat16)
+    model = _build(name)
     inputs = models.make_decode_inputs(model, 3, 8, torch.Generator().manual_seed(seed))
     inputs = [x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs]
     # three tokens: above the default range of one, so the range is widened to exercise the merged graph
@@ -95,6 +115,8 @@ def test_merged_gemms_under_cuda_graph_replays_and_in_place_weight_updates(name)
         assert torch.equal(got, first_p), "unmerged replays from one state are not deterministic"
         assert all(torch.equal(a, b) for a, b in zip(state, state_p))
     # the merged GEMM's math differs from the unmerged one only in how cuBLAS tiles a wider N
+    per_token = (first_m.float() - first_p.float()).abs().amax(-1).tolist()
+    print(f"{name}: seed {seed}, max |merged - unmerged| per token: {per_token}", flush=True)
     torch.testing.assert_close(first_m.float(), first_p.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(state_m, state_p):  # the written cache rows and advanced states agree as well
         if a.is_floating_point():
