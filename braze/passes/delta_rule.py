@@ -11,6 +11,8 @@ become `missed` remarks; the post-conv path stays a kernel of its own (POST_CONV
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.fx import GraphModule
 
@@ -20,7 +22,7 @@ from braze.patterns.delta_rule import (
     match_delta_rule,
     match_delta_rule_rows,
 )
-from braze.patterns.fx import Miss, aten, val
+from braze.patterns.fx import Miss, aten, is_identity_index, val
 
 from .base import Pass, PassContext
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
@@ -42,10 +44,16 @@ def delta_rule_call(spec: DeltaRule):
         o = torch.ops.braze.delta_rule(q, k, v, g, beta, idx, state, text)
         return [o, state]
 
+    def first_rows(q, k, v, g, beta, state):
+        o = torch.ops.braze.delta_rule_first_rows(q, k, v, g, beta, state, text)
+        return [o, state]
+
     def rows(q, k, v, g, beta, state):
         return torch.ops.braze.delta_rule_rows(q, k, v, g, beta, state, text)
 
-    return fn if spec.indexed else rows
+    if spec.indexed:
+        return first_rows if spec.identity else fn
+    return rows
 
 
 def miss_name(m: Miss) -> str:
@@ -85,8 +93,11 @@ class DeltaRuleFusion(Pass):
                 ctx.remark("missed", "token-range", site.output, "delta-rule update not fused", reason=why,
                            suggestion="widen FusionConfig.token_ranges['delta_rule']", ops=OPS)
                 continue
-            inputs = [site.q, site.k, site.v, site.g, site.beta] + ([site.indices] if site.spec.indexed else []) \
-                + [site.state]
+            if site.spec.indexed and is_identity_index(site.indices, val(site.q).shape[0]):
+                # state_indices = arange(T): rows 0..T-1, updated in place with no index read
+                site = replace(site, spec=replace(site.spec, identity=True), indices=None)
+            inputs = [site.q, site.k, site.v, site.g, site.beta] + ([site.indices] if site.indices is not None
+                                                                     else []) + [site.state]
             try:
                 traced = trace_functional(delta_rule_call(site.spec), [n.meta["val"] for n in inputs], fake_mode)
             except Exception as e:  # a bug in braze must not break the user's compile
@@ -104,7 +115,8 @@ class DeltaRuleFusion(Pass):
             ctx.remark("applied", "delta-rule", site.output, "fused the gated delta-rule update into one kernel "
                        "(state rows updated in place)" if s.indexed else "fused the gated delta-rule update into one "
                        "kernel (new state rows)", ops=OPS if s.heads_v != s.heads_k else OPS[1:],
-                       args={"heads_k": s.heads_k, "heads_v": s.heads_v, "dk": s.dk, "dv": s.dv, "scale": s.scale})
+                       args={"heads_k": s.heads_k, "heads_v": s.heads_v, "dk": s.dk, "dv": s.dv, "scale": s.scale,
+                             **({"rows": "arange(T)"} if s.identity else {})})
             ctx.bump("sites-fused")
         if sites:
             from .post_conv import _restore_topological_order

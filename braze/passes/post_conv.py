@@ -14,7 +14,7 @@ conv state write alone as a store-only chain. Near misses become `missed` remark
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -26,6 +26,7 @@ from braze.patterns.fx import (
     describe,
     dtype_of,
     is_cast,
+    is_identity_index,
     is_lossless,
     is_op,
     is_view,
@@ -165,6 +166,9 @@ class PostConvFusion(Pass):
                     ctx.remark("missed", "token-range", conv.output, "post-conv path not fused", reason=why,
                                suggestion="widen FusionConfig.token_ranges['post_conv']", ops=self._ops(site))
                     continue
+                if conv.stage.indexed and is_identity_index(conv.indices, val(conv.x).shape[0]):
+                    # state_indices = arange(T): token t's row is row t, so the kernel reads no index
+                    conv = replace(conv, stage=replace(conv.stage, indexed=False), indices=None)
                 spec = PostConv(conv.stage, tuple(site.segments), self._gating_stage(site))
                 if site.gating is not None and spec.gating.beta_out not in ("float32", conv.stage.out):
                     ctx.remark("missed", "gating-not-fused", site.beta[1], "gating left to Inductor",

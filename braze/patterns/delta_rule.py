@@ -49,6 +49,8 @@ class DeltaRule(FlatJsonSpec):
     # True: the state rows `indices` [T] are updated in place; False: row t of the state is token t's and
     # the new rows go to a fresh [T, Hv, dk, dv] tensor (the state is only read)
     indexed: bool = True
+    # (indexed only) the indices are arange(T): rows 0..T-1 are updated in place and no index is read
+    identity: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,18 +72,22 @@ class DeltaRuleMatch:
 def delta_rule_reference(spec: DeltaRule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          beta: torch.Tensor, indices: torch.Tensor | None, state: torch.Tensor,
                          new_state: torch.Tensor | None = None) -> torch.Tensor:
-    """o [T, Hv, dv] fp32; updates the rows `indices` of `state` in place (spec.indexed), else writes the new
-    rows into `new_state` [T, Hv, dk, dv] (row t of `state` is token t's). Bytes per token and value head:
+    """o [T, Hv, dv] fp32; updates the rows `indices` of `state` in place (spec.indexed; rows 0..T-1 with
+    spec.identity, `indices` unused), else writes the new rows into `new_state` [T, Hv, dk, dv] (row t of
+    `state` is token t's). Bytes per token and value head:
     the state row (4·dk·dv) read and written once, q, k (dk each), v (dv), g, beta, o (4·dv)."""
     r = spec.heads_v // spec.heads_k
     qe = q.float().repeat_interleave(r, dim=1) * spec.scale  # [T, Hv, dk]
     ke = k.float().repeat_interleave(r, dim=1)
-    rows = state[indices] if spec.indexed else state[:q.shape[0]]
+    t = q.shape[0]
+    rows = state[indices] if spec.indexed and not spec.identity else state[:t]
     s = rows * g.float().exp()[:, :, None, None]  # [T, Hv, dk, dv]
     u = (s * ke.unsqueeze(-1)).sum(-2)  # [T, Hv, dv]
     delta = beta.float().unsqueeze(-1) * (v.float() - u)
     s = s + ke.unsqueeze(-1) * delta.unsqueeze(-2)
-    if spec.indexed:
+    if spec.indexed and spec.identity:
+        state[:t] = s
+    elif spec.indexed:
         state.index_copy_(0, indices, s)
     else:
         new_state.copy_(s)

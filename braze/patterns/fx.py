@@ -68,6 +68,31 @@ def known_eq(a: object, b: object) -> bool:
     return bool(statically_known_true(sym_eq(a, b)))
 
 
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def is_identity_index(node: object, rows: object) -> bool:
+    """Whether `node` is `arange(rows)` spelled any way the graph may hold it (aten.arange with start 0 and
+    step 1, or prims.iota), integer-typed: indexing with it reads rows 0..rows-1 in order, so a fused
+    kernel can use its row number instead of loading the index."""
+    if not isinstance(node, Node) or dtype_of(node) not in _INT_DTYPES or len(shape_of(node) or ()) != 1:
+        return False
+    if is_op(node, prims.iota):
+        start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
+    elif node.target is aten.arange.default:
+        start, step = 0, 1
+    elif node.target is aten.arange.start:
+        start, step = node.args[0], 1
+    elif node.target is aten.arange.start_step:
+        start = node.args[0]
+        step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
+    else:
+        return False
+    if isinstance(start, bool) or isinstance(step, bool) or start != 0 or step != 1:
+        return False
+    return known_eq(shape_of(node)[0], rows)
+
+
 def same_shape(a: object, b: object) -> bool:
     """Shapes (or strides) equal dim by dim, without adding guards."""
     if a is None or b is None:

@@ -42,7 +42,9 @@ def _run(q, k, v, g, beta, indices, state, spec_json: str, new=None) -> torch.Te
     """o; the state rows `indices` updated in place, or (indices None) the new rows written to `new`."""
     spec = DeltaRule.from_json(spec_json)
     _check(spec, indices, state)
-    t = indices.shape[0] if indices is not None else new.shape[0]
+    t = q.shape[0]
+    if indices is not None and indices.shape[0] != t:
+        raise ValueError(f"braze delta_rule: {indices.shape[0]} state indices for {t} tokens")
     if indices is None and state.shape[0] < t:
         raise ValueError(f"braze delta_rule: {t} tokens for a state of {state.shape[0]} rows")
     if q.device.type == "cpu" and cpu_backend() == "reference":
@@ -86,6 +88,33 @@ def delta_rule_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
 def _(q, k, v, g, beta, indices, state, spec):
     s = DeltaRule.from_json(spec)
     return torch.empty(indices.shape[0], s.heads_v, s.dv, dtype=torch.float32, device=q.device)
+
+
+def _run_first_rows(q, k, v, g, beta, state, spec_json: str) -> torch.Tensor:
+    # the kernel's unindexed form reads row t and stores to new[t]: new = state updates rows 0..T-1 in place
+    # (each program reads and writes its own block only)
+    return _run(q, k, v, g, beta, None, state, spec_json, new=state)
+
+
+@triton_op("braze::delta_rule_first_rows", mutates_args=("state",))
+def delta_rule_first_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                          state: torch.Tensor, spec: str) -> torch.Tensor:
+    """`delta_rule` with indices arange(T) (DeltaRule.identity): the state rows 0..T-1, updated in place."""
+    if q.device.type == "cpu":
+        return torch.ops.braze.delta_rule_first_rows_cpu(q, k, v, g, beta, state, spec)
+    return _run_first_rows(q, k, v, g, beta, state, spec)
+
+
+@custom_op("braze::delta_rule_first_rows_cpu", mutates_args=("state",))
+def delta_rule_first_rows_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                              beta: torch.Tensor, state: torch.Tensor, spec: str) -> torch.Tensor:
+    return _run_first_rows(q, k, v, g, beta, state, spec)
+
+
+@delta_rule_first_rows_cpu.register_fake
+def _(q, k, v, g, beta, state, spec):
+    s = DeltaRule.from_json(spec)
+    return torch.empty(q.shape[0], s.heads_v, s.dv, dtype=torch.float32, device=q.device)
 
 
 def _new_rows(spec: DeltaRule, q: torch.Tensor) -> torch.Tensor:

@@ -162,3 +162,62 @@ def test_hugging_face_recurrent_step_fuses_without_slot_indices(t, hk, ratio, se
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(args[5], ssm), "the state is only read"
+
+
+ARANGES = {  # state_indices built in the graph as arange(T), spelled three ways
+    "arange": lambda t: torch.arange(t),
+    "arange-start": lambda t: torch.arange(0, t),
+    "arange-step": lambda t: torch.arange(0, t, 1, dtype=torch.long),
+}
+
+
+def arange_inputs(t, hk, hv, dk, dv, width, dtype, seed, slots):
+    """make_inputs without the index: rows 0..t-1 are the tokens', the rows after them are NaN."""
+    args = make_inputs(t, hk, hv, dk, dv, width, dtype, seed, slots)
+    g = torch.Generator().manual_seed(seed + 1)
+    conv_state, ssm = args[1], args[8]
+    conv_state.copy_(torch.randn(conv_state.shape, generator=g).to(dtype))
+    ssm.copy_(torch.randn(ssm.shape, generator=g) * 0.1)
+    conv_state[t:], ssm[t:] = float("nan"), float("nan")  # must come out untouched
+    return args[:3] + args[4:]
+
+
+@settings(max_examples=6)
+@given(t=st.sampled_from([1, 3]), hk=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 2]),
+       spelling=st.sampled_from(sorted(ARANGES)), extra=st.integers(0, 2), seed=st.integers(0, 99))
+def test_state_indices_built_as_arange_are_no_index_at_all(t, hk, ratio, spelling, extra, seed):
+    """Qwen 3.5's decode step makes its state indices with arange(T) (one state per token): both fused ops
+    then use the token's row number instead of a materialized index (Inductor realizes an arange once per
+    reader: two kernels per layer), and the rows after T stay untouched."""
+    hv, inner = hk * ratio, gdn_step(hk, hk * ratio, 8, 4)
+
+    def step(x, conv_state, w, a, b, a_log, dt_bias, ssm):
+        return inner(x, conv_state, w, ARANGES[spelling](x.shape[0]), a, b, a_log, dt_bias, ssm)
+
+    args = arange_inputs(t, hk, hv, 8, 4, 4, torch.float32, seed, t + extra)
+    gm, record = compare(step, args, state=7)
+    assert fused_ops(gm) == ["braze.post_conv_cpu.default", "braze.delta_rule_first_rows_cpu.default"]
+    (r,) = [r for r in record.remarks if r.kind == "applied" and r.pass_name == "delta-rule"]
+    assert dict(r.args)["rows"] == "arange(T)"
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and ("arange" in str(n.target)
+                                                                       or "iota" in str(n.target))]
+    assert not left, f"the arange should be dead once no fused op reads it: {left}"
+    out_args = [a.clone() for a in args]
+    gm(*out_args)
+    assert torch.isnan(out_args[1][t:]).all() and torch.isnan(out_args[7][t:]).all()
+    assert not torch.isnan(out_args[1][:t]).any() and not torch.isnan(out_args[7][:t]).any()
+
+
+@pytest.mark.parametrize("make", [lambda t: torch.arange(1, t + 1), lambda t: torch.arange(t).flip(0),
+                                  lambda t: torch.arange(0, 2 * t, 2)], ids=["shifted", "reversed", "strided"])
+def test_index_that_is_not_arange_t_stays_an_index(make):
+    inner = gdn_step(1, 2, 8, 4)
+
+    def step(x, conv_state, w, a, b, a_log, dt_bias, ssm):
+        return inner(x, conv_state, w, make(x.shape[0]), a, b, a_log, dt_bias, ssm)
+
+    args = make_inputs(3, 1, 2, 8, 4, 4, torch.float32, 0, 7)
+    args[1][:], args[8][:] = torch.randn(args[1].shape), torch.randn(args[8].shape) * 0.1  # every row is read
+    args = args[:3] + args[4:]
+    gm, _ = compare(step, args, state=7)
+    assert fused_ops(gm) == ["braze.post_conv_cpu.default", "braze.delta_rule_cpu.default"]
