@@ -2,14 +2,18 @@
 # Session 10's single-GPU calls (the lent card is now an H200). `base`: the GEMM-merge and top-k GPU tests, the
 # three models' steps at T=1/8/64 (stock Inductor vs braze), Qwen 3.5's report with stock Inductor's kernels per
 # layer counted. Results are appended to $OUT/results.tar after each step, so a run cut short keeps what finished.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s10.sh base
+# `fused`: after the router fusion and the arange(T) state rows, the GPU tests of the router kernel, the GDN ops
+# and the merge (routers sharpened), then the same steps and report as `base`.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s10.sh base|fused
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
 case ${1:-base} in
-  base)
-    timeout 160 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_gemm_merge_gpu.py \
-      tests/codegen/test_topk_kernel.py 2>&1 | tee "$OUT/tests.log" | tail -4
+  base|fused)
+    if [ "${1:-base}" = base ]; then TESTS="tests/passes/test_gemm_merge_gpu.py tests/codegen/test_topk_kernel.py"
+    else TESTS="tests/passes/test_router.py tests/passes/test_post_conv_gpu.py tests/passes/test_gemm_merge_gpu.py"; fi
+    timeout 160 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu $TESTS 2>&1 \
+      | tee "$OUT/tests.log" | tail -4
     echo "tests: $((SECONDS - t0)) s"; keep
     timeout 50 python3 -m braze report --model qwen3.5 --size bench --tokens 1 --device cuda \
       --json "$OUT/results/qwen3.5_report_t1.json" > "$OUT/results/qwen3.5_report_t1.txt" 2>&1

@@ -11,7 +11,8 @@ VARIANTS = ("eager", "inductor", "braze")
 VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gemm_merge": False},
                     "braze-streams": {"dual_stream": True},
                     "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
-                    "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False}}
+                    "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False},
+                    "braze-no-router": {"router": False}}
 EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "topk",
+FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "router", "topk",
             "gemm_merge", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
@@ -58,6 +58,8 @@ class FusionConfig:
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts.
+    router: fuse a MoE router (softmax or sigmoid scores, + a correction bias, top-k, the chosen scores
+        renormalized and scaled) into one kernel; group-limited routing is left to the topk family.
     topk: run each `aten.topk` over rows of at most 2048 values (routers, DeepSeek V3.2's indexer over a
         short context) as one Triton kernel, a sort per row or a rank of each value (1.1-6.7x ATen's on
         an H100 where it applies, topk.md); ties come out in index order. Its token range bounds the
@@ -100,6 +102,7 @@ class FusionConfig:
     delta_rule: bool = True  # 10-12 µs faster per Qwen 3.5 step than without (H100: qwen3.5_bench_tp1_static_delta_rule.md)
     gated_norm: bool = True
     moe: bool = True
+    router: bool = True
     topk: bool = True
     gemm_merge: bool = True  # GPU tests passed (gpu_tests.md, session 6); token range [1, 1] (see above)
     dual_stream: bool = False
@@ -110,8 +113,8 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "topk",
-                  "gemm_merge", "dual_stream", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "router",
+                  "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

@@ -33,6 +33,7 @@ from .gemm_merge import SiblingGemmMerge
 from .moe import ExpertsFusion
 from .norm_quant import NormQuantFusion
 from .post_conv import PostConvFusion
+from .router import RouterFusion
 from .streams import DualStream
 from .topk import TopKSort
 from .tp_norm import TPNormFusion
@@ -55,6 +56,7 @@ PASSES: tuple[type[Pass], ...] = (
     GatedNormFusion,
     NormQuantFusion,
     ExpertsFusion,
+    RouterFusion,  # before small-topk, which takes the top-k sites it leaves
     TopKSort,
     BranchAnalysis,  # before gemm-merge: it reports the branches as the model wrote them
     SiblingGemmMerge,
