@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .fx import Miss, aten, dtype_of, is_cast, is_lossless, is_op, scalar, shape_of, val
+from .fx import Miss, aten, dtype_of, is_cast, is_lossless, is_op, prims, scalar, shape_of, val
 from .stages import FlatJsonSpec
 from .topk import topk_reference
 
@@ -82,22 +82,33 @@ def _lossless_upcast(node: Node) -> Node:
     return node
 
 
+def _last_dim(dims: object, rank: int) -> bool:
+    dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else None
+    return dims in ([-1], [rank - 1])
+
+
 def _softmax(div: Node) -> tuple[Node, set[Node]] | None:
-    """x and the nodes of softmax(x, -1) spelled as Inductor decomposes it: exp(x - amax(x)) / sum(...)."""
+    """x and the nodes of softmax(x, -1) spelled as Inductor decomposes it: exp(x - amax(x)) / sum(...), or (on
+    GPUs, after Inductor's online-softmax rewrite) with amax and sum from one prepare_softmax_online(x)."""
     if not is_op(div, aten.div) or len(div.args) != 2:
         return None
     exp, total = div.args
-    if not (is_op(exp, aten.exp) and is_op(total, aten.sum) and total.args[0] is exp):
+    if not is_op(exp, aten.exp) or not is_op(exp.args[0], aten.sub):
         return None
-    if list(total.args[1]) not in ([-1], [len(shape_of(exp)) - 1]) or not (len(total.args) > 2 and total.args[2]):
-        return None
-    sub = exp.args[0]
-    if not (is_op(sub, aten.sub) and is_op(sub.args[1], aten.amax) and sub.args[1].args[0] is sub.args[0]):
-        return None
-    amax = sub.args[1]
-    if list(amax.args[1]) not in ([-1], [len(shape_of(exp)) - 1]):
-        return None
-    return sub.args[0], {div, exp, total, sub, amax}
+    sub, rank = exp.args[0], len(shape_of(exp))
+    x, top = sub.args[0], sub.args[1]
+    if is_op(total, aten.sum) and total.args[0] is exp:
+        if not _last_dim(total.args[1], rank) or not (len(total.args) > 2 and total.args[2]):
+            return None
+        if not (is_op(top, aten.amax) and top.args[0] is x and _last_dim(top.args[1], rank)):
+            return None
+        return x, {div, exp, total, sub, top}
+    if total.target is operator.getitem and top.target is operator.getitem and total.args[0] is top.args[0] \
+            and (top.args[1], total.args[1]) == (0, 1):
+        online = total.args[0]
+        if is_op(online, prims.prepare_softmax_online) and online.args[0] is x and _last_dim(online.args[1], rank):
+            return x, {div, exp, total, sub, top, online}
+    return None
 
 
 def match_router(topk: Node) -> RouterMatch | Miss:

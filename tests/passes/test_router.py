@@ -80,6 +80,25 @@ def test_eps_in_the_renormalizing_sum_and_logits_from_a_gemm():
     assert dict(r.args)["renormalize"] and "braze.router_cpu.default" in fused_ops(gm)
 
 
+def test_softmax_after_inductors_online_rewrite_fuses():
+    """On GPUs Inductor's post-grad patterns turn softmax's amax and sum into one prepare_softmax_online before
+    braze's pass runs: that spelling is a softmax too."""
+    from torch._inductor.inductor_prims import prepare_softmax_online
+
+    def fn(logits):
+        x = logits.float()
+        top, total = prepare_softmax_online(x, -1)
+        p = (x - top).exp() / total
+        idx = p.topk(4, dim=-1, sorted=False).indices
+        w = p.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+    gm, record = check_against_eager(fn, [distinct_logits(3, 16, torch.bfloat16, torch.Generator().manual_seed(2))],
+                                     tol=1e-6)
+    (r,) = remarks(record, "applied")
+    assert dict(r.args)["scoring"] == "softmax" and fused_ops(gm) == ["braze.router_cpu.default"]
+
+
 def test_group_limited_routing_is_left_to_the_topk_pass_with_the_reason():
     spec = RouterSpec(top_k=4, scoring="sigmoid", correction_bias=True, n_group=4, topk_group=2)
     gen = torch.Generator().manual_seed(0)
