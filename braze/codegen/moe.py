@@ -6,6 +6,8 @@ Reference: braze.patterns.moe.experts_reference. With S = T·k (token, expert) p
   expert idx[p]'s gate and up weights, and writes h[p, b·BLOCK_N..] = silu(x·W_gate)·(x·W_up).
 - `braze_moe_down`, grid (T, cdiv(H, BLOCK_N)): program (t, b) runs the down projection of token t's k
   experts for output columns [b·BLOCK_N, ..) and sums them weighted by w[t, j] in fp32.
+- A shared expert (every token's, weight 1 or sigmoid of a gate logit) is one more pair per token: T more
+  gate/up programs, and one more term of each token's sum.
 
 Bytes: each pair reads its expert's 2·I·H gate/up and I·H down weights once (3·I·H·2 bytes in bf16) plus x,
 h and y, which are tiny at decode: the kernels are a read of the chosen experts' weights, as the grouped
@@ -34,23 +36,15 @@ def _round(v, ROUND: tl.constexpr, SOFT_ROUND: tl.constexpr):
 
 
 @triton.jit
-def braze_moe_gate_up(
-    x_ptr, x_t, x_h, ids_ptr, w_ptr, w_e, w_h, w_n, h_ptr, n_experts,
-    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_ACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr,
-):
-    p = tl.program_id(0).to(tl.int64)
-    t = p // TOP_K
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    e = tl.where(e < 0, e + n_experts, e)  # eager indexing wraps negatives
-    nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gate_up_pair(x_ptr, x_t, x_h, t, w_row, w_h, w_n, valid, h_ptr, p, nn,
+                  HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    """h[p, nn] = silu(x[t]·W_gate[:, nn])·(x[t]·W_up[:, nn]) for one pair, W = w_row [H, 2I] (gate | up)."""
     kk = tl.arange(0, BLOCK_K)
     nm = nn < INTER
-    ev = tl.zeros([BLOCK_N], dtype=tl.int64) + e  # as a block: Triton 3.9's interpreter makes block & scalar-bool int32
-    wm = nm & (ev >= 0) & (ev < n_experts)  # an out-of-range id reads nothing (eager raises; braze must not fault)
+    wm = nm & valid
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-    w_row = w_ptr + e * w_e
     for k0 in range(0, HIDDEN, BLOCK_K):
         km = (k0 + kk) < HIDDEN
         xk = tl.load(x_ptr + t * x_t + (k0 + kk) * x_h, mask=km, other=0.0).to(tl.float32)
@@ -68,11 +62,37 @@ def braze_moe_gate_up(
 
 
 @triton.jit
-def braze_moe_down(
-    h_ptr, ids_ptr, w_ptr, w_e, w_i, w_n, r_ptr, r_t, r_k, y_ptr, n_experts,
-    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_OUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr,
+def braze_moe_gate_up(
+    x_ptr, x_t, x_h, ids_ptr, w_ptr, w_e, w_h, w_n, h_ptr, n_experts, ws_ptr, n_pairs,
+    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_ACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr, SHARED: tl.constexpr,
 ):
+    """Programs p < n_pairs: pair p's expert; with SHARED, programs n_pairs + t: token t's shared expert, whose
+    gate/up weights ws_ptr [H, 2I] have the routed experts' strides (w_h, w_n)."""
+    p = tl.program_id(0).to(tl.int64)
+    nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if p < n_pairs:
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        e = tl.where(e < 0, e + n_experts, e)  # eager indexing wraps negatives
+        ev = tl.zeros([BLOCK_N], dtype=tl.int64) + e  # as a block: Triton 3.9's interpreter makes block & scalar-bool int32
+        valid = (ev >= 0) & (ev < n_experts)  # an out-of-range id reads nothing (eager raises; braze must not fault)
+        _gate_up_pair(x_ptr, x_t, x_h, p // TOP_K, w_ptr + e * w_e, w_h, w_n, valid, h_ptr, p, nn,
+                      HIDDEN, INTER, ROUND_ACT, BLOCK_N, BLOCK_K, SOFT_ROUND)
+    elif SHARED:
+        valid = tl.full([BLOCK_N], 1, tl.int1)
+        _gate_up_pair(x_ptr, x_t, x_h, p - n_pairs, ws_ptr, w_h, w_n, valid, h_ptr, p, nn,
+                      HIDDEN, INTER, ROUND_ACT, BLOCK_N, BLOCK_K, SOFT_ROUND)
+
+
+@triton.jit
+def braze_moe_down(
+    h_ptr, ids_ptr, w_ptr, w_e, w_i, w_n, r_ptr, r_t, r_k, y_ptr, n_experts, ws_ptr, g_ptr, g_t, n_pairs,
+    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr, SHARED: tl.constexpr,
+    SIGMOID: tl.constexpr,
+):
+    """With SHARED, token t's shared expert (h row n_pairs + t, down weights ws_ptr [I, H] with the routed
+    experts' strides) is added with weight 1, or sigmoid(g[t]) rounded to bf16 when SIGMOID."""
     t = tl.program_id(0).to(tl.int64)
     nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
@@ -93,6 +113,20 @@ def braze_moe_down(
                         mask=wm[:, None] & km[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * hk[None, :], axis=1)
         out += _round(acc, True, SOFT_ROUND) * r
+    if SHARED:
+        p = n_pairs + t
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, INTER, BLOCK_K):
+            km = (k0 + kk) < INTER
+            hk = tl.load(h_ptr + p * INTER + k0 + kk, mask=km, other=0.0).to(tl.float32)
+            w = tl.load(ws_ptr + (k0 + kk)[None, :] * w_i + nn[:, None] * w_n,
+                        mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * hk[None, :], axis=1)
+        if SIGMOID:
+            g = tl.load(g_ptr + t * g_t).to(tl.float32)
+            out += _round(acc, True, SOFT_ROUND) * _round(1.0 / (1.0 + tl.exp(-g)), True, SOFT_ROUND)
+        else:
+            out += _round(acc, True, SOFT_ROUND)
     tl.store(y_ptr + t * HIDDEN + nn, _round(out, ROUND_OUT, SOFT_ROUND), mask=nm)  # y: fp32 or bf16
 
 

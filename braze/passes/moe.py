@@ -10,16 +10,19 @@ expert's weights once per pair, and the grouped GEMMs are left alone (a `pairs-e
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.fx import GraphModule
 
-from braze.patterns.fx import aten, is_op
-from braze.patterns.moe import Experts, ExpertsMatch, match_experts
+from braze.patterns.fx import Miss, aten, is_op
+from braze.patterns.moe import Experts, ExpertsMatch, match_experts, match_shared_expert
 
 from .base import Pass, PassContext
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
 
 OPS = ("sort", "gather", "grouped_mm", "silu_mul", "grouped_mm", "unsort", "weighted_sum")
+SHARED_OPS = ("shared_gate_up", "shared_silu_mul", "shared_down", "shared_add")
 
 
 def experts_call(spec: Experts):
@@ -30,7 +33,11 @@ def experts_call(spec: Experts):
     def fn(x, w13, w2, idx, weights):
         return [torch.ops.braze.moe_experts(x, w13, w2, idx, weights, text)]
 
-    return fn
+    def with_shared(x, w13, w2, idx, weights, ws13, ws2, *gate):
+        g = gate[0] if gate else x  # (x stands in for the unread gate of a plain shared expert)
+        return [torch.ops.braze.moe_experts_shared(x, w13, w2, idx, weights, ws13, ws2, g, text)]
+
+    return fn if spec.shared == "none" else with_shared
 
 
 class ExpertsFusion(Pass):
@@ -66,6 +73,17 @@ class ExpertsFusion(Pass):
                            "the grouped GEMMs once", suggestion="", ops=OPS)
                 continue
             inputs = [site.x, site.w13, site.w2, site.idx, site.weights]
+            shared = match_shared_expert(site)
+            if isinstance(shared, Miss):
+                if shared.candidate:
+                    ctx.remark("missed", "shared-expert-apart", shared.node or site.output, "shared expert left to "
+                               "Inductor beside the fused routed experts", reason=shared.reason,
+                               suggestion=shared.suggestion, ops=SHARED_OPS)
+                shared = None
+            else:
+                s = replace(s, shared=shared.gate)
+                inputs += [shared.w13, shared.w2] + ([shared.gate_logit] if shared.gate_logit is not None else [])
+            output = shared.output if shared is not None else site.output
             try:
                 traced = trace_functional(experts_call(s), [n.meta["val"] for n in inputs], fake_mode)
             except Exception as e:  # a bug in braze must not break the user's compile
@@ -73,10 +91,11 @@ class ExpertsFusion(Pass):
                            "in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug",
                            ops=OPS)
                 continue
-            (y,) = splice(graph, traced, inputs, site.output)
-            site.output.replace_all_uses_with(view_as(graph, y, site.output))
-            ctx.remark("applied", "moe-experts", site.output, "fused the routed SwiGLU experts into two kernels "
-                       "(no sort, no gathers)", ops=OPS,
+            (y,) = splice(graph, traced, inputs, output)
+            output.replace_all_uses_with(view_as(graph, y, output))
+            what = "the routed SwiGLU experts" + (f" and the shared expert ({shared.gate})" if shared else "")
+            ctx.remark("applied", "moe-experts", site.output, f"fused {what} into two kernels (no sort, no gathers)",
+                       ops=OPS + (SHARED_OPS if shared else ()),
                        args={"tokens": s.tokens, "top_k": s.top_k, "experts": s.experts, "hidden": s.hidden,
-                             "inter": s.inter})
+                             "inter": s.inter, **({"shared": shared.gate} if shared else {})})
             ctx.bump("sites-fused")

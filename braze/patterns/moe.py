@@ -57,6 +57,9 @@ class Experts(FlatJsonSpec):
     inter: int
     round_act: bool = True
     out: str = "bfloat16"
+    # a shared expert of the routed experts' shape, every token's: "none", "plain" (weight 1) or "sigmoid"
+    # (weight sigmoid(g) of a [T, 1] gate logit, rounded to bf16 as the graph rounds it)
+    shared: str = "none"
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,28 @@ class ExpertsMatch:
 
 
 def experts_reference(spec: Experts, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, idx: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
-    """Pure torch, pair by pair in (token, slot) order, rounding where the graph rounds."""
+                      weights: torch.Tensor, ws13: torch.Tensor | None = None, ws2: torch.Tensor | None = None,
+                      gate_logit: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure torch, pair by pair in (token, slot) order, rounding where the graph rounds; with spec.shared, token t's
+    shared expert (ws13 [H, 2I], ws2 [I, H]) is one more pair, weighted 1 or sigmoid(gate_logit[t]) (bf16)."""
     t, k = spec.tokens, spec.top_k
     ids = idx.reshape(t * k)
     xs = x.repeat_interleave(k, dim=0)  # [S, H]
-    gu = torch.bmm(xs.unsqueeze(1), w13[ids]).squeeze(1)  # [S, 2I] bf16 (fp32 accumulation)
-    gate, up = gu[:, :spec.inter], gu[:, spec.inter:]
-    act = torch.nn.functional.silu(gate.float())
-    act = act.to(gate.dtype) if spec.round_act else act
-    h = (act * up.float()).to(gate.dtype)
+
+    def swiglu(gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu[:, :spec.inter], gu[:, spec.inter:]
+        act = torch.nn.functional.silu(gate.float())
+        act = act.to(gate.dtype) if spec.round_act else act
+        return (act * up.float()).to(gate.dtype)
+
+    h = swiglu(torch.bmm(xs.unsqueeze(1), w13[ids]).squeeze(1))  # [S, 2I] bf16 (fp32 accumulation) -> [S, I]
     ys = torch.bmm(h.unsqueeze(1), w2[ids]).squeeze(1)  # [S, H]
     y = (ys.float().view(t, k, -1) * weights.float().view(t, k, 1)).sum(1)
+    if spec.shared != "none":
+        shared = (swiglu(x @ ws13) @ ws2).float()  # [T, H], each GEMM rounded to bf16
+        if spec.shared == "sigmoid":
+            shared = shared * torch.sigmoid(gate_logit.float()).to(x.dtype).float().view(t, 1)
+        y = y + shared
     return y.to(_DTYPES[spec.out])
 
 
@@ -347,3 +360,75 @@ def _combine(g2: Node, perm: Node, idx: Node, t: int, k: int, hid: int) -> tuple
         nodes.add(out)
         return out, weights, nodes
     return s, weights, nodes
+
+
+@dataclass(frozen=True)
+class SharedMatch:
+    """A shared expert added to the routed experts' output: out = y + down(silu(gate(x))·up(x)) [· sigmoid(g)]."""
+
+    gate: str  # "plain" | "sigmoid"
+    w13: Node  # [H, 2I] (the first GEMM's operand, a view of the stored weight)
+    w2: Node  # [I, H]
+    gate_logit: Node | None  # g [T, 1] ("sigmoid")
+    output: Node  # the add, replaced by the fused op
+    inner: frozenset[Node]
+
+
+def match_shared_expert(site: ExpertsMatch) -> SharedMatch | Miss:
+    """The shared expert (same widths as the routed ones, reading the same x) added to `site`'s output."""
+    y = site.output
+    if len(y.users) != 1:
+        return Miss("the experts' output has several readers", candidate=False)
+    add = next(iter(y.users))
+    if not is_op(add, aten.add) or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2 or y not in add.args:
+        return Miss("the experts' output is not added to anything", candidate=False)
+    term = add.args[1] if add.args[0] is y else add.args[0]
+    nodes: set[Node] = set()
+    gate, g = "plain", None
+    down = term
+    if is_op(term, aten.mul):
+        a, b = binary_operands(term)
+        for d, sg in ((a, b), (b, a)):
+            if is_op(d, aten.mm) and is_op(sg, aten.sigmoid):
+                down, gate, g = d, "sigmoid", sg.args[0]
+                nodes |= {term, sg}
+                break
+        else:
+            return Miss(f"the experts' output is added to {describe(term)}", candidate=False)
+    if not (is_op(down, aten.mm) and is_op(down.args[0], aten.mul)):
+        return Miss(f"the experts' output is added to {describe(term)}, not a SwiGLU expert", candidate=False)
+    h, w2 = down.args
+    gu = next((n for n in _ancestors(h, 8) if is_op(n, aten.mm)), None)
+    if gu is None:
+        return Miss(f"{describe(down)} does not read silu(gate) · up of another GEMM", candidate=False)
+    # from here on it is a shared SwiGLU expert: a miss says why it stays apart
+    s = site.spec
+    x, w13 = gu.args
+    if x is not site.x:
+        return Miss(f"the shared expert reads {describe(x)}, the routed experts {describe(site.x)}", node=gu)
+    if tuple(shape_of(w13) or ()) != (s.hidden, 2 * s.inter) or tuple(shape_of(w2) or ()) != (s.inter, s.hidden):
+        return Miss(f"a shared expert of weights {shape_of(w13)} and {shape_of(w2)}; the routed experts' are "
+                    f"[{s.hidden}, {2 * s.inter}] and [{s.inter}, {s.hidden}]: the fused kernels run experts of one shape",
+                    node=gu)
+    if any(dtype_of(n) != torch.bfloat16 for n in (w13, w2, h, term)):
+        return Miss("the shared expert is not all bf16", node=gu)
+    r13, r2 = site.w13.meta["val"], site.w2.meta["val"]
+    if tuple(w13.meta["val"].stride()) != tuple(r13.stride()[1:]) or tuple(w2.meta["val"].stride()) != tuple(r2.stride()[1:]):
+        return Miss(f"the shared expert's weights have strides {w13.meta['val'].stride()} and {w2.meta['val'].stride()}, "
+                    f"the routed experts' {r13.stride()[1:]} and {r2.stride()[1:]}", node=gu)
+    act = _silu_gate_up(h, gu, s.inter)
+    if isinstance(act, Miss):
+        return Miss(act.reason, act.suggestion, node=gu)
+    round_act, act_nodes = act
+    if round_act != s.round_act:
+        return Miss("the shared expert rounds silu(gate) differently from the routed experts", node=gu)
+    if g is not None:
+        if tuple(shape_of(g) or ()) != (s.tokens, 1) or dtype_of(g) != torch.bfloat16:
+            return Miss(f"the shared expert's gate {describe(g)} is not a bf16 [{s.tokens}, 1] logit", node=g)
+    nodes |= act_nodes | {gu, down}
+    for n in nodes:
+        outside = [u for u in n.users if u not in nodes and u is not add]
+        if outside:
+            return Miss(f"{describe(n)} is also read by {describe(outside[0])}",
+                        "the shared expert's intermediates must have no other reader", node=n)
+    return SharedMatch(gate, w13, w2, g, add, frozenset(nodes))

@@ -34,30 +34,51 @@ def _check(spec: Experts, x, w13, w2, idx, weights) -> None:
         raise ValueError(f"braze moe_experts: idx is {idx.dtype}, expected an integer tensor")
 
 
-def _run(x, w13, w2, idx, weights, spec_json: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y; written into `out` when given (tests pass a poisoned one)."""
+def _check_shared(spec: Experts, w13, w2, ws13, ws2, gate) -> None:
+    if tuple(ws13.shape) != tuple(w13.shape[1:]) or tuple(ws2.shape) != tuple(w2.shape[1:]):
+        raise ValueError(f"braze moe_experts: shared expert weights {tuple(ws13.shape)}, {tuple(ws2.shape)}, expected "
+                         f"{tuple(w13.shape[1:])} and {tuple(w2.shape[1:])}")
+    if ws13.stride() != w13.stride()[1:] or ws2.stride() != w2.stride()[1:]:
+        raise ValueError(f"braze moe_experts: shared expert weights with strides {ws13.stride()}, {ws2.stride()}; the "
+                         f"kernels read them with the routed experts' {w13.stride()[1:]}, {w2.stride()[1:]}")
+    if ws13.dtype != torch.bfloat16 or ws2.dtype != torch.bfloat16:
+        raise ValueError("braze moe_experts: shared expert weights must be bf16")
+    if spec.shared == "sigmoid" and tuple(gate.shape) != (spec.tokens, 1):
+        raise ValueError(f"braze moe_experts: shared gate logits {tuple(gate.shape)}, expected [{spec.tokens}, 1]")
+
+
+def _run(x, w13, w2, idx, weights, spec_json: str, out: torch.Tensor | None = None, ws13=None, ws2=None,
+         gate=None) -> torch.Tensor:
+    """y; written into `out` when given (tests pass a poisoned one). With spec.shared, ws13 [H, 2I] and ws2 [I, H]
+    (the routed experts' strides) and, for "sigmoid", the gate logits [T, 1]."""
     spec = Experts.from_json(spec_json)
     _check(spec, x, w13, w2, idx, weights)
+    shared = spec.shared != "none"
+    if shared:
+        _check_shared(spec, w13, w2, ws13, ws2, gate)
     if x.device.type == "cpu" and cpu_backend() == "reference":
-        return experts_reference(spec, x, w13, w2, idx, weights)
+        return experts_reference(spec, x, w13, w2, idx, weights, ws13, ws2, gate)
     t, k, hid, inter = spec.tokens, spec.top_k, spec.hidden, spec.inter
     y = torch.empty(t, hid, dtype=_DTYPES[spec.out], device=x.device) if out is None else out
     if t == 0:
         return y
     ids = idx.reshape(t * k).contiguous()
-    h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)
+    h = torch.empty(t * k + (t if shared else 0), inter, dtype=torch.bfloat16, device=x.device)
     on_cpu = x.device.type == "cpu"
     bn1, bk1, w1 = gate_up_blocks(hid)
     bn2, bk2, w2_warps = down_blocks(hid, inter)
-    grid1 = (t * k, triton.cdiv(inter, bn1))
+    grid1 = (t * k + (t if shared else 0), triton.cdiv(inter, bn1))
     grid2 = (t, triton.cdiv(hid, bn2))
-    args1 = (x, x.stride(0), x.stride(1), ids, w13, w13.stride(0), w13.stride(1), w13.stride(2), h, spec.experts)
+    sigmoid = spec.shared == "sigmoid"
+    args1 = (x, x.stride(0), x.stride(1), ids, w13, w13.stride(0), w13.stride(1), w13.stride(2), h, spec.experts,
+             ws13 if shared else w13, t * k)
     const1 = dict(TOP_K=k, HIDDEN=hid, INTER=inter, ROUND_ACT=spec.round_act, BLOCK_N=bn1, BLOCK_K=bk1,
-                  SOFT_ROUND=on_cpu)
+                  SOFT_ROUND=on_cpu, SHARED=shared)
     args2 = (h, ids, w2, w2.stride(0), w2.stride(1), w2.stride(2), weights, weights.stride(0), weights.stride(1),
-             y, spec.experts)
+             y, spec.experts, ws2 if shared else w2, gate if sigmoid else weights, gate.stride(0) if sigmoid else 0,
+             t * k)
     const2 = dict(TOP_K=k, HIDDEN=hid, INTER=inter, ROUND_OUT=spec.out == "bfloat16", BLOCK_N=bn2, BLOCK_K=bk2,
-                  SOFT_ROUND=on_cpu)
+                  SOFT_ROUND=on_cpu, SHARED=shared, SIGMOID=sigmoid)
     if on_cpu:
         interpreted(braze_moe_gate_up)[grid1](*args1, **const1)
         interpreted(braze_moe_down)[grid2](*args2, **const2)
@@ -83,5 +104,27 @@ def moe_experts_cpu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, idx: t
 
 @moe_experts_cpu.register_fake
 def _(x, w13, w2, idx, weights, spec):
+    s = Experts.from_json(spec)
+    return torch.empty(s.tokens, s.hidden, dtype=_DTYPES[s.out], device=x.device)
+
+
+@triton_op("braze::moe_experts_shared", mutates_args=())
+def moe_experts_shared(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                       ws13: torch.Tensor, ws2: torch.Tensor, gate: torch.Tensor, spec: str) -> torch.Tensor:
+    """moe_experts plus every token's shared expert (spec.shared; `gate` is read only for "sigmoid")."""
+    if x.device.type == "cpu":
+        return torch.ops.braze.moe_experts_shared_cpu(x, w13, w2, idx, weights, ws13, ws2, gate, spec)
+    return _run(x, w13, w2, idx, weights, spec, ws13=ws13, ws2=ws2, gate=gate)
+
+
+@custom_op("braze::moe_experts_shared_cpu", mutates_args=())
+def moe_experts_shared_cpu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, idx: torch.Tensor,
+                           weights: torch.Tensor, ws13: torch.Tensor, ws2: torch.Tensor, gate: torch.Tensor,
+                           spec: str) -> torch.Tensor:
+    return _run(x, w13, w2, idx, weights, spec, ws13=ws13, ws2=ws2, gate=gate)
+
+
+@moe_experts_shared_cpu.register_fake
+def _(x, w13, w2, idx, weights, ws13, ws2, gate, spec):
     s = Experts.from_json(spec)
     return torch.empty(s.tokens, s.hidden, dtype=_DTYPES[s.out], device=x.device)

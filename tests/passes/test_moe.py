@@ -155,3 +155,85 @@ def test_a_dynamic_token_count_is_left_with_a_reason():
     assert r.name == "experts-not-recognized"
     assert r.reason.startswith("the experts' sizes are dynamic (pairs s")
     assert r.suggestion == "compile with static shapes (dynamic=False) for decode steps"
+
+
+def with_shared(x, w13, w2, idx, weights, ws13, ws2, *gate_w, inter_s=None, reader=None, escape=False):
+    """braze.models.moe.MoE's experts + shared expert: y + down(silu(gate(x))·up(x)) [· sigmoid(x·w_g)]. `reader`:
+    the shared expert reads this instead of x; `escape`: its up·silu product is also returned."""
+    y = braze_spelling(x, w13, w2, idx, weights)
+    xs = x if reader is None else reader
+    gate, up = F.linear(xs, ws13).chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    shared = F.linear(h, ws2)
+    if gate_w:
+        shared = shared * torch.sigmoid(F.linear(x, gate_w[0]))
+    out = y + shared
+    return (out, h) if escape else out
+
+
+def shared_inputs(t, k, e, hid, inter, gated, seed=0, inter_s=None):
+    args = make_inputs(t, k, e, hid, inter, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    i_s = inter_s or inter
+    ws13 = (torch.randn(2 * i_s, hid, generator=g) * hid ** -0.5).to(torch.bfloat16)
+    ws2 = (torch.randn(hid, i_s, generator=g) * i_s ** -0.5).to(torch.bfloat16)
+    return args + [ws13, ws2] + ([(torch.randn(1, hid, generator=g) * hid ** -0.5).to(torch.bfloat16)] if gated else [])
+
+
+def close_bf16(got, want):
+    """bf16 outputs that round the shared term into the sum once instead of twice: a few bf16 ulps apart."""
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@settings(max_examples=6, deadline=None)
+@given(t=st.sampled_from([1, 2, 3]), k=st.sampled_from([1, 2]), extra=st.integers(0, 3),
+       hid=st.sampled_from([8, 24, 64]), inter=st.sampled_from([8, 40]), gated=st.booleans(), seed=st.integers(0, 99))
+def test_shared_expert_joins_the_fused_experts_and_equals_eager(t, k, extra, hid, inter, gated, seed):
+    """Qwen 3.5's shared expert (sigmoid-gated) and DeepSeek V3.2's (plain), same widths as the routed experts:
+    one more pair per token in the two kernels, its GEMMs, SwiGLU, gate and add gone from the graph."""
+    args = shared_inputs(t, k, t * k + extra, hid, inter, gated, seed)
+    gm, record = fuse(with_shared, args)
+    (r,) = remarks(record, "applied")
+    assert dict(r.args)["shared"] == ("sigmoid" if gated else "plain")
+    assert r.ops[-4:] == ("shared_gate_up", "shared_silu_mul", "shared_down", "shared_add")
+    assert fused_ops(gm) == ["braze.moe_experts_shared_cpu.default"]
+    mms = [n for n in gm.graph.nodes if n.op == "call_function" and "aten.mm" in str(n.target)]
+    assert len(mms) == (1 if gated else 0), "only the gate's logit GEMM stays"
+    close_bf16(gm(*args), with_shared(*args))
+
+
+def test_shared_expert_of_another_width_input_or_with_an_escape_stays_apart():
+    args = shared_inputs(2, 2, 5, 24, 8, True, inter_s=16)
+    gm, record = fuse(with_shared, args)
+    (m,) = [r for r in remarks(record, "missed") if r.name == "shared-expert-apart"]
+    assert "run experts of one shape" in m.reason
+    assert fused_ops(gm) == ["braze.moe_experts_cpu.default"]  # the routed experts still fuse
+    close_bf16(gm(*args), with_shared(*args))
+
+    args = shared_inputs(2, 2, 5, 24, 8, False)
+    other = torch.randn(2, 24).to(torch.bfloat16)
+    gm, record = fuse(lambda *a: with_shared(*a[:-1], reader=a[-1]), args + [other])
+    (m,) = [r for r in remarks(record, "missed") if r.name == "shared-expert-apart"]
+    assert "the shared expert reads" in m.reason
+
+    gm, record = fuse(lambda *a: with_shared(*a, escape=True), args)
+    (m,) = [r for r in remarks(record, "missed") if r.name == "shared-expert-apart"]
+    assert "is also read by" in m.reason
+    for got, want in zip(gm(*args), with_shared(*args, escape=True)):
+        close_bf16(got, want)
+
+
+def test_shared_expert_kernel_equals_reference_into_a_poisoned_output():
+    from braze.patterns.moe import Experts, experts_reference
+    from braze.runtime.moe import _run
+
+    x, w13, w2, idx, weights, ws13, ws2, wg = shared_inputs(3, 2, 7, 24, 40, True, seed=4)
+    w13t, w2t, ws13t, ws2t = w13.transpose(1, 2), w2.transpose(1, 2), ws13.t(), ws2.t()
+    g = F.linear(x, wg)
+    for mode in ("plain", "sigmoid"):
+        spec = Experts(tokens=3, top_k=2, experts=7, hidden=24, inter=40, shared=mode)
+        out = torch.full((3, 24), float("nan"), dtype=torch.bfloat16)
+        got = _run(x, w13t, w2t, idx, weights, spec.to_json(), out=out, ws13=ws13t, ws2=ws2t, gate=g)
+        want = experts_reference(spec, x, w13t, w2t, idx, weights, ws13t, ws2t, g)
+        assert got is out and not torch.isnan(got).any()
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
