@@ -6,7 +6,8 @@
 # and the merge (routers sharpened), then the same steps and report as `base`.
 # `final`: the router and merge GPU tests (the merge test did not finish inside `fused`'s 160 s), Qwen 3.5's report,
 # Qwen 3.5 and MiniMax-M2.5 at T=1/8/64, then DeepSeek V3.2 at T=1 with and without sibling-GEMM merging.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s10.sh base|fused|final
+# `shared`: the shared expert in the MoE kernels: its CUDA test, the merge test's new buffer bound, Qwen 3.5 at T=1.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s10.sh base|fused|final|shared
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -44,6 +45,15 @@ case ${1:-base} in
       --variants inductor,braze,braze-no-merge --budget-s 90 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|report\|done"
     echo "deepseek: $((SECONDS - t0)) s"; keep
+    ;;
+  shared)
+    timeout 110 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu tests/passes/test_moe.py \
+      tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -6
+    echo "tests: $((SECONDS - t0)) s"
+    timeout 60 python3 -m braze bench --model qwen3.5 --size bench --tokens 1 --shapes static \
+      --variants inductor,braze --budget-s 55 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|report\|done"
+    echo "steps: $((SECONDS - t0)) s"; keep
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true

@@ -3,6 +3,7 @@ the pairs do not outnumber the experts, equal eager, and the variants that must 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -237,3 +238,23 @@ def test_shared_expert_kernel_equals_reference_into_a_poisoned_output():
         want = experts_reference(spec, x, w13t, w2t, idx, weights, ws13t, ws2t, g)
         assert got is out and not torch.isnan(got).any()
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_expert_kernels_on_cuda_equal_reference():
+    """Qwen 3.5's bench widths (H 4096, I 1024, 16 experts, top-10) and DeepSeek V3.2's (H 7168, I 2048, top-8)."""
+    from braze.patterns.moe import Experts, experts_reference
+    from braze.runtime.moe import _run
+
+    for t, k, e, hid, inter, mode in ((1, 10, 16, 4096, 1024, "sigmoid"), (1, 8, 32, 7168, 2048, "plain"),
+                                      (3, 2, 8, 512, 256, "sigmoid")):
+        x, w13, w2, idx, weights, ws13, ws2, wg = (a.cuda() for a in shared_inputs(t, k, e, hid, inter, True, seed=t))
+        w13t, w2t, ws13t, ws2t = w13.transpose(1, 2), w2.transpose(1, 2), ws13.t(), ws2.t()
+        g = F.linear(x, wg)
+        spec = Experts(tokens=t, top_k=k, experts=e, hidden=hid, inter=inter, shared=mode)
+        out = torch.full((t, hid), float("nan"), dtype=torch.bfloat16, device="cuda")
+        got = _run(x, w13t, w2t, idx, weights, spec.to_json(), out=out, ws13=ws13t, ws2=ws2t, gate=g)
+        want = experts_reference(spec, x, w13t, w2t, idx, weights, ws13t, ws2t, g)
+        assert not torch.isnan(got).any(), (t, k, e, mode)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
