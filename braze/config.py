@@ -57,7 +57,8 @@ class FusionConfig:
     gated_norm: fuse the gated RMSNorm (x̂·w)·silu(z) [-> FP8 quant].
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
-        while the pairs do not outnumber the experts.
+        while the pairs do not outnumber the experts; a shared expert of the same widths added to
+        them (plain or sigmoid-gated) becomes one more pair per token.
     router: fuse a MoE router (softmax or sigmoid scores, + a correction bias, top-k, the chosen scores
         renormalized and scaled) into one kernel; group-limited routing is left to the topk family.
     topk: run each `aten.topk` over rows of at most 2048 values (routers, DeepSeek V3.2's indexer over a
