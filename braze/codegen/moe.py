@@ -63,12 +63,12 @@ def _gate_up_pair(x_ptr, x_t, x_h, t, w_row, w_h, w_n, valid, h_ptr, p, nn,
 
 @triton.jit
 def braze_moe_gate_up(
-    x_ptr, x_t, x_h, ids_ptr, w_ptr, w_e, w_h, w_n, h_ptr, n_experts, ws_ptr, n_pairs,
+    x_ptr, x_t, x_h, ids_ptr, w_ptr, w_e, w_h, w_n, h_ptr, n_experts, ws_ptr, ws_h, ws_n, n_pairs,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_ACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr, SHARED: tl.constexpr,
 ):
-    """Programs p < n_pairs: pair p's expert; with SHARED, programs n_pairs + t: token t's shared expert, whose
-    gate/up weights ws_ptr [H, 2I] have the routed experts' strides (w_h, w_n)."""
+    """Programs p < n_pairs: pair p's expert; with SHARED, programs n_pairs + t: token t's shared expert (gate/up
+    weights ws_ptr [H, 2I], strides ws_h, ws_n)."""
     p = tl.program_id(0).to(tl.int64)
     nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if p < n_pairs:
@@ -80,19 +80,20 @@ def braze_moe_gate_up(
                       HIDDEN, INTER, ROUND_ACT, BLOCK_N, BLOCK_K, SOFT_ROUND)
     elif SHARED:
         valid = tl.full([BLOCK_N], 1, tl.int1)
-        _gate_up_pair(x_ptr, x_t, x_h, p - n_pairs, ws_ptr, w_h, w_n, valid, h_ptr, p, nn,
+        _gate_up_pair(x_ptr, x_t, x_h, p - n_pairs, ws_ptr, ws_h, ws_n, valid, h_ptr, p, nn,
                       HIDDEN, INTER, ROUND_ACT, BLOCK_N, BLOCK_K, SOFT_ROUND)
 
 
 @triton.jit
 def braze_moe_down(
-    h_ptr, ids_ptr, w_ptr, w_e, w_i, w_n, r_ptr, r_t, r_k, y_ptr, n_experts, ws_ptr, g_ptr, g_t, n_pairs,
+    h_ptr, ids_ptr, w_ptr, w_e, w_i, w_n, r_ptr, r_t, r_k, y_ptr, n_experts, ws_ptr, ws_i, ws_n, g_ptr, g_t, n_pairs,
     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr, ROUND_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT_ROUND: tl.constexpr, SHARED: tl.constexpr,
     SIGMOID: tl.constexpr,
 ):
-    """With SHARED, token t's shared expert (h row n_pairs + t, down weights ws_ptr [I, H] with the routed
-    experts' strides) is added with weight 1, or sigmoid(g[t]) rounded to bf16 when SIGMOID."""
+    """With SHARED, token t's shared expert (h row n_pairs + t, down weights ws_ptr [I, H], strides ws_i, ws_n) is
+    added as the graph adds it: its output rounded to bf16 (times sigmoid(g[t]) rounded to bf16, the product
+    rounded, when SIGMOID), added to the routed sum (rounded first when the output is bf16)."""
     t = tl.program_id(0).to(tl.int64)
     nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
@@ -119,14 +120,14 @@ def braze_moe_down(
         for k0 in range(0, INTER, BLOCK_K):
             km = (k0 + kk) < INTER
             hk = tl.load(h_ptr + p * INTER + k0 + kk, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(ws_ptr + (k0 + kk)[None, :] * w_i + nn[:, None] * w_n,
+            w = tl.load(ws_ptr + (k0 + kk)[None, :] * ws_i + nn[:, None] * ws_n,
                         mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * hk[None, :], axis=1)
+        term = _round(acc, True, SOFT_ROUND)
         if SIGMOID:
             g = tl.load(g_ptr + t * g_t).to(tl.float32)
-            out += _round(acc, True, SOFT_ROUND) * _round(1.0 / (1.0 + tl.exp(-g)), True, SOFT_ROUND)
-        else:
-            out += _round(acc, True, SOFT_ROUND)
+            term = _round(term * _round(1.0 / (1.0 + tl.exp(-g)), True, SOFT_ROUND), True, SOFT_ROUND)
+        out = _round(out, ROUND_OUT, SOFT_ROUND) + term
     tl.store(y_ptr + t * HIDDEN + nn, _round(out, ROUND_OUT, SOFT_ROUND), mask=nm)  # y: fp32 or bf16
 
 

@@ -1,9 +1,9 @@
 """MoE routers as one kernel: softmax or sigmoid scores (+ a correction bias) -> top-k -> the chosen scores,
-renormalized and scaled (braze.patterns.router) become `braze::router`.
+renormalized and scaled (braze.patterns.router) become `braze::router`; DeepSeek V3's group-limited choice too.
 
 Stock Inductor runs a decode step's router as three kernels (the scores, ATen's or braze's top-k, the gather
 with its normalization), each a launch over a tile of a few hundred values. Runs before the small-topk pass,
-which takes the top-k sites this pass leaves (group-limited routing among them).
+which takes the top-k sites this pass leaves.
 """
 
 from __future__ import annotations
@@ -48,7 +48,12 @@ class RouterFusion(Pass):
         for n in list(graph.nodes):
             if not is_op(n, aten.topk):
                 continue
-            m = match_router(n)
+            try:
+                m = match_router(n)
+            except Exception as e:  # a bug in braze's matcher must not break the user's compile
+                ctx.remark("failed", "internal-error", n, "router left to Inductor after an error in braze",
+                           reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug", ops=OPS)
+                continue
             if isinstance(m, RouterMatch):
                 sites.append(m)
             elif isinstance(m, Miss) and m.candidate:
@@ -77,11 +82,13 @@ class RouterFusion(Pass):
             for n in sorted(site.inner, key=_position(graph), reverse=True):
                 if not n.users:
                     graph.erase_node(n)
-            how = f"{s.scoring}{' + bias' if s.bias else ''} -> top-{s.k} of {s.experts}" \
+            groups = f" in the best {s.top_groups} of {s.groups} groups" if s.groups > 1 else ""
+            how = f"{s.scoring}{' + bias' if s.bias else ''} -> top-{s.k} of {s.experts}{groups}" \
                 + (" -> renormalize" if s.renormalize else "") + (f" -> x{s.scaling:g}" if s.scaling != 1.0 else "")
             ctx.remark("applied", "router", ids, f"fused the router ({how}) into one kernel", ops=_ops(s),
                        args={"experts": s.experts, "k": s.k, "scoring": s.scoring, "bias": s.bias,
-                             "renormalize": s.renormalize, "scaling": s.scaling})
+                             "renormalize": s.renormalize, "scaling": s.scaling,
+                             **({"groups": s.groups, "top_groups": s.top_groups} if s.groups > 1 else {})})
             ctx.bump("sites-fused")
 
 

@@ -68,14 +68,14 @@ def known_eq(a: object, b: object) -> bool:
     return bool(statically_known_true(sym_eq(a, b)))
 
 
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+_INDEX_DTYPES = (torch.int64, torch.int32)  # narrower ints wrap (an int8 arange past 127) and uint8 is a mask
 
 
 def is_identity_index(node: object, rows: object) -> bool:
     """Whether `node` is `arange(rows)` spelled any way the graph may hold it (aten.arange with start 0 and
     step 1, or prims.iota), integer-typed: indexing with it reads rows 0..rows-1 in order, so a fused
     kernel can use its row number instead of loading the index."""
-    if not isinstance(node, Node) or dtype_of(node) not in _INT_DTYPES or len(shape_of(node) or ()) != 1:
+    if not isinstance(node, Node) or dtype_of(node) not in _INDEX_DTYPES or len(shape_of(node) or ()) != 1:
         return False
     if is_op(node, prims.iota):
         start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)

@@ -10,9 +10,10 @@ with its normalization), each a launch over a [T, E] tile of a few hundred value
     w      = w / (sum(w) [+ eps])                (optional)
     w      = w * scaling                         (optional, a Python number)
 
-Expert counts, k, the logits' dtype and the presence of each optional step are wildcards. Group-limited
-routing (DeepSeek's top groups first: a masked choice) and a choice other than the scores (+ bias) are left
-alone, with a `missed` remark where the site otherwise looks like a router.
+Expert counts, k, the logits' dtype and the presence of each optional step are wildcards. DeepSeek V3's
+group-limited routing (the choice masked to -inf outside the best groups, a group scored by the sum of its two
+largest choices) is recognized too; other choices are left alone, with a `missed` remark where the site otherwise
+looks like a router.
 
 The reference (`router_reference`) is what braze's kernel implements: the scores in fp32, the k largest
 choices with ties in index order and NaN above every number (as braze's top-k orders them), the weights in
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .fx import Miss, aten, dtype_of, is_cast, is_lossless, is_op, prims, scalar, shape_of, val
+from .fx import Miss, aten, describe, dtype_of, is_cast, is_lossless, is_op, prims, scalar, shape_of, val
 from .stages import FlatJsonSpec
-from .topk import topk_reference
+from .topk import topk_args, topk_reference
 
 ROUTER_MAX_EXPERTS = 4096  # one program holds a row of scores in registers
 SCORINGS = ("softmax", "sigmoid")
@@ -46,6 +47,10 @@ class Router(FlatJsonSpec):
     renormalize: bool
     eps: float  # added to the sum before the renormalizing divide (0.0: none)
     scaling: float  # the weights' multiplier (1.0: none)
+    # group-limited routing: the experts in `groups` equal groups, each scored by the sum of its two largest
+    # choices; only the `top_groups` best groups' experts can be chosen (the others' choices are -inf)
+    groups: int = 1
+    top_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,12 @@ def router_reference(spec: Router, logits: torch.Tensor, bias: torch.Tensor | No
     x = logits.float()
     scores = x.softmax(-1) if spec.scoring == "softmax" else torch.sigmoid(x)
     choice = scores + bias.float() if spec.bias else scores
+    if spec.groups > 1:
+        t = choice.shape[0]
+        per_group = topk_reference(choice.view(t, spec.groups, -1), 2)[0].sum(-1)  # [T, G]
+        keep = torch.zeros_like(per_group, dtype=torch.bool).scatter_(1, topk_reference(per_group, spec.top_groups)[1],
+                                                                      True)
+        choice = choice.masked_fill(~keep.repeat_interleave(spec.experts // spec.groups, dim=1), float("-inf"))
     _, idx = topk_reference(choice, spec.k)
     w = scores.gather(-1, idx)
     if spec.renormalize:
@@ -87,6 +98,16 @@ def _last_dim(dims: object, rank: int) -> bool:
     return dims in ([-1], [rank - 1])
 
 
+def _row_sum(node: object, of: Node, rank: int) -> bool:
+    """node = of.sum(-1, keepdim=True) (a sum with no dims, or dims None, is not)."""
+    return (is_op(node, aten.sum) and node.args[0] is of and len(node.args) > 2 and _last_dim(node.args[1], rank)
+            and node.args[2] is True)
+
+
+def _plain_add(node: object) -> bool:
+    return is_op(node, aten.add) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
+
+
 def _softmax(div: Node) -> tuple[Node, set[Node]] | None:
     """x and the nodes of softmax(x, -1) spelled as Inductor decomposes it: exp(x - amax(x)) / sum(...), or (on
     GPUs, after Inductor's online-softmax rewrite) with amax and sum from one prepare_softmax_online(x)."""
@@ -97,8 +118,8 @@ def _softmax(div: Node) -> tuple[Node, set[Node]] | None:
         return None
     sub, rank = exp.args[0], len(shape_of(exp))
     x, top = sub.args[0], sub.args[1]
-    if is_op(total, aten.sum) and total.args[0] is exp:
-        if not _last_dim(total.args[1], rank) or not (len(total.args) > 2 and total.args[2]):
+    if is_op(total, aten.sum):
+        if not _row_sum(total, exp, rank):
             return None
         if not (is_op(top, aten.amax) and top.args[0] is x and _last_dim(top.args[1], rank)):
             return None
@@ -111,14 +132,96 @@ def _softmax(div: Node) -> tuple[Node, set[Node]] | None:
     return None
 
 
+def _strip_views(node: object) -> object:
+    while is_op(node, aten.view, aten.reshape, aten._unsafe_view, aten.clone):
+        node = node.args[0]
+    return node
+
+
+def _constant(node: object) -> float | None:
+    """The value of a number, or of a 0-d constant node (scalar_tensor(v), or full([], v) after Inductor's folding)."""
+    if is_op(node, aten.scalar_tensor):
+        return scalar(node.args[0])
+    if is_op(node, aten.full) and list(node.args[0]) == []:
+        return scalar(node.args[1])
+    return scalar(node)
+
+
+def _group_limited(masked: Node) -> tuple[Node, int, int, set[Node]] | Miss:
+    """(the choice before masking, groups, top groups, nodes) of DeepSeek V3's group-limited choice:
+
+        group_scores = choice.view(T, G, -1).topk(2).values.sum(-1)
+        keep = zeros(T, G).scatter(1, group_scores.topk(top_groups).indices, 1)
+        masked = where(keep expanded to [T, E] == 0, -inf, choice)      (masked_fill)
+    """
+    def miss(why: str) -> Miss:
+        return Miss(f"the experts are chosen by {describe(masked)}, not the scores (+ a bias) or DeepSeek V3's "
+                    f"group-limited choice: {why}", "route without expert groups, or as braze.models.moe.route does",
+                    node=masked)
+
+    if is_op(masked, aten.where) and len(masked.args) == 3:
+        cond, fill, choice = masked.args
+        fill_value = _constant(fill)
+    elif is_op(masked, aten.masked_fill) and len(masked.args) == 3:
+        choice, cond, fill_value = masked.args
+        fill = None
+    else:
+        return miss("not a masked choice")
+    if fill_value != float("-inf"):
+        return miss(f"the dropped experts' choices are {fill_value}, not -inf")
+    if not (is_op(cond, aten.eq) and scalar(cond.args[1]) == 0.0):
+        return miss("the mask is not `group mask == 0`")
+    expand = _strip_views(cond.args[0])
+    if not (is_op(expand, aten.expand) and is_op(expand.args[0], aten.unsqueeze)):
+        return miss("the group mask is not expanded over each group's experts")
+    scatter = expand.args[0].args[0]
+    if not (is_op(scatter, aten.scatter) and scatter.args[1] in (1, -1) and scalar(scatter.args[3]) == 1.0
+            and is_op(scatter.args[0], aten.full) and scalar(scatter.args[0].args[1]) == 0.0):
+        return miss("the group mask is not zeros scattered with ones at the chosen groups")
+    gidx = scatter.args[2]
+    gtopk = gidx.args[0] if gidx.target is operator.getitem and gidx.args[1] == 1 else None
+    if not is_op(gtopk, aten.topk):
+        return miss("the groups are not chosen by a top-k")
+    gscores, top_groups, gdim, glargest = topk_args(gtopk)
+    if gdim not in (-1, 1) or not glargest or not isinstance(top_groups, int):
+        return miss("the groups are not the largest top-k of their scores")
+    if not (is_op(gscores, aten.sum) and len(gscores.args) > 1 and _last_dim(gscores.args[1], 3)
+            and not (len(gscores.args) > 2 and gscores.args[2])):
+        return miss("a group's score is not a sum over its experts' top choices")
+    vals = gscores.args[0]
+    two = vals.args[0] if vals.target is operator.getitem and vals.args[1] == 0 else None
+    if not is_op(two, aten.topk):
+        return miss("a group's score is not the sum of its top choices")
+    gview, n2, tdim, tlargest = topk_args(two)
+    if n2 != 2 or tdim not in (-1, 2) or not tlargest:
+        return miss(f"a group's score sums its top {n2}, braze's kernel the top 2")
+    if _strip_views(gview) is not choice or len(shape_of(gview) or ()) != 3:
+        return miss("the group scores are not taken from the choice viewed as [T, groups, experts per group]")
+    _, groups, per = shape_of(gview)
+    if not all(isinstance(d, int) for d in (groups, per)) or per < 2 or not 0 < top_groups <= groups:
+        return miss(f"{groups} groups of {per} experts, top {top_groups}")
+    nodes = {masked, cond, expand, expand.args[0], scatter, scatter.args[0], gidx, gtopk, gscores, vals, two, gview}
+    nodes |= {n for n in (fill,) if isinstance(n, Node)}
+    n = cond.args[0]
+    while n is not expand:
+        nodes.add(n)
+        n = n.args[0]
+    n = gview
+    while n is not choice:
+        nodes.add(n)
+        n = n.args[0]
+    for u in gtopk.users:
+        nodes.add(u)
+    for u in two.users:
+        nodes.add(u)
+    return choice, groups, top_groups, nodes
+
+
 def match_router(topk: Node) -> RouterMatch | Miss:
     """The router around `topk` (an aten.topk whose indices select the scores it ranked), or why not."""
     if not is_op(topk, aten.topk):
         return Miss("not a topk", candidate=False)
-    args = list(topk.args) + [None] * 5
-    choice, k = args[0], args[1]
-    dim = topk.kwargs.get("dim", args[2] if args[2] is not None else -1)
-    largest = topk.kwargs.get("largest", args[3] if args[3] is not None else True)
+    choice, k, dim, largest = topk_args(topk)
     cv = val(choice)
     if cv is None or cv.dim() != 2 or dim not in (-1, 1) or not largest or not isinstance(k, int):
         return Miss("not a largest top-k over the last dim of a 2-d tensor", candidate=False)
@@ -138,10 +241,16 @@ def match_router(topk: Node) -> RouterMatch | Miss:
     # from here on the site looks like a router: a miss says why
     inner: set[Node] = {topk, *gets, gather}
     bias = None
+    groups, top_groups = 1, 1
+    if choice is not scores and not (_plain_add(choice) and scores in choice.args[:2]):
+        limited = _group_limited(choice)
+        if isinstance(limited, Miss):
+            return limited
+        choice, groups, top_groups, group_nodes = limited
+        inner |= group_nodes
     if choice is not scores:
-        if not (is_op(choice, aten.add) and scores in choice.args[:2]):
-            return Miss(f"the experts are chosen by {choice.target}, not the scores (+ a bias): group-limited "
-                        "routing is not fused", "route without expert groups", node=topk)
+        if not (_plain_add(choice) and scores in choice.args[:2]):
+            return Miss(f"the experts are chosen by {choice.target}, not the scores (+ a bias)", node=topk)
         bias = choice.args[1] if choice.args[0] is scores else choice.args[0]
         if not isinstance(bias, Node) or shape_of(bias) != (cv.shape[1],) or dtype_of(bias) != torch.float32:
             return Miss(f"the choice adds {bias} to the scores, not an fp32 [{cv.shape[1]}] bias", node=choice)
@@ -178,12 +287,12 @@ def match_router(topk: Node) -> RouterMatch | Miss:
     total = next((u for u in users if is_op(u, aten.sum) and u.args[0] is w), None)
     div = next((u for u in users if is_op(u, aten.div) and u.args[0] is w), None)
     if total is not None and div is not None and len(users) == 2:
-        if list(total.args[1]) not in ([-1], [1]) or not (len(total.args) > 2 and total.args[2]):
+        if not _row_sum(total, w, 2):
             return Miss("the weights are normalized by another sum than their row's", node=total)
         den = div.args[1]
         if den is total:
             inner |= {total, div}
-        elif is_op(den, aten.add) and den.args[0] is total and scalar(den.args[1]) is not None \
+        elif _plain_add(den) and den.args[0] is total and scalar(den.args[1]) is not None \
                 and len(total.users) == 1:
             eps = scalar(den.args[1])
             inner |= {total, den, div}
@@ -204,5 +313,5 @@ def match_router(topk: Node) -> RouterMatch | Miss:
             return Miss(f"{n} is also read by {outside[0]}: the router's intermediate escapes",
                         "read only the weights and the expert ids", node=n)
     spec = Router(experts=experts, k=k, scoring=scoring, bias=bias is not None, renormalize=renorm, eps=eps,
-                  scaling=scaling)
+                  scaling=scaling, groups=groups, top_groups=top_groups)
     return RouterMatch(spec, logits, bias, topk, indices, w, frozenset(inner))

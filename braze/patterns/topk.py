@@ -56,14 +56,19 @@ def topk_reference(x: torch.Tensor, k: int, largest: bool = True) -> tuple[torch
     return values[..., :k].contiguous(), indices[..., :k].contiguous()
 
 
+def topk_args(node: Node) -> tuple[object, object, object, object]:
+    """(x, k, dim, largest) of an `aten.topk` node, defaults filled in."""
+    args = list(node.args) + [None] * 5
+    dim = node.kwargs.get("dim", args[2] if args[2] is not None else -1)
+    largest = node.kwargs.get("largest", args[3] if args[3] is not None else True)
+    return args[0], args[1], dim, largest
+
+
 def match_topk(node: Node) -> TopKMatch | Miss:
     """An `aten.topk` whose rows braze's kernel can sort, or why not."""
     if not is_op(node, aten.topk):
         return Miss("not a topk", candidate=False)
-    args = list(node.args) + [None] * 5
-    x, k = args[0], args[1]
-    dim = node.kwargs.get("dim", args[2] if args[2] is not None else -1)
-    largest = node.kwargs.get("largest", args[3] if args[3] is not None else True)
+    x, k, dim, largest = topk_args(node)
     xv = val(x)
     if xv is None or xv.dim() == 0:
         return Miss("the input's shape is unknown or a scalar", candidate=False)

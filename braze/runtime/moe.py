@@ -38,9 +38,6 @@ def _check_shared(spec: Experts, w13, w2, ws13, ws2, gate) -> None:
     if tuple(ws13.shape) != tuple(w13.shape[1:]) or tuple(ws2.shape) != tuple(w2.shape[1:]):
         raise ValueError(f"braze moe_experts: shared expert weights {tuple(ws13.shape)}, {tuple(ws2.shape)}, expected "
                          f"{tuple(w13.shape[1:])} and {tuple(w2.shape[1:])}")
-    if ws13.stride() != w13.stride()[1:] or ws2.stride() != w2.stride()[1:]:
-        raise ValueError(f"braze moe_experts: shared expert weights with strides {ws13.stride()}, {ws2.stride()}; the "
-                         f"kernels read them with the routed experts' {w13.stride()[1:]}, {w2.stride()[1:]}")
     if ws13.dtype != torch.bfloat16 or ws2.dtype != torch.bfloat16:
         raise ValueError("braze moe_experts: shared expert weights must be bf16")
     if spec.shared == "sigmoid" and tuple(gate.shape) != (spec.tokens, 1):
@@ -50,7 +47,7 @@ def _check_shared(spec: Experts, w13, w2, ws13, ws2, gate) -> None:
 def _run(x, w13, w2, idx, weights, spec_json: str, out: torch.Tensor | None = None, ws13=None, ws2=None,
          gate=None) -> torch.Tensor:
     """y; written into `out` when given (tests pass a poisoned one). With spec.shared, ws13 [H, 2I] and ws2 [I, H]
-    (the routed experts' strides) and, for "sigmoid", the gate logits [T, 1]."""
+    (any strides) and, for "sigmoid", the gate logits [T, 1]."""
     spec = Experts.from_json(spec_json)
     _check(spec, x, w13, w2, idx, weights)
     shared = spec.shared != "none"
@@ -70,13 +67,15 @@ def _run(x, w13, w2, idx, weights, spec_json: str, out: torch.Tensor | None = No
     grid1 = (t * k + (t if shared else 0), triton.cdiv(inter, bn1))
     grid2 = (t, triton.cdiv(hid, bn2))
     sigmoid = spec.shared == "sigmoid"
+    s13 = ws13 if shared else w13[0]  # (the routed weights stand in for an absent shared expert: never read)
+    s2 = ws2 if shared else w2[0]
     args1 = (x, x.stride(0), x.stride(1), ids, w13, w13.stride(0), w13.stride(1), w13.stride(2), h, spec.experts,
-             ws13 if shared else w13, t * k)
+             s13, s13.stride(0), s13.stride(1), t * k)
     const1 = dict(TOP_K=k, HIDDEN=hid, INTER=inter, ROUND_ACT=spec.round_act, BLOCK_N=bn1, BLOCK_K=bk1,
                   SOFT_ROUND=on_cpu, SHARED=shared)
     args2 = (h, ids, w2, w2.stride(0), w2.stride(1), w2.stride(2), weights, weights.stride(0), weights.stride(1),
-             y, spec.experts, ws2 if shared else w2, gate if sigmoid else weights, gate.stride(0) if sigmoid else 0,
-             t * k)
+             y, spec.experts, s2, s2.stride(0), s2.stride(1), gate if sigmoid else weights,
+             gate.stride(0) if sigmoid else 0, t * k)
     const2 = dict(TOP_K=k, HIDDEN=hid, INTER=inter, ROUND_OUT=spec.out == "bfloat16", BLOCK_N=bn2, BLOCK_K=bk2,
                   SOFT_ROUND=on_cpu, SHARED=shared, SIGMOID=sigmoid)
     if on_cpu:

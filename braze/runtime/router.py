@@ -8,6 +8,7 @@ is read only when the spec has one (else any tensor stands in for it).
 from __future__ import annotations
 
 import torch
+import triton
 from torch.library import custom_op, triton_op, wrap_triton
 
 from braze.codegen.router import SCORING_CODES, braze_router, launch_config
@@ -19,6 +20,8 @@ from .rowwise import cpu_backend, interpreted
 def _check(spec: Router, logits: torch.Tensor, bias: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.shape[1] != spec.experts:
         raise ValueError(f"braze router: logits of shape {tuple(logits.shape)}, expected [T, {spec.experts}]")
+    if spec.experts % spec.groups or not 0 < spec.top_groups <= spec.groups:
+        raise ValueError(f"braze router: {spec.experts} experts in {spec.groups} groups, top {spec.top_groups}")
     if spec.bias and (bias.shape != (spec.experts,) or bias.dtype != torch.float32):
         raise ValueError(f"braze router: bias {tuple(bias.shape)} {bias.dtype}, expected fp32 [{spec.experts}]")
 
@@ -43,7 +46,8 @@ def _run(logits: torch.Tensor, bias: torch.Tensor, spec_json: str,
     block_e, block_k, warps = launch_config(spec.experts, spec.k)
     args = (logits, logits.stride(0), bias.contiguous() if spec.bias else logits, w, idx, spec.scaling, spec.eps)
     const = {"E": spec.experts, "K": spec.k, "BLOCK_E": block_e, "BLOCK_K": block_k,
-             "SCORING": SCORING_CODES[spec.scoring], "HAS_BIAS": spec.bias, "RENORM": spec.renormalize}
+             "SCORING": SCORING_CODES[spec.scoring], "HAS_BIAS": spec.bias, "RENORM": spec.renormalize,
+             "GROUPS": spec.groups, "TOP_GROUPS": spec.top_groups, "BLOCK_G": triton.next_power_of_2(spec.groups)}
     if logits.device.type == "cpu":
         interpreted(braze_router)[(t,)](*args, **const)
     else:
