@@ -59,8 +59,8 @@ class FusionConfig:
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts; a shared expert of the same widths added to
         them (plain or sigmoid-gated) becomes one more pair per token.
-    router: fuse a MoE router (softmax or sigmoid scores, + a correction bias, top-k, the chosen scores
-        renormalized and scaled) into one kernel; group-limited routing is left to the topk family.
+    router: fuse a MoE router (softmax or sigmoid scores, + a correction bias, DeepSeek V3's group-limited
+        choice, top-k, the chosen scores renormalized and scaled) into one kernel.
     topk: run each `aten.topk` over rows of at most 2048 values (routers, DeepSeek V3.2's indexer over a
         short context) as one Triton kernel, a sort per row or a rank of each value (1.1-6.7x ATen's on
         an H100 where it applies, topk.md); ties come out in index order. Its token range bounds the
