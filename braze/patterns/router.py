@@ -200,6 +200,9 @@ def _group_limited(masked: Node) -> tuple[Node, int, int, set[Node]] | Miss:
     _, groups, per = shape_of(gview)
     if not all(isinstance(d, int) for d in (groups, per)) or per < 2 or not 0 < top_groups <= groups:
         return miss(f"{groups} groups of {per} experts, top {top_groups}")
+    # the mask must give expert e its group e // per, as the scores' view does: [T, G] -> [T, G, 1] -> [T, G, per]
+    if expand.args[0].args[1] not in (-1, 2) or list(shape_of(expand) or ())[1:] != [groups, per]:
+        return miss(f"the group mask is spread over the experts as {shape_of(expand)}, not [T, {groups}, {per}]")
     nodes = {masked, cond, expand, expand.args[0], scatter, scatter.args[0], gidx, gtopk, gscores, vals, two, gview}
     nodes |= {n for n in (fill,) if isinstance(n, Node)}
     n = cond.args[0]

@@ -158,24 +158,28 @@ def test_group_limited_routing_fuses_and_equals_eager(t, groups, per, top, k, se
 
 
 def test_group_scores_of_another_kind_are_left_with_the_reason():
-    """DeepSeek V2 scores a group by its largest choice, vLLM's grouped top-k masks with 0.0: braze's kernel does
-    neither; the routers stay with Inductor and the top-k pass, with the reason."""
+    """DeepSeek V2 scores a group by its largest choice, vLLM's grouped top-k masks with 0.0, and a mask spread
+    over the experts in another order than the groups' view: braze's kernel does none of these; the routers stay
+    with Inductor and the top-k pass, with the reason."""
     gen = torch.Generator().manual_seed(0)
     x, bias = distinct_logits(3, 32, torch.float32, gen), torch.randn(32, generator=gen) * 0.01
 
-    def grouped(logits, b, *, by_max=False, fill=float("-inf")):
+    def grouped(logits, b, *, by_max=False, fill=float("-inf"), interleaved=False):
         s = logits.sigmoid()
         choice = s + b
         per_group = choice.view(3, 4, -1)
         gscore = per_group.max(-1).values if by_max else per_group.topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(gscore).scatter_(1, gscore.topk(2, dim=-1).indices, 1.0)
-        mask = keep.unsqueeze(-1).expand(3, 4, 8).reshape(3, 32)
+        # (interleaved: expert e in group e % 4, a mask the scores' view does not describe)
+        mask = keep.unsqueeze(1).expand(3, 8, 4).reshape(3, 32) if interleaved else \
+            keep.unsqueeze(-1).expand(3, 4, 8).reshape(3, 32)
         idx = choice.masked_fill(mask == 0, fill).topk(4, dim=-1).indices
         w = s.gather(1, idx)
         return w / w.sum(-1, keepdim=True), idx
 
     for kw, why in (({"by_max": True}, "not a sum over its experts' top choices"),
-                    ({"fill": 0.0}, "choices are 0.0, not -inf")):
+                    ({"fill": 0.0}, "choices are 0.0, not -inf"),
+                    ({"interleaved": True}, "the group mask is spread over the experts as")):
         gm, record = check_against_eager(lambda a, b, kw=kw: grouped(a, b, **kw), [x, bias], tol=1e-6)
         (m,) = remarks(record, "missed")
         assert m.name == "router-not-fused" and why in m.reason, m.reason
