@@ -79,9 +79,7 @@ class RouterFusion(Pass):
             weights, ids = splice(graph, traced, inputs, site.topk)
             site.indices.replace_all_uses_with(view_as(graph, ids, site.indices))
             site.weights.replace_all_uses_with(view_as(graph, weights, site.weights))
-            for n in sorted(site.inner, key=_position(graph), reverse=True):
-                if not n.users:
-                    graph.erase_node(n)
+            # the replaced topk is dead now: the PassManager's dead-code elimination removes it before small-topk runs
             groups = f" in the best {s.top_groups} of {s.groups} groups" if s.groups > 1 else ""
             how = f"{s.scoring}{' + bias' if s.bias else ''} -> top-{s.k} of {s.experts}{groups}" \
                 + (" -> renormalize" if s.renormalize else "") + (f" -> x{s.scaling:g}" if s.scaling != 1.0 else "")
@@ -90,8 +88,3 @@ class RouterFusion(Pass):
                              "renormalize": s.renormalize, "scaling": s.scaling,
                              **({"groups": s.groups, "top_groups": s.top_groups} if s.groups > 1 else {})})
             ctx.bump("sites-fused")
-
-
-def _position(graph):
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: order.get(n, -1)
