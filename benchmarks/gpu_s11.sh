@@ -3,7 +3,10 @@
 # short keeps what finished.
 # `verify`: the GPU tests of code session 10 changed after its last GPU run (the router's group-limited path, the
 # shared expert's rounding and strides) with the router, MoE, GDN and GEMM-merge GPU tests.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify
+# `fold`: the gated RMSNorm inside the delta-rule kernel (FusionConfig.delta_rule_norm): the kernel's CUDA tests
+# (CUDA params), Qwen 3.5's linear-attention mixer and layer alone (stock Inductor, braze, braze without the
+# fold), then Qwen 3.5's step at T=1/8/64 with the same three variants and its report.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -13,6 +16,22 @@ case ${1:-verify} in
       tests/passes/test_moe.py tests/passes/test_post_conv_gpu.py tests/passes/test_gemm_merge_gpu.py 2>&1 \
       | tee "$OUT/tests.log" | grep -v Warn | tail -12
     echo "tests: $((SECONDS - t0)) s"
+    ;;
+  fold)
+    timeout 100 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu tests/codegen/test_delta_rule_kernel.py 2>&1 \
+      | tee "$OUT/tests.log" | grep -v Warn | tail -6
+    echo "tests: $((SECONDS - t0)) s"
+    timeout 200 python3 benchmarks/qwen_layers.py --blocks linear-mixer,linear-layer --tokens 1,8,64 \
+      --variants inductor,braze,braze-no-norm-fold --out "$OUT/results" 2>&1 | tee "$OUT/layers.log" \
+      | grep "linear-"
+    echo "layers: $((SECONDS - t0)) s"; keep
+    timeout 50 python3 -m braze report --model qwen3.5 --size bench --tokens 1 --device cuda \
+      --json "$OUT/results/qwen3.5_report_t1.json" > "$OUT/results/qwen3.5_report_t1.txt" 2>&1
+    grep -A7 "^layer" "$OUT/results/qwen3.5_report_t1.txt"; echo "report: $((SECONDS - t0)) s"; keep
+    timeout 230 python3 -m braze bench --model qwen3.5 --size bench --tokens 1,8,64 --shapes static \
+      --variants inductor,braze,braze-no-norm-fold --budget-s 220 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|report\|done"
+    echo "steps: $((SECONDS - t0)) s"; keep
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true

@@ -1,7 +1,7 @@
 """Benchmark: Qwen 3.5's layers one at a time, eager vs stock Inductor vs braze, under CUDA graphs (issue 6).
 
     python benchmarks/qwen_layers.py [--tokens 1,8,64] [--blocks linear-mixer,full-mixer,linear-layer,full-layer]
-        [--variants eager,inductor,braze] [--out DIR]
+        [--variants eager,inductor,braze[,braze-no-norm-fold,...]] [--out DIR]
 
 The bench config (TP=1), T sequences of 512 cached tokens each decoding one token. A block is one of
 
@@ -35,6 +35,7 @@ import torch
 
 import braze
 from braze.bench_device import copy_bandwidth, count_cuda_kernels, time_cuda_graph
+from braze.bench_variants import VARIANT_SWITCHES
 from braze.models import build
 from braze.models.common import make_decode_inputs
 from braze.models.qwen3_5 import StepInputs
@@ -97,7 +98,8 @@ def run_block(model, block: str, T: int, batch, bw: float, variants: tuple[str, 
         torch._dynamo.reset()
         for k, v in buffers.items():
             v.copy_(before[k])
-        be = braze.backend(braze.FusionConfig()) if variant == "braze" else None
+        be = braze.backend(braze.FusionConfig(**VARIANT_SWITCHES.get(variant, {}))) \
+            if variant.startswith("braze") else None
         fn = mod if variant == "eager" else torch.compile(mod, fullgraph=True, dynamic=False,
                                                           backend=be or "inductor")
         with torch.no_grad():
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     blocks, variants = tuple(args.blocks.split(",")), tuple(args.variants.split(","))
-    for got, allowed in ((blocks, BLOCKS), (variants, VARIANTS)):
+    for got, allowed in ((blocks, BLOCKS), (variants, VARIANTS + tuple(VARIANT_SWITCHES))):
         if set(got) - set(allowed):
             ap.error(f"unknown {sorted(set(got) - set(allowed))}; expected some of {', '.join(allowed)}")
     if not torch.cuda.is_available():

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "router", "topk",
-            "gemm_merge", "dual_stream")
+FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm", "moe",
+            "router", "topk", "gemm_merge", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -55,6 +55,9 @@ class FusionConfig:
     delta_rule: fuse Gated DeltaNet's recurrent decode update (decay, u = Sᵀk, δ = β(v − u),
         S += kδᵀ, o = Sᵀq, the fp32 state rows written in place) into one kernel.
     gated_norm: fuse the gated RMSNorm (x̂·w)·silu(z) [-> FP8 quant].
+    delta_rule_norm: with delta_rule and gated_norm, compute the gated RMSNorm of the update's output (one row
+        per value head) inside the delta-rule kernel, one program per value head holding its whole state row
+        (heads of at most 16384 state values); a `gated-norm-apart` remark says why one stays a kernel of its own.
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts; a shared expert of the same widths added to
@@ -102,6 +105,7 @@ class FusionConfig:
     post_conv: bool = True
     delta_rule: bool = True  # 10-12 µs faster per Qwen 3.5 step than without (H100: qwen3.5_bench_tp1_static_delta_rule.md)
     gated_norm: bool = True
+    delta_rule_norm: bool = True
     moe: bool = True
     router: bool = True
     topk: bool = True
@@ -114,8 +118,8 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "moe", "router",
-                  "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm", "moe",
+                  "router", "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

@@ -15,11 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from braze.patterns.delta_rule import DeltaRule
 from braze.patterns.gdn import PostConv
 from braze.patterns.stages import HeadGroup, RowChain
 from braze.patterns.tp_norm import TPNormGroup
 
-from . import collective, heads, post_conv, rowwise
+from . import collective, delta_rule, heads, post_conv, rowwise
 
 
 def cache_root() -> Path:
@@ -98,6 +99,16 @@ def _post_conv_kernel(signature: str) -> LoadedKernel:
 
 def post_conv_kernel(spec: PostConv) -> LoadedKernel:
     return _post_conv_kernel(spec.to_json())
+
+
+@functools.lru_cache(maxsize=None)
+def _delta_rule_gated_kernel(spec: str, chain: str) -> LoadedKernel:
+    return _loaded(delta_rule.generate_gated(DeltaRule.from_json(spec), RowChain.from_json(chain)))
+
+
+def delta_rule_gated_kernel(spec: DeltaRule, chain: RowChain) -> LoadedKernel:
+    """The delta-rule update with the gated RMSNorm (+ FP8 quant) of each value head's o in one kernel."""
+    return _delta_rule_gated_kernel(spec.to_json(), chain.to_json())
 
 
 @functools.lru_cache(maxsize=None)

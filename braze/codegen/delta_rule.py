@@ -14,22 +14,27 @@ block), v dv·(its size), g, beta 8, o 4·dv. At Qwen 3.5's dk = dv = 128 the st
 
 from __future__ import annotations
 
+import hashlib
+
 import triton
 import triton.language as tl
 
+from braze.patterns.delta_rule import DeltaRule
+from braze.patterns.stages import RowChain
+
+from .rowwise import ROW_CONSTEXPRS, KernelSource, _Emitter, emit_stages, kernel_source, stage_params
+
 
 @triton.jit
-def braze_delta_rule(
+def delta_rule_block(
     q_ptr, q_t, q_h, k_ptr, k_t, k_h, v_ptr, v_t, v_h, g_ptr, g_t, b_ptr, b_t,
-    idx_ptr, state_ptr, new_ptr, o_ptr, n_slots, scale,
+    idx_ptr, state_ptr, new_ptr, n_slots, scale, t, h, vv,
     RATIO: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, INDEXED: tl.constexpr,
+    BLOCK_K: tl.constexpr, INDEXED: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    """The update of columns `vv` of token t's value head h: state block written back, o [BLOCK_V] returned."""
     kh = h // RATIO  # the key head this value head reads (repeat_interleave)
     kk = tl.arange(0, BLOCK_K)
-    vv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     km = kk < DK
     vm = vv < DV
     if INDEXED:  # state rows idx[t], updated in place
@@ -38,7 +43,7 @@ def braze_delta_rule(
     else:  # row t is token t's; the new rows go to new_ptr
         slot = t
     # the slot check as a tensor (a scalar bool in a tensor mask is no mask to some interpreters)
-    slots = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.int64) + slot
+    slots = tl.zeros([BLOCK_K, 1], dtype=tl.int64) + slot
     sm = km[:, None] & vm[None, :] & (slots >= 0) & (slots < n_slots)
     q = tl.load(q_ptr + t * q_t + kh * q_h + kk, mask=km, other=0.0).to(tl.float32) * scale
     k = tl.load(k_ptr + t * k_t + kh * k_h + kk, mask=km, other=0.0).to(tl.float32)
@@ -56,8 +61,23 @@ def braze_delta_rule(
         tl.store(row + offs, s, mask=sm)
     else:
         tl.store(new_ptr + (t * HV + h) * (DK * DV) + offs, s, mask=sm)
-    o = tl.sum(s * q[:, None], axis=0)
-    tl.store(o_ptr + (t * HV + h) * DV + vv, o, mask=vm)
+    return tl.sum(s * q[:, None], axis=0)
+
+
+@triton.jit
+def braze_delta_rule(
+    q_ptr, q_t, q_h, k_ptr, k_t, k_h, v_ptr, v_t, v_h, g_ptr, g_t, b_ptr, b_t,
+    idx_ptr, state_ptr, new_ptr, o_ptr, n_slots, scale,
+    RATIO: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, INDEXED: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    vv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    o = delta_rule_block(q_ptr, q_t, q_h, k_ptr, k_t, k_h, v_ptr, v_t, v_h, g_ptr, g_t, b_ptr, b_t,
+                         idx_ptr, state_ptr, new_ptr, n_slots, scale, t, h, vv,
+                         RATIO, HV, DK, DV, BLOCK_K, INDEXED)
+    tl.store(o_ptr + (t * HV + h) * DV + vv, o, mask=vv < DV)
 
 
 def blocks(dk: int, dv: int) -> tuple[int, int, int]:
@@ -65,3 +85,56 @@ def blocks(dk: int, dv: int) -> tuple[int, int, int]:
     block_k = triton.next_power_of_2(dk)
     block_v = min(triton.next_power_of_2(dv), max(16, 4096 // block_k))
     return block_k, block_v, 4 if block_k * block_v >= 2048 else 2
+
+
+# The most fp32 state values one program of the gated kernel holds: a whole [dk, dv] head (128 x 128 in Qwen 3.5),
+# 64 per thread at 8 warps. Larger heads keep the gated norm a kernel of its own.
+GATED_MAX_STATE = 16384
+
+
+def gated_blocks(dk: int, dv: int) -> tuple[int, int, int] | None:
+    """BLOCK_K, BLOCK_V (all of dv: the norm needs the whole head) and num_warps of the gated kernel; None when a
+    head's state is too large for one program."""
+    block_k, block_v = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    n = block_k * block_v
+    if n > GATED_MAX_STATE:
+        return None
+    return block_k, block_v, 4 if n <= 4096 else 8
+
+
+def generate_gated(spec: DeltaRule, chain: RowChain) -> KernelSource:
+    """The delta-rule update with `chain` (the gated RMSNorm over each value head's o, [+ its FP8 quant with one
+    group per head]) after it, in one kernel: grid (T, Hv), program (t, h) owns the whole state row of value head h
+    (delta_rule_block over all dv columns), so o never leaves registers."""
+    if chain.residual is not None or chain.n_groups != 1 or chain.width != spec.dv or chain.gate is None:
+        raise ValueError(f"braze delta_rule: no gated kernel for {chain.name} over {chain.width} values "
+                         f"(value heads of {spec.dv})")
+    blocks_ = gated_blocks(spec.dk, spec.dv)
+    if blocks_ is None:
+        raise ValueError(f"braze delta_rule: a [{spec.dk}, {spec.dv}] head is too large for one program")
+    _, block_v, num_warps = blocks_
+    signature = spec.to_json() + "|" + chain.to_json()
+    name = f"braze_delta_rule_{chain.name}_{hashlib.sha256(signature.encode()).hexdigest()[:12]}"
+    # the update's operands (prefixed: the quant's outputs are named q_ptr and scale0_ptr)
+    update = [f"u_{p}" for p in ("q_ptr", "q_t", "q_h", "k_ptr", "k_t", "k_h", "v_ptr", "v_t", "v_h", "g_ptr", "g_t",
+                                 "b_ptr", "b_t", "idx_ptr", "state_ptr", "new_ptr", "n_slots", "scale")]
+    params = [*update, *stage_params(chain), *ROW_CONSTEXPRS,
+              "RATIO: tl.constexpr", "HV: tl.constexpr", "DK: tl.constexpr", "DV: tl.constexpr",
+              "BLOCK_K: tl.constexpr", "BLOCK_V: tl.constexpr", "INDEXED: tl.constexpr"]
+    em = _Emitter()
+    em.line("t = tl.program_id(0).to(tl.int64)")
+    em.line("h = tl.program_id(1)")
+    em.line(f"o = delta_rule_block({', '.join(update)},")
+    em.line("                     t, h, tl.arange(0, BLOCK_V), RATIO, HV, DK, DV, BLOCK_K, INDEXED)  # [BLOCK_V] fp32: "
+            "all of the head")
+    em.line("# the norm's row is value head h of token t, held as a [1, BLOCK_V] tile")
+    em.line("row = t * HV + h")
+    em.line("g = tl.arange(0, BLOCK_G)[:, None]")
+    em.line("e = tl.arange(0, BLOCK_GS)[None, :]")
+    em.line("col = g * GS + e")
+    em.line("mask = (g < G) & (e < GS)")
+    x = em.round_to("o[None, :]", chain.in_dtype)  # o as the graph casts it for the norm
+    emit_stages(em, chain, x)
+    source = kernel_source("braze.codegen.delta_rule", "gated delta-rule update + gated RMSNorm", signature, name,
+                           params, em.lines, imports=("from braze.codegen.delta_rule import delta_rule_block",))
+    return KernelSource(name, source, 1, block_v, num_warps)

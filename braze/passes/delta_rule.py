@@ -14,17 +14,21 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
+from braze.codegen.delta_rule import GATED_MAX_STATE, gated_blocks
 from braze.patterns.delta_rule import (
     DeltaRule,
     DeltaRuleMatch,
     match_delta_rule,
     match_delta_rule_rows,
 )
-from braze.patterns.fx import Miss, aten, is_identity_index, val
+from braze.patterns.fx import Miss, aten, is_cast, is_identity_index, is_op, is_view, known_eq, val
+from braze.patterns.gated_norm import GatedNormMatch
+from braze.patterns.stages import RowChain, dtype_name
 
 from .base import Pass, PassContext
+from .gated_norm import fp8_quants, gated_norms, plan_gated_norm
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
 
 OPS = ("repeat_interleave", "decay", "delta_rule", "state_store", "readout")
@@ -54,6 +58,46 @@ def delta_rule_call(spec: DeltaRule):
     if spec.indexed:
         return first_rows if spec.identity else fn
     return rows
+
+
+def delta_rule_gated_call(spec: DeltaRule, chain: RowChain, n_inputs: int):
+    """The replacement of an update and the gated RMSNorm of its o: the chain's outputs and the state."""
+    import braze.runtime.delta_rule  # noqa: F401  (registers the op)
+
+    text, chain_text = spec.to_json(), chain.to_json()
+
+    def fn(q, k, v, g, beta, *rest):
+        idx, state, inputs = (rest[0], rest[1], list(rest[2:])) if len(rest) > n_inputs + 1 else \
+            (None, rest[0], list(rest[1:]))
+        outs = torch.ops.braze.delta_rule_gated(q, k, v, g, beta, idx, state, inputs, text, chain_text)
+        return [*outs, state]
+
+    return fn
+
+
+# Ops between o and the gated norm's input that keep o's rows in order: reshapes of the contiguous o.
+_ROW_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze)
+
+
+def _o_path(x: Node, o: Node) -> tuple[list[Node], str] | str:
+    """The nodes from o to the norm's input x (reshapes and at most one cast) and the dtype x holds; else why not."""
+    path: list[Node] = []
+    node = x
+    while node is not o:
+        if not isinstance(node, Node) or not (is_view(node) or is_op(node, *_ROW_VIEWS) or is_cast(node)):
+            return f"the norm reads {getattr(node, 'name', node)!s}, not o through reshapes and a cast"
+        path.append(node)
+        node = node.args[0]
+    if sum(is_cast(n) for n in path) > 1:
+        return "o is cast more than once on its way to the norm"
+    for n in [o, *path[1:]] if path else []:  # (x itself: its users are checked against the norm's)
+        if len(n.users) != 1:
+            return f"`{n.name}` (o on its way to the gated norm) has another user: {describe_users(n)}"
+    return path, dtype_name(val(x).dtype)
+
+
+def describe_users(n: Node) -> str:
+    return ", ".join(u.name for u in n.users)
 
 
 def miss_name(m: Miss) -> str:
@@ -87,6 +131,8 @@ class DeltaRuleFusion(Pass):
                                reason=m.reason, suggestion=m.suggestion, ops=("delta_rule",))
         ctx.bump("updates-recognized", len(sites))
         fake_mode = graph_fake_mode(graph) if sites else None
+        gated = self._gated_norms(graph, ctx) if sites else {}
+        quants = fp8_quants(graph) if gated else {}
         for site in sites:
             why = ctx.token_check(self.family, val(site.q).shape[0])
             if why:
@@ -98,6 +144,15 @@ class DeltaRuleFusion(Pass):
                 site = replace(site, spec=replace(site.spec, identity=True), indices=None)
             inputs = [site.q, site.k, site.v, site.g, site.beta] + ([site.indices] if site.indices is not None
                                                                      else []) + [site.state]
+            fold = self._fold(site, gated.get(site.output), quants, ctx)
+            if fold is not None:
+                try:
+                    self._splice_gated(graph, site, inputs, fold, fake_mode, ctx)
+                    continue
+                except Exception as e:  # a bug in braze must not break the user's compile: the update alone
+                    ctx.remark("failed", "internal-error", site.output, "gated RMSNorm left out of the delta-rule "
+                               "kernel after an error in braze", reason=f"{type(e).__name__}: {e}",
+                               suggestion="report this as a braze bug", ops=("delta_rule", "rmsnorm", "silu_gate"))
             try:
                 traced = trace_functional(delta_rule_call(site.spec), [n.meta["val"] for n in inputs], fake_mode)
             except Exception as e:  # a bug in braze must not break the user's compile
@@ -122,3 +177,88 @@ class DeltaRuleFusion(Pass):
             from .post_conv import _restore_topological_order
 
             _restore_topological_order(graph)  # S1's readers may precede q, the op's last input
+
+    # -- the gated RMSNorm of o inside the update's kernel ---------------------------------------------------
+
+    @staticmethod
+    def _gated_norms(graph, ctx: PassContext) -> dict[Node, GatedNormMatch]:
+        """The gated RMSNorms of the graph by the node their input comes from through reshapes and casts."""
+        if not (ctx.config.gated_norm and ctx.config.delta_rule_norm):
+            return {}
+        out: dict[Node, GatedNormMatch] = {}
+        for m in gated_norms(graph, _Quiet(ctx)):
+            node = m.norm.x
+            while is_view(node) or is_op(node, *_ROW_VIEWS) or is_cast(node):
+                node = node.args[0]
+            out[node] = m
+        return out
+
+    def _fold(self, site: DeltaRuleMatch, m: GatedNormMatch | None, quants, ctx: PassContext):
+        """(chain, its extra inputs, the values its outputs replace) when the gated norm of o can run inside the
+        update's kernel; else None (with a remark when a gated norm reads o)."""
+        if m is None:
+            return None
+        s = site.spec
+
+        def apart(name: str, reason: str, suggestion: str = "") -> None:
+            ctx.remark("missed", name, m.norm.anchor, "gated RMSNorm of the delta-rule output runs as a kernel of "
+                       "its own", reason=reason, suggestion=suggestion, ops=("delta_rule", "rmsnorm", "silu_gate"))
+
+        if not s.indexed:
+            return apart("gated-norm-apart", "the update writes new state rows (Hugging Face's form): only the "
+                         "in-place forms carry the norm")
+        path = _o_path(m.norm.x, site.output)
+        if isinstance(path, str):
+            return apart("gated-norm-apart", path)
+        _, x_dtype = path
+        if not known_eq(m.norm.stage.width, s.dv) or val(m.norm.x).numel() != val(site.output).numel():
+            return apart("gated-norm-apart", f"the norm's rows of {m.norm.stage.width} values are not the value "
+                         f"heads ({s.dv} values)")
+        inside = set(m.norm.nodes) | set(m.nodes)
+        if any(u not in inside and not (is_cast(u) and all(w in inside for w in u.users)) for u in m.norm.x.users):
+            return apart("gated-norm-apart", f"o as the norm reads it (`{m.norm.x.name}`) has another user: "
+                         f"{describe_users(m.norm.x)}")
+        if gated_blocks(s.dk, s.dv) is None:
+            return apart("gated-norm-apart", f"a [{s.dk}, {s.dv}] state row is more than one program holds "
+                         f"({GATED_MAX_STATE} fp32 values)")
+        why = ctx.token_check("delta_rule_norm", val(site.q).shape[0])
+        if why:
+            return apart("token-range", why, "widen FusionConfig.token_ranges['delta_rule_norm']")
+        planned = plan_gated_norm(m, quants, ctx, family="gated_norm")
+        if planned is None:
+            return None
+        chain, inputs, outputs = planned
+        if chain.n_groups != 1 or chain.in_dtype != x_dtype:
+            return apart("gated-norm-apart", f"the chain ({chain.name}) does not take one row per value head")
+        return chain, inputs[1:], outputs
+
+    @staticmethod
+    def _splice_gated(graph, site: DeltaRuleMatch, inputs: list[Node], fold, fake_mode, ctx: PassContext) -> None:
+        chain, extra, outputs = fold
+        traced = trace_functional(delta_rule_gated_call(site.spec, chain, len(extra)),
+                                  [n.meta["val"] for n in inputs + extra], fake_mode)
+        new = splice(graph, traced, inputs + extra, site.output)
+        *outs, state = new
+        for old, out in zip(outputs, outs):
+            old.replace_all_uses_with(view_as(graph, out, old))
+        site.copy.args = (site.copy.args[0], state)
+        s = site.spec
+        ops = OPS if s.heads_v != s.heads_k else OPS[1:]
+        ops = ops + ("rmsnorm", "silu_gate") + (("fp8_quant",) if chain.quant else ())
+        ctx.remark("applied", "delta-rule", site.output, "fused the gated delta-rule update and the gated RMSNorm "
+                   f"of its output{' -> FP8 quant' if chain.quant else ''} into one kernel (state rows updated in "
+                   "place, one program per value head)", ops=ops,
+                   args={"heads_k": s.heads_k, "heads_v": s.heads_v, "dk": s.dk, "dv": s.dv, "scale": s.scale,
+                         "norm_eps": chain.norm.eps, **({"rows": "arange(T)"} if s.identity else {})})
+        ctx.bump("sites-fused")
+        ctx.bump("gated-norms-folded")
+
+
+class _Quiet:
+    """A PassContext that keeps the remarks of a look-ahead to itself (the gated-norm pass makes them)."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.config = ctx.config
+
+    def remark(self, *args, **kwargs) -> None:
+        return None

@@ -38,30 +38,13 @@ class GatedNormFusion(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> None:
         graph = gm.graph
-        quants: dict[Node, QuantMatch] = {}
-        for n in graph.nodes:
-            if is_fp8_cast(n):
-                q = match_fp8_quant(n)
-                if isinstance(q, QuantMatch):
-                    quants[_through_views(strip_lossless_casts(q.y))] = q
-        matches: list[GatedNormMatch] = []
-        for n in graph.nodes:
-            if not is_op(n, aten.mean):
-                continue
-            norm = match_rmsnorm(n)
-            if not isinstance(norm, NormMatch):
-                continue
-            m = match_gate(norm)
-            if isinstance(m, GatedNormMatch):
-                matches.append(m)
-            elif m.candidate:
-                ctx.remark("missed", "gate-not-fused", m.node or norm.anchor, "gated RMSNorm left to Inductor",
-                           reason=m.reason, suggestion=m.suggestion, ops=("rmsnorm", "silu_gate"))
+        quants = fp8_quants(graph)
+        matches = gated_norms(graph, ctx)
         ctx.bump("gated-norms-recognized", len(matches))
         fake_mode = graph_fake_mode(graph)
         for m in matches:
             try:
-                planned = self._plan(m, quants, ctx)
+                planned = plan_gated_norm(m, quants, ctx)
                 if planned is None:
                     continue
                 chain, inputs, outputs = planned
@@ -82,36 +65,69 @@ class GatedNormFusion(Pass):
                        ops=ops, args=args)
             ctx.bump("sites-fused")
 
-    def _plan(self, m: GatedNormMatch, quants: dict[Node, QuantMatch],
-              ctx: PassContext) -> tuple[RowChain, list[Node], list[Node]] | None:
-        norm, width = m.norm, m.norm.stage.width
-        x_val = val(norm.x)
-        rows = 1
-        for s in x_val.shape[:-1]:
-            rows = rows * s
-        why = ctx.token_check(self.family, rows)
-        if why:
-            ctx.remark("missed", "token-range", norm.anchor, "gated RMSNorm not fused", reason=why,
-                       suggestion="widen FusionConfig.token_ranges['gated_norm']", ops=("rmsnorm", "silu_gate"))
-            return None
-        quant = quants.get(_through_views(m.output)) or quants.get(m.output)
-        if quant is not None and not known_eq(quant.stage.group_size, width):
-            ctx.remark("missed", "quant-layout", quant.q, "FP8 quant left out of the gated RMSNorm",
-                       reason=f"quantizes groups of {quant.stage.group_size} values across rows of {width}: "
-                              "braze's row kernel quantizes one group per normed row",
-                       ops=("rmsnorm", "silu_gate", "fp8_quant"))
-            quant = None
-        if quant is not None and not quant.scale_nodes:
-            quant = None
-        inside = set(norm.nodes) | set(m.nodes) | (set(quant.nodes) if quant else set())
-        store = quant is None or any(u not in inside and not _only_views_into(u, set(quant.nodes))
-                                     for u in m.output.users)
-        chain = RowChain(in_dtype=dtype_name(x_val.dtype), residual=None,
-                         norm=dataclasses.replace(norm.stage, store=store),
-                         quant=quant.stage if quant else None, gate=m.gate)
-        inputs = [norm.x] + ([norm.weight] if norm.weight is not None else []) + [m.z]
-        outputs = ([m.output] if store else []) + ([quant.q, *quant.scale_nodes] if quant else [])
-        return chain, inputs, outputs
+
+def fp8_quants(graph) -> dict[Node, QuantMatch]:
+    """The FP8 quants of the graph by the value they quantize (through views and lossless casts)."""
+    quants: dict[Node, QuantMatch] = {}
+    for n in graph.nodes:
+        if is_fp8_cast(n):
+            q = match_fp8_quant(n)
+            if isinstance(q, QuantMatch):
+                quants[_through_views(strip_lossless_casts(q.y))] = q
+    return quants
+
+
+def gated_norms(graph, ctx: PassContext) -> list[GatedNormMatch]:
+    """Every gated RMSNorm of the graph; a near miss gets a `gate-not-fused` remark."""
+    matches: list[GatedNormMatch] = []
+    for n in graph.nodes:
+        if not is_op(n, aten.mean):
+            continue
+        norm = match_rmsnorm(n)
+        if not isinstance(norm, NormMatch):
+            continue
+        m = match_gate(norm)
+        if isinstance(m, GatedNormMatch):
+            matches.append(m)
+        elif m.candidate:
+            ctx.remark("missed", "gate-not-fused", m.node or norm.anchor, "gated RMSNorm left to Inductor",
+                       reason=m.reason, suggestion=m.suggestion, ops=("rmsnorm", "silu_gate"))
+    return matches
+
+
+def plan_gated_norm(m: GatedNormMatch, quants: dict[Node, QuantMatch], ctx: PassContext,
+                    family: str = "gated_norm") -> tuple[RowChain, list[Node], list[Node]] | None:
+    """The row chain of a gated norm (with the FP8 quant after it where its groups are the norm's rows), its
+    inputs (x, [weight], z) and the graph values its outputs replace; None (with a remark) outside the token
+    range of `family`."""
+    norm, width = m.norm, m.norm.stage.width
+    x_val = val(norm.x)
+    rows = 1
+    for s in x_val.shape[:-1]:
+        rows = rows * s
+    why = ctx.token_check(family, rows)
+    if why:
+        ctx.remark("missed", "token-range", norm.anchor, "gated RMSNorm not fused", reason=why,
+                   suggestion=f"widen FusionConfig.token_ranges['{family}']", ops=("rmsnorm", "silu_gate"))
+        return None
+    quant = quants.get(_through_views(m.output)) or quants.get(m.output)
+    if quant is not None and not known_eq(quant.stage.group_size, width):
+        ctx.remark("missed", "quant-layout", quant.q, "FP8 quant left out of the gated RMSNorm",
+                   reason=f"quantizes groups of {quant.stage.group_size} values across rows of {width}: "
+                          "braze's row kernel quantizes one group per normed row",
+                   ops=("rmsnorm", "silu_gate", "fp8_quant"))
+        quant = None
+    if quant is not None and not quant.scale_nodes:
+        quant = None
+    inside = set(norm.nodes) | set(m.nodes) | (set(quant.nodes) if quant else set())
+    store = quant is None or any(u not in inside and not _only_views_into(u, set(quant.nodes))
+                                 for u in m.output.users)
+    chain = RowChain(in_dtype=dtype_name(x_val.dtype), residual=None,
+                     norm=dataclasses.replace(norm.stage, store=store),
+                     quant=quant.stage if quant else None, gate=m.gate)
+    inputs = [norm.x] + ([norm.weight] if norm.weight is not None else []) + [m.z]
+    outputs = ([m.output] if store else []) + ([quant.q, *quant.scale_nodes] if quant else [])
+    return chain, inputs, outputs
 
 
 def _only_views_into(node: Node, targets: set[Node]) -> bool:

@@ -14,10 +14,12 @@ import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
 
-from braze.codegen.delta_rule import blocks, braze_delta_rule
+from braze.codegen.delta_rule import blocks, braze_delta_rule, gated_blocks
 from braze.patterns.delta_rule import DeltaRule, delta_rule_reference
+from braze.patterns.reference import row_chain_reference
+from braze.patterns.stages import RowChain, to_dtype
 
-from .rowwise import cpu_backend, interpreted
+from .rowwise import DIV_RN, _gate_rows, cpu_backend, interpreted
 
 
 def _rows(x: torch.Tensor, t: int, heads: int, d: int, what: str) -> torch.Tensor:
@@ -38,31 +40,48 @@ def _check(spec: DeltaRule, indices: torch.Tensor | None, state: torch.Tensor) -
         raise ValueError(f"braze delta_rule: indices of shape {tuple(indices.shape)}, expected [T]")
 
 
-def _run(q, k, v, g, beta, indices, state, spec_json: str, new=None) -> torch.Tensor:
-    """o; the state rows `indices` updated in place, or (indices None) the new rows written to `new`."""
-    spec = DeltaRule.from_json(spec_json)
+def _checked(spec: DeltaRule, q, k, v, g, beta, indices, state) -> list[torch.Tensor]:
+    """The operands checked and laid out for the kernel: q, k [T, Hk, dk], v [T, Hv, dv] with unit stride in the
+    last dim, g, beta [T, Hv] with unit head stride."""
     _check(spec, indices, state)
     t = q.shape[0]
     if indices is not None and indices.shape[0] != t:
         raise ValueError(f"braze delta_rule: {indices.shape[0]} state indices for {t} tokens")
     if indices is None and state.shape[0] < t:
         raise ValueError(f"braze delta_rule: {t} tokens for a state of {state.shape[0]} rows")
-    if q.device.type == "cpu" and cpu_backend() == "reference":
-        return delta_rule_reference(spec, q, k, v, g, beta, indices, state, new)
     q, k = (_rows(x, t, spec.heads_k, spec.dk, n) for x, n in ((q, "q"), (k, "k")))
     v = _rows(v, t, spec.heads_v, spec.dv, "v")
     g, beta = (_rows(x, t, spec.heads_v, 1, n).reshape(t, spec.heads_v) for x, n in ((g, "g"), (beta, "beta")))
     g, beta = (x if x.stride(1) == 1 else x.contiguous() for x in (g, beta))
+    return [q, k, v, g, beta]
+
+
+def _update_args(spec: DeltaRule, q, k, v, g, beta, indices, state, new, unused) -> tuple[tuple, dict]:
+    """The update's pointer arguments and constexprs (`unused` stands for a pointer a form does not read)."""
+    args = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+            g, g.stride(0), beta, beta.stride(0), indices.contiguous() if indices is not None else unused, state,
+            new if new is not None else unused)
+    const = dict(RATIO=spec.heads_v // spec.heads_k, HV=spec.heads_v, DK=spec.dk, DV=spec.dv,
+                 INDEXED=indices is not None)
+    return args, const
+
+
+def _run(q, k, v, g, beta, indices, state, spec_json: str, new=None) -> torch.Tensor:
+    """o; the state rows `indices` updated in place, or (indices None) the new rows written to `new`."""
+    spec = DeltaRule.from_json(spec_json)
+    if q.device.type == "cpu" and cpu_backend() == "reference":
+        _checked(spec, q, k, v, g, beta, indices, state)
+        return delta_rule_reference(spec, q, k, v, g, beta, indices, state, new)
+    q, k, v, g, beta = _checked(spec, q, k, v, g, beta, indices, state)
+    t = q.shape[0]
     o = torch.empty(t, spec.heads_v, spec.dv, dtype=torch.float32, device=q.device)
     if t == 0:
         return o
     block_k, block_v, warps = blocks(spec.dk, spec.dv)
     grid = (t, spec.heads_v, triton.cdiv(spec.dv, block_v))
-    args = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
-            g, g.stride(0), beta, beta.stride(0), indices.contiguous() if indices is not None else o, state,
-            new if new is not None else o, o, state.shape[0], spec.scale)  # (o stands for the unused pointer)
-    const = dict(RATIO=spec.heads_v // spec.heads_k, HV=spec.heads_v, DK=spec.dk, DV=spec.dv,
-                 BLOCK_K=block_k, BLOCK_V=block_v, INDEXED=indices is not None)
+    ptrs, const = _update_args(spec, q, k, v, g, beta, indices, state, new, o)
+    args = (*ptrs, o, state.shape[0], spec.scale)
+    const.update(BLOCK_K=block_k, BLOCK_V=block_v)
     if q.device.type == "cpu":
         interpreted(braze_delta_rule)[grid](*args, **const)
     else:
@@ -144,3 +163,66 @@ def delta_rule_rows_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
 def _(q, k, v, g, beta, state, spec):
     s = DeltaRule.from_json(spec)
     return [torch.empty(q.shape[0], s.heads_v, s.dv, dtype=torch.float32, device=q.device), _new_rows(s, q)]
+
+
+# -- the update with the gated RMSNorm of each value head's o in the same kernel -----------------------------
+
+
+def _gated_outputs(chain: RowChain, t: int, heads: int, device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty((t, heads, *trail), dtype=to_dtype(dt), device=device) for _, dt, trail in chain.output_specs()]
+
+
+def _run_gated(q, k, v, g, beta, indices, state, inputs, outs, spec_json: str, chain_json: str) -> None:
+    """The chain's outputs over o (rows t·Hv + h) into `outs`: the state rows `indices` (None: rows 0..T-1) updated
+    in place."""
+    from braze.codegen.cache import delta_rule_gated_kernel
+
+    spec, chain = DeltaRule.from_json(spec_json), RowChain.from_json(chain_json)
+    if q.device.type == "cpu" and cpu_backend() == "reference":
+        _checked(spec, q, k, v, g, beta, indices, state)
+        o = delta_rule_reference(spec, q, k, v, g, beta, indices, state, state if indices is None else None)
+        for out, want in zip(outs, row_chain_reference(chain, [o.to(to_dtype(chain.in_dtype)), *inputs])):
+            out.copy_(want.view(out.shape))
+        return
+    q, k, v, g, beta = _checked(spec, q, k, v, g, beta, indices, state)
+    t = q.shape[0]
+    if t == 0:
+        return
+    kernel = delta_rule_gated_kernel(spec, chain)
+    block_k, block_v, warps = gated_blocks(spec.dk, spec.dv)
+    ptrs, const = _update_args(spec, q, k, v, g, beta, indices, state, state if indices is None else None, q)
+    named = dict(zip(chain.input_names()[1:], inputs))
+    stage: list[object] = [named["weight"].contiguous()] if chain.norm.has_weight else []
+    stage += _gate_rows(named["gate"], chain.width)
+    args = (*ptrs, state.shape[0], spec.scale, *stage, *outs, t * spec.heads_v)
+    interp = q.device.type == "cpu"
+    const.update(BLOCK_K=block_k, BLOCK_V=block_v, D=chain.width, G=1, GS=chain.width, BLOCK_G=1, BLOCK_GS=block_v,
+                 SOFT_ROUND=interp, DIV_RN=interp or DIV_RN)
+    grid = (t, spec.heads_v)
+    if interp:
+        kernel.interpreted[grid](*args, **const)
+    else:
+        wrap_triton(kernel.jit)[grid](*args, **const, num_warps=warps)
+
+
+@triton_op("braze::delta_rule_gated", mutates_args=("state",))
+def delta_rule_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     indices: torch.Tensor | None, state: torch.Tensor, inputs: list[torch.Tensor], spec: str,
+                     chain: str) -> list[torch.Tensor]:
+    """`delta_rule` (indices None: `delta_rule_first_rows`) followed by the RowChain `chain` (a gated RMSNorm of
+    each value head's o cast to chain.in_dtype, [+ FP8 quant]) in one kernel; `inputs` are the chain's weight
+    and z. Returns the chain's outputs as [T, Hv, ...]."""
+    outs = _gated_outputs(RowChain.from_json(chain), q.shape[0], DeltaRule.from_json(spec).heads_v, q.device)
+    if q.device.type == "cpu":
+        torch.ops.braze.delta_rule_gated_cpu(q, k, v, g, beta, indices, state, inputs, outs, spec, chain)
+    else:
+        _run_gated(q, k, v, g, beta, indices, state, inputs, outs, spec, chain)
+    return outs
+
+
+# (the outputs are arguments it writes: an op that mutates an input and returns a list cannot be functionalized)
+@custom_op("braze::delta_rule_gated_cpu", mutates_args=("state", "outs"))
+def delta_rule_gated_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         indices: torch.Tensor | None, state: torch.Tensor, inputs: list[torch.Tensor],
+                         outs: list[torch.Tensor], spec: str, chain: str) -> None:
+    _run_gated(q, k, v, g, beta, indices, state, inputs, outs, spec, chain)

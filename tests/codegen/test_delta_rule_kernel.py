@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import braze.runtime.delta_rule as rt
-from braze.models.gated_deltanet import gated_delta_rule_step
+from braze.models.gated_deltanet import RMSNormGated, gated_delta_rule_step
 from braze.patterns.delta_rule import DeltaRule, delta_rule_reference
+from braze.patterns.gated_norm import Gate
+from braze.patterns.stages import Cast, RMSNorm, RowChain, WeightMul
 
 
 def inputs_for(t, hk, hv, dk, dv, slots, seed, device, v_dtype=torch.float32):
@@ -99,3 +101,37 @@ def test_rows_form_writes_fresh_rows_and_only_reads_the_state(t, hk, ratio, dk, 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new, want_new, rtol=1e-5, atol=1e-5)
     assert torch.equal(seen, state), "the state is only read"
+
+
+def gated_chain(dv: int) -> RowChain:
+    """Qwen 3.5's gated RMSNorm of a bf16 value head (RMSNormGated): x̂ cast to bf16, times w, times silu(z)."""
+    norm = RMSNorm(1e-6, dv, "float32", "float32", "float32", "float32",
+                   (Cast("bfloat16"), WeightMul("bfloat16", "bfloat16")), store=True)
+    return RowChain("bfloat16", None, norm, None, Gate("float32", "float32", "bfloat16"))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 128, 128), (1, 3, 9, 17), (16, 64, 128, 128)])
+@pytest.mark.parametrize("identity", [False, True])
+def test_gated_op_equals_update_then_the_models_norm(shape, identity, device):
+    hk, hv, dk, dv = shape
+    t = 4
+    spec = DeltaRule(hk, hv, dk, dv, dk ** -0.5, identity=identity)
+    q, k, v, g, beta, idx, state = inputs_for(t, hk, hv, dk, dv, 7, 1, device, torch.bfloat16)
+    if identity:
+        idx = torch.arange(t, device=device)
+        state[:t] = state[t:t + 1].nan_to_num() + torch.randn(t, hv, dk, dv, device=device) * 0.3
+        state[t:] = float("nan")
+    norm = RMSNormGated(dv).to(device, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dv, generator=torch.Generator().manual_seed(2)).to(device))
+    z = torch.randn(t, hv * dv + 5, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)[:, 5:]
+    got_state, want_state = state.clone(), state.cpu().clone()
+    (got,) = torch.ops.braze.delta_rule_gated(q, k, v, g, beta, None if identity else idx, got_state,
+                                             [norm.weight, z.view(t, hv, dv)], spec.to_json(), gated_chain(dv).to_json())
+    o = delta_rule_reference(spec, q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), idx.cpu(), want_state)
+    with torch.no_grad():
+        want = norm.cpu()(o.to(torch.bfloat16), z.cpu().view(t, hv, dv))
+    assert got.shape == (t, hv, dv) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert (got.cpu() != want).float().mean() < 0.02  # bf16 ulps where o lands near a rounding edge
+    torch.testing.assert_close(got_state.cpu(), want_state, rtol=1e-4, atol=1e-4, equal_nan=True)

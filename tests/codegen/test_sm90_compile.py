@@ -1,4 +1,4 @@
-"""The router and MoE kernels compile for an H100/H200 (sm_90) on a machine without a GPU: Triton's compiler
+"""The router, MoE and delta-rule kernels compile for an H100/H200 (sm_90) on a machine without a GPU: Triton's compiler
 and ptxas run here, so type and lowering errors the interpreter cannot see (it runs the Python) show in CI.
 Their results on a GPU are the CUDA tests' and benchmarks' business. The compile runs in a child process
 without TRITON_INTERPRET (the test session's kernels are interpreted functions)."""
@@ -51,14 +51,33 @@ for shared in (False, True):
                                   "y_ptr": "*bf16", "ids_ptr": "*i64", "r_ptr": "*fp32"},
                  {"TOP_K": 10, "HIDDEN": 4096, "INTER": 1024, "ROUND_OUT": True, "BLOCK_N": 4, "BLOCK_K": 256,
                   "SOFT_ROUND": False, "SHARED": shared, "SIGMOID": shared})
+
+from braze.codegen.cache import delta_rule_gated_kernel
+from braze.codegen.delta_rule import braze_delta_rule
+from braze.patterns.delta_rule import DeltaRule
+from braze.patterns.gated_norm import Gate
+from braze.patterns.stages import Cast, RMSNorm, RowChain, WeightMul
+
+update = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*bf16", "g_ptr": "*fp32", "b_ptr": "*fp32", "idx_ptr": "*i64",
+          "state_ptr": "*fp32", "new_ptr": "*fp32", "scale": "fp32"}
+shape = {"RATIO": 4, "HV": 8, "DK": 128, "DV": 128, "BLOCK_K": 128, "INDEXED": False}
+compile_sm90(braze_delta_rule, {**update, "o_ptr": "*fp32"}, {**shape, "BLOCK_V": 32})
+norm = RMSNorm(1e-6, 128, "float32", "float32", "float32", "float32", (Cast("bfloat16"), WeightMul("bfloat16", "bfloat16")),
+               store=True)
+chain = RowChain("bfloat16", None, norm, None, Gate("float32", "float32", "bfloat16"))
+gated = delta_rule_gated_kernel(DeltaRule(2, 8, 128, 128, 128 ** -0.5, identity=True), chain).jit
+compile_sm90(gated, {**{f"u_{k}": v for k, v in update.items()}, "w_ptr": "*bf16", "z_ptr": "*bf16",
+                     "norm_out_ptr": "*bf16"},
+             {**shape, "BLOCK_V": 128, "D": 128, "G": 1, "GS": 128, "BLOCK_G": 1, "BLOCK_GS": 128, "SOFT_ROUND": False,
+              "DIV_RN": False})
 '''
 
 
-def test_router_and_moe_kernels_compile_for_sm90():
+def test_router_moe_and_delta_rule_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     if run.stdout.startswith("SKIP"):
         pytest.skip(run.stdout.strip())
-    assert run.stdout.count("compiled") == 8, run.stdout
+    assert run.stdout.count("compiled") == 10, run.stdout

@@ -42,7 +42,22 @@ def on_fake_cuda(gm: torch.fx.GraphModule, args: list[torch.Tensor]) -> torch.fx
         return make_fx(gm, tracing_mode="real")(*fake)
 
 
-def check_in_place(hk: int, ratio: int, dtype: str) -> None:
+def gated_gdn_step(hk: int, hv: int, dk: int, dv: int):
+    """The GDN decode step up to the gated RMSNorm of the update's output (RMSNormGated, weight and z as inputs)."""
+    from test_post_conv import gdn_step
+
+    inner = gdn_step(hk, hv, dk, dv)
+
+    def step(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm, z, norm_w):
+        o = inner(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm).to(x.dtype)
+        of = o.float()
+        o_hat = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return ((norm_w * o_hat) * torch.nn.functional.silu(z.view(o.shape).float())).to(x.dtype)
+
+    return step
+
+
+def check_in_place(hk: int, ratio: int, dtype: str, gated: bool = False) -> None:
     import triton
     from test_post_conv import gdn_step, make_inputs
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
@@ -53,7 +68,9 @@ def check_in_place(hk: int, ratio: int, dtype: str) -> None:
     triton.runtime.driver.set_active(_Sm90())
     hv = hk * ratio
     args = make_inputs(3, hk, hv, 8, 4, 4, getattr(torch, dtype))
-    gm = on_fake_cuda(aten_graph(gdn_step(hk, hv, 8, 4), *args), args)
+    if gated:  # the norm inside the delta-rule kernel: its state argument is u_state_ptr
+        args += [torch.randn(3, hv * 4).to(args[0].dtype), torch.randn(4).to(args[0].dtype)]
+    gm = on_fake_cuda(aten_graph((gated_gdn_step if gated else gdn_step)(hk, hv, 8, 4), *args), args)
     record = run_passes(gm)
     fused = [r.name for r in record.remarks if r.kind != "analysis"]
     assert fused == ["post-conv", "delta-rule"], fused
@@ -61,14 +78,16 @@ def check_in_place(hk: int, ratio: int, dtype: str) -> None:
     states = {placeholders[1]: "conv state", placeholders[8]: "recurrent state"}
     launches = [n for n in gm.graph.nodes if n.target is wrapper]
     assert len(launches) == 2, launches
+    key = {n: "u_state_ptr" if "u_state_ptr" in n.kwargs["kwargs"] else "state_ptr" for n in launches}
+    assert sorted(key.values()) == (["state_ptr", "u_state_ptr"] if gated else ["state_ptr"] * 2), key
     for n in launches:  # Triton's analysis ran (no "every input is mutated" fallback): it names the state
         clone = n.kwargs["tensors_to_clone"]
-        assert "state_ptr" in clone and "q_ptr" not in clone and "x_ptr" not in clone, clone
+        assert key[n] in clone and "q_ptr" not in clone and "u_q_ptr" not in clone and "x_ptr" not in clone, clone
     reinplace_inplaceable_ops_core(gm.graph)
     for n in launches:
-        state = n.kwargs["kwargs"]["state_ptr"]
+        state = n.kwargs["kwargs"][key[n]]
         assert state in states, f"the launch updates {state}, not a state input"
-        assert "state_ptr" not in n.kwargs["tensors_to_clone"], f"the {states[state]} is cloned"
+        assert key[n] not in n.kwargs["tensors_to_clone"], f"the {states[state]} is cloned"
     copies = [n.args[0] for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default and n.args[0] in states]
     assert not copies, f"copied back into the {[states[c] for c in copies]}"
 
@@ -103,7 +122,7 @@ def check_gate_reads_z_in_place() -> None:
     assert launch.kwargs["kwargs"]["z_heads"] == h and launch.kwargs["kwargs"]["z_row_stride"] == 8 + 2 * h * dv
 
 
-def test_cuda_launches_update_both_states_in_place_and_read_z_in_place():
+def test_cuda_launches_update_both_states_in_place_and_read_z_in_place():  # (and with the norm inside the update)
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = Path(__file__).parent
@@ -116,5 +135,7 @@ if __name__ == "__main__":
     for case in CASES:
         check_in_place(*case)
         print("checked", *case)
+    check_in_place(2, 2, "bfloat16", gated=True)
+    print("checked the update with the gated norm inside")
     check_gate_reads_z_in_place()
     print("ok")
