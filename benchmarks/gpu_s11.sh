@@ -18,18 +18,19 @@ case ${1:-verify} in
     echo "tests: $((SECONDS - t0)) s"
     ;;
   fold)
-    timeout 100 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu tests/codegen/test_delta_rule_kernel.py 2>&1 \
+    timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu tests/codegen/test_delta_rule_kernel.py \
+      tests/passes/test_post_conv_gpu.py 2>&1 \
       | tee "$OUT/tests.log" | grep -v Warn | tail -6
     echo "tests: $((SECONDS - t0)) s"
-    timeout 200 python3 benchmarks/qwen_layers.py --blocks linear-mixer,linear-layer --tokens 1,8,64 \
+    timeout 180 python3 benchmarks/qwen_layers.py --blocks linear-mixer,linear-layer --tokens 1,8,64 \
       --variants inductor,braze,braze-no-norm-fold --out "$OUT/results" 2>&1 | tee "$OUT/layers.log" \
       | grep "linear-"
     echo "layers: $((SECONDS - t0)) s"; keep
     timeout 50 python3 -m braze report --model qwen3.5 --size bench --tokens 1 --device cuda \
       --json "$OUT/results/qwen3.5_report_t1.json" > "$OUT/results/qwen3.5_report_t1.txt" 2>&1
     grep -A7 "^layer" "$OUT/results/qwen3.5_report_t1.txt"; echo "report: $((SECONDS - t0)) s"; keep
-    timeout 230 python3 -m braze bench --model qwen3.5 --size bench --tokens 1,8,64 --shapes static \
-      --variants inductor,braze,braze-no-norm-fold --budget-s 220 --out "$OUT/results" 2>&1 \
+    timeout 200 python3 -m braze bench --model qwen3.5 --size bench --tokens 1,8,64 --shapes static \
+      --variants inductor,braze,braze-no-norm-fold --budget-s 190 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|report\|done"
     echo "steps: $((SECONDS - t0)) s"; keep
     ;;

@@ -45,7 +45,8 @@ def delta_rule_block(
     # the slot check as a tensor (a scalar bool in a tensor mask is no mask to some interpreters)
     slots = tl.zeros([BLOCK_K, 1], dtype=tl.int64) + slot
     sm = km[:, None] & vm[None, :] & (slots >= 0) & (slots < n_slots)
-    q = tl.load(q_ptr + t * q_t + kh * q_h + kk, mask=km, other=0.0).to(tl.float32) * scale
+    # (Inductor passes a Python float as fp64: the update is fp32 math, as the graph's)
+    q = tl.load(q_ptr + t * q_t + kh * q_h + kk, mask=km, other=0.0).to(tl.float32) * tl.full([1], scale, tl.float32)
     k = tl.load(k_ptr + t * k_t + kh * k_h + kk, mask=km, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + t * v_t + h * v_h + vv, mask=vm, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + t * g_t + h).to(tl.float32)

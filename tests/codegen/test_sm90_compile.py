@@ -59,12 +59,13 @@ from braze.patterns.gated_norm import Gate
 from braze.patterns.stages import Cast, RMSNorm, RowChain, WeightMul
 
 update = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*bf16", "g_ptr": "*fp32", "b_ptr": "*fp32", "idx_ptr": "*i64",
-          "state_ptr": "*fp32", "new_ptr": "*fp32", "scale": "fp32"}
+          "state_ptr": "*fp32", "new_ptr": "*fp32", "scale": "fp64"}  # a Python float, as Inductor types it
 shape = {"RATIO": 4, "HV": 8, "DK": 128, "DV": 128, "BLOCK_K": 128, "INDEXED": False}
 compile_sm90(braze_delta_rule, {**update, "o_ptr": "*fp32"}, {**shape, "BLOCK_V": 32})
 norm = RMSNorm(1e-6, 128, "float32", "float32", "float32", "float32", (Cast("bfloat16"), WeightMul("bfloat16", "bfloat16")),
                store=True)
-chain = RowChain("bfloat16", None, norm, None, Gate("float32", "float32", "bfloat16"))
+# o read as fp32: Inductor's joint-graph passes drop the o.to(bf16).float() round trip before braze sees it
+chain = RowChain("float32", None, norm, None, Gate("float32", "float32", "bfloat16"))
 gated = delta_rule_gated_kernel(DeltaRule(2, 8, 128, 128, 128 ** -0.5, identity=True), chain).jit
 compile_sm90(gated, {**{f"u_{k}": v for k, v in update.items()}, "w_ptr": "*bf16", "z_ptr": "*bf16",
                      "norm_out_ptr": "*bf16"},
