@@ -6,7 +6,8 @@
 # `fold`: the gated RMSNorm inside the delta-rule kernel (FusionConfig.delta_rule_norm): the kernel's CUDA tests
 # (CUDA params), Qwen 3.5's linear-attention mixer and layer alone (stock Inductor, braze, braze without the
 # fold), then Qwen 3.5's step at T=1/8/64 with the same three variants and its report.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold
+# `micro`: the gated kernel alone at 4, 8 and 16 warps against the two kernels it replaces.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -33,6 +34,11 @@ case ${1:-verify} in
       --variants inductor,braze,braze-no-norm-fold --budget-s 190 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|report\|done"
     echo "steps: $((SECONDS - t0)) s"; keep
+    ;;
+  micro)
+    timeout 200 python3 benchmarks/delta_rule_norm.py --tokens 1,8,64,256 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/micro.log" | grep "^T="
+    echo "micro: $((SECONDS - t0)) s"; keep
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true

@@ -167,6 +167,9 @@ def _(q, k, v, g, beta, state, spec):
 
 # -- the update with the gated RMSNorm of each value head's o in the same kernel -----------------------------
 
+# Warps of the gated kernel instead of gated_blocks' choice (benchmarks/delta_rule_norm.py sweeps it); None: its.
+GATED_WARPS: int | None = None
+
 
 def _gated_outputs(chain: RowChain, t: int, heads: int, device: torch.device) -> list[torch.Tensor]:
     return [torch.empty((t, heads, *trail), dtype=to_dtype(dt), device=device) for _, dt, trail in chain.output_specs()]
@@ -190,6 +193,7 @@ def _run_gated(q, k, v, g, beta, indices, state, inputs, outs, spec_json: str, c
         return
     kernel = delta_rule_gated_kernel(spec, chain)
     block_k, block_v, warps = gated_blocks(spec.dk, spec.dv)
+    warps = GATED_WARPS or warps
     ptrs, const = _update_args(spec, q, k, v, g, beta, indices, state, state if indices is None else None, q)
     named = dict(zip(chain.input_names()[1:], inputs))
     stage: list[object] = [named["weight"].contiguous()] if chain.norm.has_weight else []
