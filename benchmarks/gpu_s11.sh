@@ -7,7 +7,9 @@
 # (CUDA params), Qwen 3.5's linear-attention mixer and layer alone (stock Inductor, braze, braze without the
 # fold), then Qwen 3.5's step at T=1/8/64 with the same three variants and its report.
 # `micro`: the gated kernel alone at 4, 8 and 16 warps against the two kernels it replaces.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro
+# `steps4`: with the gated kernel at 4 warps, Qwen 3.5's linear-attention mixer and its step at T=1/8/64, braze with
+# and without the fold.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro|steps4
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -39,6 +41,15 @@ case ${1:-verify} in
     timeout 200 python3 benchmarks/delta_rule_norm.py --tokens 1,8,64,256 --out "$OUT/results" 2>&1 \
       | tee "$OUT/micro.log" | grep "^T="
     echo "micro: $((SECONDS - t0)) s"; keep
+    ;;
+  steps4)
+    timeout 120 python3 benchmarks/qwen_layers.py --blocks linear-mixer --tokens 1,8,64 \
+      --variants braze,braze-no-norm-fold --out "$OUT/results" 2>&1 | tee "$OUT/layers.log" | grep "^linear-"
+    echo "layers: $((SECONDS - t0)) s"; keep
+    timeout 200 python3 -m braze bench --model qwen3.5 --size bench --tokens 1,8,64 --shapes static \
+      --variants inductor,braze,braze-no-norm-fold --budget-s 190 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|done"
+    echo "steps: $((SECONDS - t0)) s"; keep
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true

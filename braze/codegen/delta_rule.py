@@ -100,7 +100,9 @@ def gated_blocks(dk: int, dv: int) -> tuple[int, int, int] | None:
     n = block_k * block_v
     if n > GATED_MAX_STATE:
         return None
-    return block_k, block_v, 4 if n <= 4096 else 8
+    # 4 warps (128 fp32 state values a thread): on an H200 at 128 x 128 heads, faster than 8 or 16 at every T measured
+    # (benchmarks/results/delta_rule_norm.md: 8 warps 26.0 µs, 4 warps 20.6 µs at T=64)
+    return block_k, block_v, 4
 
 
 def generate_gated(spec: DeltaRule, chain: RowChain) -> KernelSource:
