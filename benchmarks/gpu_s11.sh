@@ -9,7 +9,8 @@
 # `micro`: the gated kernel alone at 4, 8 and 16 warps against the two kernels it replaces.
 # `steps4`: with the gated kernel at 4 warps, Qwen 3.5's linear-attention mixer and its step at T=1/8/64, braze with
 # and without the fold.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro|steps4
+# `prologue`: DeepSeek V3.2's attention prologue alone on the H200 (issue 4's floor target), T=1/8/64.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro|steps4|prologue
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -50,6 +51,11 @@ case ${1:-verify} in
       --variants inductor,braze,braze-no-norm-fold --budget-s 190 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|done"
     echo "steps: $((SECONDS - t0)) s"; keep
+    ;;
+  prologue)
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 200 python3 benchmarks/deepseek_prologue.py --tokens 1,8,64 \
+      --variants inductor,braze --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep -v Warn | tail -12
+    echo "prologue: $((SECONDS - t0)) s"; keep
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true
