@@ -10,6 +10,10 @@ Value head h reads key head h // (Hv/Hk): the expansion of q and k costs no copy
 
 Bytes per token and value head: state row 4·dk·dv read + 4·dk·dv written; q, k 4·dk each (per
 block), v dv·(its size), g, beta 8, o 4·dv. At Qwen 3.5's dk = dv = 128 the state is 97% of it.
+
+`delta_rule_block` is the update of one block of columns, shared by `braze_delta_rule` and the kernels
+`generate_gated` writes: the update with a row chain (the gated RMSNorm of o [+ FP8 quant]) after it, grid
+(T, Hv), one program per value head holding all dv columns so the norm's row never leaves registers.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ and the write-back become `braze::delta_rule`, which updates the fp32 state rows
 post-conv pass (whose outputs it then reads) and before the head-chain pass, which would
 otherwise meet the [T, Hv, dk, dv] row write alone (a `store-layout` remark). Near misses
 become `missed` remarks; the post-conv path stays a kernel of its own (POST_CONV_DESIGN.md).
+
+Where a gated RMSNorm reads the update's o and nothing else does (FusionConfig.delta_rule_norm), the
+norm [+ the FP8 quant after it] joins the update's kernel (`braze::delta_rule_gated`, one program per
+value head) and the gated-norm pass never sees it; near misses say why (`gated-norm-apart`).
 """
 
 from __future__ import annotations
