@@ -26,7 +26,7 @@ from braze.patterns.fx import (
     val,
 )
 from braze.patterns.layernorm import LayerNormMatch, match_layernorm
-from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
+from braze.patterns.quant import QuantMatch, fp8_quants_by_value
 from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
 from braze.patterns.rope import RopeMatch, _strip, match_rope
 from braze.patterns.scale_product import (
@@ -133,12 +133,7 @@ class HeadChainFusion(Pass):
                 elif s.candidate:
                     ctx.remark("missed", "store-not-recognized", s.node or n, "cache write not fused",
                                reason=s.reason, suggestion=s.suggestion, ops=("store",))
-        quants: dict[Node, QuantMatch] = {}
-        for n in graph.nodes:
-            if is_fp8_cast(n):
-                q = match_fp8_quant(n)
-                if isinstance(q, QuantMatch):
-                    quants[_through_views(strip_lossless_casts(q.y))] = q
+        quants = fp8_quants_by_value(graph)
         ctx.bump("ropes-recognized", len(ropes))
         self._order = {n: i for i, n in enumerate(graph.nodes)}
         byte = ByteStores.collect(graph)

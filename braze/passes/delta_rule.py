@@ -29,10 +29,11 @@ from braze.patterns.delta_rule import (
 )
 from braze.patterns.fx import Miss, aten, is_cast, is_identity_index, is_op, is_view, known_eq, val
 from braze.patterns.gated_norm import GatedNormMatch
+from braze.patterns.quant import fp8_quants_by_value
 from braze.patterns.stages import RowChain, dtype_name
 
 from .base import Pass, PassContext
-from .gated_norm import fp8_quants, gated_norms, plan_gated_norm
+from .gated_norm import gated_norms, plan_gated_norm
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
 
 OPS = ("repeat_interleave", "decay", "delta_rule", "state_store", "readout")
@@ -136,7 +137,7 @@ class DeltaRuleFusion(Pass):
         ctx.bump("updates-recognized", len(sites))
         fake_mode = graph_fake_mode(graph) if sites else None
         gated = self._gated_norms(graph, ctx) if sites else {}
-        quants = fp8_quants(graph) if gated else {}
+        quants = fp8_quants_by_value(graph) if gated else {}
         for site in sites:
             why = ctx.token_check(self.family, val(site.q).shape[0])
             if why:

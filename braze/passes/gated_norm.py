@@ -15,9 +15,9 @@ import dataclasses
 import torch
 from torch.fx import GraphModule, Node
 
-from braze.patterns.fx import aten, is_op, is_view, known_eq, strip_lossless_casts, val
+from braze.patterns.fx import aten, is_op, is_view, known_eq, val
 from braze.patterns.gated_norm import GatedNormMatch, match_gate
-from braze.patterns.quant import QuantMatch, is_fp8_cast, match_fp8_quant
+from braze.patterns.quant import QuantMatch, fp8_quants_by_value
 from braze.patterns.rmsnorm import NormMatch, match_rmsnorm
 from braze.patterns.stages import RowChain, dtype_name
 
@@ -38,7 +38,7 @@ class GatedNormFusion(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> None:
         graph = gm.graph
-        quants = fp8_quants(graph)
+        quants = fp8_quants_by_value(graph)
         matches = gated_norms(graph, ctx)
         ctx.bump("gated-norms-recognized", len(matches))
         fake_mode = graph_fake_mode(graph)
@@ -64,17 +64,6 @@ class GatedNormFusion(Pass):
             ctx.remark("applied", "gated-norm", m.norm.anchor, f"fused {' -> '.join(ops)} into one kernel",
                        ops=ops, args=args)
             ctx.bump("sites-fused")
-
-
-def fp8_quants(graph) -> dict[Node, QuantMatch]:
-    """The FP8 quants of the graph by the value they quantize (through views and lossless casts)."""
-    quants: dict[Node, QuantMatch] = {}
-    for n in graph.nodes:
-        if is_fp8_cast(n):
-            q = match_fp8_quant(n)
-            if isinstance(q, QuantMatch):
-                quants[_through_views(strip_lossless_casts(q.y))] = q
-    return quants
 
 
 def gated_norms(graph, ctx: PassContext) -> list[GatedNormMatch]:

@@ -108,6 +108,20 @@ def _program_to_amax(node: object) -> tuple[Node, list[tuple[Node, UnaryOp]]] | 
     return node, steps[::-1]
 
 
+def fp8_quants_by_value(graph) -> dict[Node, QuantMatch]:
+    """Every dynamic FP8 quant of `graph`, keyed by the value it quantizes (through views and lossless casts)."""
+    quants: dict[Node, QuantMatch] = {}
+    for n in graph.nodes:
+        if is_fp8_cast(n):
+            q = match_fp8_quant(n)
+            if isinstance(q, QuantMatch):
+                y = strip_lossless_casts(q.y)
+                while is_view(y):
+                    y = y.args[0]
+                quants[y] = q
+    return quants
+
+
 def match_fp8_quant(q: Node) -> QuantMatch | Miss:
     """Recognize the dynamic FP8 quant that ends in the cast `q`."""
     if not is_fp8_cast(q):
