@@ -216,7 +216,7 @@ class DeltaRuleFusion(Pass):
         if isinstance(path, str):
             return apart("gated-norm-apart", path)
         _, x_dtype = path
-        if not known_eq(m.norm.stage.width, s.dv) or val(m.norm.x).numel() != val(site.output).numel():
+        if not known_eq(m.norm.stage.width, s.dv) or not known_eq(val(m.norm.x).numel(), val(site.output).numel()):
             return apart("gated-norm-apart", f"the norm's rows of {m.norm.stage.width} values are not the value "
                          f"heads ({s.dv} values)")
         inside = set(m.norm.nodes) | set(m.nodes)
