@@ -10,7 +10,8 @@
 # `steps4`: with the gated kernel at 4 warps, Qwen 3.5's linear-attention mixer and its step at T=1/8/64, braze with
 # and without the fold.
 # `prologue`: DeepSeek V3.2's attention prologue alone on the H200 (issue 4's floor target), T=1/8/64.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro|steps4|prologue
+# `deepseek`: DeepSeek V3.2's step at T=1/8/64 with its group-limited router fused (never run on a GPU before).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro|steps4|prologue|deepseek
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -56,6 +57,12 @@ case ${1:-verify} in
     PYTHONPATH=$PWD:$PWD/benchmarks timeout 200 python3 benchmarks/deepseek_prologue.py --tokens 1,8,64 \
       --variants inductor,braze --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep -v Warn | tail -12
     echo "prologue: $((SECONDS - t0)) s"; keep
+    ;;
+  deepseek)
+    timeout 230 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1,8,64 --shapes static \
+      --variants inductor,braze --budget-s 215 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|report\|done"
+    echo "deepseek: $((SECONDS - t0)) s"; keep
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true
