@@ -11,7 +11,8 @@
 # and without the fold.
 # `prologue`: DeepSeek V3.2's attention prologue alone on the H200 (issue 4's floor target), T=1/8/64.
 # `deepseek`: DeepSeek V3.2's step at T=1/8/64 with its group-limited router fused (never run on a GPU before).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro|steps4|prologue|deepseek
+# `shared`: DeepSeek V3.2 and Qwen 3.5 at T=1 with and without the shared expert in the MoE kernels.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s11.sh verify|fold|micro|steps4|prologue|deepseek|shared
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -63,6 +64,16 @@ case ${1:-verify} in
       --variants inductor,braze --budget-s 215 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|report\|done"
     echo "deepseek: $((SECONDS - t0)) s"; keep
+    ;;
+  shared)
+    timeout 110 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
+      --variants inductor,braze,braze-no-shared --budget-s 100 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|done"
+    echo "deepseek: $((SECONDS - t0)) s"; keep
+    timeout 60 python3 -m braze bench --model qwen3.5 --size bench --tokens 1 --shapes static \
+      --variants braze,braze-no-shared --budget-s 50 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|done"
+    echo "qwen: $((SECONDS - t0)) s"; keep
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true

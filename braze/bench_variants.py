@@ -12,7 +12,8 @@ VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gem
                     "braze-streams": {"dual_stream": True},
                     "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
                     "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False},
-                    "braze-no-router": {"router": False}, "braze-no-norm-fold": {"delta_rule_norm": False}}
+                    "braze-no-router": {"router": False}, "braze-no-norm-fold": {"delta_rule_norm": False},
+                    "braze-no-shared": {"moe_shared": False}}
 EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
 
 

@@ -61,7 +61,9 @@ class FusionConfig:
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts; a shared expert of the same widths added to
-        them (plain or sigmoid-gated) becomes one more pair per token.
+        them (plain or sigmoid-gated) becomes one more pair per token (moe_shared).
+    moe_shared: with moe, take a shared expert of the routed experts' widths into their two kernels;
+        off, it stays cuBLAS GEMMs and Inductor kernels beside them.
     router: fuse a MoE router (softmax or sigmoid scores, + a correction bias, DeepSeek V3's group-limited
         choice, top-k, the chosen scores renormalized and scaled) into one kernel.
     topk: run each `aten.topk` over rows of at most 2048 values (routers, DeepSeek V3.2's indexer over a
@@ -107,6 +109,7 @@ class FusionConfig:
     gated_norm: bool = True
     delta_rule_norm: bool = True
     moe: bool = True
+    moe_shared: bool = True
     router: bool = True
     topk: bool = True
     gemm_merge: bool = True  # GPU tests passed (gpu_tests.md, session 6); token range [1, 1] (see above)
@@ -119,7 +122,7 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm", "moe",
-                  "router", "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
+                  "moe_shared", "router", "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

@@ -73,7 +73,7 @@ class ExpertsFusion(Pass):
                            "the grouped GEMMs once", suggestion="", ops=OPS)
                 continue
             inputs = [site.x, site.w13, site.w2, site.idx, site.weights]
-            shared = match_shared_expert(site)
+            shared = match_shared_expert(site) if ctx.config.moe_shared else Miss("off", candidate=False)
             if isinstance(shared, Miss):
                 if shared.candidate:
                     ctx.remark("missed", "shared-expert-apart", shared.node or site.output, "shared expert left to "
