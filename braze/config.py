@@ -62,8 +62,13 @@ class FusionConfig:
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts; a shared expert of the same widths added to
         them (plain or sigmoid-gated) becomes one more pair per token (moe_shared).
-    moe_shared: with moe, take a shared expert of the routed experts' widths into their two kernels;
-        off, it stays cuBLAS GEMMs and Inductor kernels beside them.
+    moe_shared: with moe, take a shared expert of the routed experts' widths into their two kernels,
+        while its weights are at most `moe_shared_max_mb` MB; else (or off) it stays cuBLAS GEMMs and
+        Inductor kernels beside them, with a `shared-expert-apart` remark.
+    moe_shared_max_mb: the largest shared expert (gate, up and down weights) folded into the MoE kernels.
+        48: on an H200 at T=1 the fold made Qwen 3.5's step 7.8% faster (25 MB shared experts) and
+        DeepSeek V3.2's 4.0% slower (88 MB; its gate/up kernel lost more than the cuBLAS GEMMs it
+        replaced), benchmarks/results/README.md session 11.
     router: fuse a MoE router (softmax or sigmoid scores, + a correction bias, DeepSeek V3's group-limited
         choice, top-k, the chosen scores renormalized and scaled) into one kernel.
     topk: run each `aten.topk` over rows of at most 2048 values (routers, DeepSeek V3.2's indexer over a
@@ -110,6 +115,7 @@ class FusionConfig:
     delta_rule_norm: bool = True
     moe: bool = True
     moe_shared: bool = True
+    moe_shared_max_mb: float = 48.0
     router: bool = True
     topk: bool = True
     gemm_merge: bool = True  # GPU tests passed (gpu_tests.md, session 6); token range [1, 1] (see above)
@@ -130,6 +136,9 @@ class FusionConfig:
                 or self.symm_max_tokens < 0:
             raise ValueError(f"FusionConfig.symm_max_tokens={self.symm_max_tokens!r}: expected an int >= 0 "
                              "(0 turns the one-shot kernels off)")
+        if not isinstance(self.moe_shared_max_mb, (int, float)) or isinstance(self.moe_shared_max_mb, bool) \
+                or not self.moe_shared_max_mb >= 0:
+            raise ValueError(f"FusionConfig.moe_shared_max_mb={self.moe_shared_max_mb!r}: expected a number >= 0")
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"FusionConfig.verify={self.verify!r}: expected one of {VERIFY_MODES}")
         if not isinstance(self.verify_rtol, (int, float)) or isinstance(self.verify_rtol, bool) or self.verify_rtol <= 0:

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch.fx import GraphModule
 
-from braze.patterns.fx import Miss, aten, is_op
+from braze.patterns.fx import Miss, aten, is_op, val
 from braze.patterns.moe import Experts, ExpertsMatch, match_experts, match_shared_expert
 
 from .base import Pass, PassContext
@@ -74,6 +74,13 @@ class ExpertsFusion(Pass):
                 continue
             inputs = [site.x, site.w13, site.w2, site.idx, site.weights]
             shared = match_shared_expert(site) if ctx.config.moe_shared else Miss("off", candidate=False)
+            if not isinstance(shared, Miss):
+                mb = _weight_mb(shared.w13, shared.w2)
+                if mb is None or mb > ctx.config.moe_shared_max_mb:
+                    shared = Miss(f"its weights are {'of unknown size' if mb is None else f'{mb:.3g} MB'}, above "
+                                  f"FusionConfig.moe_shared_max_mb = {ctx.config.moe_shared_max_mb:g} (a large shared "
+                                  "expert is faster as cuBLAS GEMMs beside the fused routed experts)",
+                                  node=site.output, suggestion="raise FusionConfig.moe_shared_max_mb to fold it")
             if isinstance(shared, Miss):
                 if shared.candidate:
                     ctx.remark("missed", "shared-expert-apart", shared.node or site.output, "shared expert left to "
@@ -99,3 +106,14 @@ class ExpertsFusion(Pass):
                        args={"tokens": s.tokens, "top_k": s.top_k, "experts": s.experts, "hidden": s.hidden,
                              "inter": s.inter, **({"shared": shared.gate} if shared else {})})
             ctx.bump("sites-fused")
+
+
+def _weight_mb(*weights) -> float | None:
+    """MB of the weights (static sizes), or None when a size is symbolic."""
+    total = 0
+    for w in weights:
+        v = val(w)
+        if v is None or not isinstance(v.numel(), int):
+            return None
+        total += v.numel() * v.element_size()
+    return total / 1e6

@@ -225,6 +225,23 @@ def test_shared_expert_of_another_width_input_or_with_an_escape_stays_apart():
         close_bf16(got, want)
 
 
+def test_a_shared_expert_above_the_size_limit_or_switched_off_stays_apart():
+    """FusionConfig.moe_shared_max_mb: a large shared expert stays cuBLAS GEMMs (DeepSeek V3.2's 88 MB lost 4% of
+    the step folded, on an H200); moe_shared=False keeps every shared expert apart without a remark."""
+    import braze
+
+    args = shared_inputs(2, 2, 5, 24, 8, True)  # 3 x 24 x 8 bf16 weights: 0.001152 MB
+    gm, record = fuse(with_shared, args, braze.FusionConfig(moe_shared_max_mb=0.001))
+    (m,) = [r for r in remarks(record, "missed") if r.name == "shared-expert-apart"]
+    assert "its weights are 0.00115 MB, above FusionConfig.moe_shared_max_mb = 0.001" in m.reason
+    assert fused_ops(gm) == ["braze.moe_experts_cpu.default"]  # the routed experts still fuse
+    close_bf16(gm(*args), with_shared(*args))
+    gm, record = fuse(with_shared, args, braze.FusionConfig(moe_shared_max_mb=0.002))
+    assert fused_ops(gm) == ["braze.moe_experts_shared_cpu.default"]
+    gm, record = fuse(with_shared, args, braze.FusionConfig(moe_shared=False))
+    assert fused_ops(gm) == ["braze.moe_experts_cpu.default"] and not remarks(record, "missed")
+
+
 def test_shared_expert_kernel_equals_reference_into_a_poisoned_output():
     from braze.patterns.moe import Experts, experts_reference
     from braze.runtime.moe import _run
