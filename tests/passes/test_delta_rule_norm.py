@@ -134,3 +134,24 @@ def test_switch_and_token_range(config, why):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert fused_ops(gm) == ["braze.delta_rule_cpu.default", "braze.fused_rowwise_cpu.default"]
     assert [(r.name, r.reason) for r in record.remarks if r.kind == "missed"] == ([("token-range", why)] if why else [])
+
+
+def test_a_dynamic_token_count_folds_once_and_equals_eager():
+    """A symbolic T (a server's compile): one graph serves T=3 and T=5, the norm inside the update, no guard on T."""
+    torch._dynamo.reset()
+    fn = layer_tail(gated(16, torch.bfloat16), 4, 16, torch.bfloat16)
+    be = braze.backend()
+    compiled = torch.compile(fn, backend=be, fullgraph=True)
+    for t in (3, 5):
+        args = inputs(t, 2, 4, 8, 16, torch.bfloat16, t, extra_rows=8 - t)  # 8 state slots either way
+        got_args, want_args = [a.clone() for a in args], [a.clone() for a in args]
+        for i in (0, 1, 2, 3, 4, 6, 7):  # every per-token operand; the state's slots stay static
+            torch._dynamo.mark_dynamic(got_args[i], 0)
+        with torch.no_grad():
+            got, want = compiled(*got_args), fn(*want_args)
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got_args[5], want_args[5], rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch._dynamo.reset()
+    report = braze.report(be)
+    assert len(report.graphs) == 1
+    assert [r.message.startswith(FOLDED) for r in report.applied] == [True]
