@@ -122,6 +122,7 @@ def test_a_head_too_large_for_one_program_keeps_two_kernels():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     (miss,) = [r for r in record.remarks if r.kind == "missed"]
     assert miss.name == "gated-norm-apart" and "more than one program holds (16384" in miss.reason
+    assert fused_ops(gm) == ["braze.delta_rule_cpu.default", "braze.fused_rowwise_cpu.default"]
 
 
 @pytest.mark.parametrize("config, why", [
