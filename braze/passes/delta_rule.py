@@ -65,15 +65,16 @@ def delta_rule_call(spec: DeltaRule):
     return rows
 
 
-def delta_rule_gated_call(spec: DeltaRule, chain: RowChain, n_inputs: int):
-    """The replacement of an update and the gated RMSNorm of its o: the chain's outputs and the state."""
+def delta_rule_gated_call(spec: DeltaRule, chain: RowChain):
+    """The replacement of an update and the gated RMSNorm of its o: the chain's outputs and the state. Its
+    arguments: q, k, v, g, beta, [indices (not with arange(T) rows)], state, then the chain's weight and z."""
     import braze.runtime.delta_rule  # noqa: F401  (registers the op)
 
     text, chain_text = spec.to_json(), chain.to_json()
 
     def fn(q, k, v, g, beta, *rest):
-        idx, state, inputs = (rest[0], rest[1], list(rest[2:])) if len(rest) > n_inputs + 1 else \
-            (None, rest[0], list(rest[1:]))
+        idx, rest = (None, rest) if spec.identity else (rest[0], rest[1:])
+        state, inputs = rest[0], list(rest[1:])
         outs = torch.ops.braze.delta_rule_gated(q, k, v, g, beta, idx, state, inputs, text, chain_text)
         return [*outs, state]
 
@@ -240,7 +241,7 @@ class DeltaRuleFusion(Pass):
     @staticmethod
     def _splice_gated(graph, site: DeltaRuleMatch, inputs: list[Node], fold, fake_mode, ctx: PassContext) -> None:
         chain, extra, outputs = fold
-        traced = trace_functional(delta_rule_gated_call(site.spec, chain, len(extra)),
+        traced = trace_functional(delta_rule_gated_call(site.spec, chain),
                                   [n.meta["val"] for n in inputs + extra], fake_mode)
         new = splice(graph, traced, inputs + extra, site.output)
         *outs, state = new
