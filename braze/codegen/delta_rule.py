@@ -104,8 +104,8 @@ def gated_blocks(dk: int, dv: int) -> tuple[int, int, int] | None:
     n = block_k * block_v
     if n > GATED_MAX_STATE:
         return None
-    # 4 warps (128 fp32 state values a thread): on an H200 at 128 x 128 heads, faster than 8 or 16 at every T measured
-    # (benchmarks/results/delta_rule_norm.md: 8 warps 26.0 µs, 4 warps 20.6 µs at T=64)
+    # 4 warps (128 fp32 state values a thread): on an H200 at 128 x 128 heads as fast as 8 at T=1 and 8, faster from
+    # T=64 (session11_gpu/4_micro: 20.6 against 26.0 µs at T=64, 77.2 against 103.6 at T=256); 16 is slower throughout
     return block_k, block_v, 4
 
 
