@@ -66,8 +66,8 @@ class GatedNormFusion(Pass):
             ctx.bump("sites-fused")
 
 
-def gated_norms(graph, ctx: PassContext) -> list[GatedNormMatch]:
-    """Every gated RMSNorm of the graph; a near miss gets a `gate-not-fused` remark."""
+def gated_norms(graph, ctx: PassContext | None) -> list[GatedNormMatch]:
+    """Every gated RMSNorm of the graph; a near miss gets a `gate-not-fused` remark (a look-ahead passes no ctx)."""
     matches: list[GatedNormMatch] = []
     for n in graph.nodes:
         if not is_op(n, aten.mean):
@@ -78,7 +78,7 @@ def gated_norms(graph, ctx: PassContext) -> list[GatedNormMatch]:
         m = match_gate(norm)
         if isinstance(m, GatedNormMatch):
             matches.append(m)
-        elif m.candidate:
+        elif m.candidate and ctx is not None:
             ctx.remark("missed", "gate-not-fused", m.node or norm.anchor, "gated RMSNorm left to Inductor",
                        reason=m.reason, suggestion=m.suggestion, ops=("rmsnorm", "silu_gate"))
     return matches
