@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm", "moe",
-            "router", "topk", "gemm_merge", "dual_stream")
+FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
+            "delta_rule_conv", "moe", "router", "topk", "gemm_merge", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -58,6 +58,10 @@ class FusionConfig:
     delta_rule_norm: with delta_rule and gated_norm, compute the gated RMSNorm of the update's output (one row
         per value head) inside the delta-rule kernel, one program per value head holding its whole state row
         (heads of at most 16384 state values); a `gated-norm-apart` remark says why one stays a kernel of its own.
+    delta_rule_conv: with post_conv and delta_rule_norm, also run the post-conv path (conv update, L2 norm of
+        q and k, gating) inside that kernel: each program redoes its key head's conv, and the last of a key
+        head's programs to arrive (a counter per conv state row and key head, a zeroed int32 buffer the
+        compiled graph holds) shifts its q/k conv state; a `post-conv-apart` remark says why one stays apart.
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts; a shared expert of the same widths added to
@@ -113,6 +117,7 @@ class FusionConfig:
     delta_rule: bool = True  # 10-12 µs faster per Qwen 3.5 step than without (H100: qwen3.5_bench_tp1_static_delta_rule.md)
     gated_norm: bool = True
     delta_rule_norm: bool = True
+    delta_rule_conv: bool = True
     moe: bool = True
     moe_shared: bool = True
     moe_shared_max_mb: float = 48.0
@@ -127,8 +132,8 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm", "moe",
-                  "moe_shared", "router", "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
+                  "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

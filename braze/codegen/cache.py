@@ -112,6 +112,19 @@ def delta_rule_gated_kernel(spec: DeltaRule, chain: RowChain) -> LoadedKernel:
 
 
 @functools.lru_cache(maxsize=None)
+def _conv_delta_rule_gated_kernel(post: str, roles: str, spec: str, chain: str) -> LoadedKernel:
+    return _loaded(delta_rule.generate_conv_gated(PostConv.from_json(post), tuple(int(r) for r in roles.split(",")),
+                                                  DeltaRule.from_json(spec), RowChain.from_json(chain)))
+
+
+def conv_delta_rule_gated_kernel(post: PostConv, roles: tuple[int, int, int], spec: DeltaRule,
+                                 chain: RowChain) -> LoadedKernel:
+    """The post-conv path, the delta-rule update and the gated RMSNorm (+ FP8 quant) of each value head in one
+    kernel; `roles`: the post-conv segments that are q, k and v."""
+    return _conv_delta_rule_gated_kernel(post.to_json(), ",".join(map(str, roles)), spec.to_json(), chain.to_json())
+
+
+@functools.lru_cache(maxsize=None)
 def _allreduce_chain_kernel(signature: str, world: int) -> LoadedKernel:
     src = collective.generate_allreduce_chain(RowChain.from_json(signature), world)
     return _loaded(src)

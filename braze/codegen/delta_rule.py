@@ -24,8 +24,10 @@ import triton
 import triton.language as tl
 
 from braze.patterns.delta_rule import DeltaRule
+from braze.patterns.gdn import PostConv
 from braze.patterns.stages import RowChain
 
+from .post_conv import emit_conv_read, emit_conv_taps, emit_conv_write, emit_gating_math, emit_l2norm
 from .rowwise import ROW_CONSTEXPRS, KernelSource, _Emitter, emit_stages, kernel_source, stage_params
 
 
@@ -41,6 +43,26 @@ def delta_rule_block(
     kk = tl.arange(0, BLOCK_K)
     km = kk < DK
     vm = vv < DV
+    # (Inductor passes a Python float as fp64: the update is fp32 math, as the graph's)
+    q = tl.load(q_ptr + t * q_t + kh * q_h + kk, mask=km, other=0.0).to(tl.float32) * tl.full([1], scale, tl.float32)
+    k = tl.load(k_ptr + t * k_t + kh * k_h + kk, mask=km, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + t * v_t + h * v_h + vv, mask=vm, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + t * g_t + h).to(tl.float32)
+    beta = tl.load(b_ptr + t * b_t + h).to(tl.float32)
+    return delta_rule_update(q, k, v, g, beta, idx_ptr, state_ptr, new_ptr, n_slots, t, h, vv, HV, DK, DV, BLOCK_K,
+                             INDEXED)
+
+
+@triton.jit
+def delta_rule_update(
+    q, k, v, g, beta, idx_ptr, state_ptr, new_ptr, n_slots, t, h, vv,
+    HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, INDEXED: tl.constexpr,
+):
+    """The update of columns `vv` of token t's value head h from its operands in fp32 registers (q scaled: [BLOCK_K];
+    k [BLOCK_K]; v [BLOCK_V]; g, beta scalars): state block written back, o [BLOCK_V] returned."""
+    kk = tl.arange(0, BLOCK_K)
+    km = kk < DK
+    vm = vv < DV
     if INDEXED:  # state rows idx[t], updated in place
         slot = tl.load(idx_ptr + t).to(tl.int64)
         slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives
@@ -49,12 +71,6 @@ def delta_rule_block(
     # the slot check as a tensor (a scalar bool in a tensor mask is no mask to some interpreters)
     slots = tl.zeros([BLOCK_K, 1], dtype=tl.int64) + slot
     sm = km[:, None] & vm[None, :] & (slots >= 0) & (slots < n_slots)
-    # (Inductor passes a Python float as fp64: the update is fp32 math, as the graph's)
-    q = tl.load(q_ptr + t * q_t + kh * q_h + kk, mask=km, other=0.0).to(tl.float32) * tl.full([1], scale, tl.float32)
-    k = tl.load(k_ptr + t * k_t + kh * k_h + kk, mask=km, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + t * v_t + h * v_h + vv, mask=vm, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + t * g_t + h).to(tl.float32)
-    beta = tl.load(b_ptr + t * b_t + h).to(tl.float32)
     row = state_ptr + (slot * HV + h) * (DK * DV)
     offs = kk[:, None] * DV + vv[None, :]
     s = tl.load(row + offs, mask=sm, other=0.0)  # [BLOCK_K, BLOCK_V] fp32
@@ -113,13 +129,7 @@ def generate_gated(spec: DeltaRule, chain: RowChain) -> KernelSource:
     """The delta-rule update with `chain` (the gated RMSNorm over each value head's o, [+ its FP8 quant with one
     group per head]) after it, in one kernel: grid (T, Hv), program (t, h) owns the whole state row of value head h
     (delta_rule_block over all dv columns), so o never leaves registers."""
-    if chain.residual is not None or chain.n_groups != 1 or chain.width != spec.dv or chain.gate is None:
-        raise ValueError(f"braze delta_rule: no gated kernel for {chain.name} over {chain.width} values "
-                         f"(value heads of {spec.dv})")
-    blocks_ = gated_blocks(spec.dk, spec.dv)
-    if blocks_ is None:
-        raise ValueError(f"braze delta_rule: a [{spec.dk}, {spec.dv}] head is too large for one program")
-    _, block_v, num_warps = blocks_
+    _, block_v, num_warps = _check_gated(spec, chain)
     signature = spec.to_json() + "|" + chain.to_json()
     name = f"braze_delta_rule_{chain.name}_{hashlib.sha256(signature.encode()).hexdigest()[:12]}"
     # the update's operands (prefixed: the quant's outputs are named q_ptr and scale0_ptr)
@@ -134,6 +144,14 @@ def generate_gated(spec: DeltaRule, chain: RowChain) -> KernelSource:
     em.line(f"o = delta_rule_block({', '.join(update)},")
     em.line("                     t, h, tl.arange(0, BLOCK_V), RATIO, HV, DK, DV, BLOCK_K, INDEXED)  # [BLOCK_V] fp32: "
             "all of the head")
+    _emit_gated_tail(em, chain)
+    source = kernel_source("braze.codegen.delta_rule", "gated delta-rule update + gated RMSNorm", signature, name,
+                           params, em.lines, imports=("from braze.codegen.delta_rule import delta_rule_block",))
+    return KernelSource(name, source, 1, block_v, num_warps)
+
+
+def _emit_gated_tail(em: _Emitter, chain: RowChain) -> None:
+    """The row chain's stages over o (value head h of token t), as a [1, BLOCK_V] tile."""
     em.line("# the norm's row is value head h of token t, held as a [1, BLOCK_V] tile")
     em.line("row = t * HV + h")
     em.line("g = tl.arange(0, BLOCK_G)[:, None]")
@@ -142,6 +160,97 @@ def generate_gated(spec: DeltaRule, chain: RowChain) -> KernelSource:
     em.line("mask = (g < G) & (e < GS)")
     x = em.round_to("o[None, :]", chain.in_dtype)  # o as the graph casts it for the norm
     emit_stages(em, chain, x)
-    source = kernel_source("braze.codegen.delta_rule", "gated delta-rule update + gated RMSNorm", signature, name,
-                           params, em.lines, imports=("from braze.codegen.delta_rule import delta_rule_block",))
+
+
+def _check_gated(spec: DeltaRule, chain: RowChain) -> tuple[int, int, int]:
+    if chain.residual is not None or chain.n_groups != 1 or chain.width != spec.dv or chain.gate is None:
+        raise ValueError(f"braze delta_rule: no gated kernel for {chain.name} over {chain.width} values "
+                         f"(value heads of {spec.dv})")
+    blocks_ = gated_blocks(spec.dk, spec.dv)
+    if blocks_ is None:
+        raise ValueError(f"braze delta_rule: a [{spec.dk}, {spec.dv}] head is too large for one program")
+    return blocks_
+
+
+# The conv-state channels of q, k and v: the PostConv segments the update reads, by index.
+Roles = tuple[int, int, int]
+
+
+def generate_conv_gated(post: PostConv, roles: Roles, spec: DeltaRule, chain: RowChain) -> KernelSource:
+    """The post-conv path (causal conv update, L2 norm of q and k, gating) of the value head's operands, the
+    delta-rule update and `chain` after it in one kernel: grid (T, Hv), program (t, h) as in `generate_gated`.
+
+    Program (t, h) runs the conv of its key head's q and k channels and of its own v channels. Its own v channels'
+    conv state it shifts itself; the key head's q/k channels are read by the RATIO programs of that key head, so
+    each adds one to the key head's arrival counter once it has read them, and the last to arrive (it knows all
+    the others have read) writes the shifted q/k state and sets the counter back to 0 for the next call."""
+    _, block_v, num_warps = _check_gated(spec, chain)
+    if post.gating is None or post.gating.heads != spec.heads_v:
+        raise ValueError("braze delta_rule: the post-conv site has no gating of the value heads")
+    segs = [post.segments[i] for i in roles]
+    want = ((spec.heads_k, spec.dk), (spec.heads_k, spec.dk), (spec.heads_v, spec.dv))
+    for seg, (heads, dim), what in zip(segs, want, "qkv"):
+        if seg.heads * seg.head_dim != heads * dim or (seg.norm is not None and seg.head_dim != dim):
+            raise ValueError(f"braze delta_rule: the {what} segment ({seg.heads}x{seg.head_dim}) is not "
+                             f"{heads} heads of {dim}")
+    signature = "|".join((post.to_json(), ",".join(map(str, roles)), spec.to_json(), chain.to_json()))
+    name = f"braze_conv_delta_rule_{chain.name}_{hashlib.sha256(signature.encode()).hexdigest()[:12]}"
+    conv = ["c_x_ptr", "c_x_row_stride", "c_w_ptr", "c_idx_ptr", "c_state_ptr", "c_n_slots", "c_a_ptr",
+            "c_a_row_stride", "c_b_ptr", "c_b_row_stride", "c_alog_ptr", "c_dt_ptr", "ctr_ptr"]
+    update = ["u_idx_ptr", "u_state_ptr", "u_n_slots", "u_scale"]
+    params = [*conv, *update, *stage_params(chain), *ROW_CONSTEXPRS,
+              "RATIO: tl.constexpr", "HK: tl.constexpr", "HV: tl.constexpr", "DK: tl.constexpr", "DV: tl.constexpr",
+              "BLOCK_K: tl.constexpr", "BLOCK_V: tl.constexpr", "INDEXED: tl.constexpr"]
+    em = _Emitter()
+    em.line("t = tl.program_id(0).to(tl.int64)")
+    em.line("h = tl.program_id(1)")
+    em.line("kh = h // RATIO  # the key head whose q and k this value head reads")
+    if post.conv.indexed:
+        em.line("slot = tl.load(c_idx_ptr + t).to(tl.int64)  # the conv state row")
+        em.line("slot = tl.where(slot < 0, slot + c_n_slots, slot)  # eager indexing wraps negatives")
+    else:
+        em.line("slot = t  # token t's conv state is row t")
+    em.line("kk = tl.arange(0, BLOCK_K)")
+    em.line("km = kk < DK")
+    em.line("vv = tl.arange(0, BLOCK_V)")
+    em.line("vm = vv < DV")
+    chans = {"q": f"{segs[0].start} + kh * DK + kk", "k": f"{segs[1].start} + kh * DK + kk",
+             "v": f"{segs[2].start} + h * DV + vv"}
+    reads = {}
+    for what, mask in (("q", "km"), ("k", "km"), ("v", "vm")):
+        em.line(f"c{what} = {chans[what]}  # the {what} channels")
+        reads[what] = emit_conv_read(em, post, f"c{what}", mask, pre="c_")
+    em.line("tl.debug_barrier()  # every conv state value of this program is read before any is written")
+    emit_conv_write(em, post, *reads["v"])  # this value head's v channels: no other program reads them
+    if spec.heads_v == spec.heads_k:
+        em.line("# q and k channels: this program is their key head's only reader")
+        emit_conv_write(em, post, *reads["q"])
+        emit_conv_write(em, post, *reads["k"])
+    else:
+        em.line("if (slot >= 0) & (slot < c_n_slots):")
+        em.indent += 1
+        em.line("ctr = ctr_ptr + slot * HK + kh")
+        em.line("arrived = tl.atomic_add(ctr, 1, sem='acq_rel')  # after this program's reads (the barrier)")
+        em.line("if arrived == RATIO - 1:  # the key head's last reader: every other one has read the q/k state")
+        em.indent += 1
+        emit_conv_write(em, post, *reads["q"])
+        emit_conv_write(em, post, *reads["k"])
+        em.line("tl.atomic_xchg(ctr, 0, sem='relaxed')  # zero again for the next call")
+        em.indent -= 2
+    ops = {}
+    for (what, mask), seg in zip((("q", "km"), ("k", "km"), ("v", "vm")), segs):
+        y = emit_conv_taps(em, post, reads[what][2], f"c{what}", mask, pre="c_")
+        ops[what] = emit_l2norm(em, seg, y, mask) if seg.norm is not None else y
+    em.line("hh = h + tl.arange(0, 1)")
+    em.line("hm = hh < HV")
+    g, beta = emit_gating_math(em, post, "hh", "hm", pre="c_")
+    em.line("# the update (Inductor passes a Python float as fp64: the update is fp32 math, as the graph's)")
+    em.line(f"qs = {ops['q']} * tl.full([1], u_scale, tl.float32)")
+    em.line(f"o = delta_rule_update(qs, {ops['k']}, {ops['v']}, tl.sum({g}, axis=0), tl.sum({beta}, axis=0), "
+            "u_idx_ptr, u_state_ptr, u_state_ptr,")
+    em.line("                      u_n_slots, t, h, vv, HV, DK, DV, BLOCK_K, INDEXED)  # [BLOCK_V] fp32: all of the head")
+    _emit_gated_tail(em, chain)
+    source = kernel_source("braze.codegen.delta_rule", "post-conv path + gated delta-rule update + gated RMSNorm",
+                           signature, name, params, em.lines,
+                           imports=("from braze.codegen.delta_rule import delta_rule_update",))
     return KernelSource(name, source, 1, block_v, num_warps)

@@ -75,10 +75,7 @@ def generate(spec: PostConv) -> PostConvKernelSource:
         em.line(f"c = {seg.start} + ch")
         y = _emit_conv(em, spec)
         if seg.norm is not None:
-            em.line(f"# l2 norm of each head of {seg.head_dim}, eps={seg.norm.eps!r}")
-            ss = em.let(f"tl.sum(tl.where(m, {y} * {y}, 0.0), axis=0)", "ss")
-            r = em.let(f"tl.math.rsqrt({ss} + {_fmt_float(seg.norm.eps)})", "r")
-            y = em.round_to(em.let(f"{y} * {r}", "n"), seg.norm.out)
+            y = emit_l2norm(em, seg, y, "m")
             out_dtype = seg.norm.out
         else:
             out_dtype = conv.out
@@ -95,22 +92,44 @@ def generate(spec: PostConv) -> PostConvKernelSource:
 
 def _emit_conv(em: _Emitter, spec: PostConv) -> str:
     """The conv update of channels `c` (mask `m`) of token t; returns y, rounded to conv.out."""
+    srow, sm, window = emit_conv_read(em, spec, "c", "m")
+    em.line("tl.debug_barrier()  # every state value of this program is read before any is written")
+    emit_conv_write(em, spec, srow, sm, window)
+    return emit_conv_taps(em, spec, window, "c", "m")
+
+
+def emit_conv_read(em: _Emitter, spec: PostConv, c: str, m: str, pre: str = "") -> tuple[str, str, list[str]]:
+    """Load the window [state | x] of channels `c` (mask `m`) of token t's conv state row `slot`:
+    (the row's pointer, the state mask, the K window values held in fp32). `pre` prefixes the kernel's
+    parameter names (x_ptr, x_row_stride, state_ptr, n_slots)."""
     conv = spec.conv
     K, C, L = conv.width, conv.channels, conv.state_len
-    st = _TL_DTYPE[conv.state_dtype]
     em.line(f"# causal conv update: {K} taps over [state ({L}) | x], state [rows, {C}, {L}] shifted in place")
-    em.line(f"srow = state_ptr + slot * {C * L} + c * {L}")
+    srow = em.let(f"{pre}state_ptr + slot * {C * L} + {c} * {L}", "srow")
     # the slot check as a tensor like `m` (a scalar bool in a tensor mask is no mask to some interpreters)
-    em.line("sm = m & ((tl.zeros_like(c).to(tl.int64) + slot) >= 0) & ((tl.zeros_like(c).to(tl.int64) + slot) < n_slots)")
-    window = [em.let(f"tl.load(srow + {i}, mask=sm, other=0.0).to(tl.float32)", "u") for i in range(L)]
-    xv = em.let("tl.load(x_ptr + t * x_row_stride + c, mask=m, other=0.0).to(tl.float32)", "xv")
+    sm = em.let(f"{m} & ((tl.zeros_like({c}).to(tl.int64) + slot) >= 0) & "
+                f"((tl.zeros_like({c}).to(tl.int64) + slot) < {pre}n_slots)", "sm")
+    window = [em.let(f"tl.load({srow} + {i}, mask={sm}, other=0.0).to(tl.float32)", "u") for i in range(L)]
+    xv = em.let(f"tl.load({pre}x_ptr + t * {pre}x_row_stride + {c}, mask={m}, other=0.0).to(tl.float32)", "xv")
     window.append(em.round_to(xv, conv.state_dtype))  # the window holds x in the state's dtype
-    em.line("tl.debug_barrier()  # every state value of this program is read before any is written")
-    for i in range(L):
-        em.line(f"tl.store(srow + {i}, {window[i + 1]}.to({st}), mask=sm)")
+    return srow, sm, window
+
+
+def emit_conv_write(em: _Emitter, spec: PostConv, srow: str, sm: str, window: list[str]) -> None:
+    """The state row shifted by one: the window's last L values (after every read of it: the caller's barrier)."""
+    st = _TL_DTYPE[spec.conv.state_dtype]
+    for i in range(spec.conv.state_len):
+        em.line(f"tl.store({srow} + {i}, {window[i + 1]}.to({st}), mask={sm})")
+
+
+def emit_conv_taps(em: _Emitter, spec: PostConv, window: list[str], c: str, m: str, pre: str = "") -> str:
+    """y of channels `c`: the K taps summed (the weights at the parameter `pre` + w_ptr), the activation; rounded
+    to conv.out."""
+    conv = spec.conv
+    K, L = conv.width, conv.state_len
     acc = None
     for i, u in enumerate(window[L + 1 - K:]):
-        w = em.let(f"tl.load(w_ptr + c * {K} + {i}, mask=m, other=0.0).to(tl.float32)", "w")
+        w = em.let(f"tl.load({pre}w_ptr + {c} * {K} + {i}, mask={m}, other=0.0).to(tl.float32)", "w")
         term = f"{u} * {w}"
         acc = em.let(term if acc is None else f"{acc} + {term}", "acc")
     acc = em.round_to(acc, conv.acc)
@@ -118,6 +137,14 @@ def _emit_conv(em: _Emitter, spec: PostConv) -> str:
         den = em.let(f"1.0 + tl.exp(-{acc})", "den")
         acc = em.let(em.div(acc, den, per_element=True), "act")
     return em.round_to(acc, conv.out)
+
+
+def emit_l2norm(em: _Emitter, seg, y: str, m: str) -> str:
+    """The L2 norm of the head `y` (mask `m`), rounded to the norm's dtype."""
+    em.line(f"# l2 norm of each head of {seg.head_dim}, eps={seg.norm.eps!r}")
+    ss = em.let(f"tl.sum(tl.where({m}, {y} * {y}, 0.0), axis=0)", "ss")
+    r = em.let(f"tl.math.rsqrt({ss} + {_fmt_float(seg.norm.eps)})", "r")
+    return em.round_to(em.let(f"{y} * {r}", "n"), seg.norm.out)
 
 
 def _out(place: tuple[int, int]) -> str:
@@ -133,9 +160,19 @@ def _emit_gating(em: _Emitter, spec: PostConv, pid: int, g_out: str, beta_out: s
     em.indent += 1
     em.line(f"hh = tl.arange(0, {_next_pow2(hv)})")
     em.line(f"hm = hh < {hv}")
-    em.line("av = tl.load(a_ptr + t * a_row_stride + hh, mask=hm, other=0.0).to(tl.float32)")
-    em.line("dt = tl.load(dt_ptr + hh, mask=hm, other=0.0).to(tl.float32)")
-    em.line("al = tl.load(alog_ptr + hh, mask=hm, other=0.0).to(tl.float32)")
+    g, beta = emit_gating_math(em, spec, "hh", "hm")
+    em.line(f"tl.store({g_out} + t * {hv} + hh, {g}.to({_TL_DTYPE[gate.g_out]}), mask=hm)")
+    em.line(f"tl.store({beta_out} + t * {hv} + hh, {beta}.to({_TL_DTYPE[gate.beta_out]}), mask=hm)")
+    em.indent -= 1
+
+
+def emit_gating_math(em: _Emitter, spec: PostConv, hh: str, hm: str, pre: str = "") -> tuple[str, str]:
+    """g and beta of heads `hh` (mask `hm`) of token t, each rounded to its output dtype (held in fp32); `pre`
+    prefixes the parameter names (a_ptr, a_row_stride, dt_ptr, alog_ptr, b_ptr, b_row_stride)."""
+    gate = spec.gating
+    em.line(f"av = tl.load({pre}a_ptr + t * {pre}a_row_stride + {hh}, mask={hm}, other=0.0).to(tl.float32)")
+    em.line(f"dt = tl.load({pre}dt_ptr + {hh}, mask={hm}, other=0.0).to(tl.float32)")
+    em.line(f"al = tl.load({pre}alog_ptr + {hh}, mask={hm}, other=0.0).to(tl.float32)")
     em.line("s = av + dt")
     # log1p(e) without libdevice (the interpreter lacks it): log(w)·e/(w-1), w = 1 + e, exact when w == 1
     em.line("e = tl.exp(tl.minimum(s, 80.0))")
@@ -143,8 +180,7 @@ def _emit_gating(em: _Emitter, spec: PostConv, pid: int, g_out: str, beta_out: s
     em.line("lp = tl.where(w1 == 1.0, e, tl.log(w1) * (e / tl.where(w1 == 1.0, 1.0, w1 - 1.0)))")
     em.line(f"sp = tl.where(s > {_fmt_float(gate.threshold)}, s, lp)")
     g = em.round_to(em.let("-tl.exp(al) * sp", "g"), gate.g_out)
-    em.line(f"tl.store({g_out} + t * {hv} + hh, {g}.to({_TL_DTYPE[gate.g_out]}), mask=hm)")
-    em.line("bv = tl.load(b_ptr + t * b_row_stride + hh, mask=hm, other=0.0).to(tl.float32)")
-    beta = em.round_to(em.let(em.div("(1.0 + tl.zeros_like(bv))", "(1.0 + tl.exp(-bv))", per_element=True), "beta"), gate.beta_out)
-    em.line(f"tl.store({beta_out} + t * {hv} + hh, {beta}.to({_TL_DTYPE[gate.beta_out]}), mask=hm)")
-    em.indent -= 1
+    em.line(f"bv = tl.load({pre}b_ptr + t * {pre}b_row_stride + {hh}, mask={hm}, other=0.0).to(tl.float32)")
+    beta = em.round_to(em.let(em.div("(1.0 + tl.zeros_like(bv))", "(1.0 + tl.exp(-bv))", per_element=True), "beta"),
+                       gate.beta_out)
+    return g, beta

@@ -39,6 +39,8 @@ class PassContext:
         self.record = record
         self.pass_name = ""
         self.inputs = current_inputs.get()
+        # what a pass leaves for a later one on the same graph (e.g. the post-conv sites the delta-rule pass may fold)
+        self.shared: dict[str, Any] = {}
 
     def bump(self, stat: str, n: int = 1) -> None:
         self.record.bump(self.pass_name, stat, n)

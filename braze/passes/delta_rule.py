@@ -27,13 +27,26 @@ from braze.patterns.delta_rule import (
     match_delta_rule,
     match_delta_rule_rows,
 )
-from braze.patterns.fx import Miss, aten, is_cast, is_identity_index, is_op, is_view, known_eq, val
+from braze.patterns.fx import (
+    Miss,
+    aten,
+    dtype_of,
+    is_cast,
+    is_identity_index,
+    is_lossless,
+    is_op,
+    is_view,
+    known_eq,
+    val,
+)
+from braze.patterns.gdn import PostConv
 from braze.patterns.gated_norm import GatedNormMatch
 from braze.patterns.quant import fp8_quants_by_value
 from braze.patterns.stages import RowChain, dtype_name
 
 from .base import Pass, PassContext
 from .gated_norm import gated_norms, plan_gated_norm
+from .post_conv import PostConvSplice
 from .rewrite import graph_fake_mode, splice, trace_functional, view_as
 
 OPS = ("repeat_interleave", "decay", "delta_rule", "state_store", "readout")
@@ -77,6 +90,29 @@ def delta_rule_gated_call(spec: DeltaRule, chain: RowChain):
         state, inputs = rest[0], list(rest[1:])
         outs = torch.ops.braze.delta_rule_gated(q, k, v, g, beta, idx, state, inputs, text, chain_text)
         return [*outs, state]
+
+    return fn
+
+
+def conv_delta_rule_gated_call(post: PostConv, roles: tuple[int, int, int], spec: DeltaRule, chain: RowChain,
+                               n_conv: int):
+    """The replacement of a post-conv site, the update its outputs feed and the gated RMSNorm of its o: the chain's
+    outputs, the conv state, the state [and the counters]. Its arguments: the post-conv op's `n_conv` inputs, the
+    conv state, [indices (not with arange(T) rows)], the state, the chain's weight and z, [the counters (with more
+    value heads than key heads)]."""
+    import braze.runtime.delta_rule  # noqa: F401  (registers the op)
+
+    texts = post.to_json(), ",".join(map(str, roles)), spec.to_json(), chain.to_json()
+
+    shared = spec.heads_v != spec.heads_k  # a key head's q/k conv state has several readers: counters
+
+    def fn(*args):
+        conv_inputs, conv_state, rest = list(args[:n_conv]), args[n_conv], args[n_conv + 1:]
+        idx, rest = (None, rest) if spec.identity else (rest[0], rest[1:])
+        state, rest = rest[0], rest[1:]
+        inputs, counters = (list(rest[:-1]), rest[-1]) if shared else (list(rest), None)
+        outs = torch.ops.braze.conv_delta_rule_gated(conv_inputs, conv_state, idx, state, inputs, counters, *texts)
+        return [*outs, conv_state, state] + ([counters] if shared else [])
 
     return fn
 
@@ -153,7 +189,11 @@ class DeltaRuleFusion(Pass):
             fold = self._fold(site, gated.get(site.output), quants, ctx)
             if fold is not None:
                 try:
-                    self._splice_gated(graph, site, inputs, fold, fake_mode, ctx)
+                    conv = self._conv_fold(graph, site, fold, ctx)
+                    if conv is not None:
+                        self._splice_conv_gated(graph, site, inputs, fold, conv, fake_mode, ctx)
+                    else:
+                        self._splice_gated(graph, site, inputs, fold, fake_mode, ctx)
                     continue
                 except Exception as e:  # a bug in braze must not break the user's compile: the update alone
                     ctx.remark("failed", "internal-error", site.output, "gated RMSNorm left out of the delta-rule "
@@ -258,3 +298,141 @@ class DeltaRuleFusion(Pass):
                          "norm_eps": chain.norm.eps, **({"rows": "arange(T)"} if s.identity else {})})
         ctx.bump("sites-fused")
         ctx.bump("gated-norms-folded")
+
+    # -- the post-conv path inside the same kernel ------------------------------------------------------------
+
+    @staticmethod
+    def _conv_fold(graph, site: DeltaRuleMatch, fold, ctx: PassContext):
+        """(the post-conv splice, the segments that are q, k and v) when the post-conv site whose outputs this
+        update reads can run inside the gated kernel as well; else None (with a remark when one feeds it)."""
+        sites: list[PostConvSplice] = ctx.shared.get("post_conv", [])
+        if not sites or not ctx.config.delta_rule_conv:
+            return None
+        held = {n: (rec, i) for rec in sites for i, n in enumerate(rec.outputs)}
+        found = []
+        for x in (site.q, site.k, site.v, site.g, site.beta):
+            while x not in held and (is_view(x) or is_op(x, *_ROW_VIEWS)
+                                     or (is_cast(x) and is_lossless(dtype_of(x.args[0]), dtype_of(x)))):
+                x = x.args[0]
+            found.append(held.get(x))
+        if found[0] is None:
+            return None  # the update's q is not a post-conv output: nothing to fold, nothing to say
+        rec = found[0][0]
+
+        def apart(reason: str, suggestion: str = "", name: str = "post-conv-apart"):
+            ctx.remark("missed", name, site.output, "post-conv path runs as a kernel of its own, before the "
+                       "delta-rule kernel", reason=reason, suggestion=suggestion,
+                       ops=("conv_update", "delta_rule"))
+
+        if any(f is None or f[0] is not rec for f in found):
+            return apart("the update's operands are not all outputs of one post-conv site")
+        spec, n_seg = rec.spec, len(rec.spec.segments)
+        roles = tuple(i for _, i in found[:3])
+        if spec.gating is None or [i for _, i in found[3:]] != [n_seg, n_seg + 1]:
+            return apart("the update's g and beta are not the post-conv site's gating")
+        if sorted(roles) != list(range(n_seg)):
+            return apart(f"the conv output has {n_seg} segments, not the update's q, k and v")
+        if rec.replayed:
+            return apart("the L2 norm is taken after the heads are repeated (Hugging Face's form)")
+        s = site.spec
+        want = ((s.heads_k, s.dk), (s.heads_k, s.dk), (s.heads_v, s.dv))
+        for i, (heads, dim), what in zip(roles, want, "qkv"):
+            seg = spec.segments[i]
+            if seg.heads * seg.head_dim != heads * dim or (seg.norm is not None and seg.head_dim != dim):
+                return apart(f"the {what} segment ({seg.heads} x {seg.head_dim}) is not {heads} heads of {dim}")
+        if spec.gating.heads != s.heads_v:
+            return apart(f"the gating's {spec.gating.heads} heads are not the {s.heads_v} value heads")
+        chain, _, outputs = fold
+        dying = _dies_with(graph, set(outputs) | {site.output, site.copy.args[1]})
+        alive = [n for n in rec.outputs if n.users and n not in dying]
+        if alive:
+            return apart(f"a post-conv output (`{alive[0].name}`) is also read elsewhere: {describe_users(alive[0])}")
+        why = ctx.token_check("delta_rule_conv", val(site.q).shape[0])
+        if why:
+            return apart(why, "widen FusionConfig.token_ranges['delta_rule_conv']", name="token-range")
+        return rec, roles
+
+    @staticmethod
+    def _splice_conv_gated(graph, site: DeltaRuleMatch, inputs: list[Node], fold, conv, fake_mode,
+                           ctx: PassContext) -> None:
+        chain, extra, outputs = fold
+        rec, roles = conv
+        s = site.spec
+        shared = s.heads_v != s.heads_k
+        counters = [_counters(graph, ctx, rec.conv_state, s.heads_k, fake_mode)] if shared else []
+        update = inputs[5:]  # [indices,] state
+        args = [*rec.inputs, rec.conv_state, *update, *extra, *counters]
+        fn = conv_delta_rule_gated_call(rec.spec, roles, s, chain, len(rec.inputs))
+        traced = trace_functional(fn, [n.meta["val"] for n in args], fake_mode)
+        new = splice(graph, traced, args, site.output)
+        outs, (conv_state, state, *new_counters) = new[:len(outputs)], new[len(outputs):]
+        for old, out in zip(outputs, outs):
+            old.replace_all_uses_with(view_as(graph, out, old))
+        site.copy.args = (site.copy.args[0], state)
+        rec.state.replace_all_uses_with(conv_state)  # the write-back of the conv state (and any other reader)
+        for buf, written in zip(counters, new_counters):
+            with graph.inserting_before(next(n for n in graph.nodes if n.op == "output")):
+                # zero again when the kernel ends; the copy back lets Inductor update the buffer in place
+                graph.call_function(aten.copy_.default, (buf, written))
+        _erase_dead(graph, rec.nodes)
+        ops = ("conv_update", "silu", "split", "l2norm", "gdn_gating") + (OPS if s.heads_v != s.heads_k else OPS[1:])
+        ops = ops + ("rmsnorm", "silu_gate") + (("fp8_quant",) if chain.quant else ())
+        ctx.remark("applied", "delta-rule", site.output, "fused the post-conv path, the gated delta-rule update and "
+                   f"the gated RMSNorm of its output{' -> FP8 quant' if chain.quant else ''} into one kernel (conv "
+                   "and recurrent state rows updated in place, one program per value head)", ops=ops,
+                   args={"heads_k": s.heads_k, "heads_v": s.heads_v, "dk": s.dk, "dv": s.dv, "scale": s.scale,
+                         "norm_eps": chain.norm.eps, "conv_width": rec.spec.conv.width,
+                         **({"rows": "arange(T)"} if s.identity else {})})
+        ctx.bump("sites-fused")
+        ctx.bump("gated-norms-folded")
+        ctx.bump("post-conv-folded")
+
+
+def _dies_with(graph, roots: set[Node]) -> set[Node]:
+    """`roots` and every node that only they (transitively) read: what is dead once the roots' uses are replaced."""
+    dying = set(roots)
+    for n in reversed(list(graph.nodes)):
+        if n in dying or n.op != "call_function" or not n.users or n.target is aten.copy_.default:
+            continue
+        if all(u in dying for u in n.users):
+            dying.add(n)
+    return dying
+
+
+def _erase_dead(graph, nodes) -> None:
+    """Erase the nodes of `nodes` nothing reads any more (a spliced op whose every output was replaced)."""
+    pending = [n for n in nodes if not getattr(n, "_erased", False)]
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if not n.users:
+                graph.erase_node(n)
+                pending.remove(n)
+                changed = True
+
+
+def _counters(graph, ctx: PassContext, conv_state: Node, heads_k: int, fake_mode) -> Node:
+    """A get_attr of a new zeroed int32 [conv state rows, Hk] buffer of the graph module: the arrival counters of one
+    fused site (two dims: Inductor inlines 1-D constants of up to 8 values, which then could not be updated)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from braze.runtime.delta_rule import counters_shape
+
+    like = val(conv_state)
+    shape = counters_shape(like.shape[0], heads_k)
+    gm = ctx.gm
+    name = next(f"_braze_counters_{i}" for i in range(1 << 16) if not hasattr(gm, f"_braze_counters_{i}"))
+    with unset_fake_temporarily():
+        try:
+            value = torch.zeros(shape, dtype=torch.int32, device=like.device)
+        except (RuntimeError, AssertionError):  # a graph for a device this process has not (analysis only)
+            value = None
+    if value is None:
+        with fake_mode:
+            value = torch.zeros(shape, dtype=torch.int32, device=like.device)
+    gm.register_buffer(name, value)
+    with graph.inserting_before(next(iter(graph.nodes))):
+        node = graph.get_attr(name)
+    node.meta["val"] = value if value.__class__ is not torch.Tensor else fake_mode.from_tensor(value)
+    return node

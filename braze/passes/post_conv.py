@@ -63,6 +63,19 @@ class _Site:
     paths: list[list[Node]] | None = None
 
 
+@dataclass(frozen=True)
+class PostConvSplice:
+    """A fused post-conv site as the pass left it, for the delta-rule pass to fold into its kernel."""
+
+    spec: PostConv
+    inputs: list[Node]  # the op's inputs (PostConv.input_names), the state apart
+    conv_state: Node  # the conv state (a graph input)
+    outputs: list[Node]  # the nodes holding each output (PostConv.output_specs order)
+    state: Node  # the op's shifted state, which the write-back copies into conv_state
+    replayed: bool  # some output is the normed rows after replayed row moves (Hugging Face's repeats)
+    nodes: frozenset[Node]  # every node the splice added
+
+
 def post_conv_call(spec: PostConv):
     """The replacement: the fused op; returns its outputs and the shifted state."""
     from braze.runtime.post_conv import unpack  # registers the op
@@ -191,7 +204,11 @@ class PostConvFusion(Pass):
                            reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug",
                            ops=("conv_update",))
                 continue
-            self._replace(graph, site, traced, inputs + [conv.state], fake_mode)
+            before = set(graph.nodes)
+            outs, state = self._replace(graph, site, traced, inputs + [conv.state], fake_mode)
+            ctx.shared.setdefault("post_conv", []).append(
+                PostConvSplice(spec, inputs, conv.state, outs, state, any(map(_moves_rows, site.paths or ())),
+                               frozenset(set(graph.nodes) - before)))
             if site.gating is not None:
                 taken |= {site.gating.g, site.beta[1]}
             ctx.remark("applied", "post-conv", conv.index_put, f"fused {' -> '.join(self._ops(site))} into one kernel",
@@ -336,20 +353,26 @@ class PostConvFusion(Pass):
     # ---- rewriting
 
     @staticmethod
-    def _replace(graph: Graph, site: _Site, traced: GraphModule, args: list[Node], fake_mode) -> None:
+    def _replace(graph: Graph, site: _Site, traced: GraphModule, args: list[Node], fake_mode) -> tuple[list[Node], Node]:
+        """Splice the op in; returns the nodes now holding each output (PostConv.output_specs order) and the state."""
         new = splice(graph, traced, args, site.conv.output)
         outs, state = new[:-1], new[-1]
+        held = []
         for old, out, path in zip(site.replaced, outs, site.paths):
             if path:  # the L2 norm was taken after row-preserving ops: apply them to the normed rows
                 out = _replay(graph, view_as(graph, out, path[0].args[0]), path, fake_mode)
-            old.replace_all_uses_with(view_as(graph, out, old))
+            held.append(view_as(graph, out, old))
+            old.replace_all_uses_with(held[-1])
         if site.gating is not None:
             g, beta = outs[len(site.replaced):]
-            site.gating.g.replace_all_uses_with(view_as(graph, g, site.gating.g))
-            site.beta[1].replace_all_uses_with(view_as(graph, beta, site.beta[1]))
+            for old, out in ((site.gating.g, g), (site.beta[1], beta)):
+                held.append(view_as(graph, out, old))
+                old.replace_all_uses_with(held[-1])
         conv = site.conv
-        conv.index_put.replace_all_uses_with(view_as(graph, state, conv.index_put))
+        held_state = view_as(graph, state, conv.index_put)
+        conv.index_put.replace_all_uses_with(held_state)
         conv.copy.args = (conv.copy.args[0], state)
+        return held, state
 
 
 def _same_order(y: Node) -> Node:
@@ -404,6 +427,12 @@ def _rows_path(node: Node, l2: dict) -> tuple[list[Node], Node | None]:
     if cur in l2 and cur is not node:
         return path, cur
     return [], None
+
+
+def _moves_rows(path: list[Node]) -> bool:
+    """Whether replaying `path` reorders or repeats rows (HF's repeat_interleave, a transpose), beyond reshapes and
+    casts that keep every value where it is."""
+    return any(not (is_view(n) or is_cast(n) or is_op(n, aten.unsqueeze, aten.squeeze)) for n in path)
 
 
 def _replay(graph: Graph, start: Node, path: list[Node], fake_mode) -> Node:

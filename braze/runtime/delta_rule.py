@@ -16,6 +16,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 
 from braze.codegen.delta_rule import blocks, braze_delta_rule, gated_blocks
 from braze.patterns.delta_rule import DeltaRule, delta_rule_reference
+from braze.patterns.gdn import PostConv, post_conv_reference
 from braze.patterns.reference import row_chain_reference
 from braze.patterns.stages import RowChain, to_dtype
 
@@ -230,3 +231,90 @@ def delta_rule_gated_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
                          indices: torch.Tensor | None, state: torch.Tensor, inputs: list[torch.Tensor],
                          outs: list[torch.Tensor], spec: str, chain: str) -> None:
     _run_gated(q, k, v, g, beta, indices, state, inputs, outs, spec, chain)
+
+
+# -- the post-conv path, the update and the gated RMSNorm in one kernel -------------------------------------
+
+
+def counters_shape(conv_state_rows: int, heads_k: int) -> tuple[int, int]:
+    """The arrival counters of `conv_delta_rule_gated`: one int32 per (conv state row, key head)."""
+    return (conv_state_rows, heads_k)
+
+
+def _run_conv_gated(conv_inputs, conv_state, indices, state, inputs, counters, outs, post_json: str, roles: str,
+                    spec_json: str, chain_json: str) -> None:
+    """The post-conv site's outputs `roles` (q, k, v) and its g, beta feed `_run_gated`, inside one kernel: the
+    conv state rows shifted in place; the arrival `counters` are zero before and after."""
+    from braze.codegen.cache import conv_delta_rule_gated_kernel
+
+    from .post_conv import check, conv_args
+
+    post, spec, chain = PostConv.from_json(post_json), DeltaRule.from_json(spec_json), RowChain.from_json(chain_json)
+    order = tuple(int(r) for r in roles.split(","))
+    check(post, conv_inputs, conv_state)
+    x = conv_inputs[0]
+    rows = counters_shape(conv_state.shape[0], spec.heads_k)
+    if spec.heads_v == spec.heads_k:
+        if counters is not None:
+            raise ValueError("braze conv_delta_rule_gated: counters with one value head per key head (none read)")
+    elif counters is None or tuple(counters.shape) != rows or counters.dtype != torch.int32 \
+            or not counters.is_contiguous():
+        got = "none" if counters is None else f"{tuple(counters.shape)} {counters.dtype}"
+        raise ValueError(f"braze conv_delta_rule_gated: counters {got}, expected a contiguous int32 {list(rows)}")
+    if x.device.type == "cpu" and cpu_backend() == "reference":
+        res = post_conv_reference(post, conv_inputs, conv_state)
+        q, k, v = (res[i] for i in order)
+        _run_gated(q, k, v, res[-2], res[-1], indices, state, inputs, outs, spec_json, chain_json)
+        return
+    _check(spec, indices, state)
+    t = x.shape[0]
+    if indices is not None and indices.shape[0] != t:
+        raise ValueError(f"braze delta_rule: {indices.shape[0]} state indices for {t} tokens")
+    if indices is None and state.shape[0] < t:
+        raise ValueError(f"braze delta_rule: {t} tokens for a state of {state.shape[0]} rows")
+    if t == 0:
+        return
+    kernel = conv_delta_rule_gated_kernel(post, order, spec, chain)
+    block_k, block_v, warps = gated_blocks(spec.dk, spec.dv)
+    warps = GATED_WARPS or warps
+    named = dict(zip(chain.input_names()[1:], inputs))
+    stage: list[object] = [named["weight"].contiguous()] if chain.norm.has_weight else []
+    stage += _gate_rows(named["gate"], chain.width)
+    update = [indices.contiguous() if indices is not None else x, state, state.shape[0], spec.scale]
+    args = (*conv_args(post, conv_inputs, conv_state), counters if counters is not None else x, *update, *stage, *outs,
+            t * spec.heads_v)
+    interp = x.device.type == "cpu"
+    const = dict(RATIO=spec.heads_v // spec.heads_k, HK=spec.heads_k, HV=spec.heads_v, DK=spec.dk, DV=spec.dv,
+                 INDEXED=indices is not None, BLOCK_K=block_k, BLOCK_V=block_v, D=chain.width, G=1, GS=chain.width,
+                 BLOCK_G=1, BLOCK_GS=block_v, SOFT_ROUND=interp, DIV_RN=interp or DIV_RN)
+    grid = (t, spec.heads_v)
+    if interp:
+        kernel.interpreted[grid](*args, **const)
+    else:
+        wrap_triton(kernel.jit)[grid](*args, **const, num_warps=warps)
+
+
+@triton_op("braze::conv_delta_rule_gated", mutates_args=("conv_state", "state", "counters"))
+def conv_delta_rule_gated(conv_inputs: list[torch.Tensor], conv_state: torch.Tensor, indices: torch.Tensor | None,
+                          state: torch.Tensor, inputs: list[torch.Tensor], counters: torch.Tensor | None, post: str,
+                          roles: str, spec: str, chain: str) -> list[torch.Tensor]:
+    """`post_conv` (its inputs and conv state) feeding `delta_rule_gated` in one kernel: the post-conv outputs
+    `roles` ("q,k,v": segment indices) and its g, beta are the update's operands. `counters` (int32
+    [conv state rows, Hk], zero; None with one value head per key head) are the key heads' arrival counters, zero
+    again when the kernel ends. Returns the chain's outputs as [T, Hv, ...]."""
+    t = conv_inputs[0].shape[0]
+    outs = _gated_outputs(RowChain.from_json(chain), t, DeltaRule.from_json(spec).heads_v, conv_inputs[0].device)
+    if conv_inputs[0].device.type == "cpu":
+        torch.ops.braze.conv_delta_rule_gated_cpu(conv_inputs, conv_state, indices, state, inputs, counters, outs,
+                                                  post, roles, spec, chain)
+    else:
+        _run_conv_gated(conv_inputs, conv_state, indices, state, inputs, counters, outs, post, roles, spec, chain)
+    return outs
+
+
+@custom_op("braze::conv_delta_rule_gated_cpu", mutates_args=("conv_state", "state", "counters", "outs"))
+def conv_delta_rule_gated_cpu(conv_inputs: list[torch.Tensor], conv_state: torch.Tensor,
+                              indices: torch.Tensor | None, state: torch.Tensor, inputs: list[torch.Tensor],
+                              counters: torch.Tensor | None, outs: list[torch.Tensor], post: str, roles: str, spec: str,
+                              chain: str) -> None:
+    _run_conv_gated(conv_inputs, conv_state, indices, state, inputs, counters, outs, post, roles, spec, chain)

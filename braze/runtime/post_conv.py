@@ -45,7 +45,7 @@ def _pack(spec: PostConv, outs: list[torch.Tensor], x: torch.Tensor) -> tuple[to
     return bufs
 
 
-def _check(spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor) -> None:
+def check(spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor) -> None:
     named = dict(zip(spec.input_names(), inputs))
     x, C, K, L = named["x"], spec.conv.channels, spec.conv.width, spec.conv.state_len
     if x.dim() != 2 or x.shape[1] != C:
@@ -61,8 +61,8 @@ def _check(spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor) -> N
         raise ValueError(f"braze post_conv: {x.shape[0]} tokens for a state of {state.shape[0]} rows")
 
 
-def _launch(kernel, fn, spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor,
-            bufs: tuple[torch.Tensor, torch.Tensor], interpreted: bool) -> None:
+def conv_args(spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor) -> list[object]:
+    """The kernel arguments x_ptr .. n_slots [, a_ptr .. dt_ptr] of the site's inputs and state."""
     named = dict(zip(spec.input_names(), inputs))
     x = named["x"]
     if x.stride(-1) != 1:
@@ -74,11 +74,17 @@ def _launch(kernel, fn, spec: PostConv, inputs: list[torch.Tensor], state: torch
         a, b = (t.reshape(-1, hv) if t.stride(-1) == 1 else t.contiguous().reshape(-1, hv)
                 for t in (named["a"], named["b"]))
         args += [a, a.stride(0), b, b.stride(0), named["a_log"].contiguous(), named["dt_bias"].contiguous()]
-    args += [*bufs, x.shape[0]]
+    return args
+
+
+def _launch(kernel, fn, spec: PostConv, inputs: list[torch.Tensor], state: torch.Tensor,
+            bufs: tuple[torch.Tensor, torch.Tensor], interpreted: bool) -> None:
+    t = inputs[0].shape[0]
+    args = [*conv_args(spec, inputs, state), *bufs, t]
     src = kernel.source
     block = _block(spec)
     extra = {} if interpreted else {"num_warps": src.num_warps}
-    fn[(x.shape[0], src.programs)](*args, BLOCK_D=block, SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN, **extra)
+    fn[(t, src.programs)](*args, BLOCK_D=block, SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN, **extra)
 
 
 def _block(spec: PostConv) -> int:
@@ -89,7 +95,7 @@ def _block(spec: PostConv) -> int:
 
 def _run(inputs: list[torch.Tensor], state: torch.Tensor, spec_json: str) -> tuple[torch.Tensor, torch.Tensor]:
     spec = PostConv.from_json(spec_json)
-    _check(spec, inputs, state)
+    check(spec, inputs, state)
     if inputs[0].device.type == "cpu" and cpu_backend() == "reference":
         return _pack(spec, post_conv_reference(spec, inputs, state), inputs[0])
     outs = _buffers(spec, inputs[0])

@@ -57,11 +57,12 @@ def gated_gdn_step(hk: int, hv: int, dk: int, dv: int):
     return step
 
 
-def check_in_place(hk: int, ratio: int, dtype: str, gated: bool = False) -> None:
+def check_in_place(hk: int, ratio: int, dtype: str, gated: bool = False, conv_fold: bool = False) -> None:
     import triton
     from test_post_conv import gdn_step, make_inputs
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 
+    from braze.config import FusionConfig
     from braze.testing import aten_graph, run_passes
 
     wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
@@ -71,12 +72,15 @@ def check_in_place(hk: int, ratio: int, dtype: str, gated: bool = False) -> None
     if gated:  # the norm inside the delta-rule kernel: its state argument is u_state_ptr
         args += [torch.randn(3, hv * 4).to(args[0].dtype), torch.randn(4).to(args[0].dtype)]
     gm = on_fake_cuda(aten_graph((gated_gdn_step if gated else gdn_step)(hk, hv, 8, 4), *args), args)
-    record = run_passes(gm)
+    record = run_passes(gm, FusionConfig(delta_rule_conv=conv_fold))
     fused = [r.name for r in record.remarks if r.kind != "analysis"]
     assert fused == ["post-conv", "delta-rule"], fused
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     states = {placeholders[1]: "conv state", placeholders[8]: "recurrent state"}
     launches = [n for n in gm.graph.nodes if n.target is wrapper]
+    if conv_fold:  # one launch updates both states and the arrival counters (a buffer of the graph module)
+        check_conv_fold_in_place(gm, launches, states)
+        return
     assert len(launches) == 2, launches
     key = {n: "u_state_ptr" if "u_state_ptr" in n.kwargs["kwargs"] else "state_ptr" for n in launches}
     assert sorted(key.values()) == (["state_ptr", "u_state_ptr"] if gated else ["state_ptr"] * 2), key
@@ -90,6 +94,28 @@ def check_in_place(hk: int, ratio: int, dtype: str, gated: bool = False) -> None
         assert key[n] not in n.kwargs["tensors_to_clone"], f"the {states[state]} is cloned"
     copies = [n.args[0] for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default and n.args[0] in states]
     assert not copies, f"copied back into the {[states[c] for c in copies]}"
+
+
+def check_conv_fold_in_place(gm, launches, states) -> None:
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+
+    (launch,) = launches
+    kwargs = launch.kwargs["kwargs"]
+    counters = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("_braze_counters")]
+    mutated = {"c_state_ptr": "conv state", "u_state_ptr": "recurrent state"}
+    if kwargs["RATIO"] > 1:  # the arrival counters: a [conv state rows, Hk] buffer of the graph module
+        mutated["ctr_ptr"] = "counters"
+        assert counters == [kwargs["ctr_ptr"]], counters
+        assert tuple(counters[0].meta["val"].shape) == (5, kwargs["HK"]), counters[0].meta["val"].shape
+    else:
+        assert not counters, counters
+    assert set(mutated) <= set(launch.kwargs["tensors_to_clone"]), launch.kwargs["tensors_to_clone"]
+    reinplace_inplaceable_ops_core(gm.graph)
+    for key, what in mutated.items():
+        assert key not in launch.kwargs["tensors_to_clone"], f"the {what} is cloned"
+    assert states.get(kwargs["c_state_ptr"]) == "conv state" and states.get(kwargs["u_state_ptr"]) == "recurrent state"
+    copies = [n.args[0] for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert not copies, f"copied back into {copies}"
 
 
 def check_gate_reads_z_in_place() -> None:
@@ -137,5 +163,8 @@ if __name__ == "__main__":
         print("checked", *case)
     check_in_place(2, 2, "bfloat16", gated=True)
     print("checked the update with the gated norm inside")
+    check_in_place(2, 2, "bfloat16", gated=True, conv_fold=True)
+    check_in_place(3, 1, "float32", gated=True, conv_fold=True)
+    print("checked the post-conv path, the update and the gated norm in one kernel")
     check_gate_reads_z_in_place()
     print("ok")
