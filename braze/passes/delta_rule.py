@@ -359,7 +359,8 @@ class DeltaRuleFusion(Pass):
         rec, roles = conv
         s = site.spec
         shared = s.heads_v != s.heads_k
-        counters = [_counters(graph, ctx, rec.conv_state, s.heads_k, fake_mode)] if shared else []
+        counters, persist = _counters(graph, ctx, rec.conv_state, s.heads_k, fake_mode) if shared else (None, False)
+        counters = [counters] if shared else []
         update = inputs[5:]  # [indices,] state
         args = [*rec.inputs, rec.conv_state, *update, *extra, *counters]
         fn = conv_delta_rule_gated_call(rec.spec, roles, s, chain, len(rec.inputs))
@@ -370,11 +371,15 @@ class DeltaRuleFusion(Pass):
             old.replace_all_uses_with(view_as(graph, out, old))
         site.copy.args = (site.copy.args[0], state)
         rec.state.replace_all_uses_with(conv_state)  # the write-back of the conv state (and any other reader)
-        for buf, written in zip(counters, new_counters):
+        for buf, written in zip(counters if persist else [], new_counters):
             with graph.inserting_before(next(n for n in graph.nodes if n.op == "output")):
                 # zero again when the kernel ends; the copy back lets Inductor update the buffer in place
                 graph.call_function(aten.copy_.default, (buf, written))
         _erase_dead(graph, rec.nodes)
+        # the post-conv op is gone: its `applied` remark gives way to this one, which lists its ops
+        ctx.record.remarks.remove(rec.remark)
+        ctx.record.bump("post-conv", "applied", -1)
+        ctx.record.bump("post-conv", "folded-into-delta-rule")
         ops = ("conv_update", "silu", "split", "l2norm", "gdn_gating") + (OPS if s.heads_v != s.heads_k else OPS[1:])
         ops = ops + ("rmsnorm", "silu_gate") + (("fp8_quant",) if chain.quant else ())
         ctx.remark("applied", "delta-rule", site.output, "fused the post-conv path, the gated delta-rule update and "
@@ -412,15 +417,26 @@ def _erase_dead(graph, nodes) -> None:
                 changed = True
 
 
-def _counters(graph, ctx: PassContext, conv_state: Node, heads_k: int, fake_mode) -> Node:
-    """A get_attr of a new zeroed int32 [conv state rows, Hk] buffer of the graph module: the arrival counters of one
-    fused site (two dims: Inductor inlines 1-D constants of up to 8 values, which then could not be updated)."""
+def _counters(graph, ctx: PassContext, conv_state: Node, heads_k: int, fake_mode) -> tuple[Node, bool]:
+    """The arrival counters of one fused site, int32 [conv state rows, Hk], zero; and whether they persist.
+
+    On a GPU (or any device but the CPU) a get_attr of a new zeroed buffer of the graph module, which the kernel
+    leaves zero: no zero-fill runs per call (two dims: Inductor inlines 1-D constants of up to 8 values, which then
+    could not be updated). On the CPU (the interpreter, the tests) a zero-filled tensor the graph makes: Inductor hands a buffer of
+    the module to a CPU fallback op's fake kernel as a real tensor, which fake tensor propagation rejects."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from braze.runtime.delta_rule import counters_shape
 
     like = val(conv_state)
     shape = counters_shape(like.shape[0], heads_k)
+    if like.device.type == "cpu":
+        with graph.inserting_before(next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))):
+            node = graph.call_function(aten.full.default, (list(shape), 0),
+                                       {"dtype": torch.int32, "device": like.device, "pin_memory": False})
+        with fake_mode:
+            node.meta["val"] = torch.zeros(shape, dtype=torch.int32, device=like.device)
+        return node, False
     gm = ctx.gm
     name = next(f"_braze_counters_{i}" for i in range(1 << 16) if not hasattr(gm, f"_braze_counters_{i}"))
     with unset_fake_temporarily():
@@ -435,4 +451,4 @@ def _counters(graph, ctx: PassContext, conv_state: Node, heads_k: int, fake_mode
     with graph.inserting_before(next(iter(graph.nodes))):
         node = graph.get_attr(name)
     node.meta["val"] = value if value.__class__ is not torch.Tensor else fake_mode.from_tensor(value)
-    return node
+    return node, True

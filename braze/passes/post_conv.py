@@ -74,6 +74,7 @@ class PostConvSplice:
     state: Node  # the op's shifted state, which the write-back copies into conv_state
     replayed: bool  # some output is the normed rows after replayed row moves (Hugging Face's repeats)
     nodes: frozenset[Node]  # every node the splice added
+    remark: object  # its `applied` remark (report.Remark), withdrawn when a later pass takes the site over
 
 
 def post_conv_call(spec: PostConv):
@@ -206,13 +207,14 @@ class PostConvFusion(Pass):
                 continue
             before = set(graph.nodes)
             outs, state = self._replace(graph, site, traced, inputs + [conv.state], fake_mode)
-            ctx.shared.setdefault("post_conv", []).append(
-                PostConvSplice(spec, inputs, conv.state, outs, state, any(map(_moves_rows, site.paths or ())),
-                               frozenset(set(graph.nodes) - before)))
             if site.gating is not None:
                 taken |= {site.gating.g, site.beta[1]}
-            ctx.remark("applied", "post-conv", conv.index_put, f"fused {' -> '.join(self._ops(site))} into one kernel",
-                       ops=self._ops(site), args=self._args(spec))
+            remark = ctx.remark("applied", "post-conv", conv.index_put,
+                                f"fused {' -> '.join(self._ops(site))} into one kernel", ops=self._ops(site),
+                                args=self._args(spec))
+            ctx.shared.setdefault("post_conv", []).append(
+                PostConvSplice(spec, inputs, conv.state, outs, state, any(map(_moves_rows, site.paths or ())),
+                               frozenset(set(graph.nodes) - before), remark))
             ctx.bump("sites-fused")
         _restore_topological_order(graph)
 
