@@ -13,6 +13,7 @@ VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gem
                     "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
                     "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False},
                     "braze-no-router": {"router": False}, "braze-no-norm-fold": {"delta_rule_norm": False},
+                    "braze-no-conv-fold": {"delta_rule_conv": False},
                     "braze-no-shared": {"moe_shared": False}, "braze-shared": {"moe_shared_max_mb": 1e9}}
 EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
 

@@ -39,8 +39,8 @@ from braze.patterns.fx import (
     known_eq,
     val,
 )
-from braze.patterns.gdn import PostConv
 from braze.patterns.gated_norm import GatedNormMatch
+from braze.patterns.gdn import PostConv
 from braze.patterns.quant import fp8_quants_by_value
 from braze.patterns.stages import RowChain, dtype_name
 
@@ -342,7 +342,7 @@ class DeltaRuleFusion(Pass):
                 return apart(f"the {what} segment ({seg.heads} x {seg.head_dim}) is not {heads} heads of {dim}")
         if spec.gating.heads != s.heads_v:
             return apart(f"the gating's {spec.gating.heads} heads are not the {s.heads_v} value heads")
-        chain, _, outputs = fold
+        _, _, outputs = fold
         dying = _dies_with(graph, set(outputs) | {site.output, site.copy.args[1]})
         alive = [n for n in rec.outputs if n.users and n not in dying]
         if alive:

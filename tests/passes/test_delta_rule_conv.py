@@ -28,10 +28,10 @@ GATED = ("rmsnorm", "silu_gate")
 
 
 def layer(hk: int, hv: int, dk: int, dv: int, dtype, *, identity: bool = False, quant: int | None = None,
-          extra=None, seed: int = 0):
+          extra=None, seed: int = 0, device: str = "cpu"):
     """Braze's Qwen 3.5 linear-attention layer from the conv input to the out projection's input. `identity`: the
     state rows are arange(T) (no slot indices read); `extra(q, k, v, o)`: another output that reads those values."""
-    norm = RMSNormGated(dv, eps=1e-6).to(dtype)
+    norm = RMSNormGated(dv, eps=1e-6).to(device=device, dtype=dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(dv, generator=torch.Generator().manual_seed(seed + 5)))
 
@@ -83,10 +83,10 @@ def run_steps(fn, args, config=None, steps: int = 2, tol: float = 1e-5):
             want, got = fn(*want_args), gm(*got_args)
             for w, g in zip(want if isinstance(want, tuple) else [want], got if isinstance(got, tuple) else [got]):
                 torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, equal_nan=True,
-                                           msg=lambda m: f"step {step}: {m}")
+                                           msg=lambda m, step=step: f"step {step}: {m}")
             for i, what in ((1, "conv state"), (8, "recurrent state")):
                 torch.testing.assert_close(got_args[i], want_args[i], rtol=tol, atol=tol, equal_nan=True,
-                                           msg=lambda m, what=what: f"{what} after step {step}: {m}")
+                                           msg=lambda m, what=what, step=step: f"{what} after step {step}: {m}")
             x = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(step + 50)).to(args[0].dtype)
             want_args[0], got_args[0] = x, x.clone()  # the next token's conv input
     return gm, record
