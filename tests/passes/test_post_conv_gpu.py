@@ -33,7 +33,8 @@ def assert_states_in_place(model, src: str) -> None:
     over as many elements as a state proves nothing: at this size the attention's key gather of 3 tokens
     has exactly a 4-slot conv state's 6144 elements.)"""
     launches = re.findall(r"^\s*(\w+)\.run\((.*)\)\s*$", src, flags=re.MULTILINE)
-    for suffix, kernel in (("conv_state", "braze_post_conv_"), ("ssm_state", "braze_delta_rule")):
+    # (both states go to the one kernel of FusionConfig.delta_rule_conv, `braze_conv_delta_rule_*`)
+    for suffix, kernel in (("conv_state", "braze_conv_delta_rule_"), ("ssm_state", "braze_conv_delta_rule_")):
         shapes = {tuple(b.shape) for n, b in model.named_buffers() if n.endswith(suffix)}
         for shape in shapes:
             dims = ", ".join(map(str, shape))
@@ -79,7 +80,7 @@ def test_qwen35_tiny_on_gpu_post_conv_launches_directly_in_place_and_matches_eag
             if step == 0:
                 got, code = run_and_get_code(compiled, *step_args(model, tok))
                 # count_stock_kernels compiles the graph with stock Inductor too: keep braze's module only
-                src = "\n".join(c for c in code if "braze_post_conv_" in c)
+                src = "\n".join(c for c in code if "braze_conv_delta_rule_" in c)
             else:
                 got = compiled(*step_args(model, tok))
             err = rel_err(got, want)
@@ -96,15 +97,15 @@ def test_qwen35_tiny_on_gpu_post_conv_launches_directly_in_place_and_matches_eag
     if os.environ.get("BRAZE_TEST_DUMP"):  # the output code, to read after a GPU run
         Path(os.environ["BRAZE_TEST_DUMP"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["BRAZE_TEST_DUMP"]) / f"qwen35_tiny_{str(dtype)[6:]}.py").write_text(src)
-    assert "braze_post_conv_" in src and "post_conv_cpu" not in src, "the post-conv kernel is not launched directly"
-    assert "braze_delta_rule" in src and "delta_rule_cpu" not in src, "the delta-rule kernel is not launched directly"
+    assert "braze_conv_delta_rule_" in src and "_cpu" not in src, "the fused kernel is not launched directly"
+    assert "braze_post_conv_" not in src, "a post-conv kernel of its own"
     assert_states_in_place(model, src)
     report = braze.report(be)
     ops = [(r.location, r.ops) for r in report.applied]
-    for layer in LINEAR:
-        assert (f"layers.{layer}.linear_attn", ("conv_update", "silu", "split", "l2norm", "gdn_gating")) in ops
-        assert (f"layers.{layer}.linear_attn", ("repeat_interleave", "decay", "delta_rule", "state_store",
-                                                "readout", "rmsnorm", "silu_gate")) in ops  # the norm inside
+    for layer in LINEAR:  # the post-conv path and the norm inside the update's kernel
+        assert (f"layers.{layer}.linear_attn", ("conv_update", "silu", "split", "l2norm", "gdn_gating",
+                                                "repeat_interleave", "decay", "delta_rule", "state_store",
+                                                "readout", "rmsnorm", "silu_gate")) in ops
     record = report.graphs[0]
     for layer in LINEAR:
         assert record.kernels[f"layers.{layer}"] < record.stock_kernels[f"layers.{layer}"], (record.kernels,
