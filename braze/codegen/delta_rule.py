@@ -60,8 +60,13 @@ def delta_rule_update(
 ):
     """The update of columns `vv` of token t's value head h from its operands in fp32 registers (q scaled: [BLOCK_K];
     k [BLOCK_K]; v [BLOCK_V]; g, beta scalars): state block written back, o [BLOCK_V] returned."""
-    s, row, offs, sm = delta_rule_state(idx_ptr, state_ptr, n_slots, t, h, vv, HV, DK, DV, BLOCK_K, INDEXED)
-    return delta_rule_apply(s, row, offs, sm, q, k, v, g, beta, new_ptr, t, h, HV, DK, DV, INDEXED)
+    s = delta_rule_state(idx_ptr, state_ptr, n_slots, t, h, vv, HV, DK, DV, BLOCK_K, INDEXED)
+    return delta_rule_apply(s, q, k, v, g, beta, idx_ptr, state_ptr, new_ptr, n_slots, t, h, vv, HV, DK, DV, BLOCK_K,
+                            INDEXED)
+
+
+# (Each half computes the row itself: with the slot from a jit helper that loads the indices, Inductor's analysis of
+# what a user kernel writes (torch 2.11 and 2.13) took the indices as written, and cloned them every call.)
 
 
 @triton.jit
@@ -69,11 +74,8 @@ def delta_rule_state(
     idx_ptr, state_ptr, n_slots, t, h, vv,
     HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, INDEXED: tl.constexpr,
 ):
-    """Columns `vv` of token t's state row of value head h, loaded: (the [BLOCK_K, BLOCK_V] fp32 block, the row's
-    pointer, the block's offsets in it, its mask)."""
+    """Columns `vv` of token t's state row of value head h: the [BLOCK_K, BLOCK_V] fp32 block, loaded."""
     kk = tl.arange(0, BLOCK_K)
-    km = kk < DK
-    vm = vv < DV
     if INDEXED:  # state rows idx[t], updated in place
         slot = tl.load(idx_ptr + t).to(tl.int64)
         slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives
@@ -81,25 +83,32 @@ def delta_rule_state(
         slot = t
     # the slot check as a tensor (a scalar bool in a tensor mask is no mask to some interpreters)
     slots = tl.zeros([BLOCK_K, 1], dtype=tl.int64) + slot
-    sm = km[:, None] & vm[None, :] & (slots >= 0) & (slots < n_slots)
-    row = state_ptr + (slot * HV + h) * (DK * DV)
-    offs = kk[:, None] * DV + vv[None, :]
-    return tl.load(row + offs, mask=sm, other=0.0), row, offs, sm
+    sm = (kk < DK)[:, None] & (vv < DV)[None, :] & (slots >= 0) & (slots < n_slots)
+    return tl.load(state_ptr + (slot * HV + h) * (DK * DV) + kk[:, None] * DV + vv[None, :], mask=sm, other=0.0)
 
 
 @triton.jit
 def delta_rule_apply(
-    s, row, offs, sm, q, k, v, g, beta, new_ptr, t, h,
-    HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, INDEXED: tl.constexpr,
+    s, q, k, v, g, beta, idx_ptr, state_ptr, new_ptr, n_slots, t, h, vv,
+    HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, INDEXED: tl.constexpr,
 ):
-    """The update of a state block `s` that delta_rule_state loaded: written back (INDEXED) or to new_ptr; o
-    [BLOCK_V] returned."""
+    """The update of the state block `s` delta_rule_state loaded: written back (INDEXED) or to new_ptr; o [BLOCK_V]
+    returned."""
+    kk = tl.arange(0, BLOCK_K)
+    if INDEXED:
+        slot = tl.load(idx_ptr + t).to(tl.int64)
+        slot = tl.where(slot < 0, slot + n_slots, slot)
+    else:
+        slot = t
+    slots = tl.zeros([BLOCK_K, 1], dtype=tl.int64) + slot
+    sm = (kk < DK)[:, None] & (vv < DV)[None, :] & (slots >= 0) & (slots < n_slots)
+    offs = kk[:, None] * DV + vv[None, :]
     s = s * tl.exp(g)
     u = tl.sum(s * k[:, None], axis=0)  # [BLOCK_V]
     delta = beta * (v - u)
     s = s + k[:, None] * delta[None, :]
     if INDEXED:
-        tl.store(row + offs, s, mask=sm)
+        tl.store(state_ptr + (slot * HV + h) * (DK * DV) + offs, s, mask=sm)
     else:
         tl.store(new_ptr + (t * HV + h) * (DK * DV) + offs, s, mask=sm)
     return tl.sum(s * q[:, None], axis=0)
@@ -242,8 +251,7 @@ def generate_conv_gated(post: PostConv, roles: Roles, spec: DeltaRule, chain: Ro
         reads[what] = emit_conv_read(em, post, f"c{what}", mask, pre="c_")
     em.line("# the recurrent state block, loaded before the barrier and the counter (nothing after them may start")
     em.line("# earlier): its latency overlaps the conv's")
-    em.line("blk, blk_row, blk_offs, blk_mask = delta_rule_state(u_idx_ptr, u_state_ptr, u_n_slots, t, h, vv, HV, DK, "
-            "DV, BLOCK_K, INDEXED)")
+    em.line("blk = delta_rule_state(u_idx_ptr, u_state_ptr, u_n_slots, t, h, vv, HV, DK, DV, BLOCK_K, INDEXED)")
     em.line("tl.debug_barrier()  # every conv state value of this program is read before any is written")
     emit_conv_write(em, post, *reads["v"])  # this value head's v channels: no other program reads them
     if spec.heads_v == spec.heads_k:
@@ -270,9 +278,10 @@ def generate_conv_gated(post: PostConv, roles: Roles, spec: DeltaRule, chain: Ro
     g, beta = emit_gating_math(em, post, "hh", "hm", pre="c_")
     em.line("# the update (Inductor passes a Python float as fp64: the update is fp32 math, as the graph's)")
     em.line(f"qs = {ops['q']} * tl.full([1], u_scale, tl.float32)")
-    em.line(f"o = delta_rule_apply(blk, blk_row, blk_offs, blk_mask, qs, {ops['k']}, {ops['v']}, tl.sum({g}, axis=0), "
-            f"tl.sum({beta}, axis=0), u_state_ptr,")
-    em.line("                     t, h, HV, DK, DV, INDEXED)  # [BLOCK_V] fp32: all of the head")
+    em.line(f"o = delta_rule_apply(blk, qs, {ops['k']}, {ops['v']}, tl.sum({g}, axis=0), tl.sum({beta}, axis=0), "
+            "u_idx_ptr, u_state_ptr,")
+    em.line("                     u_state_ptr, u_n_slots, t, h, vv, HV, DK, DV, BLOCK_K, INDEXED)  # [BLOCK_V] fp32: "
+            "all of the head")
     _emit_gated_tail(em, chain)
     source = kernel_source("braze.codegen.delta_rule", "post-conv path + gated delta-rule update + gated RMSNorm",
                            signature, name, params, em.lines,
