@@ -5,7 +5,9 @@
 # kernel, steps and CUDA-graph replays against eager, conv state exact) and the Qwen 3.5 tiny GPU test, then Qwen
 # 3.5's linear-attention mixer alone and its step at T=1/8/64 (stock Inductor, braze, braze without the fold), and the
 # report's kernel counts.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s12.sh fold
+# `verify`: after the fold's default token range became [1, 8]: the same GPU tests, and the step at T=1 and 64 against
+# stock Inductor with the default config (at 64 the post-conv kernel stays apart).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s12.sh fold|verify
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -25,6 +27,16 @@ case ${1:-fold} in
     timeout 200 python3 -m braze bench --model qwen3.5 --size bench --tokens 1,8,64 --shapes static \
       --variants inductor,braze,braze-no-conv-fold --budget-s 190 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|done"
+    echo "steps: $((SECONDS - t0)) s"; keep
+    ;;
+  verify)
+    timeout 200 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu \
+      tests/passes/test_delta_rule_conv_gpu.py tests/passes/test_post_conv_gpu.py 2>&1 \
+      | tee "$OUT/tests.log" | grep -v Warn | tail -4
+    echo "tests: $((SECONDS - t0)) s"
+    timeout 150 python3 -m braze bench --model qwen3.5 --size bench --tokens 1,64 --shapes static \
+      --variants inductor,braze --budget-s 140 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench.log" | grep -v Warn | grep "qwen\|report\|done"
     echo "steps: $((SECONDS - t0)) s"; keep
     ;;
 esac

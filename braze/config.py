@@ -38,7 +38,9 @@ class TokenRange:
 # (13 instead of 9 in the prologue: 55.2 -> 53.6 µs at T=2, 55.1 -> 74.9 at T=4, 54.8 -> 76.1 at T=8;
 # benchmarks/results/deepseek_prologue_s9.md). The cost model still requires every member memory-bound.
 # Two streams only while the branches are small: above 64 tokens a branch's GEMMs fill the GPU alone.
-_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 1), "dual_stream": TokenRange(1, 64)}
+_DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 1), "dual_stream": TokenRange(1, 64),
+                   # time-neutral at T=1 and 8, 1.2 µs slower per layer at 64 (H200, session12_gpu/3_fold_final)
+                   "delta_rule_conv": TokenRange(1, 8)}
 
 
 def _default_ranges() -> tuple[tuple[str, TokenRange], ...]:
@@ -62,6 +64,8 @@ class FusionConfig:
         q and k, gating) inside that kernel: each program redoes its key head's conv, and the last of a key
         head's programs to arrive (a counter per conv state row and key head, a zeroed int32 buffer the
         compiled graph holds) shifts its q/k conv state; a `post-conv-apart` remark says why one stays apart.
+        Default token range [1, 8]: one launch fewer per linear-attention layer at the same kernel time there; at 64
+        tokens the redone conv costs more than the launch it saves.
     moe: fuse the routed SwiGLU experts of a small decode step (sort -> grouped GEMMs -> SwiGLU ->
         un-sort -> weighted sum) into two kernels that compute each (token, expert) pair unsorted,
         while the pairs do not outnumber the experts; a shared expert of the same widths added to

@@ -152,6 +152,11 @@ def test_switch_and_token_range_keep_two_kernels_and_say_why():
     assert applied_ops(record) == [POST_CONV, DELTA_RULE + GATED], record.remarks
     (miss,) = remarks(record, "token-range")
     assert miss.pass_name == "delta-rule" and "3 tokens is outside" in miss.reason, miss
+    # the default range ends at 8 tokens (measured: no gain beyond)
+    args = inputs(9, hk, hv, dk, dv, 4, torch.float32)
+    _, record = run_steps(fn, args, steps=1)
+    assert applied_ops(record) == [POST_CONV, DELTA_RULE + GATED], record.remarks
+    assert "outside the configured range [1, 8]" in remarks(record, "token-range")[0].reason
 
 
 def test_without_a_gated_norm_the_post_conv_stays_its_own_kernel_silently():
