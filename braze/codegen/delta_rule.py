@@ -14,6 +14,8 @@ block), v dv·(its size), g, beta 8, o 4·dv. At Qwen 3.5's dk = dv = 128 the st
 `delta_rule_block` is the update of one block of columns, shared by `braze_delta_rule` and the kernels
 `generate_gated` writes: the update with a row chain (the gated RMSNorm of o [+ FP8 quant]) after it, grid
 (T, Hv), one program per value head holding all dv columns so the norm's row never leaves registers.
+`generate_conv_gated` puts the post-conv path (conv update, L2 norm of q and k, gating) in front of that, with a
+per-(conv row, key head) arrival counter deciding which program shifts a key head's q/k conv state.
 """
 
 from __future__ import annotations

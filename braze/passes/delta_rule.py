@@ -6,11 +6,16 @@ and the write-back become `braze::delta_rule`, which updates the fp32 state rows
 (Inductor drops the functional copy, as for the post-conv op's conv state). It runs after the
 post-conv pass (whose outputs it then reads) and before the head-chain pass, which would
 otherwise meet the [T, Hv, dk, dv] row write alone (a `store-layout` remark). Near misses
-become `missed` remarks; the post-conv path stays a kernel of its own (POST_CONV_DESIGN.md).
+become `missed` remarks.
 
 Where a gated RMSNorm reads the update's o and nothing else does (FusionConfig.delta_rule_norm), the
 norm [+ the FP8 quant after it] joins the update's kernel (`braze::delta_rule_gated`, one program per
 value head) and the gated-norm pass never sees it; near misses say why (`gated-norm-apart`).
+
+Where, in addition, the update's q, k, v, g and beta are the outputs of a post-conv site the post-conv pass fused and
+nothing else reads them (FusionConfig.delta_rule_conv), that site joins the same kernel
+(`braze::conv_delta_rule_gated`): the post-conv op is erased, and a key head's q/k conv state is shifted by the last
+of its programs to arrive at an arrival counter (POST_CONV_DESIGN.md); near misses say why (`post-conv-apart`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@
 form without slot indices: row t of the state is token t's, and it returns [o, the new rows]. Traced with functionalization, the launch lands in the graph
 with `state` as a cloned argument, which Inductor reinplaces because the state is a graph
 input written back at the end (as for the post-conv op's conv state).
+
+`delta_rule_gated` adds the gated RMSNorm of each value head's o [+ FP8 quant] to the in-place update;
+`conv_delta_rule_gated` runs the post-conv path (braze::post_conv's inputs and conv state) before it, in the same
+kernel, with a buffer of arrival counters that the kernel leaves zero.
 """
 
 from __future__ import annotations
