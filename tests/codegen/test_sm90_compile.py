@@ -1,4 +1,4 @@
-"""The router, MoE and delta-rule kernels compile for an H100/H200 (sm_90) on a machine without a GPU: Triton's compiler
+"""The router, MoE, delta-rule and post-conv + delta-rule kernels compile for an H100/H200 (sm_90) on a machine without a GPU: Triton's compiler
 and ptxas run here, so type and lowering errors the interpreter cannot see (it runs the Python) show in CI.
 Their results on a GPU are the CUDA tests' and benchmarks' business. The compile runs in a child process
 without TRITON_INTERPRET (the test session's kernels are interpreted functions)."""
@@ -71,6 +71,22 @@ compile_sm90(gated, {**{f"u_{k}": v for k, v in update.items()}, "w_ptr": "*bf16
                      "norm_out_ptr": "*bf16"},
              {**shape, "BLOCK_V": 128, "D": 128, "G": 1, "GS": 128, "BLOCK_G": 1, "BLOCK_GS": 128, "SOFT_ROUND": False,
               "DIV_RN": False})
+
+# the post-conv path in front of it (the arrival counter's atomics, slot indices): Qwen 3.5's bench heads
+from braze.codegen.cache import conv_delta_rule_gated_kernel
+from braze.patterns.conv import ConvUpdate
+from braze.patterns.gdn import Gating, L2Norm, PostConv, Segment
+
+conv = ConvUpdate(2 * 2 * 128 + 8 * 128, 4, 3, "bfloat16", "float32", "silu", "bfloat16", indexed=True)
+post = PostConv(conv, (Segment(0, 2, 128, L2Norm(1e-6, "float32")), Segment(256, 2, 128, L2Norm(1e-6, "float32")),
+                       Segment(512, 8, 128, None)), Gating(8, 20.0, "float32", "float32"))
+fused = conv_delta_rule_gated_kernel(post, (0, 1, 2), DeltaRule(2, 8, 128, 128, 128 ** -0.5), chain).jit
+compile_sm90(fused, {"c_x_ptr": "*bf16", "c_w_ptr": "*bf16", "c_idx_ptr": "*i64", "c_state_ptr": "*bf16",
+                     "c_a_ptr": "*bf16", "c_b_ptr": "*bf16", "c_alog_ptr": "*fp32", "c_dt_ptr": "*fp32",
+                     "ctr_ptr": "*i32", "u_idx_ptr": "*i64", "u_state_ptr": "*fp32", "u_scale": "fp64",
+                     "w_ptr": "*bf16", "z_ptr": "*bf16", "norm_out_ptr": "*bf16"},
+             {**shape, "INDEXED": True, "HK": 2, "BLOCK_V": 128, "D": 128, "G": 1, "GS": 128, "BLOCK_G": 1,
+              "BLOCK_GS": 128, "SOFT_ROUND": False, "DIV_RN": False})
 '''
 
 
@@ -81,4 +97,4 @@ def test_router_moe_and_delta_rule_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     if run.stdout.startswith("SKIP"):
         pytest.skip(run.stdout.strip())
-    assert run.stdout.count("compiled") == 10, run.stdout
+    assert run.stdout.count("compiled") == 11, run.stdout
