@@ -29,7 +29,7 @@ from braze.patterns.delta_rule import DeltaRule
 from braze.patterns.gdn import PostConv
 from braze.patterns.stages import RowChain
 
-from .post_conv import emit_conv_read, emit_conv_taps, emit_conv_write, emit_gating_math, emit_l2norm
+from .post_conv import emit_conv_read, emit_conv_taps, emit_conv_write, emit_gating_math, emit_l2norm, emit_slot
 from .rowwise import ROW_CONSTEXPRS, KernelSource, _Emitter, emit_stages, kernel_source, stage_params
 
 
@@ -236,11 +236,7 @@ def generate_conv_gated(post: PostConv, roles: Roles, spec: DeltaRule, chain: Ro
     em.line("t = tl.program_id(0).to(tl.int64)")
     em.line("h = tl.program_id(1)")
     em.line("kh = h // RATIO  # the key head whose q and k this value head reads")
-    if post.conv.indexed:
-        em.line("slot = tl.load(c_idx_ptr + t).to(tl.int64)  # the conv state row")
-        em.line("slot = tl.where(slot < 0, slot + c_n_slots, slot)  # eager indexing wraps negatives")
-    else:
-        em.line("slot = t  # token t's conv state is row t")
+    emit_slot(em, post, pre="c_")
     em.line("kk = tl.arange(0, BLOCK_K)")
     em.line("km = kk < DK")
     em.line("vv = tl.arange(0, BLOCK_V)")

@@ -58,11 +58,7 @@ def generate(spec: PostConv) -> PostConvKernelSource:
     em = _Emitter()
     em.line("t = tl.program_id(0).to(tl.int64)")
     em.line("pid = tl.program_id(1)")
-    if spec.conv.indexed:
-        em.line("slot = tl.load(idx_ptr + t).to(tl.int64)")
-        em.line("slot = tl.where(slot < 0, slot + n_slots, slot)  # eager indexing wraps negatives")
-    else:
-        em.line("slot = t  # token t's state is row t")
+    emit_slot(em, spec)
     em.line("d = tl.arange(0, BLOCK_D)")
     first = 0
     for k, (seg, (chunk, progs)) in enumerate(zip(spec.segments, plan)):
@@ -88,6 +84,15 @@ def generate(spec: PostConv) -> PostConvKernelSource:
     source = kernel_source("braze.codegen.post_conv", "post-conv site", signature, name, params, em.lines)
     num_warps = max(1, min(4, block // 32))
     return PostConvKernelSource(name, source, first, num_warps)
+
+
+def emit_slot(em: _Emitter, spec: PostConv, pre: str = "") -> None:
+    """`slot`, token t's conv state row (parameters idx_ptr and n_slots, prefixed by `pre`)."""
+    if spec.conv.indexed:
+        em.line(f"slot = tl.load({pre}idx_ptr + t).to(tl.int64)  # the conv state row")
+        em.line(f"slot = tl.where(slot < 0, slot + {pre}n_slots, slot)  # eager indexing wraps negatives")
+    else:
+        em.line("slot = t  # token t's conv state is row t")
 
 
 def _emit_conv(em: _Emitter, spec: PostConv) -> str:

@@ -45,15 +45,20 @@ def _check(spec: DeltaRule, indices: torch.Tensor | None, state: torch.Tensor) -
         raise ValueError(f"braze delta_rule: indices of shape {tuple(indices.shape)}, expected [T]")
 
 
-def _checked(spec: DeltaRule, q, k, v, g, beta, indices, state) -> list[torch.Tensor]:
-    """The operands checked and laid out for the kernel: q, k [T, Hk, dk], v [T, Hv, dv] with unit stride in the
-    last dim, g, beta [T, Hv] with unit head stride."""
+def _check_rows(spec: DeltaRule, indices: torch.Tensor | None, state: torch.Tensor, t: int) -> None:
+    """The state and the rows `t` tokens update: one index per token, or (none) the first T rows."""
     _check(spec, indices, state)
-    t = q.shape[0]
     if indices is not None and indices.shape[0] != t:
         raise ValueError(f"braze delta_rule: {indices.shape[0]} state indices for {t} tokens")
     if indices is None and state.shape[0] < t:
         raise ValueError(f"braze delta_rule: {t} tokens for a state of {state.shape[0]} rows")
+
+
+def _checked(spec: DeltaRule, q, k, v, g, beta, indices, state) -> list[torch.Tensor]:
+    """The operands checked and laid out for the kernel: q, k [T, Hk, dk], v [T, Hv, dv] with unit stride in the
+    last dim, g, beta [T, Hv] with unit head stride."""
+    t = q.shape[0]
+    _check_rows(spec, indices, state, t)
     q, k = (_rows(x, t, spec.heads_k, spec.dk, n) for x, n in ((q, "q"), (k, "k")))
     v = _rows(v, t, spec.heads_v, spec.dv, "v")
     g, beta = (_rows(x, t, spec.heads_v, 1, n).reshape(t, spec.heads_v) for x, n in ((g, "g"), (beta, "beta")))
@@ -270,12 +275,8 @@ def _run_conv_gated(conv_inputs, conv_state, indices, state, inputs, counters, o
         q, k, v = (res[i] for i in order)
         _run_gated(q, k, v, res[-2], res[-1], indices, state, inputs, outs, spec_json, chain_json)
         return
-    _check(spec, indices, state)
     t = x.shape[0]
-    if indices is not None and indices.shape[0] != t:
-        raise ValueError(f"braze delta_rule: {indices.shape[0]} state indices for {t} tokens")
-    if indices is None and state.shape[0] < t:
-        raise ValueError(f"braze delta_rule: {t} tokens for a state of {state.shape[0]} rows")
+    _check_rows(spec, indices, state, t)
     if t == 0:
         return
     kernel = conv_delta_rule_gated_kernel(post, order, spec, chain)
