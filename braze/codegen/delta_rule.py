@@ -261,11 +261,13 @@ def generate_conv_gated(post: PostConv, roles: Roles, spec: DeltaRule, chain: Ro
         em.indent += 1
         em.line("ctr = ctr_ptr + slot * HK + kh")
         em.line("arrived = tl.atomic_add(ctr, 1, sem='acq_rel')  # after this program's reads (the barrier)")
-        em.line("if arrived == RATIO - 1:  # the key head's last reader: every other one has read the q/k state")
+        # modulo RATIO, and reset by subtracting RATIO: two tokens naming one conv row (undefined in eager too) still
+        # leave the counter at zero for the next call, whatever the interleaving
+        em.line("if arrived % RATIO == RATIO - 1:  # the key head's last reader: every other one has read the q/k state")
         em.indent += 1
         emit_conv_write(em, post, *reads["q"])
         emit_conv_write(em, post, *reads["k"])
-        em.line("tl.atomic_xchg(ctr, 0, sem='relaxed')  # zero again for the next call")
+        em.line("tl.atomic_add(ctr, -RATIO, sem='relaxed')  # back to where it started for the next call")
         em.indent -= 2
     ops = {}
     for (what, mask), seg in zip((("q", "km"), ("k", "km"), ("v", "vm")), segs):

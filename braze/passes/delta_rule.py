@@ -126,12 +126,17 @@ def conv_delta_rule_gated_call(post: PostConv, roles: tuple[int, int, int], spec
 _ROW_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze)
 
 
+def _row_view(n: object) -> bool:
+    """A reshape of the values as they lie (not `view.dtype`, which reinterprets their bytes)."""
+    return is_view(n) or (is_op(n, *_ROW_VIEWS) and n.target is not aten.view.dtype)
+
+
 def _o_path(x: Node, o: Node) -> tuple[list[Node], str] | str:
     """The nodes from o to the norm's input x (reshapes and at most one cast) and the dtype x holds; else why not."""
     path: list[Node] = []
     node = x
     while node is not o:
-        if not isinstance(node, Node) or not (is_view(node) or is_op(node, *_ROW_VIEWS) or is_cast(node)):
+        if not isinstance(node, Node) or not (_row_view(node) or is_cast(node)):
             return f"the norm reads {getattr(node, 'name', node)!s}, not o through reshapes and a cast"
         path.append(node)
         node = node.args[0]
@@ -239,7 +244,7 @@ class DeltaRuleFusion(Pass):
         out: dict[Node, GatedNormMatch] = {}
         for m in gated_norms(graph, None):  # (the gated-norm pass remarks on near misses)
             node = m.norm.x
-            while is_view(node) or is_op(node, *_ROW_VIEWS) or is_cast(node):
+            while _row_view(node) or is_cast(node):
                 node = node.args[0]
             out[node] = m
         return out
@@ -316,8 +321,7 @@ class DeltaRuleFusion(Pass):
         held = {n: (rec, i) for rec in sites for i, n in enumerate(rec.outputs)}
         found = []
         for x in (site.q, site.k, site.v, site.g, site.beta):
-            while x not in held and (is_view(x) or is_op(x, *_ROW_VIEWS)
-                                     or (is_cast(x) and is_lossless(dtype_of(x.args[0]), dtype_of(x)))):
+            while x not in held and (_row_view(x) or (is_cast(x) and is_lossless(dtype_of(x.args[0]), dtype_of(x)))):
                 x = x.args[0]
             found.append(held.get(x))
         if found[0] is None:
@@ -352,6 +356,10 @@ class DeltaRuleFusion(Pass):
         alive = [n for n in rec.outputs if n.users and n not in dying]
         if alive:
             return apart(f"a post-conv output (`{alive[0].name}`) is also read elsewhere: {describe_users(alive[0])}")
+        rows = val(rec.conv_state).shape[0]
+        if s.heads_v != s.heads_k and not isinstance(rows, int):
+            return apart(f"the conv state's row count ({rows}) is dynamic: the key heads' arrival counters are a "
+                         "buffer of fixed size", "mark the conv state static")
         why = ctx.token_check("delta_rule_conv", val(site.q).shape[0])
         if why:
             return apart(why, "widen FusionConfig.token_ranges['delta_rule_conv']", name="token-range")
@@ -384,6 +392,7 @@ class DeltaRuleFusion(Pass):
         # the post-conv op is gone: its `applied` remark gives way to this one, which lists its ops
         ctx.record.remarks.remove(rec.remark)
         ctx.record.bump("post-conv", "applied", -1)
+        ctx.record.bump("post-conv", "sites-fused", -1)
         ctx.record.bump("post-conv", "folded-into-delta-rule")
         ops = ("conv_update", "silu", "split", "l2norm", "gdn_gating") + (OPS if s.heads_v != s.heads_k else OPS[1:])
         ops = ops + ("rmsnorm", "silu_gate") + (("fp8_quant",) if chain.quant else ())

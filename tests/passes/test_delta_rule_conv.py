@@ -196,3 +196,77 @@ def test_q_and_k_normed_over_other_heads_than_the_update_reads_are_a_near_miss()
 
 # Through Inductor (CPU): tests/passes/test_post_conv_models.py compiles Qwen 3.5 tiny, whose six linear-attention
 # layers take this fold, over three steps with the states carried.
+
+
+def test_swapped_q_and_k_segments_fuse_by_what_the_update_reads():
+    """The segments' roles come from the graph: k first in the conv output, then q."""
+    hk, hv, dk, dv = 2, 4, 8, 4
+    norm = RMSNormGated(dv, eps=1e-6)
+
+    def step(x, conv_state, w, idx, a, b, a_log, dt_bias, ssm, z):
+        t = x.shape[0]
+        y = causal_conv1d_update(x, conv_state, w, idx)
+        k, q, v = y.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        q, k = l2norm(q.view(t, hk, dk)), l2norm(k.view(t, hk, dk))
+        g, beta = gdn_gating(a, b, a_log, dt_bias)
+        o = gated_delta_rule_step(q, k, v.view(t, hv, dv), g, beta, ssm, idx)
+        return norm(o, z.view(t, hv, dv))
+
+    gm, record = run_steps(step, inputs(3, hk, hv, dk, dv, 4, torch.float32))
+    assert applied_ops(record) == [POST_CONV + DELTA_RULE + GATED], record.remarks
+    (op,) = [n for n in gm.graph.nodes if "auto_functionalized" in str(n.target)]
+    assert op.kwargs["roles"] == "1,0,2", op.kwargs["roles"]
+
+
+def _direct_op(hk: int, hv: int, d: int, slots: list[int], n_slots: int, counters: torch.Tensor | None):
+    """braze::conv_delta_rule_gated called directly (fp32, conv width 4), with the given conv/state rows: outputs,
+    conv state, state."""
+    from braze.patterns.conv import ConvUpdate
+    from braze.patterns.delta_rule import DeltaRule
+    from braze.patterns.gated_norm import Gate
+    from braze.patterns.gdn import Gating, L2Norm, PostConv, Segment
+    from braze.patterns.stages import RMSNorm, RowChain, WeightMul
+
+    f32 = "float32"
+    c = 2 * hk * d + hv * d
+    conv = ConvUpdate(c, 4, 3, f32, f32, "silu", f32, indexed=True)
+    post = PostConv(conv, (Segment(0, hk, d, L2Norm(1e-6, f32)), Segment(hk * d, hk, d, L2Norm(1e-6, f32)),
+                           Segment(2 * hk * d, hv, d, None)), Gating(hv, 20.0, f32, f32))
+    chain = RowChain(f32, None, RMSNorm(1e-6, d, f32, f32, f32, f32, (WeightMul(f32, f32),), store=True), None,
+                     Gate(f32, f32, f32))
+    spec = DeltaRule(hk, hv, d, d, d ** -0.5)
+    g = torch.Generator().manual_seed(3)
+    t = len(slots)
+    idx = torch.tensor(slots)
+    conv_inputs = [torch.randn(t, c, generator=g), torch.randn(c, 4, generator=g) * 0.5, idx,
+                   torch.randn(t, hv, generator=g), torch.randn(t, hv, generator=g), torch.randn(hv, generator=g),
+                   torch.randn(hv, generator=g)]
+    conv_state = torch.randn(n_slots, c, 3, generator=g)
+    state = torch.randn(n_slots, hv, d, d, generator=g) * 0.1
+    norm_inputs = [torch.randn(d, generator=g), torch.randn(t, hv, d, generator=g)]
+    outs = torch.ops.braze.conv_delta_rule_gated(conv_inputs, conv_state, idx, state, norm_inputs, counters,
+                                                 post.to_json(), "0,1,2", spec.to_json(), chain.to_json())
+    return outs, conv_state, state
+
+
+def test_the_counters_come_back_to_where_they_started_and_count_modulo_the_ratio():
+    """A persistent counter buffer (what a GPU graph holds) over several calls: zero stays zero, and a counter off by
+    a multiple of Hv/Hk (as two tokens naming one conv row could leave it, interleaved) still picks the last reader
+    and comes back to its value. Rows out of range touch no counter."""
+    import braze.runtime.delta_rule  # noqa: F401  (registers the op)
+
+    hk, hv, d, n_slots = 2, 6, 8, 5
+    zero = torch.zeros(n_slots, hk, dtype=torch.int32)
+    want = _direct_op(hk, hv, d, [3, 0, 4], n_slots, zero)
+    assert not zero.any(), zero
+    for _ in range(2):
+        assert torch.equal(_direct_op(hk, hv, d, [3, 0, 4], n_slots, zero)[1], want[1])
+    assert not zero.any(), zero
+    offset = torch.full((n_slots, hk), 2 * (hv // hk), dtype=torch.int32)
+    got = _direct_op(hk, hv, d, [3, 0, 4], n_slots, offset)
+    for a, b in zip([*got[0], *got[1:]], [*want[0], *want[1:]]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (offset == 2 * (hv // hk)).all(), offset
+    _direct_op(hk, hv, d, [7, 1], n_slots, zero)  # row 7 of 5: masked, as the state writes are
+    assert not zero.any(), zero
+
