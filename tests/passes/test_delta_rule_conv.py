@@ -270,3 +270,27 @@ def test_the_counters_come_back_to_where_they_started_and_count_modulo_the_ratio
     _direct_op(hk, hv, d, [7, 1], n_slots, zero)  # row 7 of 5: masked, as the state writes are
     assert not zero.any(), zero
 
+
+
+@pytest.mark.slow
+def test_a_dynamic_conv_state_row_count_keeps_the_post_conv_apart_and_says_why():
+    """The counters are a buffer of fixed size: with a symbolic number of state rows (compiled with Inductor, CPU) the
+    post-conv and the update still fuse, as two kernels, with a remark that says why, and equal eager."""
+    torch._dynamo.reset()
+    hk, hv, dk, dv = 1, 2, 8, 4
+    fn = layer(hk, hv, dk, dv, torch.float32)
+    args = inputs(3, hk, hv, dk, dv, 4, torch.float32)
+    want = [a.clone() for a in args]
+    for i in (1, 8):
+        torch._dynamo.mark_dynamic(args[i], 0)
+    be = braze.backend()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fn, backend=be, fullgraph=True)(*args), fn(*want), rtol=1e-5,
+                                   atol=1e-5)
+    for i in (1, 8):
+        torch.testing.assert_close(args[i], want[i], rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch._dynamo.reset()
+    report = braze.report(be)
+    assert [r.ops for r in report.applied] == [POST_CONV, DELTA_RULE + GATED], report.applied
+    (apart,) = [r for r in report.missed if r.name == "post-conv-apart"]
+    assert "row count" in apart.reason and "is dynamic" in apart.reason, apart.reason
