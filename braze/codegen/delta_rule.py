@@ -263,7 +263,7 @@ def generate_conv_gated(post: PostConv, roles: Roles, spec: DeltaRule, chain: Ro
         em.line("arrived = tl.atomic_add(ctr, 1, sem='acq_rel')  # after this program's reads (the barrier)")
         # modulo RATIO, and reset by subtracting RATIO: two tokens naming one conv row (undefined in eager too) still
         # leave the counter at zero for the next call, whatever the interleaving
-        em.line("if arrived % RATIO == RATIO - 1:  # the key head's last reader: every other one has read the q/k state")
+        em.line("if arrived % RATIO == RATIO - 1:  # the key head's last reader: all others have read the q/k state")
         em.indent += 1
         emit_conv_write(em, post, *reads["q"])
         emit_conv_write(em, post, *reads["k"])

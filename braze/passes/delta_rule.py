@@ -436,8 +436,9 @@ def _counters(graph, ctx: PassContext, conv_state: Node, heads_k: int, fake_mode
 
     On a GPU (or any device but the CPU) a get_attr of a new zeroed buffer of the graph module, which the kernel
     leaves zero: no zero-fill runs per call (two dims: Inductor inlines 1-D constants of up to 8 values, which then
-    could not be updated). On the CPU (the interpreter, the tests) a zero-filled tensor the graph makes: Inductor hands a buffer of
-    the module to a CPU fallback op's fake kernel as a real tensor, which fake tensor propagation rejects."""
+    could not be updated). On the CPU (the interpreter, the tests) a zero-filled tensor the graph makes: Inductor
+    hands a buffer of the module to a CPU fallback op's fake kernel as a real tensor, which fake tensor propagation
+    rejects."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from braze.runtime.delta_rule import counters_shape
