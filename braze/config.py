@@ -137,7 +137,8 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
-                  "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge", "dual_stream", "count_stock_kernels"):
+                  "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge", "dual_stream",
+                  "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")
