@@ -1,0 +1,100 @@
+"""Decode GEMMs as a weight stream: y[T, N] = x[T, K] · W[N, K]ᵀ (+ b) for a few token rows, no tensor cores.
+
+Reference: `decode_mm_reference` (fp32 accumulation, rounded once to the output dtype).
+
+At T = 1..4 such a GEMM reads 2·N·K weight bytes and a few KB of activations, so its floor is the weight
+bytes over the copy bandwidth. cuBLAS runs the DeepSeek V3.2 prologue's merged [2304, 7168] weight at one
+token as a split-K kernel plus a reduction kernel at 2.5x that floor on an H100 (benchmarks/results/
+skinny_gemm.md). What a GEMV needs is many weight bytes in flight per SM: each program here owns BLOCK_N
+whole weight rows and, with UNROLL, issues the loads of all its K chunks before the first multiply (the
+loop is unrolled at compile time and no load depends on another), so a program's latency is one memory
+round trip rather than K / BLOCK_K of them. No split over K: every output is one program's sum in a fixed
+order, so the result is the same on every call and every CUDA-graph replay.
+
+Bytes per call: 2·N·K (weights, read once, evict-first) + 2·T·K·⌈N/BLOCK_N⌉ (the activation, L2-resident
+after the first program) + 2·T·N (outputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 4  # token rows the kernel takes; above that a GEMM's tensor cores are worth having
+
+
+def decode_mm_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w[N, K]ᵀ (+ bias [N]) -> [T, N] in x's dtype, accumulated in fp32."""
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xt, stride_wn, stride_yt,
+                    T: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+    # one program: output columns [n0, n0 + BLOCK_N) of every token row
+    n0 = tl.program_id(0) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, BLOCK_T)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past N read row N-1 (valid memory, no predicated loads) and are not stored
+    w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    x_rows = x_ptr + tl.minimum(rt, T - 1)[:, None] * stride_xt  # [BLOCK_T, 1]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    if UNROLL:
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            kk = k0 + rk
+            km = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=km[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_rows + kk[None, :], mask=km[None, :], other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            km = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=km[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_rows + kk[None, :], mask=km[None, :], other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + tl.minimum(rn, N - 1)).to(tl.float32)[None, :]
+    out = y_ptr + rt[:, None] * stride_yt + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rt[:, None] < T) & (rn[None, :] < N))
+
+
+@dataclass(frozen=True)
+class DecodeMMConfig:
+    """Tiles of one launch: BLOCK_N weight rows per program, K chunks of BLOCK_K, warps, unrolled or looped."""
+
+    block_n: int
+    block_k: int
+    warps: int
+    unroll: bool = True
+    stages: int = 1
+
+
+def decode_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+              config: DecodeMMConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w[N, K]ᵀ (+ bias) with braze's decode kernel; T <= MAX_ROWS, w row-major."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"decode_mm: expected x [T, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    T, K = x.shape
+    N = w.shape[0]
+    if not 1 <= T <= MAX_ROWS:
+        raise ValueError(f"decode_mm: {T} token rows; the kernel takes 1..{MAX_ROWS}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("decode_mm: x and w must be contiguous along K (stride 1 on the last dim)")
+    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
+        raise ValueError(f"decode_mm: bias must be contiguous [{N}], got {tuple(bias.shape)}")
+    y = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
+    c = config
+    braze_decode_mm[(triton.cdiv(N, c.block_n),)](
+        x, w, bias if bias is not None else w, y, N, x.stride(0), w.stride(0), y.stride(0),
+        T=T, K=K, HAS_BIAS=bias is not None, BLOCK_T=triton.next_power_of_2(T), BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k, UNROLL=c.unroll, num_warps=c.warps, num_stages=c.stages)
+    return y
