@@ -102,7 +102,10 @@ def main() -> None:
             if T == 1:
                 top[name] = [DecodeMMConfig(**s["config"]) for s in r["sweep"][:5]]
             rows.append(r)
-    out = Path(args.out)
+            write(rows, Path(args.out), args.tokens, bw, dev)  # after every row: a run cut short keeps its rows
+
+
+def write(rows: list[dict], out: Path, tokens: str, bw: float, dev: torch.device) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {"card": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "copy_bandwidth_gbs": bw / 1e9}
@@ -111,7 +114,7 @@ def main() -> None:
         "# Decode GEMMs: torch.mm (cuBLAS) vs braze's decode kernel, against the weight-read floor",
         "",
         (f"Card: {env['card']}; torch {env['torch']}, triton {env['triton']}, Python {env['python']}; copy "
-         f"bandwidth {bw / 1e9:.0f} GB/s. Command: `python benchmarks/decode_mm.py --tokens {args.tokens}`."),
+         f"bandwidth {bw / 1e9:.0f} GB/s. Command: `python benchmarks/decode_mm.py --tokens {tokens}`."),
         ("Timing: CUDA graph over distinct weight copies (4× L2 in all, at most 128), median of 50 replays, per "
          "call. braze: best of the tile grid (T=1) or of T=1's five best (T>1), every config checked against "
          "fp32. Floor: weight + activation bytes over the copy bandwidth."),

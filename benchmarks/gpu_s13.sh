@@ -10,11 +10,11 @@ source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
 case ${1:-sweep} in
   sweep)
-    timeout 260 python3 benchmarks/decode_mm.py --tokens 1,2,4 --out "$OUT/results" 2>&1 \
+    timeout 290 python3 benchmarks/decode_mm.py --tokens 1,2,4 --out "$OUT/results" 2>&1 \
       | tee "$OUT/sweep.log" | grep -v Warn | grep "^T=\|Error\|error"
     echo "sweep: $((SECONDS - t0)) s"; keep
-    timeout 200 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
-      --variants inductor,braze,braze-no-merge,braze-streams --budget-s 190 --out "$OUT/results" 2>&1 \
+    timeout 185 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
+      --variants inductor,braze,braze-no-merge,braze-streams --budget-s 175 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|done"
     echo "deepseek: $((SECONDS - t0)) s"; keep
     ;;
