@@ -1,8 +1,8 @@
 """Benchmark: DeepSeek V3.2's attention prologue alone, eager vs stock Inductor vs braze, under CUDA graphs.
 
-    python benchmarks/deepseek_prologue.py [--tokens 1,8,64] [--variants eager,inductor,braze,braze-merge] [--out DIR]
+    python benchmarks/deepseek_prologue.py [--tokens 1,8,64] [--variants eager,inductor,braze,braze-no-merge] [--out DIR]
 
-braze-merge is braze with FusionConfig(gemm_merge=True) (sibling GEMMs merged), beside plain braze.
+A braze-* variant is braze with that bench variant's switches (braze.bench_variants), e.g. braze-no-merge.
 
 The prologue is `MLAAttention.prologue` of the bench config (TP=8 per-rank heads): the fused q_a/kv_a
 projection, q_c and kv_c RMSNorm, k_pe RoPE, the packed 656-byte MLA cache write, the indexer's
@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 
 import torch
+from prologue_util import is_gemm, kernel_times, reference, relerr, variant_fn
 
 import braze
 from braze.bench_device import copy_bandwidth, count_cuda_kernels, time_cuda_graph
-from prologue_util import is_gemm, kernel_times, reference, relerr, variant_fn
+from braze.bench_variants import VARIANT_SWITCHES
 from braze.models.common import PageTable, RotaryCache, init_random, yarn_inv_freq
 from braze.models.deepseek_v32 import DeepseekV32Config, MLAAttention
 
@@ -58,14 +59,13 @@ def weight_bytes(attn: MLAAttention) -> int:
     return total
 
 
-VARIANTS = ("eager", "inductor", "braze", "braze-merge")
+VARIANTS = ("eager", "inductor", "braze", *VARIANT_SWITCHES)
 
 
 def backend_for(variant: str):
-    if variant == "braze":
-        return braze.backend(braze.FusionConfig())
-    if variant == "braze-merge":
-        return braze.backend(braze.FusionConfig(gemm_merge=True))
+    """braze with its defaults, or with a bench variant's switches (braze.bench_variants); None: stock."""
+    if variant.startswith("braze"):
+        return braze.backend(braze.FusionConfig(**VARIANT_SWITCHES.get(variant, {})))
     return None
 
 
@@ -81,7 +81,7 @@ def run(T: int, device: torch.device, bw: float, variants: tuple[str, ...] = VAR
             out = fn(*inputs)
             err = max(relerr(o, r) for o, r in zip(out, ref) if o.dtype != torch.float8_e4m3fn)
             byte_diff = max(float((v != ref_caches[k]).float().mean()) for k, v in attn.named_buffers())
-            step = lambda: fn(*inputs)  # noqa: E731
+            step = lambda: fn(*inputs)
             kernels = count_cuda_kernels(step)
             times = kernel_times(step)
             timing = time_cuda_graph(step, warmup=20, replays=200)
@@ -126,7 +126,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "deepseek_prologue.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# DeepSeek V3.2 attention prologue (bench config, TP=8 per-rank heads, bf16)", "",
+    lines = ["# DeepSeek V3.2 attention prologue (bench config, TP=8 per-rank heads, bf16)", "",
              f"Card: {meta['card']}; torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}; "
              f"copy bandwidth {bw / 1e9:.0f} GB/s. Command: `{meta['command']}`.",
              "Timing: median of 200 CUDA-graph replays after 20 warm-up ones; kernels from the profiler (one "

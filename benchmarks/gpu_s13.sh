@@ -4,7 +4,11 @@
 # `sweep`: braze's decode GEMM kernel (braze/codegen/decode_mm.py) against torch.mm per bench weight shape at
 # T=1/2/4 (tile grid), then DeepSeek V3.2's step at T=1: stock Inductor, braze (GEMM merging on at T=1), braze
 # without merging, braze with dual-stream (issue 7's two levers on the H200).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep
+# `decode`: the decode-GEMM pass (FusionConfig.decode_gemm): its GPU tests and the merge GPU test, DeepSeek V3.2's
+# prologue at T=1/2/4 (stock, braze, braze with every GEMM on cuBLAS), then DeepSeek's step at T=1 (stock, braze,
+# braze-no-decode-gemm, braze-no-merge).
+# `steps`: Qwen 3.5 and MiniMax-M2.5 at T=1 and 4 (stock, braze, braze-no-decode-gemm).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -17,6 +21,28 @@ case ${1:-sweep} in
       --variants inductor,braze,braze-no-merge,braze-streams --budget-s 175 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|done"
     echo "deepseek: $((SECONDS - t0)) s"; keep
+    ;;
+  decode)
+    timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu \
+      tests/codegen/test_decode_mm_kernel.py tests/passes/test_gemm_merge_gpu.py 2>&1 \
+      | tee "$OUT/tests.log" | grep -v Warn | tail -5
+    echo "tests: $((SECONDS - t0)) s"
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 170 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4 \
+      --variants inductor,braze,braze-no-decode-gemm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" \
+      | grep "^T="
+    echo "prologue: $((SECONDS - t0)) s"; keep
+    timeout 170 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
+      --variants inductor,braze,braze-no-decode-gemm,braze-no-merge --budget-s 160 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|done"
+    echo "deepseek: $((SECONDS - t0)) s"; keep
+    ;;
+  steps)
+    for m in qwen3.5 minimax-m2.5; do
+      timeout 250 python3 -m braze bench --model $m --size bench --tokens 1,4 --shapes static \
+        --variants inductor,braze,braze-no-decode-gemm --budget-s 240 --out "$OUT/results" 2>&1 \
+        | tee "$OUT/bench_$m.log" | grep -v Warn | grep "$m\|done"
+      echo "$m: $((SECONDS - t0)) s"; keep
+    done
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
 FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
-            "delta_rule_conv", "moe", "router", "topk", "gemm_merge", "dual_stream")
+            "delta_rule_conv", "moe", "router", "topk", "gemm_merge", "decode_gemm", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -39,6 +39,8 @@ class TokenRange:
 # benchmarks/results/deepseek_prologue_s9.md). The cost model still requires every member memory-bound.
 # Two streams only while the branches are small: above 64 tokens a branch's GEMMs fill the GPU alone.
 _DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 1), "dual_stream": TokenRange(1, 64),
+                   # the kernel takes 1..4 token rows; decode_mm_plan says at which weight shapes it wins
+                   "decode_gemm": TokenRange(1, 4),
                    # time-neutral at T=1 and 8, 1.2 µs slower per layer at 64 (H200, session12_gpu/3_fold_final)
                    "delta_rule_conv": TokenRange(1, 8)}
 
@@ -88,6 +90,10 @@ class FusionConfig:
         one token by default (-2.2% of DeepSeek V3.2's step at T=1 on an H100; from T=2 the merged
         GEMMs add cuBLAS split-K kernels and lose). Weights must be frozen nn.Parameters
         (requires_grad=False), else a `not-parameters` remark says why nothing merged.
+    decode_gemm: run a 2-D GEMM of 1..4 token rows against a [N, K] weight read from a graph input on braze's
+        weight-stream kernel (braze.codegen.decode_mm) where `decode_mm_plan` says it beats cuBLAS at that shape
+        (H200 sweep, decode_mm.md); CUDA graphs only: it is a GPU kernel choice. Merged sibling GEMMs make the
+        same choice inside `braze::sibling_mm`.
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: -1.6% of DeepSeek
         V3.2's step at T=1 on an H100 (deepseek-v3.2_bench_tp1_static_streams.md), below what would
@@ -128,6 +134,7 @@ class FusionConfig:
     router: bool = True
     topk: bool = True
     gemm_merge: bool = True  # GPU tests passed (gpu_tests.md, session 6); token range [1, 1] (see above)
+    decode_gemm: bool = True
     dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0
@@ -137,8 +144,8 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
-                  "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge", "dual_stream",
-                  "count_stock_kernels"):
+                  "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge", "decode_gemm",
+                  "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

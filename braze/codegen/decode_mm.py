@@ -78,6 +78,41 @@ class DecodeMMConfig:
     stages: int = 1
 
 
+def decode_mm_tiles(T: int, N: int, K: int) -> DecodeMMConfig:
+    """The tile config for a [T, K] x [N, K]ᵀ call: the sweep's best or within a few percent of it at every bench
+    shape (decode_mm.json, H200): 2048-wide K chunks, 4 warps, 1/2/4 rows a program as N grows."""
+    block_k = min(2048, triton.next_power_of_2(K))
+    block_n = 1 if N <= 1024 else 2 if N <= 7168 else 4
+    return DecodeMMConfig(max(block_n, 1024 // block_k), block_k, 4)
+
+
+def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype) -> DecodeMMConfig | str:
+    """The tiles when braze's kernel beats cuBLAS at this shape, else why not (a short reason for a remark).
+
+    Where it wins, by the sweep (benchmarks/results/decode_mm.md, H200, bf16; torch.mm / braze):
+    - one token: every shape but the widest weights with short rows (N >= 8192 and K < 6144: 0.96-1.04x there);
+      1.06-1.27x on the large weights, 1.5-2.4x on the small, launch-bound ones (N <= 1024);
+    - two tokens: weights up to 10 MB (1.1-2.3x); larger ones lose (0.87-1.02x);
+    - three or four tokens: weights of at most 1024 rows (1.2-2x); the rest lose up to 1.7x;
+    - weights over 70 MB (a vocabulary projection) stay cuBLAS: the largest measured (134 MB) was a tie.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"{dtype} weights (the kernel is tuned for bf16/fp16)"
+    if not 1 <= T <= MAX_ROWS:
+        return f"{T} token rows (the kernel takes 1..{MAX_ROWS})"
+    if 2 * N * K > 70_000_000:
+        return f"cuBLAS is at least as fast for a [{N}, {K}] weight (over 70 MB; the 134 MB one measured was a tie)"
+    if T == 1:
+        wins = N < 8192 or K >= 6144
+    elif T == 2:
+        wins = 2 * N * K <= 10_000_000
+    else:
+        wins = N <= 1024
+    if not wins:
+        return f"cuBLAS is faster for a [{N}, {K}] weight at {T} token(s) (benchmarks/results/decode_mm.md)"
+    return decode_mm_tiles(T, N, K)
+
+
 def decode_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
               config: DecodeMMConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w[N, K]ᵀ (+ bias) with braze's decode kernel; T <= MAX_ROWS, w row-major."""

@@ -166,7 +166,9 @@ class SiblingGemmMerge(Pass):
                        reason=f"at {t} tokens {len(bound)} of them are compute-bound: merging saves no weight "
                               "traffic there", ops=ops)
             return
-        self._rewrite(graph, act, group)
+        # the merged GEMM takes braze's decode kernel where FusionConfig.decode_gemm would for a plain GEMM
+        decode = ctx.config.decode_gemm and ctx.token_check("decode_gemm", tokens) is None
+        self._rewrite(graph, act, group, decode)
         index = [placeholders.index(s.weight) for s in group]
         ctx.record.shared_weights.append({"inputs": index, "location": module_path(first)})
         before = sum((c for c in costs), Cost())
@@ -200,15 +202,15 @@ class SiblingGemmMerge(Pass):
         return ""
 
     @staticmethod
-    def _rewrite(graph: Graph, act: Node, group: list[Sibling]) -> None:
+    def _rewrite(graph: Graph, act: Node, group: list[Sibling], decode: bool) -> None:
         weights = [s.weight for s in group]
         biases = [s.bias for s in group] if group[0].bias is not None else []
         fake_mode = graph_fake_mode(graph)
         with fake_mode:
             out_val = torch.ops.braze.sibling_mm.default(
-                val(act), [val(w) for w in weights], [val(b) for b in biases])
+                val(act), [val(w) for w in weights], [val(b) for b in biases], decode)
         with graph.inserting_after(topo_sorted([act, *weights, *biases])[-1]):
-            merged = graph.call_function(torch.ops.braze.sibling_mm.default, (act, weights, biases))
+            merged = graph.call_function(torch.ops.braze.sibling_mm.default, (act, weights, biases, decode))
         merged.meta["val"] = out_val
         _copy_location(group[0].gemm, merged)
         row, anchor = 0, merged

@@ -27,6 +27,7 @@ from .branches import BranchAnalysis
 from .canonicalize import Canonicalize
 from .chain import HeadChainFusion
 from .collective import AllReduceNormFusion
+from .decode_gemm import DecodeGemm
 from .delta_rule import DeltaRuleFusion
 from .gated_norm import GatedNormFusion
 from .gemm_merge import SiblingGemmMerge
@@ -60,6 +61,7 @@ PASSES: tuple[type[Pass], ...] = (
     TopKSort,
     BranchAnalysis,  # before gemm-merge: it reports the branches as the model wrote them
     SiblingGemmMerge,
+    DecodeGemm,  # after gemm-merge, which makes the same kernel choice for the GEMMs it merges
     DualStream,  # last: it outlines regions of the graph as it will run
 )
 

@@ -10,6 +10,10 @@ in-place weight update (`p.copy_(...)`, `load_state_dict`) is seen at once, also
 replays, because there is only one copy of the weights. When the check fails (a parameter was
 replaced by a new tensor, or sharing was refused) the op concatenates the weights on every call:
 slower, never stale. Nothing is cached, so nothing can go out of date.
+
+With `decode` (set by the pass from FusionConfig.decode_gemm), on CUDA at 1..4 token rows the GEMM runs on
+braze's decode kernel where `decode_mm_plan` says it beats cuBLAS (the merged DeepSeek V3.2 [2304, 7168] weight
+at one token: 11.6 against 13.7 µs, decode_mm.md), else torch.mm.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import warnings
 
 import torch
 from torch.library import custom_op
+
+from braze.codegen.decode_mm import decode_mm as decode_mm_kernel
+from braze.codegen.decode_mm import decode_mm_plan
 
 
 def rows_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -58,16 +65,22 @@ def _merged_weight(weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 @custom_op("braze::sibling_mm", mutates_args=())
-def sibling_mm(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] @ cat(weights)ᵀ (+ cat(biases), one per weight, or none: []) -> [M, ΣN]."""
+def sibling_mm(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+               decode: bool = False) -> torch.Tensor:
+    """x [M, K] @ cat(weights)ᵀ (+ cat(biases), one per weight, or none: []) -> [M, ΣN]; `decode`: on CUDA, take
+    braze's decode kernel where its plan says it beats cuBLAS (FusionConfig.decode_gemm)."""
     w = _merged_weight(weights)
+    if decode and x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and w.stride(1) == 1:
+        plan = decode_mm_plan(x.shape[0], w.shape[0], w.shape[1], w.dtype)
+        if not isinstance(plan, str) and x.dtype == w.dtype:
+            return decode_mm_kernel(x, w, torch.cat(biases) if biases else None, config=plan)
     if not biases:
         return torch.mm(x, w.t())
     return torch.addmm(torch.cat(biases), x, w.t())
 
 
 @sibling_mm.register_fake
-def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], decode: bool = False) -> torch.Tensor:
     rows = sum(w.shape[0] for w in weights)
     return x.new_empty((x.shape[0], rows))
 

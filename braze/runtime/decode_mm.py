@@ -1,0 +1,73 @@
+"""`braze::decode_mm`: a decode GEMM y = x @ wᵀ (+ bias) for 1..4 token rows on braze's weight-stream kernel
+(braze.codegen.decode_mm; CUDA, a `triton_op`) and its CPU twin (Triton's interpreter or the reference)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import custom_op, triton_op, wrap_triton
+
+from braze.codegen.decode_mm import (
+    MAX_ROWS,
+    DecodeMMConfig,
+    braze_decode_mm,
+    decode_mm_reference,
+    decode_mm_tiles,
+)
+
+from .rowwise import cpu_backend, interpreted
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"braze decode_mm: expected x [T, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"braze decode_mm: x has {x.shape[0]} rows; the kernel takes 1..{MAX_ROWS} "
+                         "(use torch.mm above that)")
+    if x.dtype != w.dtype or (bias is not None and bias.dtype != w.dtype):
+        raise ValueError(f"braze decode_mm: x {x.dtype}, w {w.dtype}"
+                         f"{'' if bias is None else f', bias {bias.dtype}'}: expected one dtype")
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"braze decode_mm: bias of shape {tuple(bias.shape)}, expected ({w.shape[0]},)")
+
+
+def _run(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: DecodeMMConfig | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [T, N]; `config` overrides decode_mm_tiles's tiles and `out` receives y (tests, benchmarks)."""
+    _check(x, w, bias)
+    if x.device.type == "cpu" and cpu_backend() == "reference":
+        return decode_mm_reference(x, w, bias)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    T, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
+    c = decode_mm_tiles(T, N, K) if config is None else config
+    args = (x, w, w if bias is None else bias, y, N, x.stride(0), w.stride(0), y.stride(0))
+    const = {"T": T, "K": K, "HAS_BIAS": bias is not None, "BLOCK_T": triton.next_power_of_2(T),
+             "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "UNROLL": c.unroll}
+    grid = (triton.cdiv(N, c.block_n),)
+    if x.device.type == "cpu":
+        interpreted(braze_decode_mm)[grid](*args, **const)
+    else:
+        wrap_triton(braze_decode_mm)[grid](*args, **const, num_warps=c.warps, num_stages=c.stages)
+    return y
+
+
+@triton_op("braze::decode_mm", mutates_args=())
+def decode_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, K] @ w[N, K]ᵀ (+ bias [N]) -> [T, N], 1 <= T <= 4, accumulated in fp32."""
+    if x.device.type == "cpu":
+        return torch.ops.braze.decode_mm_cpu(x, w, bias)
+    return _run(x, w, bias)
+
+
+@custom_op("braze::decode_mm_cpu", mutates_args=())
+def decode_mm_cpu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _run(x, w, bias)
+
+
+@decode_mm_cpu.register_fake
+def _(x, w, bias):
+    return x.new_empty((x.shape[0], w.shape[0]))
