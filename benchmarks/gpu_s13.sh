@@ -8,7 +8,8 @@
 # prologue at T=1/2/4 (stock, braze, braze with every GEMM on cuBLAS), then DeepSeek's step at T=1 (stock, braze,
 # braze-no-decode-gemm, braze-no-merge).
 # `steps`: Qwen 3.5 and MiniMax-M2.5 at T=1 and 4 (stock, braze, braze-no-decode-gemm).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps
+# `prologue`: DeepSeek V3.2's prologue at T=1/2/4 with L2 flushed before every replay (and back to back).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps|prologue
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -35,6 +36,12 @@ case ${1:-sweep} in
       --variants inductor,braze,braze-no-decode-gemm,braze-no-merge --budget-s 160 --out "$OUT/results" 2>&1 \
       | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|done"
     echo "deepseek: $((SECONDS - t0)) s"; keep
+    ;;
+  prologue)
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 250 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4 \
+      --variants inductor,braze,braze-no-decode-gemm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" \
+      | grep "^T=\|Error"
+    echo "prologue: $((SECONDS - t0)) s"; keep
     ;;
   steps)
     for m in qwen3.5 minimax-m2.5; do

@@ -5,19 +5,25 @@ from __future__ import annotations
 import torch
 
 
-def kernel_times(step, n: int = 20) -> dict[str, float]:
-    """Device µs per call of each kernel (profiler, `n` calls outside a graph), by kernel name."""
+def kernel_times(step, n: int = 20, flush=None) -> dict[str, float]:
+    """Device µs per call of each kernel (profiler, `n` calls outside a graph), by kernel name; with `flush`
+    (braze.bench_device.l2_flusher) L2 is flushed before each call and the flush's own kernels left out."""
     from torch.profiler import ProfilerActivity, profile
+
+    def kernels(fn) -> list:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
+    skip = {e.name for e in kernels(flush)} if flush is not None else set()
+    events = kernels((lambda: (flush(), step())) if flush is not None else step)
     out: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")):
+    for e in events:
+        if e.name not in skip and not e.name.lower().startswith(("memcpy", "memset")):
             out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / n
     return out
 

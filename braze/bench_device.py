@@ -172,6 +172,56 @@ def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Ti
     return _quantiles(samples, method)
 
 
+def l2_flusher(device: torch.device) -> Callable[[], None]:
+    """A callable that reads a buffer of 4x the device's L2 size (one reduction kernel): after it, L2 holds
+    only clean lines of that buffer, so what runs next reads its data from HBM and pays no write-backs."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    buf = torch.ones(l2, dtype=torch.float32, device=device)  # 4 bytes per element: 4x L2
+    sink = torch.empty((), dtype=torch.float32, device=device)
+    return lambda: torch.sum(buf, dim=0, out=sink)
+
+
+def time_cuda_graph_cold(step: Callable[[], object], warmup: int, replays: int) -> Timing:
+    """Like `time_cuda_graph`, for a step whose weights fit in L2 or nearly (one layer's prologue): every replay
+    first flushes L2 (`l2_flusher`), so the step's weights come from HBM as they do in a whole decode step. Two
+    graphs are captured, [flush, step] and [flush]; each sample is the difference of one replay of each."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    flush = l2_flusher(device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            flush()
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    both, alone = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(both, capture_error_mode="thread_local"):
+        flush()
+        step()
+    with torch.cuda.graph(alone, capture_error_mode="thread_local"):
+        flush()
+    for _ in range(warmup):
+        both.replay()
+        alone.replay()
+    torch.cuda.synchronize()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(replays)]
+    for a, b, c, d in events:
+        a.record()
+        both.replay()
+        b.record()
+        c.record()
+        alone.replay()
+        d.record()
+    torch.cuda.synchronize()
+    samples = [(a.elapsed_time(b) - c.elapsed_time(d)) / 1e3 for a, b, c, d in events]
+    del both, alone
+    method = (f"CUDA graphs of [L2 flush (read of {4 * l2 >> 20} MB), step] and [L2 flush], median over {replays} "
+              f"pairs of replays of their difference, after {warmup} warm-up pairs, device events")
+    return _quantiles(samples, method)
+
+
 def time_cpu(step: Callable[[], object], repeats: int) -> Timing:
     """Wall-clock seconds per step on the CPU (after one warm-up call): a smoke-test number only."""
     step()
