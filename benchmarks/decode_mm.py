@@ -25,10 +25,7 @@ from braze.codegen.decode_mm import DecodeMMConfig, decode_mm, decode_mm_referen
 EXTRA = [("deepseek-v3.2", "W_UK absorbed (one head)", 512, 128), ("qwen3.5", "shared_expert gate_up", 1024, 4096)]
 
 
-def grid(persistent: bool) -> list[DecodeMMConfig]:
-    if persistent:  # a grid the SMs hold at once, programs striding over the row blocks
-        return [DecodeMMConfig(bn, bk, w, per_sm=p) for bn in (1, 2, 4) for bk in (1024, 2048) for w in (4, 8)
-                for p in (2, 4, 8)] + [DecodeMMConfig(2, 2048, 4), DecodeMMConfig(4, 2048, 4)]
+def grid() -> list[DecodeMMConfig]:
     cfgs = []
     for bn in (1, 2, 4, 8, 16):
         for bk in (256, 512, 1024, 2048):
@@ -88,7 +85,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,2,4")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--persistent", action="store_true", help="sweep the persistent grids (per_sm programs a SM)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     from braze.bench_device import copy_bandwidth
@@ -100,22 +96,20 @@ def main() -> None:
     top: dict[str, list[DecodeMMConfig]] = {}
     for T in (int(t) for t in args.tokens.split(",")):
         for model, name, N, K in shapes:
-            cfgs = grid(args.persistent) if T == 1 or name not in top else top[name]
+            cfgs = grid() if T == 1 or name not in top else top[name]
             warm(cfgs, [(N, K)], T)
             r = measure(T, model, name, N, K, cfgs, bw, l2)
             if T == 1:
                 top[name] = [DecodeMMConfig(**s["config"]) for s in r["sweep"][:5]]
             rows.append(r)
-            # after every row: a run cut short keeps its rows
-            write(rows, Path(args.out), args.tokens + (" --persistent" if args.persistent else ""), bw, dev)
+            write(rows, Path(args.out), args.tokens, bw, dev)  # after every row: a run cut short keeps its rows
 
 
 def write(rows: list[dict], out: Path, tokens: str, bw: float, dev: torch.device) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {"card": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "copy_bandwidth_gbs": bw / 1e9}
-    stem = "decode_mm_persistent" if "persistent" in tokens else "decode_mm"
-    (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (out / "decode_mm.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     lines = [
         "# Decode GEMMs: torch.mm (cuBLAS) vs braze's decode kernel, against the weight-read floor",
         "",
@@ -131,13 +125,12 @@ def write(rows: list[dict], out: Path, tokens: str, bw: float, dev: torch.device
     for r in rows:
         b = r["best"]
         c = b["config"]
-        loop = ("" if c["unroll"] else f", loop, {c['stages']} stages") + (
-            f", persistent {c['per_sm']}/SM" if c.get("per_sm") else "")
+        loop = "" if c["unroll"] else f", loop, {c['stages']} stages"
         lines.append(f"| {r['T']} | {r['model']} | {r['weight']} | {r['N']} | {r['K']} | {r['weight_mb']:.1f} | "
                      f"{r['floor_us']:.2f} | {r['torch_mm_us']:.2f} ({r['torch_mm_us'] / r['floor_us']:.2f}×) | "
                      f"{b['us']:.2f} ({b['us'] / r['floor_us']:.2f}×) | {c['block_n']}×{c['block_k']}, "
                      f"{c['warps']} warps{loop} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / "decode_mm.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@
 # braze-no-decode-gemm, braze-no-merge).
 # `steps`: Qwen 3.5 and MiniMax-M2.5 at T=1 and 4 (stock, braze, braze-no-decode-gemm).
 # `prologue`: DeepSeek V3.2's prologue at T=1/2/4 with L2 flushed before every replay (and back to back).
-# `persistent`: the decode kernel's persistent grids swept at T=1/2/4 (decode_mm_persistent.md).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps|prologue|persistent
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps|prologue
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -43,11 +42,6 @@ case ${1:-sweep} in
       --variants inductor,braze,braze-no-decode-gemm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" \
       | grep "^T=\|Error"
     echo "prologue: $((SECONDS - t0)) s"; keep
-    ;;
-  persistent)
-    timeout 280 python3 benchmarks/decode_mm.py --tokens 1,2,4 --persistent --out "$OUT/results" 2>&1 \
-      | tee "$OUT/sweep.log" | grep -v Warn | grep "^T=\|Error\|error"
-    echo "sweep: $((SECONDS - t0)) s"; keep
     ;;
   steps)
     for m in qwen3.5 minimax-m2.5; do

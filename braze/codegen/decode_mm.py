@@ -35,10 +35,11 @@ def decode_mm_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
 
 
 @triton.jit
-def _rows_block(x_ptr, w_ptr, b_ptr, y_ptr, n0, N, stride_xt, stride_wn, stride_yt,
-                T: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
-    """Output columns [n0, n0 + BLOCK_N) of every token row."""
+def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xt, stride_wn, stride_yt,
+                    T: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+    # one program: output columns [n0, n0 + BLOCK_N) of every token row
+    n0 = tl.program_id(0) * BLOCK_N
     rn = n0 + tl.arange(0, BLOCK_N)
     rt = tl.arange(0, BLOCK_T)
     rk = tl.arange(0, BLOCK_K)
@@ -66,20 +67,6 @@ def _rows_block(x_ptr, w_ptr, b_ptr, y_ptr, n0, N, stride_xt, stride_wn, stride_
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rt[:, None] < T) & (rn[None, :] < N))
 
 
-@triton.jit
-def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xt, stride_wn, stride_yt,
-                    T: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PERSISTENT: tl.constexpr):
-    if PERSISTENT:
-        # a grid the SMs hold at once, each program striding over the row blocks: no partly filled last wave
-        for blk in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-            _rows_block(x_ptr, w_ptr, b_ptr, y_ptr, blk * BLOCK_N, N, stride_xt, stride_wn, stride_yt,
-                        T, K, HAS_BIAS, BLOCK_T, BLOCK_N, BLOCK_K, UNROLL)
-    else:
-        _rows_block(x_ptr, w_ptr, b_ptr, y_ptr, tl.program_id(0) * BLOCK_N, N, stride_xt, stride_wn, stride_yt,
-                    T, K, HAS_BIAS, BLOCK_T, BLOCK_N, BLOCK_K, UNROLL)
-
-
 @dataclass(frozen=True)
 class DecodeMMConfig:
     """Tiles of one launch: BLOCK_N weight rows per program, K chunks of BLOCK_K, warps, unrolled or looped."""
@@ -89,11 +76,6 @@ class DecodeMMConfig:
     warps: int
     unroll: bool = True
     stages: int = 1
-    per_sm: int = 0  # > 0: a persistent grid of per_sm programs per SM striding over the row blocks
-
-    def grid(self, N: int, sms: int) -> int:
-        blocks = triton.cdiv(N, self.block_n)
-        return min(blocks, sms * self.per_sm) if self.per_sm else blocks
 
 
 def decode_mm_tiles(T: int, N: int, K: int) -> DecodeMMConfig:
@@ -146,9 +128,8 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"decode_mm: bias must be contiguous [{N}], got {tuple(bias.shape)}")
     y = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
     c = config
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    braze_decode_mm[(c.grid(N, sms),)](
+    braze_decode_mm[(triton.cdiv(N, c.block_n),)](
         x, w, bias if bias is not None else w, y, N, x.stride(0), w.stride(0), y.stride(0),
         T=T, K=K, HAS_BIAS=bias is not None, BLOCK_T=triton.next_power_of_2(T), BLOCK_N=c.block_n,
-        BLOCK_K=c.block_k, UNROLL=c.unroll, PERSISTENT=c.per_sm > 0, num_warps=c.warps, num_stages=c.stages)
+        BLOCK_K=c.block_k, UNROLL=c.unroll, num_warps=c.warps, num_stages=c.stages)
     return y

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from torch.library import custom_op, triton_op, wrap_triton
@@ -18,17 +16,6 @@ from braze.codegen.decode_mm import (
 )
 
 from .rowwise import cpu_backend, interpreted
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sms(device: torch.device) -> int:
-    """SMs of the device (a persistent grid's size); 4 under the interpreter."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -59,8 +46,8 @@ def _run(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: De
     c = decode_mm_tiles(T, N, K) if config is None else config
     args = (x, w, w if bias is None else bias, y, N, x.stride(0), w.stride(0), y.stride(0))
     const = {"T": T, "K": K, "HAS_BIAS": bias is not None, "BLOCK_T": triton.next_power_of_2(T),
-             "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "UNROLL": c.unroll, "PERSISTENT": c.per_sm > 0}
-    grid = (c.grid(N, _sms(x.device)),)
+             "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "UNROLL": c.unroll}
+    grid = (triton.cdiv(N, c.block_n),)
     if x.device.type == "cpu":
         interpreted(braze_decode_mm)[grid](*args, **const)
     else:
