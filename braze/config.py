@@ -93,7 +93,8 @@ class FusionConfig:
     decode_gemm: run a 2-D GEMM of 1..4 token rows against a [N, K] weight read from a graph input on braze's
         weight-stream kernel (braze.codegen.decode_mm) where `decode_mm_plan` says it beats cuBLAS at that shape
         (H200 sweep, decode_mm.md); CUDA graphs only: it is a GPU kernel choice. Merged sibling GEMMs make the
-        same choice inside `braze::sibling_mm`.
+        same choice inside `braze::sibling_mm`. On an H200 at T=1 it takes 1.0-1.6% off the steps of the three
+        models (DeepSeek V3.2 1510.0 -> 1493.5 µs), 2.1% off Qwen 3.5's at T=4 (results README, session 13).
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: -1.6% of DeepSeek
         V3.2's step at T=1 on an H100 (deepseek-v3.2_bench_tp1_static_streams.md), below what would
