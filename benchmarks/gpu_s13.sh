@@ -9,7 +9,9 @@
 # braze-no-decode-gemm, braze-no-merge).
 # `steps`: Qwen 3.5 and MiniMax-M2.5 at T=1 and 4 (stock, braze, braze-no-decode-gemm).
 # `prologue`: DeepSeek V3.2's prologue at T=1/2/4 with L2 flushed before every replay (and back to back).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps|prologue
+# `verify`: the GPU tests of the passes around it (dual-stream, chains, Qwen 3.5 tiny) and DeepSeek V3.2's bench
+# report at T=1 on the GPU (decode-GEMM and independent-branch remarks).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps|prologue|verify
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -42,6 +44,17 @@ case ${1:-sweep} in
       --variants inductor,braze,braze-no-decode-gemm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" \
       | grep "^T=\|Error"
     echo "prologue: $((SECONDS - t0)) s"; keep
+    ;;
+  verify)
+    timeout 260 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu tests/passes/test_streams_gpu.py \
+      tests/passes/test_chain_gpu.py tests/passes/test_post_conv_gpu.py 2>&1 | tee "$OUT/tests.log" \
+      | grep -v Warn | tail -5
+    echo "tests: $((SECONDS - t0)) s"
+    timeout 150 python3 -m braze report --model deepseek-v3.2 --size bench --tokens 1 --device cuda \
+      --json "$OUT/results/deepseek_report_t1.json" > "$OUT/results/deepseek_report_t1.txt" 2>&1
+    grep -c "decode-gemm\|cublas-faster" "$OUT/results/deepseek_report_t1.txt"
+    grep "independent-branches" "$OUT/results/deepseek_report_t1.txt" | cut -c1-230 | head -24
+    echo "report: $((SECONDS - t0)) s"; keep
     ;;
   steps)
     for m in qwen3.5 minimax-m2.5; do
