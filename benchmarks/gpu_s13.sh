@@ -11,9 +11,7 @@
 # `prologue`: DeepSeek V3.2's prologue at T=1/2/4 with L2 flushed before every replay (and back to back).
 # `verify`: the GPU tests of the passes around it (dual-stream, chains, Qwen 3.5 tiny) and DeepSeek V3.2's bench
 # report at T=1 on the GPU (decode-GEMM and independent-branch remarks).
-# `bmm`: with MLA's absorbed W_UK/W_UV on the batched decode kernel: its GPU tests, the prologue at T=1 (L2
-# flushed), DeepSeek's step at T=1 with and without decode GEMMs, then the dual-stream GPU tests.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps|prologue|verify|bmm
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s13.sh sweep|decode|steps|prologue|verify
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -57,21 +55,6 @@ case ${1:-sweep} in
     grep -c "decode-gemm\|cublas-faster" "$OUT/results/deepseek_report_t1.txt"
     grep "independent-branches" "$OUT/results/deepseek_report_t1.txt" | cut -c1-230 | head -24
     echo "report: $((SECONDS - t0)) s"; keep
-    ;;
-  bmm)
-    timeout 70 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu \
-      tests/codegen/test_decode_mm_kernel.py 2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -3
-    echo "tests: $((SECONDS - t0)) s"
-    PYTHONPATH=$PWD:$PWD/benchmarks timeout 60 python3 benchmarks/deepseek_prologue.py --tokens 1 \
-      --variants braze,braze-no-decode-gemm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep "^T=\|Error"
-    echo "prologue: $((SECONDS - t0)) s"; keep
-    timeout 110 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
-      --variants braze,braze-no-decode-gemm --budget-s 100 --out "$OUT/results" 2>&1 \
-      | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|done"
-    echo "deepseek: $((SECONDS - t0)) s"; keep
-    timeout 80 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu \
-      tests/passes/test_streams_gpu.py 2>&1 | tee "$OUT/tests_streams.log" | grep -v Warn | tail -3
-    echo "streams: $((SECONDS - t0)) s"
     ;;
   steps)
     for m in qwen3.5 minimax-m2.5; do

@@ -67,54 +67,6 @@ def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xt, stride_wn, stride_
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rt[:, None] < T) & (rn[None, :] < N))
 
 
-def decode_bmm_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [B, T, K] @ w [B, K, N] -> [B, T, N] in x's dtype, accumulated in fp32 (per batch, e.g. per head)."""
-    return torch.bmm(x.float(), w.float()).to(x.dtype)
-
-
-@triton.jit
-def braze_decode_bmm(x_ptr, w_ptr, y_ptr, N, sxb, sxt, sxk, swb, swk, swn, syb, syt,
-                     T: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    # one program: output columns [n0, n0 + BLOCK_N) of batch b (a head's weight, read through any strides:
-    # Triton coalesces along whichever of K or N has stride 1, e.g. MLA's W_UK [H, 128, 512] is N-major)
-    n0 = tl.program_id(0) * BLOCK_N
-    b = tl.program_id(1).to(tl.int64)
-    rn = n0 + tl.arange(0, BLOCK_N)
-    rt = tl.arange(0, BLOCK_T)
-    rk = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + b * swb + tl.minimum(rn, N - 1)[:, None] * swn  # [BLOCK_N, 1]
-    x_rows = x_ptr + b * sxb + tl.minimum(rt, T - 1)[:, None] * sxt  # [BLOCK_T, 1]
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        kk = k0 + rk
-        km = kk < K
-        w = tl.load(w_rows + kk[None, :] * swk, mask=km[None, :], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_rows + kk[None, :] * sxk, mask=km[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    out = y_ptr + b * syb + rt[:, None] * syt + rn[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rt[:, None] < T) & (rn[None, :] < N))
-
-
-def decode_bmm_tiles(N: int, K: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the batched kernel: all of K up to 2048 in one chunk, ~8192 weights a program."""
-    block_k = min(2048, triton.next_power_of_2(K))
-    return max(1, min(triton.next_power_of_2(N), 8192 // block_k)), block_k
-
-
-def decode_bmm_plan(B: int, T: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int] | str:
-    """The tiles when the batched kernel replaces cuBLAS's bmm, else why not. Taken for small per-head weights
-    (at most 16 MB in all) of 1..4 token rows: there cuBLAS's bmm is launch-bound (MLA's absorbed W_UK and
-    W_UV, 2 MB each at DeepSeek V3.2's bench size: ~3.3 µs each on an H200, session 13)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"{dtype} weights (the kernel is tuned for bf16/fp16)"
-    if not 1 <= T <= MAX_ROWS:
-        return f"{T} token rows (the kernel takes 1..{MAX_ROWS})"
-    if 2 * B * N * K > 16_000_000:
-        return f"cuBLAS is kept for {B} weights of [{K}, {N}] (over 16 MB: the batched kernel is for small ones)"
-    return decode_bmm_tiles(N, K)
-
-
 @dataclass(frozen=True)
 class DecodeMMConfig:
     """Tiles of one launch: BLOCK_N weight rows per program, K chunks of BLOCK_K, warps, unrolled or looped."""

@@ -17,13 +17,11 @@ outside `FusionConfig.token_ranges['decode_gemm']` (or dynamic and not bounded b
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.fx import GraphModule, Node
 
 import braze.runtime.decode_mm  # noqa: F401  registers braze::decode_mm
-from braze.codegen.decode_mm import decode_bmm_plan, decode_mm_plan
+from braze.codegen.decode_mm import decode_mm_plan
 from braze.patterns.fx import aten, describe, val
 
 from .base import Pass, PassContext
@@ -40,28 +38,9 @@ _REASONS = {
 DEVICES = ("cuda",)  # where the kernel choice is made (tests add "cpu" to run a rewritten graph on the interpreter)
 
 
-# ops that only re-view a tensor's storage: a weight reached through them is read in place, with its strides
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-          aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
-          aten.slice.Tensor, aten.select.int, aten.alias.default)
-_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
-
-
-def weight_input(node: Node) -> Node | None:
-    """The graph input (placeholder) that `node` views through reshapes, permutes, slices and splits, else None."""
-    while isinstance(node, Node) and node.op == "call_function":
-        if node.target in _VIEWS:
-            node = node.args[0]
-        elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target in _SPLITS:
-            node = node.args[0].args[0]
-        else:
-            return None
-    return node if isinstance(node, Node) and node.op == "placeholder" else None
-
-
 def _candidate(node: Node) -> bool:
-    """A 2-D (or per-head batched) bf16/fp16 GEMM on CUDA: what the pass looks at (FP8 `_scaled_mm` is not)."""
-    if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default, aten.bmm.default):
+    """A 2-D bf16/fp16 GEMM on CUDA: what the pass looks at (FP8 `_scaled_mm` is not a candidate)."""
+    if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
         return False
     if node.target is aten.addmm.default and node.kwargs:
         return False  # beta/alpha
@@ -77,9 +56,6 @@ class DecodeGemm(Pass):
         graph = gm.graph
         for node in list(graph.nodes):
             if not _candidate(node):
-                continue
-            if node.target is aten.bmm.default:
-                self._batched(gm, node, ctx)
                 continue
             m = match_sibling(node)
             if isinstance(m, str):
@@ -113,53 +89,6 @@ class DecodeGemm(Pass):
                        ops=("gemm",), args={"tokens": t, "n": n, "k": k, "block_n": plan.block_n,
                                             "block_k": plan.block_k})
             ctx.bump("gemms-replaced")
-
-    def _batched(self, gm: GraphModule, node: Node, ctx: PassContext) -> None:
-        """bmm(x [B, T, K], w [B, K, N]) with w a view of a graph input (MLA's absorbed W_UK / W_UV per head)."""
-        x_node, w_node = node.args
-        x, w = val(x_node), val(w_node)
-        base = weight_input(w_node)
-        if base is None:
-            ctx.remark("missed", "weight-computed", node, "batched GEMM left to cuBLAS",
-                       reason="its right operand is computed in the graph, not a view of a graph input (a weight)",
-                       ops=("gemm",))
-            return
-        tokens = x.shape[1]
-        why = ctx.token_check(self.family, tokens)
-        if why:
-            ctx.remark("missed", "token-range", node, "batched GEMM left to cuBLAS", reason=why,
-                       suggestion="widen FusionConfig.token_ranges['decode_gemm'] (the kernel takes 1..4)",
-                       ops=("gemm",))
-            return
-        sizes = (x.shape[0], w.shape[1], w.shape[2])
-        if not all(isinstance(v, int) for v in (*sizes, *w.stride())):
-            ctx.remark("missed", "dynamic-weight", node, "batched GEMM left to cuBLAS",
-                       reason="the weight's shape or strides are symbolic; the kernel's tiles are chosen per shape",
-                       ops=("gemm",))
-            return
-        t = tokens if isinstance(tokens, int) else ctx.config.token_range(self.family).hi
-        b, k, n = sizes
-        plan = decode_bmm_plan(b, t, n, k, w.dtype)
-        if isinstance(plan, str) or x.dtype != w.dtype:
-            reason = plan if isinstance(plan, str) else f"x is {x.dtype}, the weight {w.dtype}"
-            ctx.remark("missed", "cublas-faster" if "cuBLAS" in reason else "dtype", node,
-                       "batched GEMM left to cuBLAS", reason=reason, ops=("gemm",))
-            return
-        graph = gm.graph
-        with graph_fake_mode(graph):
-            out = x.new_empty((b, x.shape[1], n))
-        with graph.inserting_before(node):
-            new = graph.call_function(torch.ops.braze.decode_bmm.default, (x_node, w_node))
-        new.meta["val"] = out
-        _copy_location(node, new)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        ctx.remark("applied", "decode-gemm", new,
-                   f"batched GEMM of {t} token(s) against {b} weights [{k}, {n}] viewed from {describe(base)} on "
-                   f"braze's decode kernel ({plan[0]} columns x {plan[1]} a program, read in place)",
-                   ops=("gemm",), args={"tokens": t, "batch": b, "n": n, "k": k, "block_n": plan[0],
-                                        "block_k": plan[1]})
-        ctx.bump("gemms-replaced")
 
     @staticmethod
     def _rewrite(gm: GraphModule, m: Sibling) -> None:

@@ -9,15 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import braze.runtime.decode_mm as rt
-from braze.codegen.decode_mm import (
-    MAX_ROWS,
-    DecodeMMConfig,
-    decode_bmm_plan,
-    decode_bmm_reference,
-    decode_mm_plan,
-    decode_mm_reference,
-    decode_mm_tiles,
-)
+from braze.codegen.decode_mm import MAX_ROWS, DecodeMMConfig, decode_mm_plan, decode_mm_reference, decode_mm_tiles
 
 AWKWARD = [1, 3, 9, 41, 257]
 
@@ -75,41 +67,6 @@ def test_strided_activation_and_op(device):
         rt.cpu_backend = old
 
 
-def head_weights(b, k, n, n_major, seed, device="cpu"):
-    """b per-head weights [K, N] viewed out of a wider parameter, N-major (MLA's W_UK) or K-major (W_UV)."""
-    g = torch.Generator().manual_seed(seed)
-    if n_major:  # [b, 2k, n] parameter, first k rows of each head
-        return (torch.randn(b, 2 * k, n, generator=g) * k**-0.5).to(torch.bfloat16).to(device)[:, :k, :]
-    return (torch.randn(b, 2 * n, k, generator=g) * k**-0.5).to(torch.bfloat16).to(device)[:, n:, :].transpose(1, 2)
-
-
-def run_bmm(x, w, tiles=None):
-    out = torch.full((x.shape[0], x.shape[1], w.shape[2]), float("nan"), dtype=x.dtype, device=x.device)
-    old = rt.cpu_backend
-    rt.cpu_backend = lambda: "interpret"
-    try:
-        return rt._run_bmm(x, w, tiles=tiles, out=out)
-    finally:
-        rt.cpu_backend = old
-
-
-def assert_bmm_close(got, x, w):
-    want = decode_bmm_reference(x, w).float()
-    scale = torch.bmm(x.float().abs(), w.float().abs()).clamp_min(1e-3)
-    err = ((got.float() - want).abs() / scale).max().item()
-    assert torch.isfinite(got.float()).all() and err <= 2 * torch.finfo(x.dtype).eps, err
-
-
-@settings(max_examples=8)
-@given(b=st.sampled_from([1, 3]), t=st.integers(1, MAX_ROWS), n=st.sampled_from([1, 9, 41, 64]),
-       k=st.sampled_from([9, 41, 128]), n_major=st.booleans(), tiles=st.sampled_from([None, (4, 16), (16, 64)]),
-       seed=st.integers(0, 2**16))
-def test_batched_kernel_reads_head_weights_in_place(b, t, n, k, n_major, tiles, seed):
-    w = head_weights(b, k, n, n_major, seed)
-    x = torch.randn(t, b, k, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16).transpose(0, 1)
-    assert_bmm_close(run_bmm(x, w, tiles), x, w)
-
-
 def test_bad_input_says_what():
     x = torch.zeros(5, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="5 rows; the kernel takes 1..4"):
@@ -138,24 +95,6 @@ def test_plan_where_the_sweep_measured():
     assert "5 token rows" in decode_mm_plan(5, 64, 64, bf16)
     assert decode_mm_tiles(1, 7168, 2048) == DecodeMMConfig(2, 2048, 4)
     assert decode_mm_tiles(1, 7169, 9) == DecodeMMConfig(64, 16, 4)
-    assert decode_bmm_plan(16, 1, 512, 128, bf16) == (64, 128)  # DeepSeek's W_UK at the bench size: 2 MB
-    assert decode_bmm_plan(16, 4, 128, 512, bf16) == (16, 512)  # its W_UV
-    assert "over 16 MB" in decode_bmm_plan(128, 1, 512, 128, bf16)
-    with pytest.raises(ValueError, match="expected x \\[B, T, K\\] and w \\[B, K, N\\]"):
-        rt._run_bmm(torch.zeros(2, 1, 8), torch.zeros(3, 8, 4))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("n_major", [True, False], ids=["w_uk", "w_uv"])
-def test_cuda_batched_kernel_on_mla_head_weights(t, n_major):
-    k, n = (128, 512) if n_major else (512, 128)
-    w = head_weights(16, k, n, n_major, 0, device="cuda")
-    x = torch.randn(t, 16, k, device="cuda").to(torch.bfloat16).transpose(0, 1)
-    first = run_bmm(x, w)
-    assert_bmm_close(first, x, w)
-    assert torch.equal(run_bmm(x, w), first)
 
 
 @pytest.mark.gpu

@@ -97,42 +97,6 @@ def test_merged_siblings_take_the_kernel_choice_with_the_switch():
         assert merged.args[3] is on
 
 
-def absorbed(q_nope, kv_b, o_latent):
-    """MLA's absorbed projections as braze's DeepSeek V3.2 writes them: per-head W_UK and W_UV viewed out of the
-    kv_b weight [H * (dn + dv), C]."""
-    h, dn = q_nope.shape[1], q_nope.shape[2]
-    w_kv = kv_b.view(h, dn + dn, kv_b.shape[1])
-    w_uk, w_uv = w_kv.split([dn, dn], dim=1)  # [H, dn, C], [H, dv, C]
-    return torch.einsum("thd,hdc->thc", q_nope, w_uk), torch.einsum("thc,hvc->thv", o_latent, w_uv)
-
-
-def test_absorbed_mla_projections_take_the_batched_kernel():
-    args = (torch.zeros(1, 4, 32, dtype=BF16), torch.zeros(4 * 64, 96, dtype=BF16), torch.zeros(1, 4, 96, dtype=BF16))
-    gm, record = on_cuda(absorbed, *args)
-    ops = [n for n in gm.graph.nodes if n.target is torch.ops.braze.decode_bmm.default]
-    assert len(ops) == 2 and not any(n.target is torch.ops.aten.bmm.default for n in gm.graph.nodes)
-    (uk, uv) = [r for r in record.remarks if r.pass_name == "decode-gemm"]
-    assert uk.message == ("batched GEMM of 1 token(s) against 4 weights [32, 96] viewed from `arg1_1` (placeholder) "
-                          "on braze's decode kernel (128 columns x 32 a program, read in place)")
-    assert dict(uv.args)["k"] == 96 and dict(uv.args)["n"] == 32
-
-    def computed(q_nope, kv_b, o_latent):  # a weight computed in the graph is not read in place
-        return absorbed(q_nope, kv_b * 2, o_latent)
-
-    gm, record = on_cuda(computed, *args)
-    assert remarks(record) == [("missed", "weight-computed")] * 2
-
-
-def test_rewritten_absorbed_projections_equal_the_original(monkeypatch_module):
-    g = torch.Generator().manual_seed(0)
-    args = [torch.randn(*s, generator=g).to(BF16) for s in ((3, 4, 32), (4 * 64, 96), (3, 4, 96))]
-    gm = aten_graph(absorbed, *args)
-    record = run_passes(gm, FusionConfig(), PASSES)
-    assert remarks(record) == [("applied", "decode-gemm")] * 2
-    for got, want in zip(gm(*args), absorbed(*args)):
-        assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-
-
 @settings(max_examples=6)
 @given(t=st.integers(1, 4), n=st.sampled_from([3, 9, 41]), k=st.sampled_from([9, 41, 300]),
        bias=st.booleans(), dtype=st.sampled_from([BF16, torch.float16]), seed=st.integers(0, 2**16))
