@@ -54,7 +54,8 @@ def _tensors(out) -> tuple[torch.Tensor, ...]:
 def test_dual_stream_replays_are_identical_and_match_single_stream(fn):
     args = _args(fn)
     be, graph, out = _captured(True, args, fn)
-    assert [r.name for r in braze.report(be).applied] == ["dual-stream"]
+    applied = [r.name for r in braze.report(be).applied]
+    assert applied.count("dual-stream") == 1, applied  # (the MoE case's router top-k is also small-topk's)
     _, graph1, out1 = _captured(False, args, fn)
     out, out1 = _tensors(out), _tensors(out1)
     graph1.replay()
