@@ -12,7 +12,8 @@ with a `cublas-faster` remark. Only CUDA graphs are rewritten: the choice is bet
 
 Runs after gemm-merge (a merged GEMM makes the same choice inside `braze::sibling_mm`) and before
 dual-stream. Left alone, with a remark: weights stored transposed or computed in the graph, token counts
-outside `FusionConfig.token_ranges['decode_gemm']` (or dynamic and not bounded by it), other dtypes.
+outside `FusionConfig.token_ranges['decode_gemm']`, symbolic token counts (the kernel is specialized on them),
+other dtypes.
 """
 
 from __future__ import annotations
@@ -69,13 +70,12 @@ class DecodeGemm(Pass):
                            suggestion="widen FusionConfig.token_ranges['decode_gemm'] (the kernel takes 1..4)",
                            ops=("gemm",))
                 continue
-            if not all(isinstance(s, int) for s in (n, k)):
-                ctx.remark("missed", "dynamic-weight", node, "GEMM left to cuBLAS",
-                           reason="the weight's shape is symbolic; the kernel's tiles are chosen per shape",
-                           ops=("gemm",))
+            if not all(isinstance(s, int) for s in (tokens, n, k)):
+                ctx.remark("missed", "dynamic-shape", node, "GEMM left to cuBLAS",
+                           reason="the token count or the weight's shape is symbolic; the kernel is specialized "
+                                  "on both (its tiles and its unrolled K loop)", ops=("gemm",))
                 continue
-            # a dynamic token count is bounded by the range: decide at its top, where the kernel wins least
-            t = tokens if isinstance(tokens, int) else ctx.config.token_range(self.family).hi
+            t = tokens
             plan = decode_mm_plan(t, n, k, w.dtype)
             if isinstance(plan, str) or x.dtype != w.dtype:
                 reason = plan if isinstance(plan, str) else f"x is {x.dtype}, the weight {w.dtype}"

@@ -128,3 +128,19 @@ def monkeypatch_module():
     mp.setattr(rt, "cpu_backend", lambda: "interpret")
     yield
     mp.undo()
+
+
+def test_a_symbolic_token_count_stays_cublas_with_a_remark(monkeypatch_module):
+    """The kernel is specialized on the token count: a dynamic one (here bounded to the range) is left to cuBLAS,
+    through a real compile, with a remark, and the compiled function still equals eager."""
+    import braze
+
+    torch._dynamo.reset()
+    w = torch.randn(32, 64).to(BF16)
+    be = braze.backend(FusionConfig())
+    fn = torch.compile(lambda x: F.linear(x, w), backend=be)
+    x = torch.randn(3, 64).to(BF16)
+    torch._dynamo.mark_dynamic(x, 0, min=1, max=4)
+    assert torch.allclose(fn(x).float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+    names = [(r.kind, r.name) for r in braze.report(be).missed if r.pass_name == "decode-gemm"]
+    assert names == [("missed", "dynamic-shape")], braze.report(be).missed
