@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_post_conv_cuda_lowering import on_fake_cuda
 
-import braze.passes.decode_gemm as decode_gemm
 import braze.runtime.decode_mm as rt
 from braze import FusionConfig, TokenRange
+from braze.passes import decode_gemm
 from braze.passes.canonicalize import Canonicalize
 from braze.passes.decode_gemm import DecodeGemm
 from braze.passes.gemm_merge import SiblingGemmMerge
