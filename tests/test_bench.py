@@ -83,19 +83,19 @@ def test_time_budget_skips_and_exits_1(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_run_with_compiled_variants(tmp_path):
-    # One tiny model through stock Inductor and braze (two CPU compiles, ~30 s).
+    # One tiny model through braze (stock Inductor's path through the bench is test_dynamic_shapes_reuse_one_compile's)
     torch._dynamo.reset()
     rc = main([*TINY, "--model", "minimax-m2.5", "--tokens", "1", "--quick", "--shapes", "static",
-               "--out", str(tmp_path)])
+               "--variants", "eager,braze", "--out", str(tmp_path)])
     assert rc == 0
     doc = _load(tmp_path, "minimax-m2.5_tiny_tp1_cpu")
     assert doc["meta"]["shapes"].startswith("static")
     rows = {r["variant"]: r for r in doc["rows"]}
-    assert set(rows) == {"eager", "inductor", "braze"}
-    for v in ("inductor", "braze"):
-        c = rows[v]["correctness"]
-        assert rows[v]["ok"] and c["finite"] and c["rel_fro"] < 5e-2 and rows[v]["compile_s"] > 0
-        assert rows[v]["state"]["max_rel_err"] < 5e-2
+    assert set(rows) == {"eager", "braze"}
+    row = rows["braze"]
+    c = row["correctness"]
+    assert row["ok"] and c["finite"] and c["rel_fro"] < 5e-2 and row["compile_s"] > 0
+    assert row["state"]["max_rel_err"] < 5e-2
     b = rows["braze"]["braze"]
     assert b["summary"].startswith("braze report: 1 graph(s)") and b["kernels_total"] > 0
     assert "layers.0" in b["kernels_per_layer"]

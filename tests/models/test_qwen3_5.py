@@ -10,6 +10,8 @@ has Qwen 3.5's own projection layout (separate in_proj_qkv/z/b/a) and M-RoPE con
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -268,17 +270,17 @@ def test_meta_device_builds_bench_without_memory():
 @pytest.mark.slow
 @torch.no_grad()
 def test_compiled_decode_equals_eager_over_steps():
-    cfg = Qwen35Config.tiny()
+    cfg = dataclasses.replace(Qwen35Config.tiny(), num_layers=4)  # one [GDN x 3, full] group: half the compile
     eager = Qwen35ForCausalLM(cfg, dtype=torch.float32, max_batch=2, max_context=16)
     model = Qwen35ForCausalLM(cfg, dtype=torch.float32, max_batch=2, max_context=16)
     compiled = torch.compile(model, fullgraph=True)
     for m in (eager, model):
         make_decode_inputs(m, 2, [3, 6], torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(10)
-    for step in range(4):
+    for step in range(3):
         tok = torch.randint(cfg.vocab_size, (2,), generator=g)
         want = eager(*eager.pages.append([0, 1], tok))
         got = compiled(*model.pages.append([0, 1], tok))
         assert_close(got, want, 1e-4, 1e-4, f"compiled step {step}")
     for (name, a), b in zip(caches(eager).items(), caches(model).values()):
-        assert_close(b, a, 1e-4, 1e-4, f"{name} after 4 compiled steps")
+        assert_close(b, a, 1e-4, 1e-4, f"{name} after 3 compiled steps")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from braze.models.qwen3_5 import Qwen35Config, Qwen35ForCausalLM
 
 pytestmark = pytest.mark.slow
 
-LINEAR, FULL = (0, 1, 2, 4, 5, 6), (3, 7)
+LINEAR, FULL = (0, 1, 2), (3,)  # one [GDN x 3, full] group of the tiny config: half its compile
 DELTA_RULE = ("repeat_interleave", "decay", "delta_rule", "state_store", "readout")
 
 
@@ -26,7 +28,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 @torch.no_grad()
 def test_qwen35_tiny_compiled_with_braze_equals_eager_over_decode_steps_and_reports_every_fusion():
     torch._dynamo.reset()
-    cfg = Qwen35Config.tiny()
+    cfg = dataclasses.replace(Qwen35Config.tiny(), num_layers=4)
     eager = Qwen35ForCausalLM(cfg, dtype=torch.float32, max_batch=3, max_context=16)
     model = Qwen35ForCausalLM(cfg, dtype=torch.float32, max_batch=3, max_context=16)
     for m in (eager, model):
@@ -55,7 +57,7 @@ def test_qwen35_tiny_compiled_with_braze_equals_eager_over_decode_steps_and_repo
         assert (f"layers.{layer}.self_attn", ("store",)) in applied  # V
     for layer in (*LINEAR, *FULL):  # every layer's router (softmax, top-k, renormalized weights) is one kernel
         assert (f"layers.{layer}.mlp", ("scores", "topk", "gather", "renormalize")) in applied, layer
-    assert len(applied) == 6 + 2 * 3 + 8
+    assert len(applied) == 3 + 3 + 4
     # the recurrent state's [T, Hv, dk, dv] row write is the delta-rule op's now; only gemm-merge says why its
     # sibling GEMMs stay apart at 3 tokens (its default range is one)
     assert {(r.pass_name, r.name, r.reason) for r in report.missed} == {
