@@ -144,3 +144,38 @@ def test_a_symbolic_token_count_stays_cublas_with_a_remark(monkeypatch_module):
     assert torch.allclose(fn(x).float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
     names = [(r.kind, r.name) for r in braze.report(be).missed if r.pass_name == "decode-gemm"]
     assert names == [("missed", "dynamic-shape")], braze.report(be).missed
+
+
+@settings(max_examples=10)
+@given(variant=st.sampled_from(["transposed", "computed", "tokens", "fp32", "mixed", "wide", "huge"]),
+       t=st.integers(1, 4), seed=st.integers(0, 99))
+def test_gemms_that_must_stay_cublas_do_with_their_reason(variant, t, seed):
+    """Variants that must not take the kernel: each keeps its GEMM and says why (no rewrite, no crash)."""
+    n, k, rows, dt = 96, 64, t, BF16
+    if variant == "tokens":
+        rows = 5 + seed % 60
+    if variant == "fp32":
+        dt = torch.float32
+    if variant == "wide":  # a shape cuBLAS wins at (N >= 8192, K < 6144 at one token; larger weights above)
+        n, k = 8192, 1024
+    if variant == "huge":  # a vocabulary projection: over 70 MB
+        n, k = 40000, 1024
+    x = torch.zeros(rows, k, dtype=BF16 if variant == "mixed" else dt)
+    w = torch.zeros(k, n, dtype=dt) if variant == "transposed" else torch.zeros(n, k, dtype=dt)
+
+    def f(x, w):
+        if variant == "transposed":
+            return x @ w
+        if variant == "computed":
+            return F.linear(x, w + 1)
+        if variant == "mixed":
+            return F.linear(x.float(), w.float()).to(BF16)  # fp32 GEMM: not a candidate
+        return F.linear(x, w)
+
+    gm, record = on_cuda(f, x, w)
+    assert not decode_ops(gm)
+    got = remarks(record)
+    want = {"transposed": [("missed", "weight-layout")], "computed": [("missed", "weight-computed")],
+            "tokens": [("missed", "token-range")], "fp32": [], "mixed": [],
+            "wide": [("missed", "cublas-faster")], "huge": [("missed", "cublas-faster")]}[variant]
+    assert got == want, (variant, got)
