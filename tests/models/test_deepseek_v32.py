@@ -1,5 +1,6 @@
 """DeepSeek V3.2: faithfulness to transformers and to MODELS.md's indexer and cache math, TP=2 == TP=1,
-compiled == eager, in-place cache writes.
+one graph under torch.compile, in-place cache writes (compiled == eager through braze: tests/passes/
+test_chain_models.py).
 
 What transformers' DeepseekV32 does differently, on purpose, and how the tests handle it:
 - its indexer has no FP8 and no Hadamard rotation, and its caches hold bf16 (model dtype): the HF
@@ -252,23 +253,6 @@ def _tp_worker(rank: int, world_size: int) -> None:
 
 def test_tp2_equals_tp1(tp_runner):
     tp_runner(2, _tp_worker)
-
-
-@pytest.mark.slow
-@torch.no_grad()
-def test_compiled_decode_equals_eager():
-    torch._dynamo.reset()
-    models = [build("deepseek-v3.2", dtype=torch.float32, max_batch=4, max_context=48, seed=7) for _ in range(2)]
-    batches = [make_decode_inputs(m, 4, [3, 8, 20, 40], torch.Generator().manual_seed(8)) for m in models]
-    eager = models[0](*batches[0])
-    compiled = torch.compile(models[1], fullgraph=True)(*batches[1])
-    assert torch.allclose(eager, compiled, atol=1e-4), f"max |diff| {(eager - compiled).abs().max():.2e}"
-    for layer_a, layer_b in zip(models[0].layers, models[1].layers):
-        a, b = layer_a.self_attn, layer_b.self_attn
-        # Inductor may compute amax/448 as amax·(1/448): the fp32 scales can differ in the last ulp.
-        for x, y in zip(a.unpack(a.mla_cache), b.unpack(b.mla_cache)):
-            assert torch.allclose(x, y, rtol=1e-6, atol=0), "MLA cache differs after the compiled step"
-        assert torch.equal(a.indexer.index_cache, b.indexer.index_cache)  # power-of-two scales: exact
 
 
 @torch.no_grad()

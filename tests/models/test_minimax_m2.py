@@ -1,4 +1,5 @@
-"""MiniMax-M2.5: faithfulness to transformers, TP=2 == TP=1, compiled == eager, in-place cache writes."""
+"""MiniMax-M2.5: faithfulness to transformers, TP=2 == TP=1, one graph under torch.compile, in-place cache writes
+(compiled == eager, stock Inductor and braze: tests/test_bench.py)."""
 
 from __future__ import annotations
 
@@ -145,19 +146,6 @@ def test_cache_writes_in_place_and_only_at_slots():
         changed = (rows != old_rows).flatten(1).any(-1).nonzero().flatten()
         assert set(changed.tolist()) <= set(slots.tolist()), f"{name}: rows outside slot_mapping changed"
         assert (rows[slots] != old_rows[slots]).any(), f"{name}: the new rows were not written"
-
-
-@pytest.mark.slow
-@torch.no_grad()
-def test_compiled_decode_equals_eager():
-    torch._dynamo.reset()
-    models = [build("minimax-m2.5", dtype=torch.float32, max_batch=4, max_context=32, seed=7) for _ in range(2)]
-    batches = [make_decode_inputs(m, 4, [3, 8, 16, 30], torch.Generator().manual_seed(8)) for m in models]
-    eager = models[0](*batches[0])
-    compiled = torch.compile(models[1], fullgraph=True)(*batches[1])
-    assert torch.allclose(eager, compiled, atol=1e-4), f"max |diff| {(eager - compiled).abs().max():.2e}"
-    for (n, a), (_, b) in zip(models[0].named_buffers(), models[1].named_buffers()):
-        assert torch.allclose(a, b, atol=1e-5), f"{n} differs after the compiled step"
 
 
 @torch.no_grad()
