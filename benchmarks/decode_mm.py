@@ -20,7 +20,8 @@ import torch
 import triton
 from skinny_gemm import SHAPES, time_per_call
 
-from braze.codegen.decode_mm import DecodeMMConfig, decode_mm, decode_mm_reference
+from braze.codegen.decode_mm import DecodeMMConfig, decode_mm_reference
+from braze.runtime.decode_mm import _run
 
 EXTRA = [("deepseek-v3.2", "W_UK absorbed (one head)", 512, 128), ("qwen3.5", "shared_expert gate_up", 1024, 4096)]
 
@@ -44,7 +45,7 @@ def warm(cfgs: list[DecodeMMConfig], shapes: list[tuple[int, int]], T: int) -> N
         x = torch.zeros(T, K, device=dev, dtype=torch.bfloat16)
         w = torch.zeros(min(N, 64), K, device=dev, dtype=torch.bfloat16)
         try:
-            decode_mm(x, w, config=cfg)
+            _run(x, w, None, config=cfg)
         except Exception as e:  # noqa: BLE001 - reported by the timed call
             return repr(e)
         return None
@@ -67,10 +68,10 @@ def measure(T: int, model: str, name: str, N: int, K: int, cfgs: list[DecodeMMCo
     mm_err = ((torch.mm(x, ws[0].t()).float() - ref).norm() / ref.norm()).item()
     times = []
     for cfg in cfgs:
-        y = decode_mm(x, ws[0], config=cfg)
+        y = _run(x, ws[0], None, config=cfg)
         err = ((y.float() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, f"{name} T={T} {cfg}: rel err {err:.2e}"
-        t = time_per_call(lambda i, c=cfg: decode_mm(x, ws[i], config=c, out=ys[i]), copies)
+        t = time_per_call(lambda i, c=cfg: _run(x, ws[i], None, config=c, out=ys[i]), copies)
         times.append({"config": cfg.__dict__, "us": t, "rel_err": err})
     times.sort(key=lambda r: r["us"])
     floor = (wbytes + 2 * T * (K + N)) / bw * 1e6

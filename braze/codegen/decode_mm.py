@@ -111,25 +111,3 @@ def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype) -> DecodeMMConfig
     if not wins:
         return f"cuBLAS is faster for a [{N}, {K}] weight at {T} token(s) (benchmarks/results/decode_mm.md)"
     return decode_mm_tiles(T, N, K)
-
-
-def decode_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-              config: DecodeMMConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w[N, K]ᵀ (+ bias) with braze's decode kernel; T <= MAX_ROWS, w row-major."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"decode_mm: expected x [T, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    T, K = x.shape
-    N = w.shape[0]
-    if not 1 <= T <= MAX_ROWS:
-        raise ValueError(f"decode_mm: {T} token rows; the kernel takes 1..{MAX_ROWS}")
-    if x.stride(1) != 1 or w.stride(1) != 1:
-        raise ValueError("decode_mm: x and w must be contiguous along K (stride 1 on the last dim)")
-    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
-        raise ValueError(f"decode_mm: bias must be contiguous [{N}], got {tuple(bias.shape)}")
-    y = torch.empty(T, N, dtype=x.dtype, device=x.device) if out is None else out
-    c = config
-    braze_decode_mm[(triton.cdiv(N, c.block_n),)](
-        x, w, bias if bias is not None else w, y, N, x.stride(0), w.stride(0), y.stride(0),
-        T=T, K=K, HAS_BIAS=bias is not None, BLOCK_T=triton.next_power_of_2(T), BLOCK_N=c.block_n,
-        BLOCK_K=c.block_k, UNROLL=c.unroll, num_warps=c.warps, num_stages=c.stages)
-    return y

@@ -23,8 +23,9 @@ import warnings
 import torch
 from torch.library import custom_op
 
-from braze.codegen.decode_mm import decode_mm as decode_mm_kernel
 from braze.codegen.decode_mm import decode_mm_plan
+
+from .decode_mm import _run as decode_mm_run
 
 
 def rows_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -73,7 +74,7 @@ def sibling_mm(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.
     if decode and x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and w.stride(1) == 1:
         plan = decode_mm_plan(x.shape[0], w.shape[0], w.shape[1], w.dtype)
         if not isinstance(plan, str) and x.dtype == w.dtype:
-            return decode_mm_kernel(x, w, torch.cat(biases) if biases else None, config=plan)
+            return decode_mm_run(x, w, torch.cat(biases) if biases else None, config=plan)
     if not biases:
         return torch.mm(x, w.t())
     return torch.addmm(torch.cat(biases), x, w.t())
