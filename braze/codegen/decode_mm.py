@@ -26,8 +26,39 @@ import triton.language as tl
 MAX_ROWS = 4  # token rows the kernel takes; above that a GEMM's tensor cores are worth having
 
 
-def decode_mm_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w[N, K]ᵀ (+ bias [N]) -> [T, N] in x's dtype, accumulated in fp32."""
+NORM_FORMS = ("", "cast", "cast,w", "w", "1+w", "cast,1+w")  # what `norm` may say (see decode_mm_reference)
+
+
+def norm_flags(norm: str) -> tuple[bool, bool, int]:
+    """(normalize, cast before the weight, weight: 0 none, 1 w, 2 1+w) for a `norm` string of NORM_FORMS."""
+    if norm not in NORM_FORMS:
+        raise ValueError(f"braze decode_mm: norm {norm!r} is not one of {NORM_FORMS}")
+    parts = norm.split(",") if norm else []
+    weight = 2 if "1+w" in parts else 1 if "w" in parts else 0
+    return bool(norm), "cast" in parts, weight
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor | None, norm: str, eps: float) -> torch.Tensor:
+    """The RMSNorm a `norm` string names, rounded as the graph rounds it: x̂ = x·rsqrt(mean(x²) + eps) in fp32;
+    "cast": x̂ rounded to x's dtype; "w" / "1+w": times the weight (or 1 + weight) in fp32; the result in x's
+    dtype. "cast,w" is Hugging Face's Llama/DeepSeek RMSNorm, "1+w" Gemma's and Qwen 3.5's."""
+    on, cast, mode = norm_flags(norm)
+    if not on:
+        return x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if cast:
+        h = h.to(x.dtype).float()
+    if mode:
+        h = h * (weight.float() if mode == 1 else 1.0 + weight.float())
+    return h.to(x.dtype)
+
+
+def decode_mm_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                        norm_weight: torch.Tensor | None = None, norm: str = "", eps: float = 0.0) -> torch.Tensor:
+    """rmsnorm(x) [T, K] @ w[N, K]ᵀ (+ bias [N]) -> [T, N] in x's dtype, accumulated in fp32 (no norm when `norm`
+    is "")."""
+    x = rmsnorm_reference(x, norm_weight, norm, eps)
     y = x.float() @ w.float().t()
     if bias is not None:
         y = y + bias.float()
@@ -35,9 +66,28 @@ def decode_mm_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
 
 
 @triton.jit
-def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xt, stride_wn, stride_yt,
+def _operand(x_rows, nw_ptr, kk, km, rstd, NORM: tl.constexpr, CAST_FIRST: tl.constexpr, WEIGHT: tl.constexpr):
+    """One K chunk of the activation [BLOCK_T, BLOCK_K] as the GEMM reads it: x, or rmsnorm(x) rounded as the
+    graph rounds it (decode_mm_reference)."""
+    x = tl.load(x_rows + kk[None, :], mask=km[None, :], other=0.0)
+    if NORM:
+        h = x.to(tl.float32) * rstd[:, None]
+        if CAST_FIRST:
+            h = h.to(x.dtype).to(tl.float32)
+        if WEIGHT > 0:
+            nw = tl.load(nw_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            if WEIGHT == 2:
+                nw = 1.0 + nw
+            h = h * nw[None, :]
+        x = h.to(x.dtype)
+    return x
+
+
+@triton.jit
+def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, N, stride_xt, stride_wn, stride_yt, eps,
                     T: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+                    NORM: tl.constexpr = False, CAST_FIRST: tl.constexpr = False, WEIGHT: tl.constexpr = 0):
     # one program: output columns [n0, n0 + BLOCK_N) of every token row
     n0 = tl.program_id(0) * BLOCK_N
     rn = n0 + tl.arange(0, BLOCK_N)
@@ -46,20 +96,28 @@ def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xt, stride_wn, stride_
     # rows past N read row N-1 (valid memory, no predicated loads) and are not stored
     w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     x_rows = x_ptr + tl.minimum(rt, T - 1)[:, None] * stride_xt  # [BLOCK_T, 1]
+    rstd = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if NORM:  # every program reads the (L2-resident) activation rows once more for their mean square
+        ssq = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            kk = k0 + rk
+            h = tl.load(x_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
+            ssq += tl.sum(h * h, axis=1)
+        rstd = tl.math.rsqrt(ssq / K + eps)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     if UNROLL:
         for k0 in tl.static_range(0, K, BLOCK_K):
             kk = k0 + rk
             km = kk < K
             w = tl.load(w_rows + kk[None, :], mask=km[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_rows + kk[None, :], mask=km[None, :], other=0.0)
+            x = _operand(x_rows, nw_ptr, kk, km, rstd, NORM, CAST_FIRST, WEIGHT)
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             km = kk < K
             w = tl.load(w_rows + kk[None, :], mask=km[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_rows + kk[None, :], mask=km[None, :], other=0.0)
+            x = _operand(x_rows, nw_ptr, kk, km, rstd, NORM, CAST_FIRST, WEIGHT)
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + tl.minimum(rn, N - 1)).to(tl.float32)[None, :]
@@ -86,7 +144,7 @@ def decode_mm_tiles(T: int, N: int, K: int) -> DecodeMMConfig:
     return DecodeMMConfig(max(block_n, 1024 // block_k), block_k, 4)
 
 
-def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype) -> DecodeMMConfig | str:
+def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype, fold_norm: bool = False) -> DecodeMMConfig | str:
     """The tiles when braze's kernel beats cuBLAS at this shape, else why not (a short reason for a remark).
 
     Where it wins, by the sweep (benchmarks/results/decode_mm.md, H200, bf16; torch.mm / braze):
@@ -95,6 +153,10 @@ def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype) -> DecodeMMConfig
     - two tokens: weights up to 10 MB (1.1-2.3x); larger ones lose (0.87-1.02x);
     - three or four tokens: weights of at most 1024 rows (1.2-2x); the rest lose up to 1.7x;
     - weights over 70 MB (a vocabulary projection) stay cuBLAS: the largest measured (134 MB) was a tie.
+    `fold_norm`: the kernel would also compute the RMSNorm before the GEMM, which otherwise takes a kernel of its
+    own (2-3 µs with its launch gap on an H200). It then wins wherever it loses by less than 2 µs in the sweep:
+    at one token every weight up to 70 MB (it loses by at most 0.7 µs), at two up to 40 MB (at most 2.1 µs),
+    at three or four up to 10 MB (at most 1.6 µs).
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return f"{dtype} weights (the kernel is tuned for bf16/fp16)"
@@ -102,12 +164,15 @@ def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype) -> DecodeMMConfig
         return f"{T} token rows (the kernel takes 1..{MAX_ROWS})"
     if 2 * N * K > 70_000_000:
         return f"cuBLAS is at least as fast for a [{N}, {K}] weight (over 70 MB; the 134 MB one measured was a tie)"
-    if T == 1:
+    if fold_norm:
+        wins = T == 1 or 2 * N * K <= (40_000_000 if T == 2 else 10_000_000)
+    elif T == 1:
         wins = N < 8192 or K >= 6144
     elif T == 2:
         wins = 2 * N * K <= 10_000_000
     else:
         wins = N <= 1024
     if not wins:
-        return f"cuBLAS is faster for a [{N}, {K}] weight at {T} token(s) (benchmarks/results/decode_mm.md)"
+        return (f"cuBLAS is faster for a [{N}, {K}] weight at {T} token(s)"
+                f"{', even with the RMSNorm folded in' if fold_norm else ''} (benchmarks/results/decode_mm.md)")
     return decode_mm_tiles(T, N, K)

@@ -13,6 +13,7 @@ in CHAIN_DESIGN.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch.fx import GraphModule, Node
@@ -33,7 +34,7 @@ from braze.patterns.scale_product import (
     ScaleProductMiss,
     match_scale_product,
 )
-from braze.patterns.stages import HeadChain, HeadGroup, dtype_name
+from braze.patterns.stages import HeadChain, HeadGroup, dtype_name, to_dtype
 from braze.patterns.store import StoreMatch, match_store
 
 from .base import Pass, PassContext
@@ -46,6 +47,7 @@ from .chain_bytes import (
     per_token,
 )
 from .chain_groups import group_siblings, hoist
+from .decode_gemm import FOLD_KEY, norm_fold_reason
 from .chain_sites import (
     HeadSite,
     _as_tokens,
@@ -65,9 +67,11 @@ def fused_heads_call(group: HeadGroup, n_inputs: int):
 
     def fn(*args: torch.Tensor) -> list[torch.Tensor]:
         inputs, caches = list(args[:n_inputs]), list(args[n_inputs:])
-        if caches:
-            assert not group.quant_outputs(), "a writing group holds no quant chain"
-            flat, quant = torch.ops.braze.fused_heads(inputs, caches, spec), []
+        if caches:  # the writing op fills the quant chains' buffers in place too (it returns one tensor)
+            t = inputs[0].shape[0]
+            quant = [torch.empty(t * math.prod(shape), dtype=to_dtype(dt), device=inputs[0].device)
+                     for dt, shape in group.quant_outputs()]
+            flat = torch.ops.braze.fused_heads(inputs, caches + quant, spec)
         else:
             flat, *quant = torch.ops.braze.fused_heads_pure(inputs, spec)
         t = inputs[0].shape[0]
@@ -179,6 +183,9 @@ class HeadChainFusion(Pass):
         used = {s.anchor for s in sites}
         for m in {id(m): m for m in norms.values()}.values():
             site = norm_site(m) if m.anchor not in used else None
+            if site is not None and isinstance(m, NormMatch) and not norm_fold_reason(m, ctx):
+                m.output.meta[FOLD_KEY] = m  # the decode-gemm pass computes it inside the GEMMs: no launch needed
+                continue
             if site is not None and not ctx.token_check(self.family, val(site.inputs[0]).shape[0]):
                 optional.append(site)
         fake_mode = graph_fake_mode(graph)

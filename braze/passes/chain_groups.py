@@ -85,15 +85,16 @@ def group_siblings(graph: torch.fx.Graph, sites: list[HeadSite], optional: list[
     if not optional:
         return plain
     both = _Grouper(graph, [*sites, *optional]).run(sites, list(optional))
-    return both if both.kernels < plain.kernels + len(optional) else dataclasses.replace(plain, unplaced=list(optional))
+    # a tie keeps the norm in braze's launch (its rounding steps are the graph's; Inductor's kernel would be extra
+    # work of the same count)
+    return both if both.kernels <= plain.kernels + len(optional) else dataclasses.replace(plain, unplaced=list(optional))
 
 
 class _Grouper:
     """A group is inserted after the last of its inputs, so it may hold chains only while
     every node its chains replace is first used after every input of the group, once
     the cheap pure ops (views, slices, casts, matmuls) that produce late inputs move earlier.
-    Chains over different token counts or output dtypes never share a launch, nor do chains
-    with quant outputs and writing chains (the writing op returns one buffer: runtime/heads.py).
+    Chains over different token counts or output dtypes never share a launch.
     Chains writing bytes of one packed store must share a launch (one op writes that cache);
     when they cannot, none of them is fused.
     """
@@ -121,11 +122,9 @@ class _Grouper:
         """Where the launch of `members` would land (a position in the original order), or None when
         they cannot share one; collects the nodes to move in `hoist`. `earlier`: values replaced by the
         groups before, and where their launches land."""
-        writes = any(s.chain.write is not None or s.chain.fields for s in members)
-        quants = any(s.chain.quant_outputs() for s in members)
         dtypes = {s.chain.out_dtype for s in members if s.chain.out}
         tokens = [val(s.inputs[0]).shape[0] for s in members]
-        if writes and quants or len(dtypes) > 1 or not all(known_eq(tokens[0], t) for t in tokens):
+        if len(dtypes) > 1 or not all(known_eq(tokens[0], t) for t in tokens):
             return None
         limit = min(self.first_use(s) for s in members)
         if not all(_hoistable(n, limit, self.order, hoist) for s in members for n in self.inputs(s)):

@@ -10,6 +10,11 @@ program per few rows, no split over K (the same sum order on every call). `decod
 won in the sweep (benchmarks/results/decode_mm.md): there the GEMM is rewritten; elsewhere it stays cuBLAS
 with a `cublas-faster` remark. Only CUDA graphs are rewritten: the choice is between two GPU kernels.
 
+An RMSNorm whose output only such GEMMs read (DeepSeek V3.2's q_c norm, read by q_b and the indexer's wq_b)
+is folded into them: each program normalizes the (L2-resident) activation rows itself, so the norm costs no
+kernel. The head-chain pass leaves such a norm out of its launches (`norm_fold_reason`) and tags it; here it
+is folded, or, if its readers changed in between, left to Inductor with a `norm-fold` remark.
+
 Runs after gemm-merge (a merged GEMM makes the same choice inside `braze::sibling_mm`) and before
 dual-stream. Left alone, with a remark: weights stored transposed or computed in the graph, token counts
 outside `FusionConfig.token_ranges['decode_gemm']`, symbolic token counts (the kernel is specialized on them),
@@ -19,14 +24,17 @@ other dtypes.
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 import braze.runtime.decode_mm  # noqa: F401  registers braze::decode_mm
 from braze.codegen.decode_mm import decode_mm_plan
-from braze.patterns.fx import aten, describe, val
+from braze.patterns.fx import aten, describe, module_path, val
+from braze.patterns.rmsnorm import NormMatch
+from braze.patterns.stages import Cast, RMSNorm, WeightMul, dtype_name
 
 from .base import Pass, PassContext
-from .gemm_merge import Sibling, _copy_location, match_sibling
+from .cost import is_extern, is_free
+from .gemm_merge import Sibling, _copy_location, gemm_activation, match_sibling
 from .rewrite import graph_fake_mode
 
 _REASONS = {
@@ -49,12 +57,137 @@ def _candidate(node: Node) -> bool:
     return isinstance(out, torch.Tensor) and out.device.type in DEVICES and out.dtype in (torch.bfloat16, torch.float16)
 
 
+FOLD_KEY = "braze_norm_fold"  # meta of a norm's output node: the NormMatch the head-chain pass left for folding
+
+
+def norm_form(stage: object, dtype: torch.dtype) -> tuple[str, str]:
+    """(the kernel's `norm` string for this RMSNorm stage, "") or ("", why the kernel cannot compute it): statistics
+    in fp32 with rsqrt, an optional cast to the GEMM's dtype, an optional (1 +) weight in fp32 or that dtype, the
+    result in that dtype (braze.codegen.decode_mm.rmsnorm_reference)."""
+    if not isinstance(stage, RMSNorm):
+        return "", "it is not an RMSNorm"
+    if stage.inverse != "rsqrt" or {stage.square, stage.mean, stage.rstd, stage.normed} != {"float32"}:
+        return "", "its statistics are not computed in fp32 with rsqrt"
+    xd = dtype_name(dtype)
+    parts, cur, weighted = [], "float32", False
+    for op in stage.epilogue:
+        if isinstance(op, Cast):
+            if op.dtype == cur or (op.dtype == xd and weighted):
+                cur = op.dtype
+                continue
+            if op.dtype != xd:
+                return "", f"it rounds to {op.dtype}"
+            parts.append("cast")
+            cur = xd
+        elif isinstance(op, WeightMul) and not weighted:
+            if op.zero_centered and op.offset_dtype not in (None, "float32"):
+                return "", f"it rounds 1 + weight to {op.offset_dtype}"
+            if op.dtype not in ("float32", xd):
+                return "", f"it rounds the weighted value to {op.dtype}"
+            parts.append("1+w" if op.zero_centered else "w")
+            weighted, cur = True, op.dtype
+        else:
+            return "", "its epilogue is not one cast and one weight multiply"
+    if cur != xd:
+        return "", f"its output is {cur}, not the GEMM's {xd}"
+    return ",".join(parts), ""
+
+
+def _fold_gemms(out: Node) -> list[Node] | str:
+    """The GEMMs that read the norm output `out` directly (mm, addmm, braze::sibling_mm), or why not all do."""
+    gemms = []
+    for u in out.users:
+        if u.target is torch.ops.braze.sibling_mm.default and u.args[0] is out:
+            gemms.append(u)
+        elif gemm_activation(u) is out and u.target is not aten._scaled_mm.default:
+            gemms.append(u)
+        else:
+            return f"{describe(u)} reads the norm's output and is not a GEMM on its rows"
+    return gemms or "nothing reads the norm's output"
+
+
+def norm_fold_reason(norm: NormMatch, ctx: PassContext) -> str:
+    """"" when folding `norm` saves a kernel and every reader of its output is a GEMM this pass will run on braze's
+    decode kernel with the norm folded in (each alone and all merged: gemm-merge may merge them in between), else
+    why not. It saves one when the norm reads a graph input or a GEMM's (or another extern kernel's) output,
+    which Inductor cannot fuse it into: DeepSeek V3.2's q_c norm reads a slice of the q_a/kv_a projection."""
+    if not ctx.config.decode_gemm:
+        return "FusionConfig.decode_gemm is off"
+    x = val(norm.x)
+    if x is None or x.dim() != 2 or x.device.type not in DEVICES:
+        return "the norm is not over [T, K] rows of a CUDA tensor"
+    _, why = norm_form(norm.stage, x.dtype)
+    if why:
+        return f"the kernel does not compute this norm: {why}"
+    src = norm.x
+    while src.op == "call_function" and is_free(src) and src.all_input_nodes:
+        src = src.all_input_nodes[0]
+    if src.op != "placeholder" and not is_extern(src):  # e.g. a residual add: Inductor computes the norm with it
+        return f"it reads {describe(src)}, which Inductor computes the norm with (folding saves no kernel)"
+    tokens = x.shape[0]
+    why = ctx.token_check("decode_gemm", tokens)
+    if why:
+        return why
+    gemms = _fold_gemms(norm.output)
+    if isinstance(gemms, str):
+        return gemms
+    shapes = []
+    for g in gemms:
+        m = match_sibling(g) if g.target is not torch.ops.braze.sibling_mm.default else None
+        if isinstance(m, str):
+            return f"{describe(g)}: {_REASONS[m]}"
+        if m is None:
+            if not g.args[3]:
+                return f"{describe(g)} does not take braze's decode kernel"
+            shapes += [val(w).shape for w in g.args[1]]
+        else:
+            shapes.append(val(m.weight).shape)
+    if not all(isinstance(v, int) for v in (tokens, *(d for sh in shapes for d in sh))):
+        return "the token count or a weight's shape is symbolic"
+    if any(val(g).dtype != x.dtype for g in gemms):
+        return "a GEMM's dtype differs from the norm's input"
+    k = shapes[0][1]
+    for n, kk in [*shapes, (sum(sh[0] for sh in shapes), k)]:
+        plan = decode_mm_plan(tokens, n, kk, x.dtype, fold_norm=True)
+        if isinstance(plan, str):
+            return plan
+    return ""
+
+
+def _shape(m: Sibling) -> tuple[int, int, int]:
+    """(tokens, N, K) of a matched GEMM."""
+    w = val(m.weight)
+    return val(m.activation).shape[0], w.shape[0], w.shape[1]
+
+
+def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
+    """Erase `nodes` that nothing reads any more, and then the pure values only they read (views, casts)."""
+    stack, erased = list(nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in erased or n.users or n.op != "call_function" or _impure(n):
+            continue
+        ins = n.all_input_nodes
+        graph.erase_node(n)
+        erased.add(n)
+        stack.extend(ins)
+
+
+def _impure(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or schema.is_mutable
+
+
 class DecodeGemm(Pass):
     name = "decode-gemm"
     family = "decode_gemm"
 
     def run(self, gm: GraphModule, ctx: PassContext) -> None:
         graph = gm.graph
+        for node in list(graph.nodes):
+            norm = node.meta.get(FOLD_KEY)
+            if isinstance(norm, NormMatch) and norm.output is node:
+                self._fold(gm, norm, ctx)
         for node in list(graph.nodes):
             if not _candidate(node):
                 continue
@@ -83,18 +216,50 @@ class DecodeGemm(Pass):
             if isinstance(plan, str):  # measured slower there (or a shape the kernel does not take)
                 ctx.remark("missed", "cublas-faster", node, "GEMM left to cuBLAS", reason=plan, ops=("gemm",))
                 continue
-            ctx.remark("applied", "decode-gemm", node,
-                       f"GEMM of {tokens} token(s) against {describe(m.weight)} [{n}, {k}] on braze's decode kernel "
-                       f"({plan.block_n} rows x {plan.block_k} a program, {plan.warps} warps)",
-                       ops=("gemm",), args={"tokens": tokens, "n": n, "k": k, "block_n": plan.block_n,
-                                            "block_k": plan.block_k})
+            self._applied(ctx, m, plan)
             self._rewrite(gm, m)
-            ctx.bump("gemms-replaced")
 
     @staticmethod
-    def _rewrite(gm: GraphModule, m: Sibling) -> None:
+    def _applied(ctx: PassContext, m: Sibling, plan: object) -> None:
+        tokens, n, k = _shape(m)
+        ctx.remark("applied", "decode-gemm", m.gemm,
+                   f"GEMM of {tokens} token(s) against {describe(m.weight)} [{n}, {k}] on braze's decode kernel "
+                   f"({plan.block_n} rows x {plan.block_k} a program, {plan.warps} warps)",
+                   ops=("gemm",), args={"tokens": tokens, "n": n, "k": k, "block_n": plan.block_n,
+                                        "block_k": plan.block_k})
+        ctx.bump("gemms-replaced")
+
+    def _fold(self, gm: GraphModule, norm: NormMatch, ctx: PassContext) -> None:
+        """The RMSNorm `norm` into every GEMM that reads it (the head-chain pass left it out of its launches)."""
+        del norm.output.meta[FOLD_KEY]
+        why = norm_fold_reason(norm, ctx)
+        if why:
+            ctx.remark("missed", "norm-fold", norm.anchor, "RMSNorm left to Inductor (a kernel of its own)",
+                       reason=why, ops=("rmsnorm", "gemm"))
+            return
+        form, _ = norm_form(norm.stage, val(norm.x).dtype)
+        extra = (norm.weight, form, float(norm.stage.eps))
+        gemms = _fold_gemms(norm.output)
+        names = ", ".join(module_path(g) or g.name for g in gemms)
+        for g in gemms:
+            if g.target is torch.ops.braze.sibling_mm.default:
+                g.args = (norm.x, g.args[1], g.args[2], True, *extra)
+            else:
+                m = match_sibling(g)
+                self._applied(ctx, m, decode_mm_plan(*_shape(m), val(m.weight).dtype, fold_norm=True))
+                self._rewrite(gm, m, norm.x, extra)
+        _erase_dead(gm.graph, list(norm.nodes))
+        ctx.remark("applied", "norm-fold", norm.anchor,
+                   f"RMSNorm over {norm.stage.width} values (eps={norm.stage.eps:g}, {form}) computed inside the "
+                   f"decode GEMM kernel of {len(gemms)} GEMM(s) reading it ({names}): no kernel of its own",
+                   ops=("rmsnorm", "gemm"), args={"gemms": len(gemms), "form": form})
+        ctx.bump("norms-folded")
+
+    @staticmethod
+    def _rewrite(gm: GraphModule, m: Sibling, x_node: Node | None = None, norm: tuple = ()) -> None:
+        """mm/addmm -> braze::decode_mm; with `norm` (weight, form, eps), of x_node's rows normalized."""
         graph = gm.graph
-        args = (m.activation, m.weight, m.bias)
+        args = (m.activation if x_node is None else x_node, m.weight, m.bias, *norm)
         x, w = val(m.activation), val(m.weight)
         with graph_fake_mode(graph):  # the op's output, without tracing its kernel launch
             out = x.new_empty((x.shape[0], w.shape[0]))

@@ -1,9 +1,10 @@
 """The fused head-chain ops: `braze::fused_heads` (CUDA, a `triton_op`) and its CPU twin.
 
 `fused_heads(inputs, caches, spec)` runs the HeadGroup described by the JSON `spec`:
-per token and chain, norm -> RoPE -> FP8 quant, the results in one flat output buffer
-(then the quant chains' fp8 values and scales), and the chains with a cache write
-writing their rows in place into `caches` (in chain order).
+per token and chain, norm -> RoPE -> FP8 quant, the results in one flat output buffer,
+the chains with a cache write writing their rows in place into `caches` (in chain order,
+then the byte caches of packed fields), and the quant chains' fp8 values and scales into
+the flat buffers that end `caches`.
 Traced with functionalization, the kernel launch lands in the graph with the caches as
 its only cloned arguments, which Inductor reinplaces when each cache is a graph input
 written back at the end (CHAIN_DESIGN.md). Groups without a cache write use the pure
@@ -102,36 +103,46 @@ def _launch(kernel, fn, group: HeadGroup, inputs: list[torch.Tensor], caches: li
     fn[(t, len(group.chains))](*args, **const, **extra)
 
 
-def _run(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> list[torch.Tensor]:
+def _run(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str, *, quant_in_caches: bool = False
+         ) -> list[torch.Tensor]:
+    """[flat output, *quant buffers]. `quant_in_caches`: the quant chains' buffers are the last entries of
+    `caches`, filled in place (the writing op), rather than allocated here."""
     group = HeadGroup.from_json(spec)
+    n_quant = len(group.quant_outputs()) if quant_in_caches else 0
+    given = caches[len(caches) - n_quant:]
+    caches = caches[:len(caches) - n_quant]
+    if inputs[0].device.type == "cpu" and cpu_backend() == "reference":
+        outs = head_group_reference(group, inputs, caches)
+        for buf, ref in zip(given, outs[1:]):
+            buf.copy_(ref.reshape(buf.shape))
+        return [outs[0], *given] if n_quant else outs
+    outs = _outputs(group, inputs[0])
+    if n_quant:
+        outs = [outs[0], *given]
+    kernel = heads_kernel(group)
     if inputs[0].device.type == "cpu":
-        if cpu_backend() == "reference":
-            return head_group_reference(group, inputs, caches)
-        outs = _outputs(group, inputs[0])
-        kernel = heads_kernel(group)
         if inputs[0].shape[0] > 0:
             _launch(kernel, kernel.interpreted, group, inputs, caches, outs, interpreted=True)
         return outs
-    kernel = heads_kernel(group)
-    outs = _outputs(group, inputs[0])
     _launch(kernel, wrap_triton(kernel.jit), group, inputs, caches, outs, interpreted=False)
     return outs
 
 
 # The writing op returns the flat buffer alone: functionalization (torch 2.11-2.13) rejects a custom
-# op that mutates a list and returns a list. Its groups hold no quant chains (the pass keeps them apart).
+# op that mutates a list and returns a list. A quant chain in a writing group gets its fp8 values and
+# scales through buffers the caller allocates and appends to `caches` (mutated in place like a cache).
 
 
 @triton_op("braze::fused_heads", mutates_args=("caches",))
 def fused_heads(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
     if inputs[0].device.type == "cpu":
         return torch.ops.braze.fused_heads_cpu(inputs, caches, spec)
-    return _run(inputs, caches, spec)[0]
+    return _run(inputs, caches, spec, quant_in_caches=True)[0]
 
 
 @custom_op("braze::fused_heads_cpu", mutates_args=("caches",))
 def fused_heads_cpu(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str) -> torch.Tensor:
-    return _run(inputs, caches, spec)[0]
+    return _run(inputs, caches, spec, quant_in_caches=True)[0]
 
 
 @fused_heads_cpu.register_fake

@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch.library import custom_op
 
-from braze.codegen.decode_mm import decode_mm_plan
+from braze.codegen.decode_mm import decode_mm_plan, rmsnorm_reference
 
 from .decode_mm import _run as decode_mm_run
 
@@ -67,21 +67,27 @@ def _merged_weight(weights: list[torch.Tensor]) -> torch.Tensor:
 
 @custom_op("braze::sibling_mm", mutates_args=())
 def sibling_mm(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-               decode: bool = False) -> torch.Tensor:
+               decode: bool = False, norm_weight: torch.Tensor | None = None, norm: str = "",
+               eps: float = 0.0) -> torch.Tensor:
     """x [M, K] @ cat(weights)ᵀ (+ cat(biases), one per weight, or none: []) -> [M, ΣN]; `decode`: on CUDA, take
-    braze's decode kernel where its plan says it beats cuBLAS (FusionConfig.decode_gemm)."""
+    braze's decode kernel where its plan says it beats cuBLAS (FusionConfig.decode_gemm). `norm` (NORM_FORMS of
+    braze.codegen.decode_mm): x is first RMS-normalized, inside the decode kernel or, where that is not taken,
+    by the reference in torch."""
     w = _merged_weight(weights)
     if decode and x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and w.stride(1) == 1:
-        plan = decode_mm_plan(x.shape[0], w.shape[0], w.shape[1], w.dtype)
+        plan = decode_mm_plan(x.shape[0], w.shape[0], w.shape[1], w.dtype, fold_norm=bool(norm))
         if not isinstance(plan, str) and x.dtype == w.dtype:
-            return decode_mm_run(x, w, torch.cat(biases) if biases else None, config=plan)
+            return decode_mm_run(x, w, torch.cat(biases) if biases else None, config=plan, norm_weight=norm_weight,
+                                 norm=norm, eps=eps)
+    x = rmsnorm_reference(x, norm_weight, norm, eps)
     if not biases:
         return torch.mm(x, w.t())
     return torch.addmm(torch.cat(biases), x, w.t())
 
 
 @sibling_mm.register_fake
-def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], decode: bool = False) -> torch.Tensor:
+def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], decode: bool = False,
+      norm_weight: torch.Tensor | None = None, norm: str = "", eps: float = 0.0) -> torch.Tensor:
     rows = sum(w.shape[0] for w in weights)
     return x.new_empty((x.shape[0], rows))
 
