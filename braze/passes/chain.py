@@ -47,7 +47,7 @@ from .chain_bytes import (
     per_token,
 )
 from .chain_groups import group_siblings, hoist
-from .decode_gemm import FOLD_KEY, norm_fold_reason
+from .decode_gemm import FOLD_KEY, fused_by_inductor, norm_fold_reason
 from .chain_sites import (
     HeadSite,
     _as_tokens,
@@ -186,7 +186,9 @@ class HeadChainFusion(Pass):
             if site is not None and isinstance(m, NormMatch) and not norm_fold_reason(m, ctx):
                 m.output.meta[FOLD_KEY] = m  # the decode-gemm pass computes it inside the GEMMs: no launch needed
                 continue
-            if site is not None and not ctx.token_check(self.family, val(site.inputs[0]).shape[0]):
+            # a norm Inductor computes inside the kernel of its input (a residual add) saves no kernel in a launch
+            if site is not None and not fused_by_inductor(m.x) and not ctx.token_check(
+                    self.family, val(site.inputs[0]).shape[0]):
                 optional.append(site)
         fake_mode = graph_fake_mode(graph)
         grouping = group_siblings(graph, sites, optional)

@@ -87,7 +87,7 @@ def group_siblings(graph: torch.fx.Graph, sites: list[HeadSite], optional: list[
     both = _Grouper(graph, [*sites, *optional]).run(sites, list(optional))
     # a tie keeps the norm in braze's launch (its rounding steps are the graph's; Inductor's kernel would be extra
     # work of the same count)
-    return both if both.kernels <= plain.kernels + len(optional) else dataclasses.replace(plain, unplaced=list(optional))
+    return both if both.kernels < plain.kernels + len(optional) else dataclasses.replace(plain, unplaced=list(optional))
 
 
 class _Grouper:

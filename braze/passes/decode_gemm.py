@@ -93,6 +93,18 @@ def norm_form(stage: object, dtype: torch.dtype) -> tuple[str, str]:
     return ",".join(parts), ""
 
 
+def fused_by_inductor(x: Node) -> str:
+    """Why a norm of `x` costs no kernel of its own under Inductor ("" when it does): Inductor computes it in the
+    kernel that produces x (a residual add, say), unless x is a graph input or the output of a GEMM or another
+    extern kernel (through views and slices)."""
+    src = x
+    while src.op == "call_function" and is_free(src) and src.all_input_nodes:
+        src = src.all_input_nodes[0]
+    if src.op != "placeholder" and not is_extern(src):
+        return f"it reads {describe(src)}, which Inductor computes the norm with (folding saves no kernel)"
+    return ""
+
+
 def _fold_gemms(out: Node) -> list[Node] | str:
     """The GEMMs that read the norm output `out` directly (mm, addmm, braze::sibling_mm), or why not all do."""
     gemms = []
@@ -119,11 +131,9 @@ def norm_fold_reason(norm: NormMatch, ctx: PassContext) -> str:
     _, why = norm_form(norm.stage, x.dtype)
     if why:
         return f"the kernel does not compute this norm: {why}"
-    src = norm.x
-    while src.op == "call_function" and is_free(src) and src.all_input_nodes:
-        src = src.all_input_nodes[0]
-    if src.op != "placeholder" and not is_extern(src):  # e.g. a residual add: Inductor computes the norm with it
-        return f"it reads {describe(src)}, which Inductor computes the norm with (folding saves no kernel)"
+    why = fused_by_inductor(norm.x)
+    if why:
+        return why
     tokens = x.shape[0]
     why = ctx.token_check("decode_gemm", tokens)
     if why:

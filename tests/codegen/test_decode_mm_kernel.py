@@ -9,25 +9,36 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import braze.runtime.decode_mm as rt
-from braze.codegen.decode_mm import MAX_ROWS, DecodeMMConfig, decode_mm_plan, decode_mm_reference, decode_mm_tiles
+from braze.codegen.decode_mm import (
+    MAX_ROWS,
+    NORM_FORMS,
+    DecodeMMConfig,
+    decode_mm_plan,
+    decode_mm_reference,
+    decode_mm_tiles,
+    rmsnorm_reference,
+)
 
 AWKWARD = [1, 3, 9, 41, 257]
 
 
-def run(x, w, bias, config=None):
-    """The op's launch with `config` into a NaN-poisoned output (every element must be written)."""
+def run(x, w, bias, config=None, **norm):
+    """The op's launch with `config` (and `norm`: norm_weight, norm, eps) into a NaN-poisoned output (every element
+    must be written)."""
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
     old = rt.cpu_backend
     rt.cpu_backend = lambda: "interpret"
     try:
-        return rt._run(x, w, bias, config=config, out=out)
+        return rt._run(x, w, bias, config=config, out=out, **norm)
     finally:
         rt.cpu_backend = old
 
 
-def assert_close(got, x, w, bias):
-    want = decode_mm_reference(x, w, bias).float()
+def assert_close(got, x, w, bias, **norm):
+    want = decode_mm_reference(x, w, bias, **norm).float()
     got = got.float()
+    if norm:  # the bound below is over the GEMM's operand: the normalized rows
+        x = rmsnorm_reference(x, norm["norm_weight"], norm["norm"], norm["eps"])
     assert torch.isfinite(got).all(), "unwritten (NaN) outputs"
     # the kernel and the reference both sum in fp32, in different orders: a few fp32 ulps of the sum's
     # magnitude, then one rounding to the output dtype each
@@ -93,8 +104,62 @@ def test_plan_where_the_sweep_measured():
     assert isinstance(decode_mm_plan(4, 1024, 4096, torch.float16), DecodeMMConfig)
     assert "float32 weights" in decode_mm_plan(1, 64, 64, torch.float32)
     assert "5 token rows" in decode_mm_plan(5, 64, 64, bf16)
+    # with an RMSNorm folded in (which would otherwise take a kernel of its own) the kernel takes more: q_b || wq_b
+    # at one token (it loses by 0.1 us there), up to 40 MB at two tokens, up to 10 MB at three or four
+    assert decode_mm_plan(1, 11264, 1536, bf16, fold_norm=True) == DecodeMMConfig(4, 2048, 4)
+    assert isinstance(decode_mm_plan(2, 11264, 1536, bf16, fold_norm=True), DecodeMMConfig)
+    assert isinstance(decode_mm_plan(4, 3072, 1536, bf16, fold_norm=True), DecodeMMConfig)
+    assert "even with the RMSNorm folded in" in decode_mm_plan(4, 11264, 1536, bf16, fold_norm=True)
+    assert "over 70 MB" in decode_mm_plan(1, 16384, 4096, bf16, fold_norm=True)
     assert decode_mm_tiles(1, 7168, 2048) == DecodeMMConfig(2, 2048, 4)
     assert decode_mm_tiles(1, 7169, 9) == DecodeMMConfig(64, 16, 4)
+
+
+@settings(max_examples=8)
+@given(t=st.integers(1, MAX_ROWS), k=st.sampled_from(AWKWARD + [300]), norm=st.sampled_from(NORM_FORMS[1:]),
+       tiles=st.sampled_from([None, DecodeMMConfig(4, 64, 2, unroll=False), DecodeMMConfig(2, 128, 4)]),
+       seed=st.integers(0, 2**16))
+def test_kernel_with_a_folded_norm_equals_reference(t, k, norm, tiles, seed):
+    """The RMSNorm of x computed by every program (its statistics over the whole row, then each K chunk normalized
+    and rounded as the graph rounds it) against the reference norm followed by the reference GEMM."""
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(t, k, generator=g)).to(torch.bfloat16)
+    w = (torch.randn(41, k, generator=g) * k**-0.5).to(torch.bfloat16)
+    nw = (1 + 0.3 * torch.randn(k, generator=g)).to(torch.bfloat16)
+    kw = {"norm_weight": nw, "norm": norm, "eps": 1e-6}
+    assert_close(run(x, w, None, tiles, **kw), x, w, None, **kw)
+
+
+def test_a_folded_norm_checks_its_weight_and_form():
+    x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs a weight of shape"):
+        rt._run(x, w, None, norm="cast,w")
+    with pytest.raises(ValueError, match="is not one of"):
+        rt._run(x, w, None, norm="w,cast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t", [1, 2, 4])
+@pytest.mark.parametrize("n,k", [(11264, 1536), (2304, 7168)])
+@pytest.mark.parametrize("norm", ["cast,w", "1+w"])
+def test_cuda_kernel_with_a_folded_norm_equals_reference_and_replays_bit_exact(t, n, k, norm):
+    g = torch.Generator(device="cuda").manual_seed(n + k + t)
+    x = (3 * torch.randn(t, k, device="cuda", generator=g)).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
+    kw = {"norm_weight": (1 + 0.3 * torch.randn(k, device="cuda", generator=g)).to(torch.bfloat16), "norm": norm,
+          "eps": 1e-6}
+    first = run(x, w, None, **kw)
+    assert_close(first, x, w, None, **kw)
+    out = torch.full_like(first, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rt._run(x, w, None, out=out, **kw)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first), "a replay differs from the first call"
 
 
 @pytest.mark.gpu
