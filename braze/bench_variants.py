@@ -10,7 +10,7 @@ VARIANTS = ("eager", "inductor", "braze")
 # FusionConfig switches each one sets ("braze" is FusionConfig())
 VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gemm_merge": False},
                     "braze-streams": {"dual_stream": True},
-                    "braze-no-decode-gemm": {"decode_gemm": False},
+                    "braze-no-decode-gemm": {"decode_gemm": False}, "braze-no-gemm-norm": {"decode_gemm_norm": False},
                     "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
                     "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False},
                     "braze-no-router": {"router": False}, "braze-no-norm-fold": {"delta_rule_norm": False},

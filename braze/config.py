@@ -95,6 +95,9 @@ class FusionConfig:
         (H200 sweep, decode_mm.md); CUDA graphs only: it is a GPU kernel choice. Merged sibling GEMMs make the
         same choice inside `braze::sibling_mm`. On an H200 at T=1 it takes 1.0-1.6% off the steps of the three
         models (DeepSeek V3.2 1510.0 -> 1493.5 µs), 2.1% off Qwen 3.5's at T=4 (results README, session 13).
+    decode_gemm_norm: with decode_gemm, compute an RMSNorm that only such GEMMs read, and that Inductor would
+        run as a kernel of its own (DeepSeek V3.2's q_c norm), inside their decode kernel: no kernel for the norm,
+        and the chains behind those GEMMs need no launch before them.
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model says it pays (both branches compiled by Inductor). Off by default: -1.6% of DeepSeek
         V3.2's step at T=1 on an H100 (deepseek-v3.2_bench_tp1_static_streams.md), below what would
@@ -136,6 +139,7 @@ class FusionConfig:
     topk: bool = True
     gemm_merge: bool = True  # GPU tests passed (gpu_tests.md, session 6); token range [1, 1] (see above)
     decode_gemm: bool = True
+    decode_gemm_norm: bool = True
     dual_stream: bool = False
     verify: str = "off"
     verify_rtol: float = 1.0
@@ -146,7 +150,7 @@ class FusionConfig:
     def __post_init__(self) -> None:
         for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
                   "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge", "decode_gemm",
-                  "dual_stream", "count_stock_kernels"):
+                  "decode_gemm_norm", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

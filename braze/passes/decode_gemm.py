@@ -13,7 +13,7 @@ with a `cublas-faster` remark. Only CUDA graphs are rewritten: the choice is bet
 An RMSNorm whose output only such GEMMs read (DeepSeek V3.2's q_c norm, read by q_b and the indexer's wq_b)
 is folded into them: each program normalizes the (L2-resident) activation rows itself, so the norm costs no
 kernel. The head-chain pass leaves such a norm out of its launches (`norm_fold_reason`) and tags it; here it
-is folded, or, if its readers changed in between, left to Inductor with a `norm-fold` remark.
+is folded, or, if its readers changed in between, left to Inductor with a `norm-in-gemm` remark.
 
 Runs after gemm-merge (a merged GEMM makes the same choice inside `braze::sibling_mm`) and before
 dual-stream. Left alone, with a remark: weights stored transposed or computed in the graph, token counts
@@ -123,8 +123,8 @@ def norm_fold_reason(norm: NormMatch, ctx: PassContext) -> str:
     decode kernel with the norm folded in (each alone and all merged: gemm-merge may merge them in between), else
     why not. It saves one when the norm reads a graph input or a GEMM's (or another extern kernel's) output,
     which Inductor cannot fuse it into: DeepSeek V3.2's q_c norm reads a slice of the q_a/kv_a projection."""
-    if not ctx.config.decode_gemm:
-        return "FusionConfig.decode_gemm is off"
+    if not (ctx.config.decode_gemm and ctx.config.decode_gemm_norm):
+        return "FusionConfig.decode_gemm or decode_gemm_norm is off"
     x = val(norm.x)
     if x is None or x.dim() != 2 or x.device.type not in DEVICES:
         return "the norm is not over [T, K] rows of a CUDA tensor"
@@ -244,7 +244,7 @@ class DecodeGemm(Pass):
         del norm.output.meta[FOLD_KEY]
         why = norm_fold_reason(norm, ctx)
         if why:
-            ctx.remark("missed", "norm-fold", norm.anchor, "RMSNorm left to Inductor (a kernel of its own)",
+            ctx.remark("missed", "norm-in-gemm", norm.anchor, "RMSNorm left to Inductor (a kernel of its own)",
                        reason=why, ops=("rmsnorm", "gemm"))
             return
         form, _ = norm_form(norm.stage, val(norm.x).dtype)
@@ -259,7 +259,7 @@ class DecodeGemm(Pass):
                 self._applied(ctx, m, decode_mm_plan(*_shape(m), val(m.weight).dtype, fold_norm=True))
                 self._rewrite(gm, m, norm.x, extra)
         _erase_dead(gm.graph, list(norm.nodes))
-        ctx.remark("applied", "norm-fold", norm.anchor,
+        ctx.remark("applied", "norm-in-gemm", norm.anchor,
                    f"RMSNorm over {norm.stage.width} values (eps={norm.stage.eps:g}, {form}) computed inside the "
                    f"decode GEMM kernel of {len(gemms)} GEMM(s) reading it ({names}): no kernel of its own",
                    ops=("rmsnorm", "gemm"), args={"gemms": len(gemms), "form": form})

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Session 14's single-GPU calls (one H200). Results are appended to $OUT/results.tar after each step, so a run cut
+# short keeps what finished.
+# `prologue`: the GPU tests of the decode kernel with a folded RMSNorm, of the chain launches (DeepSeek V3.2 and
+# Qwen 3.5 tiny) and of GEMM merging; then DeepSeek V3.2's prologue at T=1/2/4 with L2 flushed before every replay:
+# stock Inductor, braze, braze without the norm in the GEMM (FusionConfig.decode_gemm_norm), braze with every
+# GEMM on cuBLAS.
+# `steps`: DeepSeek V3.2's step at T=1 (stock, braze, braze-no-gemm-norm), then Qwen 3.5 and MiniMax-M2.5 at T=1
+# (braze, braze-no-gemm-norm).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s14.sh prologue|steps
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
+case ${1:-prologue} in
+  prologue)
+    timeout 200 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu \
+      tests/codegen/test_decode_mm_kernel.py tests/passes/test_chain_gpu.py tests/passes/test_gemm_merge_gpu.py 2>&1 \
+      | tee "$OUT/tests.log" | grep -v Warn | tail -5
+    echo "tests: $((SECONDS - t0)) s"
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 330 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4 \
+      --variants inductor,braze,braze-no-gemm-norm,braze-no-decode-gemm --out "$OUT/results" 2>&1 \
+      | tee "$OUT/prologue.log" | grep "^T=\|Error"
+    echo "prologue: $((SECONDS - t0)) s"; keep
+    ;;
+  steps)
+    timeout 200 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
+      --variants inductor,braze,braze-no-gemm-norm --budget-s 190 --out "$OUT/results" 2>&1 \
+      | tee "$OUT/bench_ds.log" | grep -v Warn | grep "deepseek\|done"
+    echo "deepseek: $((SECONDS - t0)) s"; keep
+    for m in qwen3.5 minimax-m2.5; do
+      timeout 150 python3 -m braze bench --model $m --size bench --tokens 1 --shapes static \
+        --variants braze,braze-no-gemm-norm --budget-s 140 --out "$OUT/results" 2>&1 \
+        | tee "$OUT/bench_$m.log" | grep -v Warn | grep "$m\|done"
+      echo "$m: $((SECONDS - t0)) s"; keep
+    done
+    ;;
+esac
+rmdir "$OUT/results" 2>/dev/null; true
