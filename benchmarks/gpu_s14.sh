@@ -7,7 +7,9 @@
 # GEMM on cuBLAS.
 # `steps`: DeepSeek V3.2's step at T=1 (stock, braze, braze-no-gemm-norm), then Qwen 3.5 and MiniMax-M2.5 at T=1
 # (braze, braze-no-gemm-norm).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s14.sh prologue|steps
+# `fold`: the decode kernel with the norm folded in against the unfused norm + GEMM (benchmarks/decode_mm_norm.py),
+# then the prologue at T=1/2 (braze, braze-no-gemm-norm).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s14.sh prologue|fold|steps
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -20,6 +22,14 @@ case ${1:-prologue} in
     PYTHONPATH=$PWD:$PWD/benchmarks timeout 330 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4 \
       --variants inductor,braze,braze-no-gemm-norm,braze-no-decode-gemm --out "$OUT/results" 2>&1 \
       | tee "$OUT/prologue.log" | grep "^T=\|Error"
+    echo "prologue: $((SECONDS - t0)) s"; keep
+    ;;
+  fold)
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 200 python3 benchmarks/decode_mm_norm.py --tokens 1,2,4 \
+      --out "$OUT/results" 2>&1 | tee "$OUT/fold.log" | grep "^T=\|Error"
+    echo "fold: $((SECONDS - t0)) s"; keep
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 200 python3 benchmarks/deepseek_prologue.py --tokens 1,2 \
+      --variants braze,braze-no-gemm-norm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep "^T=\|Error"
     echo "prologue: $((SECONDS - t0)) s"; keep
     ;;
   steps)

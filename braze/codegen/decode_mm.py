@@ -84,6 +84,20 @@ def _operand(x_rows, nw_ptr, kk, km, rstd, NORM: tl.constexpr, CAST_FIRST: tl.co
 
 
 @triton.jit
+def _rstd(x_rows, rk, eps, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """1 / rms of each activation row when NORM (every program reads the L2-resident rows once more), else 0."""
+    rstd = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if NORM:
+        ssq = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            kk = k0 + rk
+            h = tl.load(x_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
+            ssq += tl.sum(h * h, axis=1)
+        rstd = tl.math.rsqrt(ssq / K + eps)
+    return rstd
+
+
+@triton.jit
 def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, N, stride_xt, stride_wn, stride_yt, eps,
                     T: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
@@ -96,23 +110,22 @@ def braze_decode_mm(x_ptr, w_ptr, b_ptr, y_ptr, nw_ptr, N, stride_xt, stride_wn,
     # rows past N read row N-1 (valid memory, no predicated loads) and are not stored
     w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     x_rows = x_ptr + tl.minimum(rt, T - 1)[:, None] * stride_xt  # [BLOCK_T, 1]
-    rstd = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    if NORM:  # every program reads the (L2-resident) activation rows once more for their mean square
-        ssq = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            kk = k0 + rk
-            h = tl.load(x_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
-            ssq += tl.sum(h * h, axis=1)
-        rstd = tl.math.rsqrt(ssq / K + eps)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     if UNROLL:
-        for k0 in tl.static_range(0, K, BLOCK_K):
+        # the first chunk's weights are requested before anything else, so that their DRAM round trip overlaps the
+        # norm's statistics (a reduction across warps: loads issued after it would wait for it)
+        w = tl.load(w_rows + rk[None, :], mask=(rk < K)[None, :], other=0.0, eviction_policy="evict_first")
+        rstd = _rstd(x_rows, rk, eps, K, BLOCK_T, BLOCK_K, NORM)
+        x = _operand(x_rows, nw_ptr, rk, rk < K, rstd, NORM, CAST_FIRST, WEIGHT)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
             kk = k0 + rk
             km = kk < K
             w = tl.load(w_rows + kk[None, :], mask=km[None, :], other=0.0, eviction_policy="evict_first")
             x = _operand(x_rows, nw_ptr, kk, km, rstd, NORM, CAST_FIRST, WEIGHT)
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
+        rstd = _rstd(x_rows, rk, eps, K, BLOCK_T, BLOCK_K, NORM)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             km = kk < K
