@@ -16,7 +16,7 @@ import torch
 import triton
 from skinny_gemm import time_per_call
 
-from braze.codegen.decode_mm import decode_mm_plan, decode_mm_reference
+from braze.codegen.decode_mm import DecodeMMConfig, decode_mm_plan, decode_mm_reference
 from braze.runtime.decode_mm import _run
 
 SHAPES = [("q_b_proj", 3072, 1536), ("indexer.wq_b", 8192, 1536), ("q_b ‖ wq_b (merged)", 11264, 1536)]
@@ -28,7 +28,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # DeepSeek's q_a
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
 
 
-def measure(T: int, name: str, N: int, K: int, l2: int) -> dict:
+def measure(T: int, name: str, N: int, K: int, l2: int, tiles: bool = False) -> dict:
     dev = torch.device("cuda")
     copies = max(2, min(128, 4 * l2 // (N * K * 2) + 1))
     g = torch.Generator(device=dev).manual_seed(N + T)
@@ -48,6 +48,17 @@ def measure(T: int, name: str, N: int, K: int, l2: int) -> dict:
     row["norm + braze us"] = time_per_call(lambda i: _run(norm(x, nw), ws[i], None, config=cfg), copies)
     row["braze with the norm us"] = time_per_call(
         lambda i: _run(x, ws[i], None, config=cfg, norm_weight=nw, norm="cast,w", eps=EPS), copies)
+    if tiles:  # the fold's best tiles: a norm's statistics cost each program, so fewer, larger programs may win
+        best = None
+        for bn in (2, 4, 8, 16):
+            for bk in (1024, 2048):
+                for warps in (4, 8):
+                    c = DecodeMMConfig(bn, bk, warps)
+                    us = time_per_call(
+                        lambda i, c=c: _run(x, ws[i], None, config=c, norm_weight=nw, norm="cast,w", eps=EPS), copies)
+                    if best is None or us < best[0]:
+                        best = (us, c)
+        row["best folded us"], row["best tiles"] = best[0], f"{best[1].block_n}x{best[1].block_k}, {best[1].warps} warps"
     return row
 
 
@@ -55,13 +66,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="1,2,4")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tiles", action="store_true", help="also sweep the folded kernel's tiles (16 configs a shape)")
     args = ap.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
     for T in [int(t) for t in args.tokens.split(",")]:
         for name, N, K in SHAPES:
-            r = measure(T, name, N, K, l2)
+            r = measure(T, name, N, K, l2, args.tiles)
             rows.append(r)
+            if args.tiles:
+                print(f"T={T} {name:24s} best folded {r['best folded us']:6.2f} us ({r['best tiles']})", flush=True)
             print(f"T={T} {name:24s} norm+mm {r['norm + torch.mm us']:6.2f}  norm+braze {r['norm + braze us']:6.2f}"
                   f"  folded {r['braze with the norm us']:6.2f} us  err {r['max_err_rel']:.1e}  plan {r['plan']}",
                   flush=True)

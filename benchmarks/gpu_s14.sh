@@ -32,6 +32,11 @@ case ${1:-prologue} in
       --variants braze,braze-no-gemm-norm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" | grep "^T=\|Error"
     echo "prologue: $((SECONDS - t0)) s"; keep
     ;;
+  tiles)
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 300 python3 benchmarks/decode_mm_norm.py --tokens 1,2 --tiles \
+      --out "$OUT/results" 2>&1 | tee "$OUT/tiles.log" | grep "^T=\|Error"
+    echo "tiles: $((SECONDS - t0)) s"; keep
+    ;;
   steps)
     timeout 200 python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
       --variants inductor,braze,braze-no-gemm-norm --budget-s 190 --out "$OUT/results" 2>&1 \
