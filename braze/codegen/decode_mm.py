@@ -167,9 +167,11 @@ def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype, fold_norm: bool =
     - three or four tokens: weights of at most 1024 rows (1.2-2x); the rest lose up to 1.7x;
     - weights over 70 MB (a vocabulary projection) stay cuBLAS: the largest measured (134 MB) was a tie.
     `fold_norm`: the kernel would also compute the RMSNorm before the GEMM, which otherwise takes a kernel of its
-    own (2-3 µs with its launch gap on an H200). It then wins wherever it loses by less than 2 µs in the sweep:
-    at one token every weight up to 70 MB (it loses by at most 0.7 µs), at two up to 40 MB (at most 2.1 µs),
-    at three or four up to 10 MB (at most 1.6 µs).
+    own. Every program then reads the activation rows for their statistics before its first multiply, which costs
+    more than that kernel saves on large weights (benchmarks/results/decode_mm_norm.md, H200, DeepSeek's q_c norm
+    and its readers; Inductor's norm + cuBLAS / folded): at one token 7.8 / 6.2 µs on the 9.4 MB q_b, 11.1 / 10.9
+    on the 25 MB wq_b, 13.4 / 13.9 on the merged 34.6 MB (no tile did better); at two tokens 7.7 / 7.4 on q_b,
+    10.9 / 12.9 on wq_b; at four it loses everywhere. So it folds at one token up to 25 MB, at two up to 10 MB.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return f"{dtype} weights (the kernel is tuned for bf16/fp16)"
@@ -178,7 +180,7 @@ def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype, fold_norm: bool =
     if 2 * N * K > 70_000_000:
         return f"cuBLAS is at least as fast for a [{N}, {K}] weight (over 70 MB; the 134 MB one measured was a tie)"
     if fold_norm:
-        wins = T == 1 or 2 * N * K <= (40_000_000 if T == 2 else 10_000_000)
+        wins = 2 * N * K <= {1: 25_500_000, 2: 10_000_000}.get(T, 0)
     elif T == 1:
         wins = N < 8192 or K >= 6144
     elif T == 2:

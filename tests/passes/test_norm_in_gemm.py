@@ -105,7 +105,7 @@ def norm_ops(gm):
 
 
 @settings(max_examples=6, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # ~3 s an example
-@given(t=st.sampled_from([1, 2, 4]), form=st.sampled_from(["cast,w", "w", "1+w"]), seed=st.integers(0, 999))
+@given(t=st.sampled_from([1, 2]), form=st.sampled_from(["cast,w", "w", "1+w"]), seed=st.integers(0, 999))
 def test_norm_read_by_decode_gemms_is_folded_and_the_chains_share_one_launch(t, form, seed):
     record, gm = case(t, seed, form=form)
     assert named(record, "norm-in-gemm") == [("applied", "norm-in-gemm")], [str(r) for r in record.remarks]
@@ -119,13 +119,14 @@ def test_norm_read_by_decode_gemms_is_folded_and_the_chains_share_one_launch(t, 
     assert record.stats["head-chain"]["launches"] == 1
 
 
-@pytest.mark.parametrize("variant", ["extra-reader", "switch-off", "tokens", "bf16-stats", "cpu-graph"])
+@pytest.mark.parametrize("variant", ["extra-reader", "switch-off", "tokens", "four-tokens", "bf16-stats", "cpu-graph"])
 def test_norms_that_must_not_fold_stay_with_inductor(variant, monkeypatch):
     config = FusionConfig(norm_quant=False, decode_gemm_norm=variant != "switch-off")
     kw = {"extra_reader": variant == "extra-reader", "stats": BF16 if variant == "bf16-stats" else torch.float32}
     if variant == "cpu-graph":  # the pass acts on CUDA graphs only
         monkeypatch.setattr(decode_gemm, "DEVICES", ("cuda",))
-    record, gm = case(5 if variant == "tokens" else 1, 0, config, **kw)
+    # five tokens: outside the decode range; four: the plan measured the fold slower there
+    record, gm = case({"tokens": 5, "four-tokens": 4}.get(variant, 1), 0, config, **kw)
     assert not named(record, "norm-in-gemm"), variant
     assert not [n for n in gm.graph.nodes if n.target is torch.ops.braze.decode_mm.default and len(n.args) > 3]
     # Inductor computes the norm (with braze's chain launch behind the GEMMs, it would tie a launch of its own)
