@@ -169,9 +169,9 @@ def decode_mm_plan(T: int, N: int, K: int, dtype: torch.dtype, fold_norm: bool =
     `fold_norm`: the kernel would also compute the RMSNorm before the GEMM, which otherwise takes a kernel of its
     own. Every program then reads the activation rows for their statistics before its first multiply, which costs
     more than that kernel saves on large weights (benchmarks/results/decode_mm_norm.md, H200, DeepSeek's q_c norm
-    and its readers; Inductor's norm + cuBLAS / folded): at one token 7.8 / 6.2 µs on the 9.4 MB q_b, 11.1 / 10.9
-    on the 25 MB wq_b, 13.4 / 13.9 on the merged 34.6 MB (no tile did better); at two tokens 7.7 / 7.4 on q_b,
-    10.9 / 12.9 on wq_b; at four it loses everywhere. So it folds at one token up to 25 MB, at two up to 10 MB.
+    and its readers; Inductor's norm + cuBLAS / folded): at one token 7.9 / 6.1 µs on the 9.4 MB q_b, 11.0 / 10.6
+    on the 25 MB wq_b, 13.0 / 13.6 on the merged 34.6 MB (no tile config did better than 13.85); at two tokens
+    7.7 / 7.5 on q_b, 10.9 / 12.9 on wq_b; at four it loses everywhere. So it folds at one token up to 25 MB, at two up to 10 MB.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return f"{dtype} weights (the kernel is tuned for bf16/fp16)"
