@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from braze.patterns.stages import Cast, HeadChain, HeadGroup, WeightMul
+from braze.patterns.stages import Cast, HeadAbsorb, HeadChain, HeadGroup, WeightMul
 
 from .rowwise import _TL_DTYPE, _Emitter, _fmt_float, _next_pow2, _power_of_two, fp8_value, kernel_source
 
@@ -80,21 +80,55 @@ def generate(group: HeadGroup) -> HeadKernelSource:
     em.line("row = tl.program_id(0).to(tl.int64)")
     em.line("chain = tl.program_id(1)")
     out_offset = 0
+    starts = group.program_starts()
     for k, chain in enumerate(group.chains):
         p = f"c{k}_"
-        params += [p + q for q in chain_params(chain)]
-        em.line(f"if chain == {k}:  # {chain.name}: {chain.heads} x {chain.head_dim}")
-        em.indent += 1
-        _emit_chain(em, chain, p, const, out_offset)
+        if isinstance(chain, HeadAbsorb):
+            params += [p + q for q in ("x_ptr", "x_row_stride", "x_head_stride", "w_ptr", "w_head_stride",
+                                       "w_row_stride")]
+            em.line(f"if (chain >= {starts[k]}) & (chain < {starts[k + 1]}) & (row == 0):  # {chain.name}: "
+                    f"{chain.heads} x [{chain.in_dim}] @ [{chain.in_dim}, {chain.head_dim}]")
+            em.indent += 1
+            _emit_absorb(em, chain, p, const, out_offset, starts[k])
+        else:
+            params += [p + q for q in chain_params(chain)]
+            em.line(f"if chain == {starts[k]}:  # {chain.name}: {chain.heads} x {chain.head_dim}")
+            em.indent += 1
+            _emit_chain(em, chain, p, const, out_offset)
         em.indent -= 1
         if chain.out:
             out_offset += chain.heads * chain.head_dim
     params += [f"fc{i}_ptr" for i in range(group.n_field_caches)] + ["out_ptr", "n_rows"]
     consts = [f"{k}: tl.constexpr" for k in const] + ["SOFT_ROUND: tl.constexpr", "DIV_RN: tl.constexpr"]
-    elems = max(_next_pow2(c.heads) * _next_pow2(c.head_dim) for c in group.chains)
+    elems = max(_next_pow2(c.in_dim) * c.block_c if isinstance(c, HeadAbsorb) else
+                _next_pow2(c.heads) * _next_pow2(c.head_dim) for c in group.chains)
     num_warps = 1 if elems <= 256 else 2 if elems <= 1024 else 4 if elems <= 4096 else 8
     source = kernel_source("braze.codegen.heads", "chains", signature, name, params + consts, em.lines)
     return HeadKernelSource(name, source, const, num_warps)
+
+
+def _emit_absorb(em: _Emitter, chain: HeadAbsorb, p: str, const: dict, out_offset: int, start: int) -> None:
+    """Program (0, start + i): head i // ⌈C / BC⌉, output columns of block i % ⌈C / BC⌉, every token's row through
+    one [D, BC] weight tile held in registers; the result goes to the chain's slab as [H, T, C] (the bmm's layout)."""
+    nb = -(-chain.head_dim // chain.block_c)
+    const.update({f"{p}D": chain.in_dim, f"{p}C": chain.head_dim, f"{p}BD": _next_pow2(chain.in_dim),
+                  f"{p}BC": chain.block_c})
+    em.line(f"{p}i = chain - {start}")
+    em.line(f"{p}h = {p}i // {nb}")
+    em.line(f"{p}c = ({p}i % {nb}) * {p}BC + tl.arange(0, {p}BC)")
+    em.line(f"{p}d = tl.arange(0, {p}BD)")
+    em.line(f"{p}cm = {p}c < {p}C")
+    em.line(f"{p}dm = {p}d < {p}D")
+    em.line(f"{p}w = tl.load({p}w_ptr + {p}h * {p}w_head_stride + {p}d[:, None] * {p}w_row_stride + {p}c[None, :], "
+            f"mask={p}dm[:, None] & {p}cm[None, :], other=0.0).to(tl.float32)")
+    em.line(f"for {p}r in range(0, n_rows):")
+    em.indent += 1
+    em.line(f"{p}x = tl.load({p}x_ptr + {p}r * {p}x_row_stride + {p}h * {p}x_head_stride + {p}d, mask={p}dm, "
+            "other=0.0).to(tl.float32)")
+    em.line(f"{p}y = tl.sum({p}x[:, None] * {p}w, axis=0)")
+    em.line(f"tl.store(out_ptr + n_rows * {out_offset} + ({p}h * n_rows + {p}r) * {p}C + {p}c, "
+            f"{p}y.to({_TL_DTYPE[chain.out_dtype]}), mask={p}cm)")
+    em.indent -= 1
 
 
 def _emit_chain(em: _Emitter, chain: HeadChain, p: str, const: dict, out_offset: int) -> None:

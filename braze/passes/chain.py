@@ -34,7 +34,7 @@ from braze.patterns.scale_product import (
     ScaleProductMiss,
     match_scale_product,
 )
-from braze.patterns.stages import HeadChain, HeadGroup, dtype_name, to_dtype
+from braze.patterns.stages import HeadAbsorb, HeadChain, HeadGroup, dtype_name, to_dtype
 from braze.patterns.store import StoreMatch, match_store
 
 from .base import Pass, PassContext
@@ -53,6 +53,7 @@ from .chain_sites import (
     _as_tokens,
     _only_feeds,
     _through_views,
+    absorb_site,
     norm_site,
     store_site,
 )
@@ -78,7 +79,8 @@ def fused_heads_call(group: HeadGroup, n_inputs: int):
         outs, off = [], 0
         for chain, width in zip(group.chains, group.out_widths()):
             if width:
-                outs.append(flat[t * off:t * (off + width)].view(t, chain.heads, chain.head_dim))
+                shape = (chain.heads, t) if isinstance(chain, HeadAbsorb) else (t, chain.heads)  # [H, T, C]: bmm's
+                outs.append(flat[t * off:t * (off + width)].view(*shape, chain.head_dim))
                 off += width
         shaped = [q.view(t, *shape) for q, (_, shape) in zip(quant, group.quant_outputs())]
         return outs + shaped + caches  # returning the caches gives their written values
@@ -190,8 +192,17 @@ class HeadChainFusion(Pass):
             if site is not None and not fused_by_inductor(m.x) and not ctx.token_check(
                     self.family, val(site.inputs[0]).shape[0]):
                 optional.append(site)
+        # per-head products against a weight (MLA's absorbed W_UK): kept only where they join another launch
+        if sites:
+            for n in list(graph.nodes):
+                site = absorb_site(n) if n.target is aten.bmm.default else None
+                if site is not None and not ctx.token_check(self.family, val(site.inputs[0]).shape[0]):
+                    optional.append(site)
         fake_mode = graph_fake_mode(graph)
         grouping = group_siblings(graph, sites, optional)
+        for site in grouping.unplaced:  # the [T, H, D] view an absorb site added, if no launch took it
+            if isinstance(site.chain, HeadAbsorb) and not site.inputs[0].users:
+                graph.erase_node(site.inputs[0])
         groups, moves, dropped = grouping.groups, grouping.moves, grouping.dropped
         for site in [s for s in dropped if s.product is not None and not s.claims]:
             ctx.remark("missed", "scale-product-order", site.product.output, "scale product left to Inductor",
@@ -209,7 +220,7 @@ class HeadChainFusion(Pass):
         for launch, group in enumerate(groups):
             # the byte caches the group's fields write, each once; a field names its cache by index
             field_caches = list({c.store.cache: None for s in group for c in s.claims})
-            chains = tuple(dataclasses.replace(s.chain, fields=tuple(
+            chains = tuple(s.chain if not s.claims else dataclasses.replace(s.chain, fields=tuple(
                 dataclasses.replace(f, cache=field_caches.index(c.store.cache)) for f, c in zip(s.chain.fields, s.claims)))
                 for s in group)
             spec = HeadGroup(chains)
@@ -322,12 +333,16 @@ class HeadChainFusion(Pass):
     @staticmethod
     def _ops(site: HeadSite) -> tuple[str, ...]:
         c = site.chain
+        if isinstance(c, HeadAbsorb):
+            return ("absorb",)
         return tuple(([c.norm.kind] if c.norm else []) + (["rope"] if c.rope else []) + (["fp8_quant"] if c.quant else [])
                      + (["scale_mul"] if c.product else []) + (["store"] if c.write or c.fields else []))
 
     @staticmethod
     def _args(chain: HeadChain) -> dict[str, object]:
         args: dict[str, object] = {"heads": chain.heads, "head_dim": chain.head_dim}
+        if isinstance(chain, HeadAbsorb):
+            return {**args, "in_dim": chain.in_dim}
         if chain.rope is not None:
             args.update(rope=chain.rope.style, rotary_dim=chain.rope.rotary_dim, rope_offset=chain.rope.offset)
         if chain.norm is not None:

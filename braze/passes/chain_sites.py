@@ -13,11 +13,12 @@ from braze.patterns.layernorm import LayerNormMatch
 from braze.patterns.quant import QuantMatch
 from braze.patterns.rmsnorm import NormMatch
 from braze.patterns.scale_product import ScaleProductMatch
-from braze.patterns.stages import HeadChain, dtype_name
+from braze.patterns.stages import HeadAbsorb, HeadChain, dtype_name
 from braze.patterns.store import StoreMatch
 
 from .base import PassContext
 from .chain_bytes import Claim
+from .cost import is_free
 
 
 @dataclass(frozen=True)
@@ -161,3 +162,35 @@ def store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
     chain = HeadChain(in_dtype=dtype_name(rows_val.dtype), heads=heads, head_dim=head_dim, norm=None, rope=None,
                       gather=False, out=False, write=store.stage)
     return HeadSite(chain, (rows, store.slots), store.cache, None, store, store.index_put)
+
+
+def _weight_root(node: Node) -> Node:
+    """The tensor `node` views (through views, slices, permutes, getitems)."""
+    while node.op == "call_function" and is_free(node) and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
+
+
+def absorb_site(bmm: Node) -> HeadSite | None:
+    """`bmm(a, W)` with a [H, T, D] (the heads of T rows, through views) and W [H, D, C] a view of a weight (a graph
+    input): MLA's absorbed W_UK. An optional chain, kept only where it joins another chain's launch (the GEMM
+    it replaces is a kernel of its own)."""
+    if bmm.op != "call_function" or bmm.target is not aten.bmm.default:
+        return None
+    a, w, out = bmm.args[0], bmm.args[1], val(bmm)
+    av, wv = val(a), val(w)
+    if av is None or wv is None or out is None or av.dtype != wv.dtype or out.dtype != av.dtype:
+        return None
+    if av.dtype not in (torch.bfloat16, torch.float16, torch.float32) or av.stride(2) != 1 or wv.stride(2) != 1:
+        return None
+    heads, in_dim, head_dim = wv.shape
+    if not all(isinstance(v, int) for v in (heads, in_dim, head_dim, *wv.stride())) or av.shape[0] != heads:
+        return None
+    if _weight_root(w).op not in ("placeholder", "get_attr"):
+        return None  # a weight computed in the graph
+    with a.graph.inserting_after(a):
+        x = a.graph.call_function(aten.permute.default, (a, [1, 0, 2]))  # [T, H, D], the chain input convention
+    x.meta["val"] = av.permute(1, 0, 2)
+    chain = HeadAbsorb(in_dtype=dtype_name(av.dtype), heads=heads, in_dim=in_dim, head_dim=head_dim,
+                       out_dtype=dtype_name(out.dtype))
+    return HeadSite(chain, (x, w), None, bmm, None, bmm)

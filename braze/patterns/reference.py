@@ -8,7 +8,7 @@ from .layernorm import layernorm_reference
 from .quant import apply_program, fp8_quant_reference
 from .rmsnorm import residual_add_reference, rmsnorm_reference
 from .rope import rope_reference
-from .stages import FieldWrite, HeadChain, HeadGroup, RowChain, ScaleProduct
+from .stages import FieldWrite, HeadAbsorb, HeadChain, HeadGroup, RowChain, ScaleProduct
 
 
 def row_chain_reference(chain: RowChain, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -106,7 +106,11 @@ def head_group_reference(group: HeadGroup, inputs: list[torch.Tensor],
     fields = caches[sum(1 for ch in group.chains if ch.write is not None):]
     for chain in group.chains:
         n_in, n_c = len(chain.input_names()), 1 if chain.write is not None else 0
-        res = head_chain_reference(chain, inputs[i:i + n_in], caches[c:c + n_c], fields)
+        if isinstance(chain, HeadAbsorb):  # [H, T, C] = bmm([H, T, D], [H, D, C]) in fp32, rounded once
+            x, w = inputs[i:i + n_in]
+            res = [torch.bmm(x.float().transpose(0, 1), w.float())]
+        else:
+            res = head_chain_reference(chain, inputs[i:i + n_in], caches[c:c + n_c], fields)
         if chain.out:
             flat.append(res.pop(0).reshape(-1).to(getattr(torch, group.out_dtype)))
         quant += [r.reshape(-1) for r in res]

@@ -396,6 +396,49 @@ class HeadChain(_JsonSpec):
 
 
 @dataclass(frozen=True)
+class HeadAbsorb(_JsonSpec):
+    """A per-head product y[h] = x[h] · W[h] over the heads of each token: MLA's absorbed W_UK
+    (`einsum("thd,hdc->thc", q_nope, w_uk)`, a bmm of [H, T, D] by [H, D, C]) run inside a head-chain launch.
+
+    Inputs: x [T, heads, in_dim] (any row and head strides, unit element stride) and the weight [heads, in_dim,
+    head_dim] (any head and row strides, unit element stride). Output: [heads, T, head_dim], the bmm's own layout,
+    fp32 sums rounded once to `out_dtype`. Programs: heads · ⌈head_dim / block_c⌉, each holding one
+    [in_dim, block_c] weight tile and running every token's row through it (the weight is read once per launch).
+    The attributes below make it read as a HeadChain with an output and nothing else where groups are built.
+    """
+
+    in_dtype: str
+    heads: int
+    in_dim: int
+    head_dim: int  # output values per head
+    out_dtype: str
+    norm = rope = write = quant = product = None
+    gather = quant_out = False
+    out = True
+    fields = ()
+
+    @property
+    def name(self) -> str:
+        return "absorb"
+
+    @property
+    def block_c(self) -> int:
+        """Output columns a program computes: a [in_dim, block_c] weight tile of at most 4096 values (4 warps)."""
+        d = 1 << max(self.in_dim - 1, 0).bit_length()
+        return max(16, min(1 << max(self.head_dim - 1, 0).bit_length(), 4096 // d))
+
+    @property
+    def programs(self) -> int:
+        return self.heads * -(-self.head_dim // self.block_c)
+
+    def quant_outputs(self) -> list[tuple[str, tuple[int, ...]]]:
+        return []
+
+    def input_names(self) -> list[str]:
+        return ["x", "absorb_weight"]
+
+
+@dataclass(frozen=True)
 class HeadGroup(_JsonSpec):
     """Sibling HeadChains over the same tokens, run as one launch (grid: tokens x chains).
 
@@ -423,6 +466,13 @@ class HeadGroup(_JsonSpec):
         """Elements per token of each chain's output (0 for chains without one)."""
         return [c.heads * c.head_dim if c.out else 0 for c in self.chains]
 
+    def program_starts(self) -> list[int]:
+        """The first program (grid dim 1) of each chain, then the total: one program a chain, a HeadAbsorb's many."""
+        starts = [0]
+        for c in self.chains:
+            starts.append(starts[-1] + getattr(c, "programs", 1))
+        return starts
+
     def quant_outputs(self) -> list[tuple[str, tuple[int, ...]]]:
         """(dtype, per-token shape) of the op's outputs after the flat buffer, chain after chain."""
         return [o for c in self.chains for o in c.quant_outputs()]
@@ -449,7 +499,7 @@ def _encode(obj: Any) -> Any:
 
 
 _TYPES = {c.__name__: c for c in (UnaryOp, ResidualAdd, WeightMul, Cast, RMSNorm, FP8Quant, RowChain, CacheWrite,
-                                   FieldWrite, ScaleProduct, HeadChain, HeadGroup)}
+                                   FieldWrite, ScaleProduct, HeadChain, HeadAbsorb, HeadGroup)}
 
 
 def _register_late_types() -> None:

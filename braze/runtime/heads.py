@@ -20,7 +20,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 
 from braze.codegen.cache import heads_kernel
 from braze.patterns.reference import head_group_reference
-from braze.patterns.stages import HeadGroup, to_dtype
+from braze.patterns.stages import HeadAbsorb, HeadGroup, to_dtype
 
 from .rowwise import DIV_RN, cpu_backend
 
@@ -36,6 +36,9 @@ def _outputs(group: HeadGroup, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> list[object]:
+    if isinstance(chain, HeadAbsorb):  # x [T, H, D], w [H, D, C]: any strides but a unit last one
+        x, w = (v if v.stride(-1) == 1 else v.contiguous() for v in inputs)
+        return [x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1)]
     named = dict(zip(chain.input_names(), inputs))
     x = named["x"]
     t = x.shape[0]
@@ -100,7 +103,7 @@ def _launch(kernel, fn, group: HeadGroup, inputs: list[torch.Tensor], caches: li
     args += [*fields, outs[0], t]
     const = dict(kernel.source.constexprs, SOFT_ROUND=interpreted, DIV_RN=interpreted or DIV_RN)
     extra = {} if interpreted else {"num_warps": kernel.source.num_warps}
-    fn[(t, len(group.chains))](*args, **const, **extra)
+    fn[(t, group.program_starts()[-1])](*args, **const, **extra)
 
 
 def _run(inputs: list[torch.Tensor], caches: list[torch.Tensor], spec: str, *, quant_in_caches: bool = False
