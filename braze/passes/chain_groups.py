@@ -3,8 +3,8 @@
 A group is one `braze::fused_heads` launch inserted after the last of its inputs (braze.passes.chain).
 Groups are spliced in list order, each after its nodes moved: a moved node may read a value an earlier
 group replaces (it then lands after that launch), never one its own or a later group replaces.
-Optional chains (a norm read only by GEMMs, e.g. DeepSeek's q_c RMSNorm) join a group only where that
-saves kernels: the grouping with them is kept only if it launches fewer kernels in all.
+Optional chains (a norm read only by GEMMs, e.g. DeepSeek's q_c RMSNorm, or MLA's absorbed W_UK product) join a
+group only where that saves kernels: each is kept only if the grouping with it launches fewer kernels in all.
 """
 
 from __future__ import annotations
@@ -79,15 +79,22 @@ class Grouping:
 
 
 def group_siblings(graph: torch.fx.Graph, sites: list[HeadSite], optional: list[HeadSite] = ()) -> Grouping:
-    """Greedy groups of chains that can share one launch (see _Grouper); with `optional` chains, the
-    grouping that takes them where they save kernels, if it launches fewer kernels than the one without."""
-    plain = _Grouper(graph, sites).run(sites, [])
-    if not optional:
-        return plain
-    both = _Grouper(graph, [*sites, *optional]).run(sites, list(optional))
-    # a tie keeps the norm in braze's launch (its rounding steps are the graph's; Inductor's kernel would be extra
-    # work of the same count)
-    return both if both.kernels < plain.kernels + len(optional) else dataclasses.replace(plain, unplaced=list(optional))
+    """Greedy groups of chains that can share one launch (see _Grouper); with `optional` chains, each is kept
+    (in turn, on top of those kept before it) where the grouping with it launches fewer kernels in all than the
+    one without it, counting an optional chain left out as a kernel of its own (a tie leaves it out: Inductor's
+    norm or cuBLAS's bmm is the same count, and braze's launch stays smaller). One at a time, so a chain that
+    cannot save a kernel (in any layer) does not keep the others out."""
+    best = _Grouper(graph, sites).run(sites, [])
+    kept: list[HeadSite] = []
+    cost = best.kernels + len(optional)
+    for site in optional:
+        trial = [*kept, site]
+        grouping = _Grouper(graph, [*sites, *trial]).run(sites, trial)
+        trial_cost = grouping.kernels + len(optional) - len(trial)
+        if trial_cost < cost:
+            best, kept, cost = grouping, trial, trial_cost
+    placed = {id(s) for g in best.groups for s in g}
+    return dataclasses.replace(best, unplaced=[s for s in optional if id(s) not in placed])
 
 
 class _Grouper:
