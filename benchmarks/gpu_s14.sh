@@ -10,7 +10,8 @@
 # then the prologue at T=1/2 (braze, braze-no-gemm-norm).
 # `absorb`: with MLA's absorbed W_UK in the chain launch: the `prologue` tests, the prologue at T=1/2/4 (stock,
 # braze, braze with every GEMM on cuBLAS), then DeepSeek's step at T=1 and 64 (stock, braze).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s14.sh prologue|fold|tiles|steps|absorb
+# `final`: the same with only the chain GPU tests (the kernels are unchanged since `absorb`).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s14.sh prologue|fold|tiles|steps|absorb|final
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -25,9 +26,10 @@ case ${1:-prologue} in
       | tee "$OUT/prologue.log" | grep "^T=\|Error"
     echo "prologue: $((SECONDS - t0)) s"; keep
     ;;
-  absorb)
-    timeout 200 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu \
-      tests/codegen/test_decode_mm_kernel.py tests/passes/test_chain_gpu.py tests/passes/test_gemm_merge_gpu.py 2>&1 \
+  absorb|final)
+    tests="tests/passes/test_chain_gpu.py"
+    [ "$1" = absorb ] && tests="tests/codegen/test_decode_mm_kernel.py $tests tests/passes/test_gemm_merge_gpu.py"
+    timeout 200 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu $tests 2>&1 \
       | tee "$OUT/tests.log" | grep -v Warn | tail -5
     echo "tests: $((SECONDS - t0)) s"
     PYTHONPATH=$PWD:$PWD/benchmarks timeout 200 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4 \
