@@ -201,8 +201,12 @@ class HeadChainFusion(Pass):
         fake_mode = graph_fake_mode(graph)
         grouping = group_siblings(graph, sites, optional)
         for site in grouping.unplaced:  # the [T, H, D] view an absorb site added, if no launch took it
-            if isinstance(site.chain, HeadAbsorb) and not site.inputs[0].users:
-                graph.erase_node(site.inputs[0])
+            if isinstance(site.chain, HeadAbsorb):
+                ctx.remark("missed", "absorb-alone", site.anchor, "per-head product left to cuBLAS's bmm",
+                           reason="no chain launch over the same tokens can take it (alone it would save no kernel)",
+                           ops=("absorb",))
+                if not site.inputs[0].users:
+                    graph.erase_node(site.inputs[0])
         groups, moves, dropped = grouping.groups, grouping.moves, grouping.dropped
         for site in [s for s in dropped if s.product is not None and not s.claims]:
             ctx.remark("missed", "scale-product-order", site.product.output, "scale product left to Inductor",
