@@ -85,11 +85,11 @@ def generate(group: HeadGroup) -> HeadKernelSource:
         p = f"c{k}_"
         if isinstance(chain, HeadAbsorb):
             params += [p + q for q in ("x_ptr", "x_row_stride", "x_head_stride", "w_ptr", "w_head_stride",
-                                       "w_row_stride")]
+                                       "w_row_stride", "y_ptr")]
             em.line(f"if (chain >= {starts[k]}) & (chain < {starts[k + 1]}) & (row == 0):  # {chain.name}: "
                     f"{chain.heads} x [{chain.in_dim}] @ [{chain.in_dim}, {chain.head_dim}]")
             em.indent += 1
-            _emit_absorb(em, chain, p, const, out_offset, starts[k])
+            _emit_absorb(em, chain, p, const, starts[k])
         else:
             params += [p + q for q in chain_params(chain)]
             em.line(f"if chain == {starts[k]}:  # {chain.name}: {chain.heads} x {chain.head_dim}")
@@ -107,9 +107,9 @@ def generate(group: HeadGroup) -> HeadKernelSource:
     return HeadKernelSource(name, source, const, num_warps)
 
 
-def _emit_absorb(em: _Emitter, chain: HeadAbsorb, p: str, const: dict, out_offset: int, start: int) -> None:
+def _emit_absorb(em: _Emitter, chain: HeadAbsorb, p: str, const: dict, start: int) -> None:
     """Program (0, start + i): head i // ⌈C / BC⌉, output columns of block i % ⌈C / BC⌉, every token's row through
-    one [D, BC] weight tile held in registers; the result goes to the chain's slab as [H, T, C] (the bmm's layout)."""
+    one [D, BC] weight tile held in registers; the result goes to its own buffer as [H, T, C] (the bmm's layout)."""
     nb = -(-chain.head_dim // chain.block_c)
     const.update({f"{p}D": chain.in_dim, f"{p}C": chain.head_dim, f"{p}BD": _next_pow2(chain.in_dim),
                   f"{p}BC": chain.block_c})
@@ -126,7 +126,7 @@ def _emit_absorb(em: _Emitter, chain: HeadAbsorb, p: str, const: dict, out_offse
     em.line(f"{p}x = tl.load({p}x_ptr + {p}r * {p}x_row_stride + {p}h * {p}x_head_stride + {p}d, mask={p}dm, "
             "other=0.0).to(tl.float32)")
     em.line(f"{p}y = tl.sum({p}x[:, None] * {p}w, axis=0)")
-    em.line(f"tl.store(out_ptr + n_rows * {out_offset} + ({p}h * n_rows + {p}r) * {p}C + {p}c, "
+    em.line(f"tl.store({p}y_ptr + ({p}h * n_rows + {p}r) * {p}C + {p}c, "
             f"{p}y.to({_TL_DTYPE[chain.out_dtype]}), mask={p}cm)")
     em.indent -= 1
 

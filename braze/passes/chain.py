@@ -79,10 +79,11 @@ def fused_heads_call(group: HeadGroup, n_inputs: int):
         outs, off = [], 0
         for chain, width in zip(group.chains, group.out_widths()):
             if width:
-                shape = (chain.heads, t) if isinstance(chain, HeadAbsorb) else (t, chain.heads)  # [H, T, C]: bmm's
-                outs.append(flat[t * off:t * (off + width)].view(*shape, chain.head_dim))
+                outs.append(flat[t * off:t * (off + width)].view(t, chain.heads, chain.head_dim))
                 off += width
-        shaped = [q.view(t, *shape) for q, (_, shape) in zip(quant, group.quant_outputs())]
+        shapes = [(c.heads, t, c.head_dim) if isinstance(c, HeadAbsorb) else (t, *shape)  # [H, T, C]: the bmm's
+                  for c in group.chains for _, shape in c.quant_outputs()]
+        shaped = [q.view(*shape) for q, shape in zip(quant, shapes)]
         return outs + shaped + caches  # returning the caches gives their written values
 
     return fn

@@ -34,7 +34,10 @@ class HeadSite:
     product: ScaleProductMatch | None = None  # a quant scale times head weights, stored in place of the scale
 
     def quant_nodes(self) -> list[Node]:
-        """The nodes the quant outputs replace: the fp8 values, then each scale (or its product)."""
+        """The nodes the quant outputs replace: the fp8 values, then each scale (or its product); for a HeadAbsorb,
+        the bmm (its output is a separate buffer like a quant's, so it may differ in dtype from the launch's)."""
+        if isinstance(self.chain, HeadAbsorb):
+            return [self.result]
         if self.quant is None or not self.chain.quant_out:
             return []
         scales = list(self.quant.scale_nodes)

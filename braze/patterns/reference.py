@@ -108,7 +108,7 @@ def head_group_reference(group: HeadGroup, inputs: list[torch.Tensor],
         n_in, n_c = len(chain.input_names()), 1 if chain.write is not None else 0
         if isinstance(chain, HeadAbsorb):  # [H, T, C] = bmm([H, T, D], [H, D, C]) in fp32, rounded once
             x, w = inputs[i:i + n_in]
-            res = [torch.bmm(x.float().transpose(0, 1), w.float())]
+            res = [torch.bmm(x.float().transpose(0, 1), w.float()).to(getattr(torch, chain.out_dtype))]
         else:
             res = head_chain_reference(chain, inputs[i:i + n_in], caches[c:c + n_c], fields)
         if chain.out:

@@ -402,9 +402,10 @@ class HeadAbsorb(_JsonSpec):
 
     Inputs: x [T, heads, in_dim] (any row and head strides, unit element stride) and the weight [heads, in_dim,
     head_dim] (any head and row strides, unit element stride). Output: [heads, T, head_dim], the bmm's own layout,
-    fp32 sums rounded once to `out_dtype`. Programs: heads · ⌈head_dim / block_c⌉, each holding one
-    [in_dim, block_c] weight tile and running every token's row through it (the weight is read once per launch).
-    The attributes below make it read as a HeadChain with an output and nothing else where groups are built.
+    fp32 sums rounded once to `out_dtype`, in a buffer of its own after the flat one (like a quant chain's
+    outputs: quant_outputs), so its dtype need not be the launch's. Programs: heads · ⌈head_dim / block_c⌉, each
+    holding one [in_dim, block_c] weight tile and running every token's row through it (the weight is read once
+    per launch). The attributes below make it read as a HeadChain with nothing else where groups are built.
     """
 
     in_dtype: str
@@ -413,8 +414,7 @@ class HeadAbsorb(_JsonSpec):
     head_dim: int  # output values per head
     out_dtype: str
     norm = rope = write = quant = product = None
-    gather = quant_out = False
-    out = True
+    gather = quant_out = out = False
     fields = ()
 
     @property
@@ -432,7 +432,8 @@ class HeadAbsorb(_JsonSpec):
         return self.heads * -(-self.head_dim // self.block_c)
 
     def quant_outputs(self) -> list[tuple[str, tuple[int, ...]]]:
-        return []
+        """The output as (dtype, per-token shape): T · heads · head_dim values, laid out [heads, T, head_dim]."""
+        return [(self.out_dtype, (self.heads, self.head_dim))]
 
     def input_names(self) -> list[str]:
         return ["x", "absorb_weight"]

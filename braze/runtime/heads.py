@@ -38,7 +38,7 @@ def _outputs(group: HeadGroup, x: torch.Tensor) -> list[torch.Tensor]:
 def _chain_args(chain, inputs: list[torch.Tensor], caches: list[torch.Tensor]) -> list[object]:
     if isinstance(chain, HeadAbsorb):  # x [T, H, D], w [H, D, C]: any strides but a unit last one
         x, w = (v if v.stride(-1) == 1 else v.contiguous() for v in inputs)
-        return [x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1)]
+        return [x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1)]  # then its output buffer (_launch)
     named = dict(zip(chain.input_names(), inputs))
     x = named["x"]
     t = x.shape[0]
