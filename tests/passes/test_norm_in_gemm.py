@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-import braze.runtime.decode_mm as rt
+from test_decode_gemm import monkeypatch_module  # noqa: F401  (a fixture)
+
 from braze import FusionConfig
 from braze.codegen.decode_mm import rmsnorm_reference
 from braze.models.common import apply_rope
@@ -27,14 +28,8 @@ from braze.testing import aten_graph, run_passes
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def on_cpu():
-    """Let the pass act on CPU graphs and the op run its kernel under the interpreter, for this module's tests."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(decode_gemm, "DEVICES", ("cuda", "cpu"))
-    mp.setattr(rt, "cpu_backend", lambda: "interpret")
-    yield
-    mp.undo()
+# the pass acts on CPU graphs and the op runs its kernel under the interpreter, for this module's tests
+pytestmark = pytest.mark.usefixtures("monkeypatch_module")
 
 
 def rms(x, w, form, eps=1e-6, stats=torch.float32):
