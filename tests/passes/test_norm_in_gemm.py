@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-
 from test_decode_gemm import monkeypatch_module  # noqa: F401  (a fixture)
 
 from braze import FusionConfig
