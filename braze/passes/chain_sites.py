@@ -18,7 +18,7 @@ from braze.patterns.store import StoreMatch
 
 from .base import PassContext
 from .chain_bytes import Claim
-from .cost import is_free
+from .cost import is_extern, is_free
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,8 @@ def _weight_root(node: Node) -> Node:
 
 
 def absorb_site(bmm: Node) -> HeadSite | None:
-    """`bmm(a, W)` with a [H, T, D] (the heads of T rows, through views) and W [H, D, C] a view of a weight (a graph
-    input): MLA's absorbed W_UK. An optional chain, kept only where it joins another chain's launch (the GEMM
+    """`bmm(a, W)` with a [H, T, D] (the heads of T rows of a projection's output, through views) and W [H, D, C] a
+    view of a weight (a graph input): MLA's absorbed W_UK. An optional chain, kept only where it joins another chain's launch (the GEMM
     it replaces is a kernel of its own)."""
     if bmm.op != "call_function" or bmm.target is not aten.bmm.default:
         return None
@@ -191,6 +191,8 @@ def absorb_site(bmm: Node) -> HeadSite | None:
         return None
     if _weight_root(w).op not in ("placeholder", "get_attr"):
         return None  # a weight computed in the graph
+    if not is_extern(_weight_root(a)):
+        return None  # the heads are not a projection's output (attention's probabilities times V, say)
     with a.graph.inserting_after(a):
         x = a.graph.call_function(aten.permute.default, (a, [1, 0, 2]))  # [T, H, D], the chain input convention
     x.meta["val"] = av.permute(1, 0, 2)
