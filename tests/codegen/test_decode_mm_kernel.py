@@ -115,7 +115,7 @@ def test_plan_where_the_sweep_measured():
     assert decode_mm_tiles(1, 7169, 9) == DecodeMMConfig(64, 16, 4)
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(t=st.integers(1, MAX_ROWS), k=st.sampled_from(AWKWARD + [300]), norm=st.sampled_from(NORM_FORMS[1:]),
        tiles=st.sampled_from([None, DecodeMMConfig(4, 64, 2, unroll=False), DecodeMMConfig(2, 128, 4)]),
        seed=st.integers(0, 2**16))
