@@ -68,14 +68,13 @@ def fused_heads_call(group: HeadGroup, n_inputs: int):
 
     def fn(*args: torch.Tensor) -> list[torch.Tensor]:
         inputs, caches = list(args[:n_inputs]), list(args[n_inputs:])
+        t = inputs[0].shape[0]
         if caches:  # the writing op fills the quant chains' buffers in place too (it returns one tensor)
-            t = inputs[0].shape[0]
             quant = [torch.empty(t * math.prod(shape), dtype=to_dtype(dt), device=inputs[0].device)
                      for dt, shape in group.quant_outputs()]
             flat = torch.ops.braze.fused_heads(inputs, caches + quant, spec)
         else:
             flat, *quant = torch.ops.braze.fused_heads_pure(inputs, spec)
-        t = inputs[0].shape[0]
         outs, off = [], 0
         for chain, width in zip(group.chains, group.out_widths()):
             if width:
@@ -201,13 +200,11 @@ class HeadChainFusion(Pass):
                     optional.append(site)
         fake_mode = graph_fake_mode(graph)
         grouping = group_siblings(graph, sites, optional)
-        for site in grouping.unplaced:  # the [T, H, D] view an absorb site added, if no launch took it
+        for site in grouping.unplaced:  # (the [T, H, D] view an absorb site added goes with the dead-code pass)
             if isinstance(site.chain, HeadAbsorb):
                 ctx.remark("missed", "absorb-alone", site.anchor, "per-head product left to cuBLAS's bmm",
                            reason="no chain launch over the same tokens can take it (alone it would save no kernel)",
                            ops=("absorb",))
-                if not site.inputs[0].users:
-                    graph.erase_node(site.inputs[0])
         groups, moves, dropped = grouping.groups, grouping.moves, grouping.dropped
         for site in [s for s in dropped if s.product is not None and not s.claims]:
             ctx.remark("missed", "scale-product-order", site.product.output, "scale product left to Inductor",

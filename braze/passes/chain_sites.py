@@ -18,7 +18,7 @@ from braze.patterns.store import StoreMatch
 
 from .base import PassContext
 from .chain_bytes import Claim
-from .cost import is_extern, is_free
+from .cost import _source, is_extern
 
 
 @dataclass(frozen=True)
@@ -167,13 +167,6 @@ def store_site(store: StoreMatch, ctx: PassContext) -> HeadSite | None:
     return HeadSite(chain, (rows, store.slots), store.cache, None, store, store.index_put)
 
 
-def _weight_root(node: Node) -> Node:
-    """The tensor `node` views (through views, slices, permutes, getitems)."""
-    while node.op == "call_function" and is_free(node) and node.all_input_nodes:
-        node = node.all_input_nodes[0]
-    return node
-
-
 def absorb_site(bmm: Node) -> HeadSite | None:
     """`bmm(a, W)` with a [H, T, D] (the heads of T rows of a projection's output, through views) and W [H, D, C] a
     view of a weight (a graph input): MLA's absorbed W_UK. An optional chain, kept only where it joins another chain's launch (the GEMM
@@ -189,9 +182,9 @@ def absorb_site(bmm: Node) -> HeadSite | None:
     heads, in_dim, head_dim = wv.shape
     if not all(isinstance(v, int) for v in (heads, in_dim, head_dim, *wv.stride())) or av.shape[0] != heads:
         return None
-    if _weight_root(w).op not in ("placeholder", "get_attr"):
+    if _source(w).op not in ("placeholder", "get_attr"):
         return None  # a weight computed in the graph
-    if not is_extern(_weight_root(a)):
+    if not is_extern(_source(a)):
         return None  # the heads are not a projection's output (attention's probabilities times V, say)
     with a.graph.inserting_after(a):
         x = a.graph.call_function(aten.permute.default, (a, [1, 0, 2]))  # [T, H, D], the chain input convention

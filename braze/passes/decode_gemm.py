@@ -24,7 +24,7 @@ other dtypes.
 from __future__ import annotations
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
 import braze.runtime.decode_mm  # noqa: F401  registers braze::decode_mm
 from braze.codegen.decode_mm import decode_mm_plan
@@ -33,7 +33,7 @@ from braze.patterns.rmsnorm import NormMatch
 from braze.patterns.stages import Cast, RMSNorm, WeightMul, dtype_name
 
 from .base import Pass, PassContext
-from .cost import is_extern, is_free
+from .cost import _source, is_extern
 from .gemm_merge import Sibling, _copy_location, gemm_activation, match_sibling
 from .rewrite import graph_fake_mode
 
@@ -97,9 +97,7 @@ def fused_by_inductor(x: Node) -> str:
     """Why a norm of `x` costs no kernel of its own under Inductor ("" when it does): Inductor computes it in the
     kernel that produces x (a residual add, say), unless x is a graph input or the output of a GEMM or another
     extern kernel (through views and slices)."""
-    src = x
-    while src.op == "call_function" and is_free(src) and src.all_input_nodes:
-        src = src.all_input_nodes[0]
+    src = _source(x)
     if src.op != "placeholder" and not is_extern(src):
         return f"it reads {describe(src)}, which Inductor computes the norm with (folding saves no kernel)"
     return ""
@@ -168,24 +166,6 @@ def _shape(m: Sibling) -> tuple[int, int, int]:
     """(tokens, N, K) of a matched GEMM."""
     w = val(m.weight)
     return val(m.activation).shape[0], w.shape[0], w.shape[1]
-
-
-def _erase_dead(graph: Graph, nodes: list[Node]) -> None:
-    """Erase `nodes` that nothing reads any more, and then the pure values only they read (views, casts)."""
-    stack, erased = list(nodes), set()
-    while stack:
-        n = stack.pop()
-        if n in erased or n.users or n.op != "call_function" or _impure(n):
-            continue
-        ins = n.all_input_nodes
-        graph.erase_node(n)
-        erased.add(n)
-        stack.extend(ins)
-
-
-def _impure(node: Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return schema is None or schema.is_mutable
 
 
 class DecodeGemm(Pass):
@@ -258,7 +238,7 @@ class DecodeGemm(Pass):
                 m = match_sibling(g)
                 self._applied(ctx, m, decode_mm_plan(*_shape(m), val(m.weight).dtype, fold_norm=True))
                 self._rewrite(gm, m, norm.x, extra)
-        _erase_dead(gm.graph, list(norm.nodes))
+        # the norm's nodes are dead now: the pass manager's dead-code pass after this pass erases them
         ctx.remark("applied", "norm-in-gemm", norm.anchor,
                    f"RMSNorm over {norm.stage.width} values (eps={norm.stage.eps:g}, {form}) computed inside the "
                    f"decode GEMM kernel of {len(gemms)} GEMM(s) reading it ({names}): no kernel of its own",
