@@ -4,14 +4,17 @@ expert), compiled by braze with and without dual-stream scheduling, timed as a C
     python benchmarks/moe_streams.py [--size bench|tiny] [--tokens 1,8,64] [--out FILE.json]
 
 This is the per-layer time of the region dual-stream acts on in the decode step (the router on the
-side stream beside the shared expert; see braze/passes/STREAMS_DESIGN.md). On CPU (no streams) it
+side stream beside the shared expert; see braze/passes/STREAMS_DESIGN.md). `braze-streams-forced`
+overlaps the fork even where the cost model says serial, to check that decision. On CPU (no streams) it
 only checks that both compiles agree with eager and prints what braze decided.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ import braze
 from braze.models.common import RMSNorm, init_random
 from braze.models.deepseek_v32 import DeepseekV32Config
 from braze.models.moe import MoE, RouterSpec
+from braze.passes import branches
 
 
 class MoEBlock(nn.Module):
@@ -42,6 +46,19 @@ class MoEBlock(nn.Module):
         return h + layer.mlp(layer.post_attention_layernorm(h))  # [T, hidden]
 
 
+@contextlib.contextmanager
+def _forced(on: bool):
+    """Overlap every fork the branch analysis finds, whatever the cost model says (to measure what the
+    decisions it turned down would have saved)."""
+    saved = branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE
+    if on:
+        branches.MIN_GAIN_S = branches.MIN_GAIN_SHARE = -math.inf
+    try:
+        yield
+    finally:
+        branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE = saved
+
+
 def run(size: str, tokens: list[int], device: str) -> list[dict]:
     cfg = getattr(DeepseekV32Config, size)()
     block = MoEBlock(cfg, device, torch.bfloat16)
@@ -50,11 +67,11 @@ def run(size: str, tokens: list[int], device: str) -> list[dict]:
         h = torch.randn(t, cfg.hidden_size, generator=torch.Generator().manual_seed(t)).to(device, torch.bfloat16)
         with torch.no_grad():
             want = block(h)
-        for variant in ("braze", "braze-streams"):
+        for variant in ("braze", "braze-streams", "braze-streams-forced"):
             torch._dynamo.reset()
-            be = braze.backend(braze.FusionConfig(dual_stream=variant == "braze-streams"))
+            be = braze.backend(braze.FusionConfig(dual_stream=variant != "braze"))
             step = torch.compile(block, backend=be, dynamic=False, fullgraph=True)
-            with torch.no_grad():
+            with torch.no_grad(), _forced(variant.endswith("forced")):
                 got = step(h)
                 row = {"tokens": t, "variant": variant,
                        "rel_err_vs_eager": ((got.float() - want.float()).norm() / want.float().norm()).item(),
@@ -82,8 +99,10 @@ def main() -> None:
     for t in sorted({r["tokens"] for r in rows}):
         us = {r["variant"]: r.get("us") for r in rows if r["tokens"] == t}
         if us.get("braze") and us.get("braze-streams"):
-            print(f"T={t}: MoE block {us['braze']:.1f} us on one stream, {us['braze-streams']:.1f} us with the "
-                  f"router on the side stream ({us['braze-streams'] - us['braze']:+.1f} us)")
+            print(f"T={t}: MoE block {us['braze']:.1f} us on one stream, {us['braze-streams']:.1f} us with "
+                  f"dual-stream as the cost model decides ({us['braze-streams'] - us['braze']:+.1f} us), "
+                  f"{us['braze-streams-forced']:.1f} us with every fork overlapped "
+                  f"({us['braze-streams-forced'] - us['braze']:+.1f} us)")
     if args.out:
         env = {"torch": torch.__version__, "card": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         with open(args.out, "w") as f:

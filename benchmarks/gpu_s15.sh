@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Session 15's single-GPU calls (one H200). Results are appended to $OUT/results.tar after each step, so a run cut
+# short keeps what finished.
+# `confirm`: issue 4 at HEAD: the chain GPU tests, DeepSeek V3.2's prologue at T=1/2/4 with L2 flushed before every
+# replay (stock, braze, braze with every GEMM on cuBLAS); then issue 7: the branch cost model's constants on this
+# card (benchmarks/stream_overhead.py) and DeepSeek's step at T=1/8/64, stock, braze and braze without GEMM merging.
+# `branches`: issue 7 on the other two models: Qwen 3.5 and MiniMax M2.5 steps at T=1/8/64 with and without GEMM
+# merging and with dual-stream; the MoE block alone with dual-stream as decided and forced (moe_streams.py); the
+# dual-stream and GEMM-merge GPU tests.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|branches
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
+left() { echo $((${TOTAL_S:-570} - (SECONDS - t0))); }
+bench() {  # model tokens variants log
+  timeout $(($(left) - 10)) python3 -m braze bench --model "$1" --size bench --tokens "$2" --shapes static \
+    --variants "$3" --budget-s $(($(left) - 60)) --out "$OUT/results" 2>&1 | tee "$OUT/$4" | grep -v Warn \
+    | grep "$1\|done"
+  echo "$1: $((SECONDS - t0)) s"; keep
+}
+case ${1:-confirm} in
+  confirm)
+    timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu tests/passes/test_chain_gpu.py 2>&1 \
+      | tee "$OUT/tests.log" | grep -v Warn | tail -3
+    echo "tests: $((SECONDS - t0)) s"
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 150 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4 \
+      --variants inductor,braze,braze-no-decode-gemm --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" \
+      | grep "^T=\|Error"
+    echo "prologue: $((SECONDS - t0)) s"
+    timeout 60 python3 benchmarks/stream_overhead.py --out "$OUT/results/stream_overhead.json" > "$OUT/overhead.log" 2>&1
+    tail -n 25 "$OUT/overhead.log"; keep
+    bench deepseek-v3.2 1,8,64 inductor,braze,braze-no-merge bench_ds.log
+    ;;
+  branches)
+    bench qwen3.5 1,8,64 braze,braze-no-merge,braze-streams bench_qwen.log
+    bench minimax-m2.5 1,8,64 braze,braze-no-merge,braze-streams bench_mm.log
+    timeout $(($(left) - 5)) python3 benchmarks/moe_streams.py --size bench --tokens 1,8 \
+      --out "$OUT/results/moe_streams.json" 2>&1 | tee "$OUT/moe_streams.log" | grep "^T=\|Error"; keep
+    for f in tests/passes/test_streams_gpu.py tests/passes/test_gemm_merge_gpu.py; do
+      [ "$(left)" -gt 40 ] || break
+      timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs "$f" 2>&1 \
+        | tee -a "$OUT/tests.log" | grep -v Warn | tail -3
+    done
+    ;;
+esac
+rmdir "$OUT/results" 2>/dev/null; true
