@@ -4,10 +4,13 @@
 # `confirm`: issue 4 at HEAD: the chain GPU tests, DeepSeek V3.2's prologue at T=1/2/4 with L2 flushed before every
 # replay (stock, braze, braze with every GEMM on cuBLAS); then issue 7: the branch cost model's constants on this
 # card (benchmarks/stream_overhead.py) and DeepSeek's step at T=1/8/64, stock, braze and braze without GEMM merging.
+# `absorb`: the absorbed W_UK product inside the chain launch against cuBLAS's bmm, per T (the prologue at
+# T=1/2/4/8/16, braze-absorb-any-t vs braze-no-absorb); DeepSeek's step at T=1/8/64 with the absorb's token range
+# and with dual-stream as the H200 cost model decides; the MoE block alone (moe_streams.py); the dual-stream GPU tests.
 # `branches`: issue 7 on the other two models: Qwen 3.5 and MiniMax M2.5 steps at T=1/8/64 with and without GEMM
 # merging and with dual-stream; the MoE block alone with dual-stream as decided and forced (moe_streams.py); the
 # dual-stream and GEMM-merge GPU tests.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|branches
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|absorb|branches
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -31,16 +34,22 @@ case ${1:-confirm} in
     tail -n 25 "$OUT/overhead.log"; keep
     bench deepseek-v3.2 1,8,64 inductor,braze,braze-no-merge bench_ds.log
     ;;
+  absorb)
+    PYTHONPATH=$PWD:$PWD/benchmarks timeout 200 python3 benchmarks/deepseek_prologue.py --tokens 1,2,4,8,16 \
+      --variants braze-absorb-any-t,braze-no-absorb --out "$OUT/results" 2>&1 | tee "$OUT/prologue.log" \
+      | grep "^T=\|Error"
+    echo "prologue: $((SECONDS - t0)) s"; keep
+    TOTAL_S=$((SECONDS - t0 + 200)) bench deepseek-v3.2 1,8,64 braze,braze-streams bench_ds.log
+    timeout 90 python3 benchmarks/moe_streams.py --size bench --tokens 1 \
+      --out "$OUT/results/moe_streams.json" 2>&1 | tee "$OUT/moe_streams.log" | grep "^T=\|Error"; keep
+    timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py \
+      2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -3
+    ;;
   branches)
     bench qwen3.5 1,8,64 braze,braze-no-merge,braze-streams bench_qwen.log
     bench minimax-m2.5 1,8,64 braze,braze-no-merge,braze-streams bench_mm.log
-    timeout $(($(left) - 5)) python3 benchmarks/moe_streams.py --size bench --tokens 1,8 \
-      --out "$OUT/results/moe_streams.json" 2>&1 | tee "$OUT/moe_streams.log" | grep "^T=\|Error"; keep
-    for f in tests/passes/test_streams_gpu.py tests/passes/test_gemm_merge_gpu.py; do
-      [ "$(left)" -gt 40 ] || break
-      timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs "$f" 2>&1 \
-        | tee -a "$OUT/tests.log" | grep -v Warn | tail -3
-    done
+    timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs \
+      tests/passes/test_gemm_merge_gpu.py 2>&1 | tee -a "$OUT/tests.log" | grep -v Warn | tail -3
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true

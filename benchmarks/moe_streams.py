@@ -50,11 +50,14 @@ class MoEBlock(nn.Module):
 def _forced(on: bool):
     """Overlap every fork the branch analysis finds, whatever the cost model says (to measure what the
     decisions it turned down would have saved)."""
-    saved = branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE
-    if on:
-        branches.MIN_GAIN_S = branches.MIN_GAIN_SHARE = -math.inf
-    try:
+    if not on:
         yield
+        return
+    saved = branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE
+    branches.MIN_GAIN_S = branches.MIN_GAIN_SHARE = -math.inf
+    try:  # the config is the same as braze-streams': a cached graph would bring back that compile's decisions
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            yield
     finally:
         branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE = saved
 

@@ -15,7 +15,9 @@ VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gem
                     "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False},
                     "braze-no-router": {"router": False}, "braze-no-norm-fold": {"delta_rule_norm": False},
                     "braze-no-conv-fold": {"delta_rule_conv": False},
-                    "braze-no-shared": {"moe_shared": False}, "braze-shared": {"moe_shared_max_mb": 1e9}}
+                    "braze-no-shared": {"moe_shared": False}, "braze-shared": {"moe_shared_max_mb": 1e9},
+                    "braze-no-absorb": {"chain_absorb": False},
+                    "braze-absorb-any-t": {"token_ranges": {"chain_absorb": (1, None)}}}
 EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
 
 

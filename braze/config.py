@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
-FAMILIES = ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
-            "delta_rule_conv", "moe", "router", "topk", "gemm_merge", "decode_gemm", "dual_stream")
+FAMILIES = ("norm_quant", "chain", "chain_absorb", "collective", "post_conv", "delta_rule", "gated_norm",
+            "delta_rule_norm", "delta_rule_conv", "moe", "router", "topk", "gemm_merge", "decode_gemm", "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -41,6 +41,9 @@ class TokenRange:
 _DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 1), "dual_stream": TokenRange(1, 64),
                    # the kernel takes 1..4 token rows; decode_mm_plan says at which weight shapes it wins
                    "decode_gemm": TokenRange(1, 4),
+                   # MLA's W_UK product inside the chain launch runs every token through one program per weight
+                   # tile, so its time grows with T: PROVISIONAL until measured per T (benchmarks/results/README.md)
+                   "chain_absorb": TokenRange(1, 4),
                    # time-neutral at T=1 and 8, 1.2 µs slower per layer at 64 (H200, session12_gpu/3_fold_final)
                    "delta_rule_conv": TokenRange(1, 8)}
 
@@ -55,6 +58,9 @@ class FusionConfig:
 
     norm_quant: fuse RMSNorm (+ residual add) -> FP8 dynamic quant.
     chain: fuse per-head [RMSNorm ->] RoPE [-> in-place cache write] chains.
+    chain_absorb: with chain, also run MLA's absorbed W_UK product (a per-head bmm against a weight) inside a
+        chain launch where it joins one; each program runs every token through one weight tile, so only at
+        the few tokens of its token range.
     post_conv: fuse Gated DeltaNet's causal conv update -> split -> L2 norm -> gating.
     delta_rule: fuse Gated DeltaNet's recurrent decode update (decay, u = Sᵀk, δ = β(v − u),
         S += kδᵀ, o = Sᵀq, the fp32 state rows written in place) into one kernel.
@@ -125,6 +131,7 @@ class FusionConfig:
 
     norm_quant: bool = True
     chain: bool = True
+    chain_absorb: bool = True
     collective: bool = True
     symm_max_tokens: int = 256
     post_conv: bool = True
@@ -148,9 +155,9 @@ class FusionConfig:
     count_stock_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("norm_quant", "chain", "collective", "post_conv", "delta_rule", "gated_norm", "delta_rule_norm",
-                  "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge", "decode_gemm",
-                  "decode_gemm_norm", "dual_stream", "count_stock_kernels"):
+        for f in ("norm_quant", "chain", "chain_absorb", "collective", "post_conv", "delta_rule", "gated_norm",
+                  "delta_rule_norm", "delta_rule_conv", "moe", "moe_shared", "router", "topk", "gemm_merge",
+                  "decode_gemm", "decode_gemm_norm", "dual_stream", "count_stock_kernels"):
             v = getattr(self, f)
             if not isinstance(v, bool):
                 raise ValueError(f"FusionConfig.{f}={v!r}: expected True or False")

@@ -32,7 +32,7 @@ from braze.patterns.fx import describe, module_path, val
 from braze.report import layer_of
 
 from .base import Pass, PassContext
-from .cost import H100, Cost, _hint, is_extern, is_free, region_cost
+from .cost import REFERENCE, Cost, DeviceModel, _hint, device_model, is_extern, is_free, region_cost
 from .gemm_merge import gemm_activation, match_sibling
 
 MAX_SPAN = 4000  # graph positions one fork's walk may cover; a longer region is not a local branch
@@ -161,7 +161,7 @@ class Decision:
     side: Branch | None = None  # overlap: the branch that would run on the second stream
 
 
-def decide(fork: Fork) -> Decision:
+def decide(fork: Fork, device: DeviceModel = REFERENCE) -> Decision:
     """What the cost model decides for a fork (see the module doc): merge the GEMMs that open branches
     on the same activation, then overlap the branches or leave them serial."""
     merged = tuple(b.head for b in fork.branches
@@ -171,11 +171,11 @@ def decide(fork: Fork) -> Decision:
     if merged:
         parts.append(f"{len(merged)} branches open with GEMMs on the same activation: one GEMM over their "
                      "stacked weights reads it once and launches once (gemm-merge)")
-    times = [b.cost.seconds() for b in fork.branches]
+    times = [b.cost.seconds(device) for b in fork.branches]
     serial = sum(times)
     total = sum((b.cost for b in fork.branches), Cost())
-    shared = max(total.bytes_moved / H100.bandwidth, total.flops / H100.flops)
-    overlapped = max(max(times), shared) + 2 * H100.launch_gap
+    shared = max(total.bytes_moved / device.bandwidth, total.flops / device.flops)
+    overlapped = max(max(times), shared) + device.fork_join
     gain = serial - overlapped
     summary = f"serial ~{serial * 1e6:.1f} us, overlapped ~{overlapped * 1e6:.1f} us by the model"
     prefix = "merge+" if merged else ""
@@ -196,7 +196,8 @@ class BranchAnalysis(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> None:
         try:
             forks = find_forks(gm.graph)
-            decisions = [decide(f) for f in forks]
+            device = device_model(gm.graph)
+            decisions = [decide(f, device) for f in forks]
         except Exception as e:  # a bug in braze's analysis must not break the user's compile
             ctx.remark("failed", "internal-error", next(iter(gm.graph.nodes)), "branch analysis skipped after an "
                        "error in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")
@@ -208,10 +209,10 @@ class BranchAnalysis(Pass):
             join = describe(fork.join) if fork.join is not None else "the graph output"
             branches = [{"head": describe(b.head), "location": module_path(b.head), "nodes": len(b.nodes),
                          "kernels": b.cost.kernels, "gemms": b.cost.gemms, "bytes": b.cost.bytes_moved,
-                         "flops": b.cost.flops, "est_us": round(b.cost.seconds() * 1e6, 2)}
+                         "flops": b.cost.flops, "est_us": round(b.cost.seconds(device) * 1e6, 2)}
                         for b in fork.branches]
-            args = {"decision": decision.kind, "tokens": _hint(tokens), "branches": branches,
-                    "merged": [n.name for n in decision.merged]}
+            args = {"decision": decision.kind, "tokens": _hint(tokens), "device_model": device.name,
+                    "branches": branches, "merged": [n.name for n in decision.merged]}
             if decision.side is not None:
                 args["side_stream_nodes"] = [n.name for n in decision.side.nodes if not is_free(n)]
             ctx.remark("analysis", "independent-branches", fork.fork,

@@ -193,10 +193,17 @@ class HeadChainFusion(Pass):
                     self.family, val(site.inputs[0]).shape[0]):
                 optional.append(site)
         # per-head products against a weight (MLA's absorbed W_UK): kept only where they join another launch
-        if sites:
+        if sites and ctx.config.chain_absorb:
             for n in list(graph.nodes):
                 site = absorb_site(n) if n.target is aten.bmm.default else None
-                if site is not None and not ctx.token_check(self.family, val(site.inputs[0]).shape[0]):
+                if site is None:
+                    continue
+                if reason := ctx.token_check("chain_absorb", val(site.inputs[0]).shape[0]):
+                    ctx.remark("missed", "absorb-tokens", site.anchor, "per-head product left to cuBLAS's bmm",
+                               reason=reason + " (FusionConfig.token_ranges['chain_absorb']): each program of the "
+                               "launch runs every token through its weight tile, so its time grows with the tokens",
+                               ops=("absorb",))
+                else:
                     optional.append(site)
         fake_mode = graph_fake_mode(graph)
         grouping = group_siblings(graph, sites, optional)

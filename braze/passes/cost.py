@@ -28,14 +28,18 @@ prims = torch.ops.prims
 class DeviceModel:
     """The machine the cost model assumes.
 
-    bandwidth: HBM bytes/s; flops: dense bf16 FLOP/s (H100 SXM datasheet: 3.35 TB/s, 989 TFLOP/s);
-    launch_gap: seconds of idle GPU between two dependent small kernels of a CUDA-graph replay
-    (an assumption, to be calibrated on the GPU; it is what merging and overlapping win back).
+    bandwidth: HBM bytes/s; flops: dense bf16 FLOP/s; launch_gap: seconds a small kernel costs beyond its
+    roofline time in a CUDA-graph replay (launch, ramp-up, tail), what merging two launches wins back;
+    fork_join: seconds the fork and join events of two streams add to a CUDA-graph replay.
+    The defaults (`REFERENCE`) are an H100 SXM's datasheet figures with a 2 µs launch gap and two launch
+    gaps for the events, the model braze uses on the CPU and on cards it has no measurement of.
     """
 
+    name: str = "H100 SXM datasheet"
     bandwidth: float = 3.35e12
     flops: float = 989e12
     launch_gap: float = 2e-6
+    fork_join: float = 4e-6
 
     def seconds(self, bytes_moved: float, flops: float, kernels: int) -> float:
         return max(bytes_moved / self.bandwidth, flops / self.flops) + kernels * self.launch_gap
@@ -44,7 +48,25 @@ class DeviceModel:
         return bytes_moved / self.bandwidth >= flops / self.flops
 
 
-H100 = DeviceModel()
+REFERENCE = H100 = DeviceModel()
+# Cards braze was measured on, by a substring of torch.cuda.get_device_name(). H200 (session 15,
+# benchmarks/results/session15_gpu): copy 4.03-4.17 TB/s and bf16 matmul 751-803 TFLOP/s over ten bench probes;
+# a fork and a join inside a CUDA graph cost ~0.3 µs (benchmarks/stream_overhead.py: two tiny kernels on two
+# streams then one reading both, 2.32 µs a round, against 3.09 for the three on one stream). The launch gap stays
+# 2 µs: a trivial kernel costs 0.8 µs in a graph, while merging removed 3.6 µs per kernel of DeepSeek V3.2's step.
+CARDS = {"H200": DeviceModel("NVIDIA H200 (measured)", bandwidth=4.1e12, flops=780e12, launch_gap=2e-6,
+                             fork_join=0.3e-6)}
+
+
+def device_model(graph: torch.fx.Graph) -> DeviceModel:
+    """The model of the card the graph's inputs live on: a measured one (`CARDS`), else `REFERENCE`."""
+    for n in graph.find_nodes(op="placeholder"):
+        v = val(n)
+        if isinstance(v, torch.Tensor) and v.device.type == "cuda" and torch.cuda.is_available():
+            name = torch.cuda.get_device_name(v.device)
+            return next((m for key, m in CARDS.items() if key in name), REFERENCE)
+    return REFERENCE
+
 
 GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten._scaled_mm.default,
          aten._grouped_mm.default)

@@ -34,7 +34,7 @@ import braze.runtime.sibling_mm  # noqa: F401  registers braze::sibling_mm
 from braze.patterns.fx import aten, describe, module_path, topo_sorted, val
 
 from .base import Pass, PassContext
-from .cost import H100, Cost, _hint, gemm_flops, nbytes
+from .cost import Cost, _hint, device_model, gemm_flops, nbytes
 from .rewrite import graph_fake_mode
 
 
@@ -160,7 +160,8 @@ class SiblingGemmMerge(Pass):
         # decide at the largest token count the graph may see (the range bounds a dynamic one)
         t = tokens if isinstance(tokens, int) else ctx.config.token_range(self.family).hi
         costs = [_gemm_cost(s, t) for s in group]
-        bound = [c for c in costs if not H100.memory_bound(c.bytes_moved, c.flops)]
+        device = device_model(graph)
+        bound = [c for c in costs if not device.memory_bound(c.bytes_moved, c.flops)]
         if bound:
             ctx.remark("missed", "compute-bound", first, f"{len(group)} sibling GEMMs not merged",
                        reason=f"at {t} tokens {len(bound)} of them are compute-bound: merging saves no weight "
@@ -182,8 +183,8 @@ class SiblingGemmMerge(Pass):
                    f"tokens: {len(group)} launches -> 1; extra memory: none (the backend re-points the "
                    f"weights into one buffer)",
                    ops=ops, args={"gemms": len(group), "rows": rows, "weight_bytes": weight_bytes,
-                                  "tokens": t, "est_us_before": round(before.seconds() * 1e6, 2),
-                                  "est_us_after": round(after.seconds() * 1e6, 2)})
+                                  "tokens": t, "est_us_before": round(before.seconds(device) * 1e6, 2),
+                                  "est_us_after": round(after.seconds(device) * 1e6, 2)})
         ctx.bump("gemms-merged", len(group))
         ctx.bump("launches-saved", len(group) - 1)
 

@@ -34,7 +34,7 @@ from braze.runtime.streams import encode_spec
 
 from .base import Pass, PassContext
 from .branches import Branch, Fork, decide, find_forks
-from .cost import is_free
+from .cost import device_model, is_free
 from .rewrite import graph_fake_mode
 
 prims = torch.ops.prims
@@ -193,7 +193,8 @@ class DualStream(Pass):
         graph = gm.graph
         taken: set[Node] = set()
         try:
-            forks = [(f, decide(f)) for f in find_forks(graph)]
+            device = device_model(graph)
+            forks = [(f, decide(f, device)) for f in find_forks(graph)]
         except Exception as e:  # a bug in braze's analysis must not break the user's compile
             ctx.remark("failed", "internal-error", next(iter(graph.nodes)), "dual-stream scheduling skipped after "
                        "an error in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from braze import FusionConfig, models
 from braze.passes.branches import Branch, BranchAnalysis, Fork, decide, find_forks
-from braze.passes.cost import H100, Cost
+from braze.passes.cost import CARDS, H100, REFERENCE, Cost, device_model
 from braze.passes.gemm_merge import SiblingGemmMerge
 from braze.runtime.sibling_mm import share_rows
 from braze.testing import aten_graph, post_grad_graph, run_passes
@@ -85,6 +85,13 @@ def test_decisions_follow_the_cost_model():
     assert decide(fork(launch_bound, tiny)).kind == "serial"  # the side branch hides almost nothing
     streaming = Cost(bytes_moved=int(H100.bandwidth * 50e-6), flops=0, kernels=1)  # 50 us of HBM traffic each
     assert decide(fork(streaming, streaming)).kind == "serial"  # both need the same bandwidth: no gain
+    # DeepSeek V3.2's MoE at one token: the shared expert's 88 MB beside the router's three small kernels. The
+    # reference model charges two launch gaps for the events and says serial; on the H200 a fork and a join inside
+    # a CUDA graph measured ~0.3 us, so there the router hides under the expert's weight stream
+    expert, router = Cost(bytes_moved=88_000_000, kernels=3), Cost(bytes_moved=500_000, kernels=3)
+    assert decide(fork(expert, router)).kind == "serial"
+    assert decide(fork(expert, router), CARDS["H200"]).kind == "overlap"
+    assert device_model(gm.graph) is REFERENCE  # a CPU graph
 
 
 # -- the three tiny models ---------------------------------------------------------------------------

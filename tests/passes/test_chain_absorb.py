@@ -27,7 +27,7 @@ def mla_q(x, wq, wkv, cos, sin, *, heads, nope, pe, c, computed=False, rotate=Tr
     return (ql, apply_rope(q_pe, cos, sin, style="gptj")) if rotate else (ql, q_pe * 2)
 
 
-def case(t, heads, nope, c, seed, **kw):
+def case(t, heads, nope, c, seed, config=None, **kw):
     pe = 16
     g = torch.Generator().manual_seed(seed)
     args = (torch.randn(t, 64, generator=g).to(BF16), (torch.randn(heads * (nope + pe), 64, generator=g) / 8).to(BF16),
@@ -38,7 +38,7 @@ def case(t, heads, nope, c, seed, **kw):
         return mla_q(*a, heads=heads, nope=nope, pe=pe, c=c, **kw)
 
     gm = aten_graph(fn, *args)
-    record = run_passes(gm, FusionConfig())
+    record = run_passes(gm, config or FusionConfig())
     gm.graph.lint()
     for got, want in zip(gm(*args), fn(*args)):  # fp32 sums rounded once to bf16, like the bmm: an ulp or two
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2e-2)
@@ -70,3 +70,15 @@ def test_a_product_with_no_launch_to_join_or_a_computed_weight_stays_a_bmm():
         assert ("absorb",) not in chains(record) and len(bmms(gm)) == 1, kw
         # nothing the site prepared is left behind
         assert not [n for n in gm.graph.nodes if n.op == "call_function" and not n.users], kw
+
+
+def test_past_its_token_range_or_switched_off_the_product_stays_a_bmm():
+    record, gm = case(5, 2, 16, 40, 0)  # the default range is [1, 4]
+    assert ("absorb",) not in chains(record) and ("rope",) in chains(record) and len(bmms(gm)) == 1
+    (miss,) = [r for r in record.remarks if r.kind == "missed" and r.name == "absorb-tokens"]
+    assert "5 tokens is outside the configured range [1, 4]" in miss.reason and "chain_absorb" in miss.reason
+    record, gm = case(5, 2, 16, 40, 0, FusionConfig(token_ranges={"chain_absorb": (1, None)}))
+    assert ("absorb",) in chains(record) and not bmms(gm)
+    record, gm = case(1, 2, 16, 40, 0, FusionConfig(chain_absorb=False))
+    assert ("absorb",) not in chains(record) and len(bmms(gm)) == 1
+    assert not [r for r in record.remarks if "absorb" in r.name]
