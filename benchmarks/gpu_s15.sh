@@ -7,10 +7,10 @@
 # `absorb`: the absorbed W_UK product inside the chain launch against cuBLAS's bmm, per T (the prologue at
 # T=1/2/4/8/16, braze-absorb-any-t vs braze-no-absorb); DeepSeek's step at T=1/8/64 with the absorb's token range
 # and with dual-stream as the H200 cost model decides; the MoE block alone (moe_streams.py); the dual-stream GPU tests.
-# `branches`: issue 7 on the other two models: Qwen 3.5 and MiniMax M2.5 steps at T=1/8/64 with and without GEMM
-# merging and with dual-stream; the MoE block alone with dual-stream as decided and forced (moe_streams.py); the
-# dual-stream and GEMM-merge GPU tests.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|absorb|branches
+# `streams`: with the H200's launch gap calibrated: DeepSeek's step at T=1/8 with and without dual-stream; Qwen 3.5's
+# step at T=1/8/64 with and without GEMM merging and with dual-stream.
+# `branches`: the same for MiniMax M2.5; the GEMM-merge GPU test.
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|absorb|streams|branches
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -45,8 +45,11 @@ case ${1:-confirm} in
     timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py \
       2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -3
     ;;
-  branches)
+  streams)
+    TOTAL_S=$((SECONDS - t0 + 150)) bench deepseek-v3.2 1,8 braze,braze-streams bench_ds.log
     bench qwen3.5 1,8,64 braze,braze-no-merge,braze-streams bench_qwen.log
+    ;;
+  branches)
     bench minimax-m2.5 1,8,64 braze,braze-no-merge,braze-streams bench_mm.log
     timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs \
       tests/passes/test_gemm_merge_gpu.py 2>&1 | tee -a "$OUT/tests.log" | grep -v Warn | tail -3

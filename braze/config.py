@@ -42,8 +42,10 @@ _DEFAULT_RANGES = {"gemm_merge": TokenRange(1, 1), "dual_stream": TokenRange(1, 
                    # the kernel takes 1..4 token rows; decode_mm_plan says at which weight shapes it wins
                    "decode_gemm": TokenRange(1, 4),
                    # MLA's W_UK product inside the chain launch runs every token through one program per weight
-                   # tile, so its time grows with T: PROVISIONAL until measured per T (benchmarks/results/README.md)
-                   "chain_absorb": TokenRange(1, 4),
+                   # tile, so its time grows with T. DeepSeek V3.2's prologue on an H200, L2 flushed, with it vs
+                   # cuBLAS's bmm: T=1 28.4 vs 31.8 µs, T=2 41.2 vs 43.0, T=4 46.2 vs 43.7, T=8 54.4 vs 44.5
+                   # (session15_gpu/2_absorb); its step at T=64 took 3438 µs with it, 3043 without
+                   "chain_absorb": TokenRange(1, 2),
                    # time-neutral at T=1 and 8, 1.2 µs slower per layer at 64 (H200, session12_gpu/3_fold_final)
                    "delta_rule_conv": TokenRange(1, 8)}
 

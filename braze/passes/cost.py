@@ -52,9 +52,11 @@ REFERENCE = H100 = DeviceModel()
 # Cards braze was measured on, by a substring of torch.cuda.get_device_name(). H200 (session 15,
 # benchmarks/results/session15_gpu): copy 4.03-4.17 TB/s and bf16 matmul 751-803 TFLOP/s over ten bench probes;
 # a fork and a join inside a CUDA graph cost ~0.3 µs (benchmarks/stream_overhead.py: two tiny kernels on two
-# streams then one reading both, 2.32 µs a round, against 3.09 for the three on one stream). The launch gap stays
-# 2 µs: a trivial kernel costs 0.8 µs in a graph, while merging removed 3.6 µs per kernel of DeepSeek V3.2's step.
-CARDS = {"H200": DeviceModel("NVIDIA H200 (measured)", bandwidth=4.1e12, flops=780e12, launch_gap=2e-6,
+# streams then one reading both, 2.32 µs a round, against 3.09 for the three on one stream). The launch gap,
+# what one more small kernel costs a step: 3.6 µs per kernel merging removed from DeepSeek V3.2's step at T=1
+# (1509.5 -> 1480.7 µs, 141 -> 133 kernels), 3.9 µs per kernel the model counts in the router the MoE block hid
+# beside its shared expert (7.9 µs, moe_streams.py); a trivial kernel alone costs 0.8 µs.
+CARDS = {"H200": DeviceModel("NVIDIA H200 (measured)", bandwidth=4.1e12, flops=780e12, launch_gap=3.5e-6,
                              fork_join=0.3e-6)}
 
 
