@@ -9,7 +9,8 @@
 # and with dual-stream as the H200 cost model decides; the MoE block alone (moe_streams.py); the dual-stream GPU tests.
 # `streams`: with the H200's launch gap calibrated: DeepSeek's step at T=1/8 with and without dual-stream; Qwen 3.5's
 # step at T=1/8/64 with and without GEMM merging and with dual-stream.
-# `branches`: the same for MiniMax M2.5; the GEMM-merge GPU test.
+# `branches`: MiniMax M2.5's step at T=1/8/64 and DeepSeek's at T=64, with and without dual-stream; compile time
+# with and without the branch passes (benchmarks/branches_compile_time.py, fresh caches); the GEMM-merge GPU test.
 # Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|absorb|streams|branches
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -50,8 +51,14 @@ case ${1:-confirm} in
     bench qwen3.5 1,8,64 braze,braze-no-merge,braze-streams bench_qwen.log
     ;;
   branches)
-    bench minimax-m2.5 1,8,64 braze,braze-no-merge,braze-streams bench_mm.log
-    timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs \
+    TOTAL_S=$((SECONDS - t0 + 190)) bench minimax-m2.5 1,8,64 braze,braze-streams bench_mm.log
+    TOTAL_S=$((SECONDS - t0 + 90)) bench deepseek-v3.2 64 braze,braze-streams bench_ds64.log
+    for mt in deepseek-v3.2:1 qwen3.5:8; do
+      [ "$(left)" -gt 100 ] || break
+      timeout 120 python3 benchmarks/branches_compile_time.py --model "${mt%:*}" --size bench --device cuda \
+        --repeats 1 --tokens "${mt#*:}" 2>&1 | tee -a "$OUT/compile.log" | tail -1
+    done
+    [ "$(left)" -gt 40 ] && timeout $(($(left) - 5)) python3 -m pytest -q -p no:logging -p no:cacheprovider -rs \
       tests/passes/test_gemm_merge_gpu.py 2>&1 | tee -a "$OUT/tests.log" | grep -v Warn | tail -3
     ;;
 esac
