@@ -57,6 +57,27 @@ def test_overlapped_branches_equal_the_original():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_the_same_branches_in_two_layers_are_one_spec_compiled_once():
+    """Each layer's outlined branches are named by position, so identical layers give the op identical specs and
+    it compiles each branch once for all of them (its cache is keyed by the spec and the input shapes)."""
+    def layer(x, wa, wb, wc):
+        h = x * 2.0
+        a = F.linear(F.linear(h, wa).softmax(-1), wc).softmax(-1).cumsum(-1)  # [4, 16]
+        b = torch.softmax(F.linear(h.tanh(), wb), -1).cumsum(-1).softmax(-1).cumsum(-1)  # [4, 32]
+        return a + b[:, :16]
+
+    def two_layers(x, wa, wb, wc, va, vb, vc):
+        return layer(layer(x, wa, wb, wc), va, vb, vc)
+
+    args = ARGS + (frozen(64, 16, seed=4), frozen(32, 16, seed=5), frozen(16, 64, seed=6))
+    gm = aten_graph(two_layers, *args)
+    want = gm(*args)
+    run_passes(gm, ON, (DualStream,), inputs=args)
+    specs = [n.args[0] for n in gm.graph.nodes if n.target is torch.ops.braze.parallel_branches.default]
+    assert len(specs) == 2 and specs[0] == specs[1]
+    torch.testing.assert_close(gm(*args), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(os.environ.get("BRAZE_COMPILE_BRANCH_TEST") != "1",
                     reason="opt-in (two Inductor CPU compiles, ~100 s on 2 cores): BRAZE_COMPILE_BRANCH_TEST=1")
 def test_overlapped_branches_compiled_by_inductor_on_cpu_equal_the_original(monkeypatch):
