@@ -95,8 +95,8 @@ class FusionConfig:
         rows (the product of the dims before the last).
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound, at
-        one token by default (-2.2% of DeepSeek V3.2's step at T=1 on an H100; from T=2 the merged
-        GEMMs add cuBLAS split-K kernels and lose). Weights must be frozen nn.Parameters
+        one token by default (-1.9% of DeepSeek V3.2's step and -2.0% of Qwen 3.5's at T=1 on an H200,
+        results README session 15; from T=2 the merged GEMMs add cuBLAS split-K kernels and lose). Weights must be frozen nn.Parameters
         (requires_grad=False), else a `not-parameters` remark says why nothing merged.
     decode_gemm: run a 2-D GEMM of 1..4 token rows against a [N, K] weight read from a graph input on braze's
         weight-stream kernel (braze.codegen.decode_mm) where `decode_mm_plan` says it beats cuBLAS at that shape
@@ -107,9 +107,12 @@ class FusionConfig:
         run as a kernel of its own (DeepSeek V3.2's q_c norm), inside their decode kernel: no kernel for the norm,
         and the chains behind those GEMMs need no launch before them.
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
-        model says it pays (both branches compiled by Inductor). Off by default: -1.6% of DeepSeek
-        V3.2's step at T=1 on an H100 (deepseek-v3.2_bench_tp1_static_streams.md), below what would
-        justify a second stream in every user's graph; its newest GPU test case is not yet rerun.
+        model (with the card's measured constants, passes/cost.py CARDS) says it pays, both branches
+        compiled by Inductor. On an H200 (results README, session 15) it takes 0.7% / 1.2% off DeepSeek
+        V3.2's step at T=1 / 8, 4.2% / 2.9% off Qwen 3.5's at T=8 / 64 and 4.2% / 2.6% off MiniMax M2.5's,
+        and changes nothing where it does not act. Off by default: compiling each overlapped site's branches
+        made the first call 29-36% slower, above the 20% braze allows a pass; identical layers now share one
+        compile, not yet measured on the GPU.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
         TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). On CUDA the
         all-reduce + norm is fused only where every launch the graph can see takes the one-shot

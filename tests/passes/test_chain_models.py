@@ -69,7 +69,9 @@ def test_qwen35_tiny_qk_norm_rope_and_cache_write_fuse_and_match_eager():
 
 
 def test_deepseek_v32_tiny_attention_prologue_is_one_launch_and_matches_eager():
-    ref, out, ref_bufs, bufs, be, _ = compiled_step_vs_eager("deepseek-v3.2")
+    # three tokens: W_UK's product joins the launch only at 1-2 by default (chain_absorb), so widen its range
+    config = braze.FusionConfig(norm_quant=False, token_ranges={**MERGE_AT_3, "chain_absorb": (1, None)})
+    ref, out, ref_bufs, bufs, be, _ = compiled_step_vs_eager("deepseek-v3.2", config=config)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     for k, v in bufs.items():
         if v.dtype == torch.uint8:  # packed fp8 rows and scales, now built by braze's kernel

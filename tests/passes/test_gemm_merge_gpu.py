@@ -134,11 +134,12 @@ def test_merged_gemms_under_cuda_graph_replays_and_in_place_weight_updates(name)
     params = dict(merged_model.named_parameters())
     shared = params[key].untyped_storage().data_ptr() == params[sibling].untyped_storage().data_ptr()
     print(f"{name}: {key} and {sibling} share one storage: {shared}", flush=True)  # the log says where it stopped
+    layer = ".".join(key.split(".")[:2]) + "."  # e.g. layers.0.: the branch analysis of the merged pair's layer too
     merges = [f"{r.kind} {r.name} at {r.location}: {r.reason or r.message}" for r in braze.report(be).remarks
-              if r.pass_name == "gemm-merge"]
+              if r.pass_name == "gemm-merge" or (r.pass_name == "branches" and r.location.startswith(layer))]
     print(f"{name}: gemm-merge remarks:\n  " + "\n  ".join(merges), flush=True)
-    assert shared, ("braze did not re-point the merged weights into one buffer; gemm-merge remarks: "
-                    + "; ".join(m for m in merges if "not-shared" in m or key.rsplit(".", 2)[0] in m))
+    assert shared, ("braze did not re-point the merged weights into one buffer; gemm-merge and branch remarks: "
+                    + "; ".join(m for m in merges if "not-shared" in m or m.split(" at ")[1].startswith(layer)))
     with torch.no_grad():
         for model in (merged_model, plain_model):
             dict(model.named_parameters())[key].mul_(0.5)
