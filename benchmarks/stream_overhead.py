@@ -24,6 +24,10 @@ import torch
 
 
 def _replay_us(fn, replays: int = 50, warmup: int = 5) -> float:
+    """Median µs of one replay of `fn`'s graph, each replay alone (synchronized), unlike braze.bench_device's
+    back-to-back timing, so no replay hides under the previous one. Each replay includes the graph launch's fixed
+    cost (~14 µs on the H200); what the cost model takes (per kernel, fork/join, saved) are differences of two
+    medians, in which it cancels."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
