@@ -111,8 +111,8 @@ class FusionConfig:
         compiled by Inductor. On an H200 (results README, session 15) it takes 0.7% / 1.2% off DeepSeek
         V3.2's step at T=1 / 8, 4.2% / 2.9% off Qwen 3.5's at T=8 / 64 and 4.2% / 2.6% off MiniMax M2.5's,
         and changes nothing where it does not act. Off by default: compiling each overlapped site's branches
-        made the first call 29-36% slower, above the 20% braze allows a pass; identical layers now share one
-        compile, not yet measured on the GPU.
+        made the first call 29-36% slower, above the 20% braze allows a pass (identical layers now share one
+        compile; on the CPU that did not shorten the first call).
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
         TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). On CUDA the
         all-reduce + norm is fused only where every launch the graph can see takes the one-shot
