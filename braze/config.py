@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields
 # Fusion families with a switch and a token range each. A family appears here
 # only once braze implements it.
 FAMILIES = ("norm_quant", "chain", "chain_absorb", "collective", "post_conv", "delta_rule", "gated_norm",
-            "delta_rule_norm", "delta_rule_conv", "moe", "router", "topk", "gemm_merge", "decode_gemm", "dual_stream")
+            "delta_rule_norm", "delta_rule_conv", "moe", "router", "topk", "gemm_merge", "decode_gemm",
+            "dual_stream")
 VERIFY_MODES = ("off", "compile")
 
 
@@ -96,8 +97,9 @@ class FusionConfig:
     gemm_merge: merge GEMMs that read the same activation into one GEMM over their weights,
         which the backend re-points into one buffer (no extra memory); only while memory-bound, at
         one token by default (-1.9% of DeepSeek V3.2's step and -2.0% of Qwen 3.5's at T=1 on an H200,
-        results README session 15; from T=2 the merged GEMMs add cuBLAS split-K kernels and lose). Weights must be frozen nn.Parameters
-        (requires_grad=False), else a `not-parameters` remark says why nothing merged.
+        results README session 15; from T=2 the merged GEMMs add cuBLAS split-K kernels and lose).
+        Weights must be frozen nn.Parameters (requires_grad=False), else a `not-parameters` remark says
+        why nothing merged.
     decode_gemm: run a 2-D GEMM of 1..4 token rows against a [N, K] weight read from a graph input on braze's
         weight-stream kernel (braze.codegen.decode_mm) where `decode_mm_plan` says it beats cuBLAS at that shape
         (H200 sweep, decode_mm.md); CUDA graphs only: it is a GPU kernel choice. Merged sibling GEMMs make the

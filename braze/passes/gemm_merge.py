@@ -34,7 +34,7 @@ import braze.runtime.sibling_mm  # noqa: F401  registers braze::sibling_mm
 from braze.patterns.fx import aten, describe, module_path, topo_sorted, val
 
 from .base import Pass, PassContext
-from .cost import Cost, _hint, device_model, gemm_flops, nbytes
+from .cost import Cost, DeviceModel, _hint, device_model, gemm_flops, nbytes
 from .rewrite import graph_fake_mode
 
 
@@ -122,6 +122,7 @@ class SiblingGemmMerge(Pass):
         graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         inputs = _aligned_inputs(placeholders, ctx.inputs)
+        device = device_model(graph)
         for act, gemms in sibling_gemms(graph):
             members: list[Sibling] = []
             for g in gemms:
@@ -133,10 +134,10 @@ class SiblingGemmMerge(Pass):
                 else:
                     members.append(m)
             for group in _by_kind(members):
-                self._merge(graph, act, group, placeholders, inputs, ctx)
+                self._merge(graph, act, group, placeholders, inputs, device, ctx)
 
     def _merge(self, graph: Graph, act: Node, group: list[Sibling], placeholders: list[Node],
-               inputs: tuple | None, ctx: PassContext) -> None:
+               inputs: tuple | None, device: DeviceModel, ctx: PassContext) -> None:
         if len(group) < 2:
             return
         first = group[0].gemm
@@ -160,7 +161,6 @@ class SiblingGemmMerge(Pass):
         # decide at the largest token count the graph may see (the range bounds a dynamic one)
         t = tokens if isinstance(tokens, int) else ctx.config.token_range(self.family).hi
         costs = [_gemm_cost(s, t) for s in group]
-        device = device_model(graph)
         bound = [c for c in costs if not device.memory_bound(c.bytes_moved, c.flops)]
         if bound:
             ctx.remark("missed", "compute-bound", first, f"{len(group)} sibling GEMMs not merged",

@@ -173,15 +173,16 @@ def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node
     g = Graph()
     env: dict[Node, Node] = {}
     inputs: list[Node] = []
-    for n in nodes:
+    for i, n in enumerate(nodes):
         for a in n.all_input_nodes:
             if a not in inside and a not in env:
                 env[a] = g.placeholder(f"in{len(inputs)}")
                 env[a].meta["val"] = a.meta["val"]
                 inputs.append(a)
         env[n] = g.node_copy(n, lambda a: env[a])
-        env[n]._rename(f"v{len(env) - len(inputs) - 1}")  # by position, so the same branch in every layer is the
-        # same graph: the op compiles it once (runtime/streams.py caches by the spec's text and the input shapes)
+        # named by position, so the same branch in every layer is the same graph: the op compiles it once
+        # (runtime/streams.py caches by the spec's text and the input shapes)
+        env[n]._rename(f"v{i}")
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     g.output(tuple(env[o] for o in outputs))
     return GraphModule(torch.nn.Module(), g), inputs, outputs
