@@ -21,7 +21,7 @@ keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" &
 left() { echo $((${TOTAL_S:-570} - (SECONDS - t0))); }
 bench() {  # model tokens variants log
   timeout $(($(left) - 10)) python3 -m braze bench --model "$1" --size bench --tokens "$2" --shapes static \
-    --variants "$3" --budget-s $(($(left) - 60)) --out "$OUT/results" 2>&1 | tee "$OUT/$4" | grep -v Warn \
+    --variants "$3" --budget-s $(($(left) - 40)) --out "$OUT/results" 2>&1 | tee "$OUT/$4" | grep -v Warn \
     | grep "$1\|done"
   echo "$1: $((SECONDS - t0)) s"; keep
 }
