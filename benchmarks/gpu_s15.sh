@@ -67,7 +67,7 @@ case ${1:-confirm} in
   final)
     timeout 60 python3 benchmarks/branches_compile_time.py --model qwen3.5 --size bench --device cuda --repeats 1 \
       --tokens 8 2>&1 | tee -a "$OUT/compile.log" | tail -1
-    TOTAL_S=$((SECONDS - t0 + 80)) bench deepseek-v3.2 64 braze,braze-streams bench_ds64.log
+    TOTAL_S=$((SECONDS - t0 + 110)) bench deepseek-v3.2 64 braze,braze-streams bench_ds64.log
     timeout 45 python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/merge_diag.log" | tail -12
 import torch, braze
 from braze import models
