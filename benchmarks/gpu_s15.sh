@@ -9,9 +9,10 @@
 # and with dual-stream as the H200 cost model decides; the MoE block alone (moe_streams.py); the dual-stream GPU tests.
 # `streams`: with the H200's launch gap calibrated: DeepSeek's step at T=1/8 with and without dual-stream; Qwen 3.5's
 # step at T=1/8/64 with and without GEMM merging and with dual-stream.
-# `final`: compile time with the branch passes after outlined branches got positional names (Qwen 3.5 at T=8,
-# DeepSeek at T=1); DeepSeek's step at T=64 with and without dual-stream; what became of Qwen 3.5 tiny's
-# in_proj_qkvz/in_proj_ba merge on the GPU (the GEMM-merge GPU test's failure).
+# `final`: the GEMM-merge GPU test (its Qwen 3.5 case failed in `branches`; it now prints layer 0's branch
+# analysis); DeepSeek's step at T=64 with and without dual-stream; compile time with the branch passes after the
+# outlined branches got positional names (Qwen 3.5 at T=8, DeepSeek at T=1). Session 15 ran an earlier version of
+# this mode (39d7af4: a standalone merge diagnosis instead of the test, and timeouts too short).
 # `branches`: MiniMax M2.5's step at T=1/8/64 and DeepSeek's at T=64, with and without dual-stream; compile time
 # with and without the branch passes (benchmarks/branches_compile_time.py, fresh caches); the GEMM-merge GPU test.
 # Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|absorb|streams|branches|final
@@ -65,23 +66,13 @@ case ${1:-confirm} in
       tests/passes/test_gemm_merge_gpu.py 2>&1 | tee -a "$OUT/tests.log" | grep -v Warn | tail -3
     ;;
   final)
-    timeout 60 python3 benchmarks/branches_compile_time.py --model qwen3.5 --size bench --device cuda --repeats 1 \
-      --tokens 8 2>&1 | tee -a "$OUT/compile.log" | tail -1
+    timeout 100 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -s tests/passes/test_gemm_merge_gpu.py \
+      2>&1 | tee "$OUT/tests.log" | grep -v Warn | grep "storage\|remarks\|passed\|failed" | tail -8
     TOTAL_S=$((SECONDS - t0 + 110)) bench deepseek-v3.2 64 braze,braze-streams bench_ds64.log
-    timeout 45 python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/merge_diag.log" | tail -12
-import torch, braze
-from braze import models
-m = models.build("qwen3.5", "tiny", device="cuda", dtype=torch.bfloat16)
-x = [a.cuda() if isinstance(a, torch.Tensor) else a for a in models.make_decode_inputs(m, 3, 8, torch.Generator().manual_seed(0))]
-be = braze.backend(braze.FusionConfig(token_ranges={"gemm_merge": (1, 256)}))
-with torch.no_grad():
-    torch.compile(m, backend=be, fullgraph=True)(*x)
-for r in braze.report(be).remarks:
-    if r.location.startswith("layers.0.") and r.pass_name in ("branches", "gemm-merge", "decode-gemm", "delta-rule", "post-conv"):
-        print(r.kind, r.pass_name, r.name, r.location, (r.reason or r.message)[:300])
-PY
-    timeout 70 python3 benchmarks/branches_compile_time.py --model deepseek-v3.2 --size bench --device cuda \
-      --repeats 1 --tokens 1 2>&1 | tee -a "$OUT/compile.log" | tail -1
+    for mt in qwen3.5:8 deepseek-v3.2:1; do
+      timeout 150 python3 benchmarks/branches_compile_time.py --model "${mt%:*}" --size bench --device cuda \
+        --repeats 1 --tokens "${mt#*:}" 2>&1 | tee -a "$OUT/compile.log" | tail -1
+    done
     ;;
 esac
 rmdir "$OUT/results" 2>/dev/null; true
