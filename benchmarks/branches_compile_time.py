@@ -2,11 +2,15 @@
 + dual-stream).
 
     python benchmarks/branches_compile_time.py --model deepseek-v3.2 [--size tiny] [--device cpu] [--repeats 2]
-        [--dtype bfloat16] [--tokens 1]
+        [--dtype bfloat16] [--tokens 1] [--configs off,merge,streams,on]
 
-Each compile runs in a fresh process with empty Inductor and braze caches, alternating the two
-configurations, so neither profits from the other's cache or a warm process. Prints the median
-first-call time (Dynamo + Inductor + braze) of each, and the seconds braze's two passes took.
+Configurations: `off` (no branch analysis, no merging, no dual-stream), `merge` (analysis + merging),
+`streams` (analysis + dual-stream) and `on` (all three). Each compile runs in a fresh process with empty
+Inductor and braze caches, alternating the configurations, so none profits from another's cache or a warm
+process. Prints the median first-call time (Dynamo + Inductor + braze + the first run) of each against
+`off`, the seconds braze's branch passes took, the seconds the dual-stream op spent compiling its branches
+at the first call, and where Dynamo/Inductor's own time went (`torch._dynamo.utils.compilation_time_metrics`,
+summed per phase; phases nest, so they do not add up).
 """
 
 from __future__ import annotations
@@ -24,30 +28,39 @@ import json, sys, time, torch, braze
 from braze import models
 from braze.passes.branches import BranchAnalysis
 from braze.passes.manager import PASSES
-name, size, device, on = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "on"
+name, size, device, config = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 dtype, tokens = getattr(torch, sys.argv[5]), int(sys.argv[6])
+merge, streams = config in ("merge", "on"), config in ("streams", "on")
 model = models.build(name, size, device=device, dtype=dtype)
 inputs = [x.to(device) if isinstance(x, torch.Tensor) else x
           for x in models.make_decode_inputs(model, tokens, 8, torch.Generator().manual_seed(0))]
-passes = PASSES if on else tuple(p for p in PASSES if p is not BranchAnalysis)
-be = braze.backend(braze.FusionConfig(gemm_merge=on, dual_stream=on), passes=passes)
+passes = PASSES if config != "off" else tuple(p for p in PASSES if p is not BranchAnalysis)
+be = braze.backend(braze.FusionConfig(gemm_merge=merge, dual_stream=streams), passes=passes)
 t0 = time.perf_counter()
 with torch.no_grad():
     torch.compile(model, backend=be, fullgraph=True)(*inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
 total = time.perf_counter() - t0
+from braze.runtime.streams import COMPILE_STATS
+from torch._dynamo.utils import compilation_time_metrics
+phases = {k: round(sum(v), 3) for k, v in compilation_time_metrics.items() if sum(v) >= 0.05}
 seconds = {}
 for g in braze.report(be).graphs:
     for k, v in g.pass_seconds.items():
         seconds[k] = seconds.get(k, 0.0) + v
-print(json.dumps({"first_call_s": total, "pass_seconds": seconds}))
+print(json.dumps({"first_call_s": total, "pass_seconds": seconds, "branch_compiles": COMPILE_STATS, "phases": phases}))
 """
 
 
-def run(model: str, size: str, device: str, on: bool, dtype: str, tokens: int) -> dict:
+CONFIGS = ("off", "merge", "streams", "on")
+
+
+def run(model: str, size: str, device: str, config: str, dtype: str, tokens: int) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(), BRAZE_CACHE_DIR=tempfile.mkdtemp())
     if device == "cpu":
         env.setdefault("TRITON_INTERPRET", "1")
-    out = subprocess.run([sys.executable, "-c", CHILD, model, size, device, "on" if on else "off", dtype, str(tokens)],
+    out = subprocess.run([sys.executable, "-c", CHILD, model, size, device, config, dtype, str(tokens)],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -60,22 +73,28 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--tokens", type=int, default=3)
+    p.add_argument("--configs", default="off,on", help=f"comma-separated, from {', '.join(CONFIGS)}; off is always run")
     args = p.parse_args()
-    runs: dict[bool, list[dict]] = {True: [], False: []}
+    configs = ["off"] + [c for c in args.configs.split(",") if c != "off"]
+    if bad := [c for c in configs if c not in CONFIGS]:
+        p.error(f"unknown configuration(s) {bad}; choose from {CONFIGS}")
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
     for _ in range(args.repeats):
-        for on in (False, True):
-            dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-            runs[on].append(run(args.model, args.size, args.device, on, dtype, args.tokens))
-    off = statistics.median(r["first_call_s"] for r in runs[False])
-    on = statistics.median(r["first_call_s"] for r in runs[True])
-    passes = statistics.median(sum(r["pass_seconds"].get(k, 0) for k in ("branches", "gemm-merge", "dual-stream"))
-                               for r in runs[True])
+        for c in configs:
+            runs[c].append(run(args.model, args.size, args.device, c, dtype, args.tokens))
     print(json.dumps({"model": args.model, "size": args.size, "device": args.device, "repeats": args.repeats,
-                      "dtype": args.dtype, "tokens": args.tokens,
-                      "first_call_s_without": [r["first_call_s"] for r in runs[False]],
-                      "first_call_s_with": [r["first_call_s"] for r in runs[True]]}, indent=1))
-    print(f"{args.model} {args.size} on {args.device}: first call {off:.1f} s without, {on:.1f} s with "
-          f"({100 * (on - off) / off:+.1f}%); branch analysis + gemm-merge + dual-stream passes {passes * 1e3:.0f} ms")
+                      "dtype": dtype, "tokens": args.tokens, "runs": runs}, indent=1))
+    off = statistics.median(r["first_call_s"] for r in runs["off"])
+    for c in configs[1:]:
+        t = statistics.median(r["first_call_s"] for r in runs[c])
+        passes = statistics.median(sum(r["pass_seconds"].get(k, 0) for k in ("branches", "gemm-merge", "dual-stream"))
+                                   for r in runs[c])
+        branch = statistics.median(r["branch_compiles"]["seconds"] for r in runs[c])
+        n = statistics.median(r["branch_compiles"]["compiles"] for r in runs[c])
+        print(f"{args.model} {args.size} on {args.device} T={args.tokens}: first call {off:.1f} s off, {t:.1f} s {c} "
+              f"({100 * (t - off) / off:+.1f}%); branch passes {passes * 1e3:.0f} ms; {n:.0f} branch compiles "
+              f"{branch:.1f} s")
 
 
 if __name__ == "__main__":

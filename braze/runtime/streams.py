@@ -33,6 +33,7 @@ import hashlib
 import json
 import pickle
 import threading
+import time
 
 import torch
 from torch.library import custom_op
@@ -42,6 +43,8 @@ from torch.library import custom_op
 # with Inductor on CPU as well (what the opt-in test does).
 COMPILE_ON_CPU = False
 _compiled: dict[tuple, object] = {}
+# branch compiles done by this process and the seconds they took (read by benchmarks/branches_compile_time.py)
+COMPILE_STATS = {"compiles": 0, "seconds": 0.0}
 _lock = threading.Lock()
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
@@ -79,7 +82,10 @@ def _branch(spec_doc: dict, which: str, inputs: list[torch.Tensor], key: str):
             fn = gm
         else:
             with _lock, torch.no_grad():
+                t0 = time.perf_counter()
                 fn = compile_fx(gm, list(inputs))
+                COMPILE_STATS["compiles"] += 1
+                COMPILE_STATS["seconds"] += time.perf_counter() - t0
         _compiled[ck] = fn
     return fn
 

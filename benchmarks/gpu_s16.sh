@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Session 16's single-GPU calls (one H200). Results are appended to $OUT/results.tar after each step, so a run cut
+# short keeps what finished.
+# `diag`: where dual-stream's and merging's compile time goes: benchmarks/branches_compile_time.py with the four
+# configurations (off, merge, streams, on) for DeepSeek V3.2 at T=1 and Qwen 3.5 at T=8, fresh caches, with the
+# branch compiles' seconds and Dynamo/Inductor's phases; the GEMM-merge GPU test (failed at d3cd7b3, prints layer
+# 0's branch analysis); DeepSeek's step at T=64 with and without dual-stream (never measured).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s16.sh diag
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
+left() { echo $((${TOTAL_S:-570} - (SECONDS - t0))); }
+bench() {  # model tokens variants log
+  timeout $(($(left) - 10)) python3 -m braze bench --model "$1" --size bench --tokens "$2" --shapes static \
+    --variants "$3" --budget-s $(($(left) - 40)) --out "$OUT/results" 2>&1 | tee "$OUT/$4" | grep -v Warn \
+    | grep "$1\|done"
+  echo "$1: $((SECONDS - t0)) s"; keep
+}
+compile_time() {  # model tokens configs timeout
+  timeout "$4" python3 benchmarks/branches_compile_time.py --model "$1" --size bench --device cuda --repeats 1 \
+    --tokens "$2" --configs "$3" 2>&1 | tee -a "$OUT/compile.log" | grep "first call\|Error"
+  echo "compile $1: $((SECONDS - t0)) s"
+}
+case ${1:-diag} in
+  diag)
+    compile_time deepseek-v3.2 1 merge,streams,on 170
+    compile_time qwen3.5 8 merge,streams,on 130
+    timeout 100 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -s tests/passes/test_gemm_merge_gpu.py \
+      2>&1 | tee "$OUT/tests.log" | grep -v Warn | grep "storage\|remarks\|passed\|failed" | tail -8
+    echo "tests: $((SECONDS - t0)) s"
+    bench deepseek-v3.2 64 braze,braze-streams bench_ds64.log
+    ;;
+esac
