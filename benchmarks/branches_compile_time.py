@@ -6,8 +6,8 @@
 
 Configurations: `off` (no branch analysis, no merging, no dual-stream), `merge` (analysis + merging),
 `streams` (analysis + dual-stream) and `on` (all three). Each compile runs in a fresh process with empty
-Inductor and braze caches, alternating the configurations, so none profits from another's cache or a warm
-process. Prints the median first-call time (Dynamo + Inductor + braze + the first run) of each against
+Inductor and braze caches, the configurations in turn (reversed every other repeat), so none profits from
+another's cache or a warm process. Prints the median first-call time (Dynamo + Inductor + braze + the first run) of each against
 `off`, the seconds braze's branch passes took, the seconds the dual-stream op spent compiling its branches
 at the first call, and where Dynamo/Inductor's own time went (`torch._dynamo.utils.compilation_time_metrics`,
 summed per phase; phases nest, so they do not add up).
@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--tokens", type=int, default=3)
+    p.add_argument("--warmup", action="store_true",
+                   help="one unrecorded compile first (a fresh machine's first process pays for cold file caches)")
     p.add_argument("--configs", default="off,on", help=f"comma-separated, from {', '.join(CONFIGS)}; off is always run")
     args = p.parse_args()
     configs = ["off"] + [c for c in args.configs.split(",") if c != "off"]
@@ -80,8 +82,10 @@ def main() -> None:
         p.error(f"unknown configuration(s) {bad}; choose from {CONFIGS}")
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     runs: dict[str, list[dict]] = {c: [] for c in configs}
-    for _ in range(args.repeats):
-        for c in configs:
+    if args.warmup:
+        run(args.model, args.size, args.device, "off", dtype, args.tokens)
+    for i in range(args.repeats):
+        for c in configs if i % 2 == 0 else configs[::-1]:  # alternating order: drift hits every configuration
             runs[c].append(run(args.model, args.size, args.device, c, dtype, args.tokens))
     print(json.dumps({"model": args.model, "size": args.size, "device": args.device, "repeats": args.repeats,
                       "dtype": dtype, "tokens": args.tokens, "runs": runs}, indent=1))

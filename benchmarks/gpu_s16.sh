@@ -5,7 +5,10 @@
 # configurations (off, merge, streams, on) for DeepSeek V3.2 at T=1 and Qwen 3.5 at T=8, fresh caches, with the
 # branch compiles' seconds and Dynamo/Inductor's phases; the GEMM-merge GPU test (failed at d3cd7b3, prints layer
 # 0's branch analysis); DeepSeek's step at T=64 with and without dual-stream (never measured).
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s16.sh diag
+# `compile`: after identical layers' router kernels outline to one spec: compile time off vs on (merging +
+# dual-stream), three repeats in alternating order, for DeepSeek V3.2 at T=1 (after one unrecorded compile),
+# Qwen 3.5 at T=8 and MiniMax M2.5 at T=8 (two repeats).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s16.sh diag|compile
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -16,9 +19,9 @@ bench() {  # model tokens variants log
     | grep "$1\|done"
   echo "$1: $((SECONDS - t0)) s"; keep
 }
-compile_time() {  # model tokens configs timeout
+compile_time() {  # model tokens configs timeout [extra args]
   timeout "$4" python3 benchmarks/branches_compile_time.py --model "$1" --size bench --device cuda --repeats 1 \
-    --tokens "$2" --configs "$3" 2>&1 | tee -a "$OUT/compile.log" | grep "first call\|Error"
+    --tokens "$2" --configs "$3" "${@:5}" 2>&1 | tee -a "$OUT/compile.log" | grep "first call\|Error"
   echo "compile $1: $((SECONDS - t0)) s"
 }
 case ${1:-diag} in
@@ -29,5 +32,10 @@ case ${1:-diag} in
       2>&1 | tee "$OUT/tests.log" | grep -v Warn | grep "storage\|remarks\|passed\|failed" | tail -8
     echo "tests: $((SECONDS - t0)) s"
     bench deepseek-v3.2 64 braze,braze-streams bench_ds64.log
+    ;;
+  compile)
+    compile_time deepseek-v3.2 1 on 230 --repeats 3 --warmup
+    compile_time qwen3.5 8 on 150 --repeats 3
+    compile_time minimax-m2.5 8 on 130 --repeats 2
     ;;
 esac

@@ -167,6 +167,20 @@ def _root(node: Node) -> Node:
     return node
 
 
+_first_with_args: dict[str, int] = {}
+
+
+def _canonical_constant_args(idx: int) -> int:
+    """The first index in Inductor's Triton side table that holds the same constant arguments as `idx`. Every
+    trace of a braze op that launches a Triton kernel adds its constants to the table again, so identical
+    layers' kernel calls differ only in this index; mapping equal constants to one index makes their outlined
+    branches one spec."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    args = kernel_side_table.get_constant_args(idx)
+    return _first_with_args.setdefault(repr(sorted(args.items(), key=lambda kv: kv[0])), idx)
+
+
 def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node]]:
     """`nodes` (one branch, graph order) as a GraphModule of their external inputs -> the values used outside."""
     inside = set(nodes)
@@ -180,6 +194,8 @@ def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node
                 env[a].meta["val"] = a.meta["val"]
                 inputs.append(a)
         env[n] = g.node_copy(n, lambda a: env[a])
+        if "constant_args_idx" in n.kwargs:  # a user Triton kernel (a braze op traced through)
+            env[n].kwargs = {**n.kwargs, "constant_args_idx": _canonical_constant_args(n.kwargs["constant_args_idx"])}
         # named by position, so the same branch in every layer is the same graph: the op compiles it once
         # (runtime/streams.py caches by the spec's text and the input shapes)
         env[n]._rename(f"v{i}")

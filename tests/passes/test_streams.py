@@ -3,6 +3,7 @@ must stay on one, and that the outlined graph, its branches compiled by Inductor
 
 from __future__ import annotations
 
+import operator
 import os
 
 import pytest
@@ -160,6 +161,42 @@ def test_outline_takes_external_inputs_and_returns_values_used_outside():
     assert {u.name for o in outputs for u in o.users} >= {"add"}  # the join reads the side branch's last sum
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == 2
+
+
+def test_identical_triton_kernel_calls_outline_to_one_graph_whatever_their_constant_args_index():
+    """Each trace of a braze op adds its kernel's constants to Inductor's side table again, so two identical
+    layers' kernel calls differ only in `constant_args_idx`; outlined, they must be one graph (one spec, one
+    compile), and calls with other constants must not be."""
+    import triton
+    import triton.language as tl
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
+
+    @triton.jit
+    def scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
+
+    kernel = kernel_side_table.add_kernel(scale)
+
+    def call(block: int) -> tuple[torch.fx.GraphModule, int]:
+        idx = kernel_side_table.add_constant_args({"n": 8, "BLOCK": block})
+        g = torch.fx.Graph()
+        x, out = g.placeholder("x"), g.placeholder("out")
+        for p in (x, out):
+            p.meta["val"] = torch.empty(8)
+        k = g.call_function(triton_kernel_wrapper_functional,
+                            kwargs={"kernel_idx": kernel, "constant_args_idx": idx, "grid": [(1, 1, 1)],
+                                    "tma_descriptor_metadata": {}, "kwargs": {"x_ptr": x, "out_ptr": out},
+                                    "tensors_to_clone": ["out_ptr"]})
+        r = g.call_function(operator.getitem, (k, "out_ptr"))
+        g.output((r,))
+        gm = torch.fx.GraphModule(torch.nn.Module(), g)
+        return outline((k, r))[0], idx
+
+    (first, i), (second, j), (other, _) = call(64), call(64), call(32)
+    assert i != j
+    assert first.code == second.code and f"constant_args_idx = {i}" in first.code
+    assert other.code != first.code
 
 
 def test_through_the_backend_inductor_launches_the_op_and_the_report_lists_the_side_stream():
