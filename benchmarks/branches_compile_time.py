@@ -61,7 +61,9 @@ def run(model: str, size: str, device: str, config: str, dtype: str, tokens: int
     if device == "cpu":
         env.setdefault("TRITON_INTERPRET", "1")
     out = subprocess.run([sys.executable, "-c", CHILD, model, size, device, config, dtype, str(tokens)],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        sys.exit(f"the {config} compile of {model} failed:\n{out.stderr[-6000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

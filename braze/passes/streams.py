@@ -195,7 +195,8 @@ def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node
                 inputs.append(a)
         env[n] = g.node_copy(n, lambda a: env[a])
         if "constant_args_idx" in n.kwargs:  # a user Triton kernel (a braze op traced through)
-            env[n].kwargs = {**n.kwargs, "constant_args_idx": _canonical_constant_args(n.kwargs["constant_args_idx"])}
+            canonical = _canonical_constant_args(n.kwargs["constant_args_idx"])
+            env[n].kwargs = {**env[n].kwargs, "constant_args_idx": canonical}
         # named by position, so the same branch in every layer is the same graph: the op compiles it once
         # (runtime/streams.py caches by the spec's text and the input shapes)
         env[n]._rename(f"v{i}")

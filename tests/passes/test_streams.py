@@ -197,6 +197,11 @@ def test_identical_triton_kernel_calls_outline_to_one_graph_whatever_their_const
     assert i != j
     assert first.code == second.code and f"constant_args_idx = {i}" in first.code
     assert other.code != first.code
+    for gm in (first, second, other):
+        gm.graph.lint()  # every argument is a node of the outlined graph itself
+    x = torch.randn(8)
+    (out,) = second(x, torch.full((8,), float("nan")))  # runs the kernel (Triton's interpreter on CPU)
+    torch.testing.assert_close(out, x * 2.0)
 
 
 def test_through_the_backend_inductor_launches_the_op_and_the_report_lists_the_side_stream():
