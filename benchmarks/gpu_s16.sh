@@ -8,7 +8,9 @@
 # `compile`: the dual-stream GPU tests; after identical layers' router kernels outline to one spec: compile time
 # off vs on (merging + dual-stream), two repeats in alternating order, for DeepSeek V3.2 at T=1 (after one
 # unrecorded compile), Qwen 3.5 at T=8 and MiniMax M2.5 at T=8.
-# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s16.sh diag|compile
+# `specs`: how many distinct branch specs dual-stream gives MiniMax M2.5 and Qwen 3.5 at T=8 and DeepSeek V3.2 at
+# T=1/8, and how they differ (benchmarks/stream_specs.py).
+# Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s16.sh diag|compile|specs
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
@@ -40,5 +42,13 @@ case ${1:-diag} in
     compile_time deepseek-v3.2 1 on 190 --repeats 2 --warmup
     compile_time qwen3.5 8 on 130 --repeats 2
     compile_time minimax-m2.5 8 on 130 --repeats 2
+    ;;
+  specs)
+    for mt in minimax-m2.5:8 deepseek-v3.2:1 qwen3.5:8 deepseek-v3.2:8; do
+      [ "$(left)" -gt 45 ] || break
+      timeout $(($(left) - 5)) python3 benchmarks/stream_specs.py --model "${mt%:*}" --tokens "${mt#*:}" 2>&1 \
+        | tee -a "$OUT/specs.log" | grep -v Warn | grep -A24 "distinct\|Error" | cut -c1-250
+      echo "specs $mt: $((SECONDS - t0)) s"
+    done
     ;;
 esac
