@@ -168,17 +168,35 @@ def _root(node: Node) -> Node:
 
 
 _first_with_args: dict[str, int] = {}
+_first_kernel: dict[tuple, int] = {}
 
 
 def _canonical_constant_args(idx: int) -> int:
     """The first index in Inductor's Triton side table that holds the same constant arguments as `idx`. Every
     trace of a braze op that launches a Triton kernel adds its constants to the table again, so identical
-    layers' kernel calls differ only in this index; mapping equal constants to one index makes their outlined
+    layers' kernel calls differ in this index; mapping equal constants to one index makes their outlined
     branches one spec."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     args = kernel_side_table.get_constant_args(idx)
     return _first_with_args.setdefault(repr(sorted(args.items(), key=lambda kv: kv[0])), idx)
+
+
+def _canonical_kernel(idx: int) -> int:
+    """The first index in the side table of a kernel that launches like the one at `idx`. A launch with
+    `num_warps` (as braze's ops make) is wrapped by torch in a new single-config autotuner per trace, so each
+    layer gets a kernel of its own; two such wrappers of the same JIT function with the same configs (and no
+    hooks or pruning, which could differ unseen) are the same kernel. Anything else keeps its own index."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from triton.runtime.autotuner import Autotuner
+
+    kernel = kernel_side_table.get_kernel(idx)
+    key: tuple = ("kernel", id(kernel))
+    if type(kernel) is Autotuner and not kernel.keys and all(c.pre_hook is None for c in kernel.configs) and not any(
+            getattr(kernel, a, None) for a in ("perf_model", "early_config_prune", "reset_to_zero", "restore_value",
+                                               "user_defined_pre_hook", "user_defined_post_hook")):
+        key = ("autotuned", id(kernel.fn), tuple(str(c) for c in kernel.configs))
+    return _first_kernel.setdefault(key, idx)
 
 
 def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node]]:
@@ -195,8 +213,8 @@ def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node
                 inputs.append(a)
         env[n] = g.node_copy(n, lambda a: env[a])
         if "constant_args_idx" in n.kwargs:  # a user Triton kernel (a braze op traced through)
-            canonical = _canonical_constant_args(n.kwargs["constant_args_idx"])
-            env[n].kwargs = {**env[n].kwargs, "constant_args_idx": canonical}
+            env[n].kwargs = {**env[n].kwargs, "kernel_idx": _canonical_kernel(n.kwargs["kernel_idx"]),
+                             "constant_args_idx": _canonical_constant_args(n.kwargs["constant_args_idx"])}
         # named by position, so the same branch in every layer is the same graph: the op compiles it once
         # (runtime/streams.py caches by the spec's text and the input shapes)
         env[n]._rename(f"v{i}")

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -163,45 +165,66 @@ def test_outline_takes_external_inputs_and_returns_values_used_outside():
     assert len(placeholders) == 2
 
 
+@triton.jit
+def _scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
+
+
+def _outlined_kernel_call(kernel: object, block: int) -> tuple[torch.fx.GraphModule, int, int]:
+    """A graph calling `kernel` as a traced braze op does, outlined; with its side-table indices."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
+
+    kernel_idx = kernel_side_table.add_kernel(kernel)
+    idx = kernel_side_table.add_constant_args({"n": 8, "BLOCK": block})
+    g = torch.fx.Graph()
+    x, out = g.placeholder("x"), g.placeholder("out")
+    for p in (x, out):
+        p.meta["val"] = torch.empty(8)
+    k = g.call_function(triton_kernel_wrapper_functional,
+                        kwargs={"kernel_idx": kernel_idx, "constant_args_idx": idx, "grid": [(1, 1, 1)],
+                                "tma_descriptor_metadata": {}, "kwargs": {"x_ptr": x, "out_ptr": out},
+                                "tensors_to_clone": ["out_ptr"]})
+    r = g.call_function(operator.getitem, (k, "out_ptr"))
+    g.output((r,))
+    torch.fx.GraphModule(torch.nn.Module(), g)
+    return outline((k, r))[0], kernel_idx, idx
+
+
+def _runs_and_doubles(gm: torch.fx.GraphModule) -> None:
+    gm.graph.lint()  # every argument is a node of the outlined graph itself
+    x = torch.randn(8)
+    (out,) = gm(x, torch.full((8,), float("nan")))  # runs the kernel (Triton's interpreter on CPU)
+    torch.testing.assert_close(out, x * 2.0)
+
+
 def test_identical_triton_kernel_calls_outline_to_one_graph_whatever_their_constant_args_index():
     """Each trace of a braze op adds its kernel's constants to Inductor's side table again, so two identical
     layers' kernel calls differ only in `constant_args_idx`; outlined, they must be one graph (one spec, one
     compile), and calls with other constants must not be."""
-    import triton
-    import triton.language as tl
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
-
-    @triton.jit
-    def scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
-
-    kernel = kernel_side_table.add_kernel(scale)
-
-    def call(block: int) -> tuple[torch.fx.GraphModule, int]:
-        idx = kernel_side_table.add_constant_args({"n": 8, "BLOCK": block})
-        g = torch.fx.Graph()
-        x, out = g.placeholder("x"), g.placeholder("out")
-        for p in (x, out):
-            p.meta["val"] = torch.empty(8)
-        k = g.call_function(triton_kernel_wrapper_functional,
-                            kwargs={"kernel_idx": kernel, "constant_args_idx": idx, "grid": [(1, 1, 1)],
-                                    "tma_descriptor_metadata": {}, "kwargs": {"x_ptr": x, "out_ptr": out},
-                                    "tensors_to_clone": ["out_ptr"]})
-        r = g.call_function(operator.getitem, (k, "out_ptr"))
-        g.output((r,))
-        gm = torch.fx.GraphModule(torch.nn.Module(), g)
-        return outline((k, r))[0], idx
-
-    (first, i), (second, j), (other, _) = call(64), call(64), call(32)
+    (first, _, i), (second, _, j), (other, _, _) = (_outlined_kernel_call(_scale, b) for b in (64, 64, 32))
     assert i != j
     assert first.code == second.code and f"constant_args_idx = {i}" in first.code
     assert other.code != first.code
     for gm in (first, second, other):
-        gm.graph.lint()  # every argument is a node of the outlined graph itself
-    x = torch.randn(8)
-    (out,) = second(x, torch.full((8,), float("nan")))  # runs the kernel (Triton's interpreter on CPU)
-    torch.testing.assert_close(out, x * 2.0)
+        _runs_and_doubles(gm)
+
+
+def test_launches_with_num_warps_outline_to_one_graph_though_each_trace_wraps_the_kernel_anew():
+    """A braze op launches with `num_warps`, and torch wraps the kernel in a new single-config autotuner on every
+    trace, so each layer's call has a kernel index of its own. Wrappers of one function with equal configs
+    outline to one graph; other configs, another function or a wrapper with hooks keep their own index."""
+    def wrapped(fn=_scale, warps: int = 4, **kw):
+        return triton.autotune(configs=[triton.Config({}, num_warps=warps)], key=[], **kw)(fn)
+
+    calls = [_outlined_kernel_call(k, 64) for k in (wrapped(), wrapped(), wrapped(warps=8), wrapped(
+        reset_to_zero=["out_ptr"]), triton.jit(_scale.fn))]
+    (first, a, _), (second, b, _) = calls[:2]
+    assert a != b
+    assert first.code == second.code and f"kernel_idx = {a}" in first.code
+    for gm, *_ in calls[2:]:
+        assert gm.code != first.code
+    _runs_and_doubles(second)
 
 
 def test_through_the_backend_inductor_launches_the_op_and_the_report_lists_the_side_stream():
