@@ -1,5 +1,8 @@
 # Sourced by the benchmarks/gpu_*.sh scripts: $OUT (default ./gpu_out) with a results folder, the environment
 # every GPU run keeps (NVLink multicast off), env.txt with the commit, card and versions, and t0 for timings.
+# Helpers (scripts from session 15 on use them; older ones define their own): `keep` appends $OUT/results to
+# $OUT/results.tar (a run cut short keeps what finished), `left` the seconds left of TOTAL_S (default 570),
+# `bench MODEL TOKENS VARIANTS LOG` one `python -m braze bench` within what is left.
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/results"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -7,3 +10,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISA
   python3 -c 'import torch, triton, sys; print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])'
 } | tee "$OUT/env.txt"
 t0=$SECONDS
+keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
+left() { echo $((${TOTAL_S:-570} - (SECONDS - t0))); }
+bench() {  # model tokens variants log
+  timeout $(($(left) - 10)) python3 -m braze bench --model "$1" --size bench --tokens "$2" --shapes static \
+    --variants "$3" --budget-s $(($(left) - 40)) --out "$OUT/results" 2>&1 | tee "$OUT/$4" | grep -v Warn \
+    | grep "$1\|done"
+  echo "$1: $((SECONDS - t0)) s"; keep
+}

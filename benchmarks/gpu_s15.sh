@@ -18,14 +18,6 @@
 # Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s15.sh confirm|absorb|streams|branches|final
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
-left() { echo $((${TOTAL_S:-570} - (SECONDS - t0))); }
-bench() {  # model tokens variants log
-  timeout $(($(left) - 10)) python3 -m braze bench --model "$1" --size bench --tokens "$2" --shapes static \
-    --variants "$3" --budget-s $(($(left) - 40)) --out "$OUT/results" 2>&1 | tee "$OUT/$4" | grep -v Warn \
-    | grep "$1\|done"
-  echo "$1: $((SECONDS - t0)) s"; keep
-}
 case ${1:-confirm} in
   confirm)
     timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs -m gpu tests/passes/test_chain_gpu.py 2>&1 \

@@ -13,14 +13,6 @@
 # Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s16.sh diag|compile|specs
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-keep() { tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"; }
-left() { echo $((${TOTAL_S:-570} - (SECONDS - t0))); }
-bench() {  # model tokens variants log
-  timeout $(($(left) - 10)) python3 -m braze bench --model "$1" --size bench --tokens "$2" --shapes static \
-    --variants "$3" --budget-s $(($(left) - 40)) --out "$OUT/results" 2>&1 | tee "$OUT/$4" | grep -v Warn \
-    | grep "$1\|done"
-  echo "$1: $((SECONDS - t0)) s"; keep
-}
 compile_time() {  # model tokens configs timeout [extra args]
   timeout "$4" python3 benchmarks/branches_compile_time.py --model "$1" --size bench --device cuda --repeats 1 \
     --tokens "$2" --configs "$3" "${@:5}" 2>&1 | tee -a "$OUT/compile.log" | grep "first call\|Error"
