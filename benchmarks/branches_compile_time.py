@@ -36,6 +36,8 @@ inputs = [x.to(device) if isinstance(x, torch.Tensor) else x
           for x in models.make_decode_inputs(model, tokens, 8, torch.Generator().manual_seed(0))]
 passes = PASSES if config != "off" else tuple(p for p in PASSES if p is not BranchAnalysis)
 be = braze.backend(braze.FusionConfig(gemm_merge=merge, dual_stream=streams), passes=passes)
+import braze.passes.streams
+braze.passes.streams.ON_CPU = device == "cpu"  # outline on CPU too (the branches run uncompiled there)
 t0 = time.perf_counter()
 with torch.no_grad():
     torch.compile(model, backend=be, fullgraph=True)(*inputs)

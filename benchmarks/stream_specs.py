@@ -42,6 +42,7 @@ def main() -> None:
         return specs[-1]
 
     stream_pass.encode_spec = recording
+    stream_pass.ON_CPU = args.device == "cpu"  # (the pass leaves CPU graphs alone otherwise)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = models.build(args.model, args.size, device=args.device, dtype=dtype)
     inputs = [x.to(args.device) if isinstance(x, torch.Tensor) else x

@@ -15,7 +15,10 @@ rewrite is provably the same computation:
   branch. Anything else computed late is left in place, and the branches stay on one stream;
 - the token count lies in `FusionConfig.token_ranges['dual_stream']` (default [1, 64]: above it the
   branches' GEMMs approach compute-bound and each fills the GPU alone);
-- no node of either branch is already part of another outlined pair.
+- no node of either branch is already part of another outlined pair;
+- the graph runs on CUDA: a CPU graph has no second stream, and its outlined branches would only lose
+  Inductor's compile (tests set `ON_CPU` to exercise the rewrite on CPU graphs, where the op runs the
+  branches one after the other).
 Off by default (`FusionConfig(dual_stream=True)` turns it on): on the H100 it acts on DeepSeek V3.2's
 MoE layers (router beside shared expert) and saves 1.6 % of the T=1 step; STREAMS_DESIGN.md has the
 measurements and what the GPU tests check.
@@ -167,6 +170,8 @@ def _root(node: Node) -> Node:
     return node
 
 
+# Outline CPU graphs too (tests: the CPU stands in for the GPU; the results are the same, streams a no-op).
+ON_CPU = False
 _first_with_args: dict[str, int] = {}
 _first_kernel: dict[tuple, int] = {}
 
@@ -237,9 +242,16 @@ class DualStream(Pass):
             ctx.remark("failed", "internal-error", next(iter(graph.nodes)), "dual-stream scheduling skipped after "
                        "an error in braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")
             return
+        on_cuda = any(isinstance(v := val(n), torch.Tensor) and v.device.type == "cuda"
+                      for n in graph.find_nodes(op="placeholder"))
         for fork, decision in forks:
             if decision.side is None:
                 continue  # serial: the branch analysis said why
+            if not (on_cuda or ON_CPU):
+                ctx.remark("missed", "dual-stream", fork.fork, "branches left on one stream",
+                           reason="the graph runs on the CPU, which has no second stream to overlap them on",
+                           suggestion="compile for a CUDA device", ops=("fork",))
+                continue
             side = decision.side
             main = next(b for b in fork.branches if b is not side)
             try:

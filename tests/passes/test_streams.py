@@ -17,11 +17,18 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from braze import FusionConfig, TokenRange
 from braze.passes.branches import decide, find_forks
+from braze.passes import streams as stream_pass
 from braze.passes.streams import DualStream, outline, why_not_outlined
 from braze.runtime import streams
 from braze.testing import aten_graph, run_passes
 
 ON = FusionConfig(dual_stream=True)
+
+
+@pytest.fixture(autouse=True)
+def outline_cpu_graphs(monkeypatch):
+    """These tests check the rewrite on CPU graphs, which the pass leaves alone outside tests."""
+    monkeypatch.setattr(stream_pass, "ON_CPU", True)
 
 
 def frozen(*shape: int, seed: int = 0) -> torch.nn.Parameter:
@@ -102,6 +109,16 @@ def test_off_by_default_and_outside_the_token_range():
     narrow = FusionConfig(dual_stream=True, token_ranges={"dual_stream": TokenRange(8, 64)})
     (r,) = run_passes(gm, narrow, (DualStream,), inputs=ARGS).remarks
     assert r.kind == "missed" and "4 tokens is outside the configured range [8, 64]" in r.reason
+    assert "braze.parallel_branches.default" not in ops(gm)
+
+
+def test_a_cpu_graph_stays_on_one_stream_outside_tests(monkeypatch):
+    monkeypatch.setattr(stream_pass, "ON_CPU", False)
+    gm = aten_graph(two_heavy_branches, *ARGS)
+    record = run_passes(gm, ON, (DualStream,), inputs=ARGS)
+    (r,) = record.remarks
+    assert r.kind == "missed" and r.name == "dual-stream"
+    assert r.reason == "the graph runs on the CPU, which has no second stream to overlap them on"
     assert "braze.parallel_branches.default" not in ops(gm)
 
 
