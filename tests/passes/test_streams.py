@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from braze import FusionConfig, TokenRange
-from braze.passes.branches import decide, find_forks
 from braze.passes import streams as stream_pass
+from braze.passes.branches import decide, find_forks
 from braze.passes.streams import DualStream, outline, why_not_outlined
 from braze.runtime import streams
 from braze.testing import aten_graph, run_passes
