@@ -6,8 +6,10 @@
 # branch compiles' seconds and Dynamo/Inductor's phases; the GEMM-merge GPU test (failed at d3cd7b3, prints layer
 # 0's branch analysis); DeepSeek's step at T=64 with and without dual-stream (never measured).
 # `compile`: the dual-stream GPU tests; after identical layers' router kernels outline to one spec: compile time
-# off vs on (merging + dual-stream), two repeats in alternating order, for DeepSeek V3.2 at T=1 (after one
-# unrecorded compile), Qwen 3.5 at T=8 and MiniMax M2.5 at T=8.
+# off vs on (merging + dual-stream), two repeats in alternating order, for DeepSeek V3.2 at T=1, Qwen 3.5 at T=8
+# and MiniMax M2.5 at T=8 (the tests run first, so no compile pays for a cold machine; the number of branch
+# compiles is twice the number of distinct specs). Session 16 ran it at cb9d9fe with a warm-up compile instead,
+# which pushed DeepSeek past its timeout; next: run it at HEAD, about 9 minutes.
 # `specs`: how many distinct branch specs dual-stream gives MiniMax M2.5 and Qwen 3.5 at T=8 and DeepSeek V3.2 at
 # T=1/8, and how they differ (benchmarks/stream_specs.py).
 # Usage: BRAZE_COMMIT=<sha> bash benchmarks/gpu_s16.sh diag|compile|specs
@@ -31,9 +33,9 @@ case ${1:-diag} in
     timeout 100 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py 2>&1 \
       | tee "$OUT/tests.log" | grep -v Warn | tail -3
     echo "tests: $((SECONDS - t0)) s"
-    compile_time deepseek-v3.2 1 on 190 --repeats 2 --warmup
-    compile_time qwen3.5 8 on 130 --repeats 2
-    compile_time minimax-m2.5 8 on 130 --repeats 2
+    compile_time deepseek-v3.2 1 on 200 --repeats 2
+    compile_time qwen3.5 8 on 140 --repeats 2
+    compile_time minimax-m2.5 8 on 140 --repeats 2
     ;;
   specs)
     for mt in minimax-m2.5:8 deepseek-v3.2:1 qwen3.5:8 deepseek-v3.2:8; do
