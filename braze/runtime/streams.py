@@ -29,6 +29,7 @@ Each branch compiles once per (subgraph, input shapes/strides/dtypes/device); sh
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import pickle
@@ -105,11 +106,17 @@ def _fresh(outs: list[torch.Tensor], inputs: list[torch.Tensor], expected: list[
     return fresh
 
 
+@functools.lru_cache(maxsize=256)
+def _parse(spec: str) -> tuple[dict, str]:
+    """The spec's document and its digest, once per spec: outside a CUDA graph the op runs every step, and
+    parsing a spec of a few tens of kB each time would cost tens of µs of host time per site."""
+    return json.loads(spec), hashlib.sha256(spec.encode()).hexdigest()
+
+
 @custom_op("braze::parallel_branches", mutates_args=())
 def parallel_branches(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run the main and the side branch of `spec` on `inputs`; returns main's outputs, then side's."""
-    doc = json.loads(spec)
-    key = hashlib.sha256(spec.encode()).hexdigest()
+    doc, key = _parse(spec)
     main_in = [inputs[i] for i in doc["main_inputs"]]
     side_in = [inputs[i] for i in doc["side_inputs"]]
     main_fn = _branch(doc, "main", main_in, key)
