@@ -3,7 +3,8 @@
     python benchmarks/stream_specs.py --model minimax-m2.5 --tokens 8 [--size bench] [--device cuda]
 
 Every outlined pair of branches is one `braze::parallel_branches` spec, and each distinct spec costs two
-Inductor compiles at the first call; identical layers should give one. Compiles the model once with
+Inductor compiles at the first call on CUDA; identical layers should give one. Compiles the model once
+(fresh caches) with
 `FusionConfig(dual_stream=True)`, then prints the number of sites and of distinct specs, and for each spec
 after the first the lines of its main and side graphs' code that differ from the first's.
 """
@@ -14,13 +15,19 @@ import argparse
 import base64
 import difflib
 import json
+import os
 import pickle
+import tempfile
 
-import torch
+# fresh caches: a cached compile would skip braze's passes and record no spec
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
+os.environ["BRAZE_CACHE_DIR"] = tempfile.mkdtemp()
 
-import braze
-from braze import models
-from braze.passes import streams as stream_pass
+import torch  # noqa: E402
+
+import braze  # noqa: E402
+from braze import models  # noqa: E402
+from braze.passes import streams as stream_pass  # noqa: E402
 
 
 def code(spec: str, which: str) -> list[str]:

@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import triton
+import triton.language as tl
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -182,3 +184,11 @@ def run_on_ranks(world_size: int, fn: Callable[..., None], *args: object) -> Non
     import torch.multiprocessing as mp
 
     mp.spawn(_rank_main, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+
+
+@triton.jit
+def double_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = 2·x: a Triton kernel at module level, which any process can find by name (the dual-stream tests
+    outline calls of it, as braze's traced ops leave them in a graph)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)

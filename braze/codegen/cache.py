@@ -61,6 +61,17 @@ def _load_module(name: str, source: str) -> tuple[Path, object]:
     return path, module
 
 
+def load_generated(module: str, source: str) -> object:
+    """The module `braze_kernels.<name>` of a generated kernel: already imported, or loaded from `source` (a
+    process that runs a dual-stream spec another process wrote; braze.runtime.streams)."""
+    if module in sys.modules:
+        return sys.modules[module]
+    prefix, _, name = module.partition(".")
+    if prefix != "braze_kernels" or not name:
+        raise ValueError(f"braze kernel cache: {module!r} is not a generated kernel's module")
+    return _load_module(name, source)[1]
+
+
 @functools.lru_cache(maxsize=None)
 def _rowwise_kernel(signature: str) -> LoadedKernel:
     chain = RowChain.from_json(signature)

@@ -134,8 +134,10 @@ class PassManager(CustomGraphPass):
                 if not isinstance(self.user_pass, CustomGraphPass):
                     return None  # the user's pass has no uuid: caching must be off
                 user = repr(self.user_pass.uuid())
+            from . import streams
+
             h = hashlib.sha256()
-            for part in (_source_hash(self.passes), self.config.fingerprint(), user,
+            for part in (_source_hash(self.passes), self.config.fingerprint(), user, f"streams.ON_CPU={streams.ON_CPU}",
                          ",".join(f"{p.__module__}.{p.__qualname__}" for p in self.passes)):
                 h.update(part.encode())
             self._uuid = h.hexdigest()

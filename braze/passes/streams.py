@@ -27,13 +27,14 @@ measurements and what the GPU tests check.
 from __future__ import annotations
 
 import operator
+import pickle
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 import braze.runtime.streams  # noqa: F401  registers braze::parallel_branches
 from braze.patterns.fx import aten, describe, module_path, val
-from braze.runtime.streams import encode_spec
+from braze.runtime.streams import TritonCalls, encode_spec, kernel_ref
 
 from .base import Pass, PassContext
 from .branches import Branch, Fork, decide, find_forks
@@ -80,6 +81,23 @@ def why_not_outlined(branch: Branch) -> str:
         for a in n.all_input_nodes:
             if a not in inside and not isinstance(a.meta.get("val"), torch.Tensor):
                 return f"{describe(n)} reads {describe(a)}, which is not a tensor"
+        if "constant_args_idx" in n.kwargs and (why := why_not_portable(n)):
+            return f"{describe(n)}: {why}"
+    return ""
+
+
+def why_not_portable(node: Node) -> str:
+    """Why a Triton kernel call cannot be named in a spec that any process can run ("" when it can)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    ref = kernel_ref(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]))
+    if isinstance(ref, str):
+        return ref
+    try:
+        pickle.dumps(kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]))
+        pickle.dumps(ref)
+    except Exception as e:  # noqa: BLE001  (whatever pickle refuses)
+        return f"its Triton kernel's constants cannot be written into the spec ({type(e).__name__})"
     return ""
 
 
@@ -171,41 +189,16 @@ def _root(node: Node) -> Node:
 
 
 # Outline CPU graphs too (tests: the CPU stands in for the GPU; the results are the same, streams a no-op).
+# Part of the pass manager's cache key.
 ON_CPU = False
-_first_with_args: dict[str, int] = {}
-_first_kernel: dict[tuple, int] = {}
 
 
-def _canonical_constant_args(idx: int) -> int:
-    """The first index in Inductor's Triton side table that holds the same constant arguments as `idx`. Every
-    trace of a braze op that launches a Triton kernel adds its constants to the table again, so identical
-    layers' kernel calls differ in this index; mapping equal constants to one index makes their outlined
-    branches one spec."""
+def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node], TritonCalls]:
+    """`nodes` (one branch, graph order) as a GraphModule of their external inputs -> the values used outside,
+    and the kernels and constants its Triton calls now number from 0 (runtime/streams.py says why)."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    args = kernel_side_table.get_constant_args(idx)
-    return _first_with_args.setdefault(repr(sorted(args.items(), key=lambda kv: kv[0])), idx)
-
-
-def _canonical_kernel(idx: int) -> int:
-    """The first index in the side table of a kernel that launches like the one at `idx`. A launch with
-    `num_warps` (as braze's ops make) is wrapped by torch in a new single-config autotuner per trace, so each
-    layer gets a kernel of its own; two such wrappers of the same JIT function with the same configs (and no
-    hooks or pruning, which could differ unseen) are the same kernel. Anything else keeps its own index."""
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    from triton.runtime.autotuner import Autotuner
-
-    kernel = kernel_side_table.get_kernel(idx)
-    key: tuple = ("kernel", id(kernel))
-    if type(kernel) is Autotuner and not kernel.keys and all(c.pre_hook is None for c in kernel.configs) and not any(
-            getattr(kernel, a, None) for a in ("perf_model", "early_config_prune", "reset_to_zero", "restore_value",
-                                               "user_defined_pre_hook", "user_defined_post_hook")):
-        key = ("autotuned", id(kernel.fn), tuple(str(c) for c in kernel.configs))
-    return _first_kernel.setdefault(key, idx)
-
-
-def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node]]:
-    """`nodes` (one branch, graph order) as a GraphModule of their external inputs -> the values used outside."""
+    calls = TritonCalls()
     inside = set(nodes)
     g = Graph()
     env: dict[Node, Node] = {}
@@ -218,14 +211,18 @@ def outline(nodes: tuple[Node, ...]) -> tuple[GraphModule, list[Node], list[Node
                 inputs.append(a)
         env[n] = g.node_copy(n, lambda a: env[a])
         if "constant_args_idx" in n.kwargs:  # a user Triton kernel (a braze op traced through)
-            env[n].kwargs = {**env[n].kwargs, "kernel_idx": _canonical_kernel(n.kwargs["kernel_idx"]),
-                             "constant_args_idx": _canonical_constant_args(n.kwargs["constant_args_idx"])}
+            ref = kernel_ref(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]))
+            if isinstance(ref, str):
+                raise ValueError(f"{describe(n)} cannot be outlined: {ref} (why_not_outlined says so first)")
+            constants = kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"])
+            env[n].kwargs = {**env[n].kwargs, "kernel_idx": calls.local_index(calls.kernels, ref),
+                             "constant_args_idx": calls.local_index(calls.constants, constants)}
         # named by position, so the same branch in every layer is the same graph: the op compiles it once
         # (runtime/streams.py caches by the spec's text and the input shapes)
         env[n]._rename(f"v{i}")
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     g.output(tuple(env[o] for o in outputs))
-    return GraphModule(torch.nn.Module(), g), inputs, outputs
+    return GraphModule(torch.nn.Module(), g), inputs, outputs, calls
 
 
 class DualStream(Pass):
@@ -302,14 +299,14 @@ class DualStream(Pass):
     @staticmethod
     def _prepare(graph: Graph, main: Branch, side: Branch) -> tuple:
         """Everything the rewrite needs, computed before the graph changes (an error leaves it untouched)."""
-        main_gm, main_in, main_out = outline(main.nodes)
-        side_gm, side_in, side_out = outline(side.nodes)
+        main_gm, main_in, main_out, main_calls = outline(main.nodes)
+        side_gm, side_in, side_out, side_calls = outline(side.nodes)
         inputs = list(dict.fromkeys(main_in + side_in))
         outputs = main_out + side_out
         meta = [{"shape": list(val(o).shape), "stride": list(val(o).stride()),
                  "dtype": str(val(o).dtype).removeprefix("torch.")} for o in outputs]
         spec = encode_spec(main_gm, side_gm, [inputs.index(a) for a in main_in], [inputs.index(a) for a in side_in],
-                           meta)
+                           meta, main_calls, side_calls)
         with graph_fake_mode(graph):
             fake = torch.ops.braze.parallel_branches.default(spec, [val(a) for a in inputs])
         return spec, inputs, outputs, fake

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import braze.testing
 from braze import FusionConfig, TokenRange
 from braze.passes import streams as stream_pass
 from braze.passes.branches import decide, find_forks
@@ -175,73 +176,144 @@ def test_outline_takes_external_inputs_and_returns_values_used_outside():
     gm = aten_graph(two_heavy_branches, *ARGS)
     (fork,) = find_forks(gm.graph)
     side = fork.branches[-1]
-    sub, inputs, outputs = outline(side.nodes)
+    sub, inputs, outputs, calls = outline(side.nodes)
+    assert calls == stream_pass.TritonCalls()  # no Triton kernel call in it
     assert [n.name for n in inputs] == ["mul", "permute_4"]  # the fork and the transposed weight (a view)
     assert {u.name for o in outputs for u in o.users} >= {"add"}  # the join reads the side branch's last sum
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == 2
 
 
-@triton.jit
-def _scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
-
-
-def _outlined_kernel_call(kernel: object, block: int) -> tuple[torch.fx.GraphModule, int, int]:
-    """A graph calling `kernel` as a traced braze op does, outlined; with its side-table indices."""
+def _kernel_call_branch(kernel: object, block: int = 64) -> tuple[torch.fx.Graph, tuple[torch.fx.Node, ...]]:
+    """A graph calling `kernel` on 8 values as a traced braze op leaves it (side-table indices of its own)."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
 
-    kernel_idx = kernel_side_table.add_kernel(kernel)
-    idx = kernel_side_table.add_constant_args({"n": 8, "BLOCK": block})
     g = torch.fx.Graph()
     x, out = g.placeholder("x"), g.placeholder("out")
     for p in (x, out):
         p.meta["val"] = torch.empty(8)
-    k = g.call_function(triton_kernel_wrapper_functional,
-                        kwargs={"kernel_idx": kernel_idx, "constant_args_idx": idx, "grid": [(1, 1, 1)],
-                                "tma_descriptor_metadata": {}, "kwargs": {"x_ptr": x, "out_ptr": out},
-                                "tensors_to_clone": ["out_ptr"]})
+    k = g.call_function(triton_kernel_wrapper_functional, kwargs={
+        "kernel_idx": kernel_side_table.add_kernel(kernel),
+        "constant_args_idx": kernel_side_table.add_constant_args({"n": 8, "BLOCK": block}),
+        "grid": [(1, 1, 1)], "tma_descriptor_metadata": {}, "kwargs": {"x_ptr": x, "out_ptr": out},
+        "tensors_to_clone": ["out_ptr"]})
+    k.meta["val"] = {"out_ptr": torch.empty(8)}
     r = g.call_function(operator.getitem, (k, "out_ptr"))
+    r.meta["val"] = torch.empty(8)
     g.output((r,))
-    torch.fx.GraphModule(torch.nn.Module(), g)
-    return outline((k, r))[0], kernel_idx, idx
+    return g, (k, r)
 
 
-def _runs_and_doubles(gm: torch.fx.GraphModule) -> None:
-    gm.graph.lint()  # every argument is a node of the outlined graph itself
+def _spec(kernel: object, block: int = 64) -> str:
+    """The op's spec for main = the kernel call, side = x + 1."""
+    _, nodes = _kernel_call_branch(kernel, block)
+    main, _, _, calls = outline(nodes)
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output((g.call_function(torch.ops.aten.add.Tensor, (x, 1.0)),))
+    meta = [{"shape": [8], "stride": [1], "dtype": "float32"}] * 2
+    return streams.encode_spec(main, torch.fx.GraphModule(torch.nn.Module(), g), [0, 1], [0], meta, calls)
+
+
+# A kernel as braze's kernel cache generates them: a module `braze_kernels.<name>` loaded from a file.
+GENERATED = """import triton
+import triton.language as tl
+
+
+@triton.jit
+def braze_test_double(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
+"""
+
+
+def _generated_kernel() -> object:
+    from braze.codegen.cache import load_generated
+
+    return load_generated("braze_kernels.braze_test_double", GENERATED).braze_test_double
+
+
+def _runs_the_kernel(spec: str) -> None:
     x = torch.randn(8)
-    (out,) = gm(x, torch.full((8,), float("nan")))  # runs the kernel (Triton's interpreter on CPU)
-    torch.testing.assert_close(out, x * 2.0)
+    got, side = torch.ops.braze.parallel_branches(spec, [x, torch.full((8,), float("nan"))])
+    torch.testing.assert_close(got, x * 2.0)  # the kernel ran (Triton's interpreter on CPU), with BLOCK=64
+    torch.testing.assert_close(side, x + 1.0)
 
 
-def test_identical_triton_kernel_calls_outline_to_one_graph_whatever_their_constant_args_index():
-    """Each trace of a braze op adds its kernel's constants to Inductor's side table again, so two identical
-    layers' kernel calls differ only in `constant_args_idx`; outlined, they must be one graph (one spec, one
-    compile), and calls with other constants must not be."""
-    (first, _, i), (second, _, j), (other, _, _) = (_outlined_kernel_call(_scale, b) for b in (64, 64, 32))
-    assert i != j
-    assert first.code == second.code and f"constant_args_idx = {i}" in first.code
-    assert other.code != first.code
-    for gm in (first, second, other):
-        _runs_and_doubles(gm)
+def _wrapped(fn=braze.testing.double_kernel, warps: int = 4, **kw):
+    """The kernel as torch wraps it for a launch with `num_warps`: a new single-config autotuner per trace."""
+    return triton.autotune(configs=[triton.Config({}, num_warps=warps)], key=[], **kw)(fn)
 
 
-def test_launches_with_num_warps_outline_to_one_graph_though_each_trace_wraps_the_kernel_anew():
-    """A braze op launches with `num_warps`, and torch wraps the kernel in a new single-config autotuner on every
-    trace, so each layer's call has a kernel index of its own. Wrappers of one function with equal configs
-    outline to one graph; other configs, another function or a wrapper with hooks keep their own index."""
-    def wrapped(fn=_scale, warps: int = 4, **kw):
-        return triton.autotune(configs=[triton.Config({}, num_warps=warps)], key=[], **kw)(fn)
+def test_identical_triton_kernel_calls_give_one_spec_whatever_their_side_table_indices():
+    """Each trace of a braze op enters its kernel's constants in Inductor's side table again, and a launch with
+    `num_warps` a new autotuner around its kernel, so two identical layers' calls differ in both indices. The
+    spec names kernels and constants by what they are: identical calls give one spec (one compile), other
+    constants or configs another."""
+    kernel = braze.testing.double_kernel
+    same = [_spec(kernel), _spec(kernel)]
+    assert same[0] == same[1]
+    assert _spec(kernel, block=32) != same[0]
+    assert _spec(_wrapped()) == _spec(_wrapped()) != same[0]
+    assert _spec(_wrapped(warps=8)) != _spec(_wrapped())
+    _runs_the_kernel(same[1])
+    _runs_the_kernel(_spec(_wrapped()))
+    assert _spec(_wrapped(_generated_kernel())) == _spec(_wrapped(_generated_kernel())) != _spec(_wrapped())
+    _runs_the_kernel(_spec(_wrapped(_generated_kernel())))
 
-    calls = [_outlined_kernel_call(k, 64) for k in (wrapped(), wrapped(), wrapped(warps=8), wrapped(
-        reset_to_zero=["out_ptr"]), triton.jit(_scale.fn))]
-    (first, a, _), (second, b, _) = calls[:2]
-    assert a != b
-    assert first.code == second.code and f"kernel_idx = {a}" in first.code
-    for gm, *_ in calls[2:]:
-        assert gm.code != first.code
-    _runs_and_doubles(second)
+
+def test_a_spec_runs_after_the_side_table_is_emptied():
+    """`torch._dynamo.reset()` empties the side table, and the next trace numbers its entries from 0 again (here
+    a kernel that negates and other constants take the first indices): the op enters the spec's kernel and
+    constants anew, so the branch still runs the doubling kernel with BLOCK=64."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    @triton.jit
+    def negate(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, -tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    spec = _spec(_wrapped())
+    _runs_the_kernel(spec)
+    torch._dynamo.reset()
+    kernel_side_table.add_kernel(negate)
+    kernel_side_table.add_constant_args({"n": 2, "BLOCK": 2})
+    _runs_the_kernel(spec)
+
+
+def test_a_spec_runs_in_another_process():
+    """Inductor's FX graph cache replays the outer graph, spec included, in a process where braze's passes never
+    ran: the spec alone must find the kernel and its constants there."""
+    import json
+    import subprocess
+    import sys
+
+    specs = [_spec(_wrapped()), _spec(_wrapped(_generated_kernel()))]  # the second kernel braze generated
+    code = ("import json, sys, torch, braze.runtime.streams\n"
+            "x = torch.arange(8.0)\n"
+            "for spec in json.load(sys.stdin):\n"
+            "    got, side = torch.ops.braze.parallel_branches(spec, [x, torch.full((8,), float('nan'))])\n"
+            "    assert torch.equal(got, x * 2) and torch.equal(side, x + 1), (got, side)\n"
+            "assert 'braze_kernels.braze_test_double' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs), capture_output=True, text=True, check=False,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_a_kernel_no_other_process_can_find_is_not_outlined():
+    """A kernel made at run time (not a module-level `@triton.jit` function), or a wrapper whose hooks would not
+    survive the trip, keeps its branch on one stream, with the reason."""
+    from braze.passes.streams import why_not_portable
+
+    @triton.jit
+    def local(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    assert "made at run time" in why_not_portable(_kernel_call_branch(local)[1][0])
+    assert "hooks" in why_not_portable(_kernel_call_branch(_wrapped(reset_to_zero=["out_ptr"]))[1][0])
+    assert why_not_portable(_kernel_call_branch(_wrapped())[1][0]) == ""
+    with pytest.raises(ValueError, match="made at run time"):
+        outline(_kernel_call_branch(local)[1])
 
 
 def test_through_the_backend_inductor_launches_the_op_and_the_report_lists_the_side_stream():
