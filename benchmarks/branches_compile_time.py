@@ -7,10 +7,11 @@
 Configurations: `off` (no branch analysis, no merging, no dual-stream), `merge` (analysis + merging),
 `streams` (analysis + dual-stream) and `on` (all three). Each compile runs in a fresh process with empty
 Inductor and braze caches, the configurations in turn (reversed every other repeat), so none profits from
-another's cache or a warm process. Prints the median first-call time (Dynamo + Inductor + braze + the first run) of each against
-`off`, the seconds braze's branch passes took, the seconds the dual-stream op spent compiling its branches
-at the first call, and where Dynamo/Inductor's own time went (`torch._dynamo.utils.compilation_time_metrics`,
-summed per phase; phases nest, so they do not add up).
+another's cache or a warm process. Prints the median first-call time (Dynamo + Inductor + braze + the first
+run) of each against `off`, the seconds braze's branch passes took, the seconds the dual-stream op spent
+compiling its branches at the first call, and where Dynamo/Inductor's own time went
+(`torch._dynamo.utils.compilation_time_metrics`, summed per phase; phases nest, so they do not add up, and
+those of `streams`/`on` include the branch compiles).
 """
 
 from __future__ import annotations

@@ -295,8 +295,8 @@ def test_a_spec_runs_in_another_process():
             "    got, side = torch.ops.braze.parallel_branches(spec, [x, torch.full((8,), float('nan'))])\n"
             "    assert torch.equal(got, x * 2) and torch.equal(side, x + 1), (got, side)\n"
             "assert 'braze_kernels.braze_test_double' in sys.modules\n")
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs), capture_output=True, text=True, check=False,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs), capture_output=True, text=True,
+                         check=False, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
