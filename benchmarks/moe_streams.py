@@ -1,11 +1,14 @@
-"""The overlapped region alone: one DeepSeek V3.2 MoE block (RMSNorm -> router + routed experts + shared
-expert), compiled by braze with and without dual-stream scheduling, timed as a CUDA graph per T.
+"""The overlapped region alone: one MoE block of a model (RMSNorm -> router + routed experts (+ shared
+expert)), compiled by braze with and without dual-stream scheduling, timed as a CUDA graph per T.
 
-    python benchmarks/moe_streams.py [--size bench|tiny] [--tokens 1,8,64] [--out FILE.json]
+    python benchmarks/moe_streams.py [--model deepseek-v3.2|minimax-m2.5|qwen3.5] [--size bench|tiny]
+        [--tokens 1,8,64] [--out FILE.json]
 
-This is the per-layer time of the region dual-stream acts on in the decode step (the router on the
-side stream beside the shared expert; see braze/passes/STREAMS_DESIGN.md). `braze-streams-forced`
-overlaps the fork even where the cost model says serial, to check that decision. On CPU (no streams) it
+This is the per-layer time of the region dual-stream acts on in the decode step (DeepSeek V3.2: the
+router on the side stream beside the shared expert; see braze/passes/STREAMS_DESIGN.md). Variants:
+`braze-no-streams` (one stream), `braze` (the defaults: dual-stream where the cost model says it pays),
+`braze-streams-forced` (every fork overlapped, even where the cost model says serial, to check that
+decision). On CPU (no streams) it
 only checks that both compiles agree with eager and prints what braze decided.
 """
 
@@ -20,29 +23,25 @@ import torch
 from torch import nn
 
 import braze
-from braze.models.common import RMSNorm, init_random
-from braze.models.deepseek_v32 import DeepseekV32Config
-from braze.models.moe import MoE, RouterSpec
+from braze import models
+from braze.models.moe import MoE
 from braze.passes import branches
 
 
 class MoEBlock(nn.Module):
-    """post_attention_layernorm + mlp of one DeepSeek V3.2 MoE layer (module paths as in the model:
-    `layers.0.…`, so braze sees one layer)."""
+    """post_attention_layernorm + mlp of one MoE layer of a built model, under the model's own module
+    paths (`layers.<i>.…`), so braze sees and names one layer as in the step."""
 
-    def __init__(self, cfg: DeepseekV32Config, device, dtype: torch.dtype):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        layer = nn.Module()
-        layer.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
-        router = RouterSpec(top_k=cfg.top_k, scoring="sigmoid", correction_bias=True, n_group=cfg.n_group,
-                            topk_group=cfg.topk_group, renormalize=True, routed_scaling=cfg.routed_scaling)
-        layer.mlp = MoE(cfg.hidden_size, cfg.num_experts, cfg.moe_inter, router,
-                        shared_inter=cfg.moe_inter * cfg.n_shared_experts, device=device, dtype=dtype)
-        self.layers = nn.ModuleList([layer])
-        init_random(self, seed=0)
+        index, layer = next((i, l) for i, l in enumerate(model.layers) if isinstance(l.mlp, MoE))
+        block = nn.Module()
+        block.post_attention_layernorm, block.mlp = layer.post_attention_layernorm, layer.mlp
+        self.layers = nn.ModuleDict({str(index): block})
+        self.hidden = layer.post_attention_layernorm.weight.shape[-1]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[0]
+        (layer,) = self.layers.values()
         return h + layer.mlp(layer.post_attention_layernorm(h))  # [T, hidden]
 
 
@@ -62,21 +61,21 @@ def _forced(on: bool):
         branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE = saved
 
 
-def run(size: str, tokens: list[int], device: str) -> list[dict]:
-    cfg = getattr(DeepseekV32Config, size)()
-    block = MoEBlock(cfg, device, torch.bfloat16)
+def run(model_name: str, size: str, tokens: list[int], device: str) -> list[dict]:
+    model = models.build(model_name, size, device=device, dtype=torch.bfloat16, max_batch=max(tokens), max_context=8)
+    block = MoEBlock(model).eval()
     rows = []
     for t in tokens:
-        h = torch.randn(t, cfg.hidden_size, generator=torch.Generator().manual_seed(t)).to(device, torch.bfloat16)
+        h = torch.randn(t, block.hidden, generator=torch.Generator().manual_seed(t)).to(device, torch.bfloat16)
         with torch.no_grad():
             want = block(h)
-        for variant in ("braze", "braze-streams", "braze-streams-forced"):
+        for variant in ("braze-no-streams", "braze", "braze-streams-forced"):
             torch._dynamo.reset()
-            be = braze.backend(braze.FusionConfig(dual_stream=variant != "braze"))
+            be = braze.backend(braze.FusionConfig(dual_stream=variant != "braze-no-streams"))
             step = torch.compile(block, backend=be, dynamic=False, fullgraph=True)
             with torch.no_grad(), _forced(variant.endswith("forced")):
                 got = step(h)
-                row = {"tokens": t, "variant": variant,
+                row = {"model": model_name, "tokens": t, "variant": variant,
                        "rel_err_vs_eager": ((got.float() - want.float()).norm() / want.float().norm()).item(),
                        "dual_stream": [r.message for r in braze.report(be).applied if r.name == "dual-stream"],
                        "dual_stream_missed": [r.reason for r in braze.report(be).missed if r.name == "dual-stream"]}
@@ -93,6 +92,7 @@ def run(size: str, tokens: list[int], device: str) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="deepseek-v3.2", choices=models.MODEL_NAMES)
     p.add_argument("--size", default="bench", choices=("bench", "tiny"))
     p.add_argument("--tokens", default="1")
     p.add_argument("--out")
@@ -102,14 +102,14 @@ def main() -> None:
         import braze.passes.streams
 
         braze.passes.streams.ON_CPU = True
-    rows = run(args.size, [int(t) for t in args.tokens.split(",")], device)
+    rows = run(args.model, args.size, [int(t) for t in args.tokens.split(",")], device)
     for t in sorted({r["tokens"] for r in rows}):
         us = {r["variant"]: r.get("us") for r in rows if r["tokens"] == t}
-        if us.get("braze") and us.get("braze-streams"):
-            print(f"T={t}: MoE block {us['braze']:.1f} us on one stream, {us['braze-streams']:.1f} us with "
-                  f"dual-stream as the cost model decides ({us['braze-streams'] - us['braze']:+.1f} us), "
-                  f"{us['braze-streams-forced']:.1f} us with every fork overlapped "
-                  f"({us['braze-streams-forced'] - us['braze']:+.1f} us)")
+        if us.get("braze") and us.get("braze-no-streams"):
+            one, chosen, forced = us["braze-no-streams"], us["braze"], us["braze-streams-forced"]
+            print(f"{args.model} T={t}: MoE block {one:.1f} us on one stream, {chosen:.1f} us with dual-stream as "
+                  f"the cost model decides ({chosen - one:+.1f} us), {forced:.1f} us with every fork overlapped "
+                  f"({forced - one:+.1f} us)")
     if args.out:
         env = {"torch": torch.__version__, "card": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         with open(args.out, "w") as f:

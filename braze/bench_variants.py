@@ -9,7 +9,7 @@ VARIANTS = ("eager", "inductor", "braze")
 # braze variants beyond the defaults, on request (--variants), to measure what each switch buys: the
 # FusionConfig switches each one sets ("braze" is FusionConfig())
 VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gemm_merge": False},
-                    "braze-streams": {"dual_stream": True},
+                    "braze-streams": {"dual_stream": True}, "braze-no-streams": {"dual_stream": False},
                     "braze-no-decode-gemm": {"decode_gemm": False}, "braze-no-gemm-norm": {"decode_gemm_norm": False},
                     "braze-collective": {"collective": True}, "braze-no-collective": {"collective": False},
                     "braze-no-delta": {"delta_rule": False}, "braze-no-topk": {"topk": False},

@@ -112,9 +112,10 @@ class FusionConfig:
         model (with the card's measured constants, passes/cost.py CARDS) says it pays, both branches
         compiled by Inductor. On an H200 (results README, session 15) it takes 0.7% / 1.2% off DeepSeek
         V3.2's step at T=1 / 8, 4.2% / 2.9% off Qwen 3.5's at T=8 / 64 and 4.2% / 2.6% off MiniMax M2.5's,
-        and changes nothing where it does not act. Off by default: compiling each overlapped site's branches
-        made the first call 29-36% slower, above the 20% braze allows a pass (identical layers now share one
-        compile; on the CPU that did not shorten the first call).
+        and changes nothing where it does not act. CUDA graphs only. Its cost is compile time: each distinct
+        overlapped pair of branches compiles apart at the first call (identical layers share one spec, so two
+        compiles per model in the bench configs); the first call with merging and dual-stream is -8% to +19% of
+        it without them on an H200 (results README, session 17), within the 20% braze allows a pass.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
         TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). On CUDA the
         all-reduce + norm is fused only where every launch the graph can see takes the one-shot
@@ -154,7 +155,7 @@ class FusionConfig:
     gemm_merge: bool = True  # GPU tests passed (gpu_tests.md, session 6); token range [1, 1] (see above)
     decode_gemm: bool = True
     decode_gemm_norm: bool = True
-    dual_stream: bool = False
+    dual_stream: bool = True
     verify: str = "off"
     verify_rtol: float = 1.0
     token_ranges: Mapping[str, TokenRange] | tuple = field(default_factory=_default_ranges)

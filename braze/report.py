@@ -250,8 +250,8 @@ class Report:
             on_side = f"; side stream: {len(nodes)} nodes ({', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
             lines.append(f"  {layer:<38}{decisions or '-'}{on_side if nodes else ''}")
         if not side:
-            lines.append("  (no branches on a second stream: FusionConfig(dual_stream=True) enables it where the cost "
-                         "model says overlap pays)")
+            lines.append("  (no branches on a second stream: dual-stream acts on CUDA graphs where the cost model says "
+                         "overlap pays; the remarks say why each fork stayed serial)")
         return lines
 
     def plot(self, path: str) -> str:

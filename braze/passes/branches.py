@@ -15,7 +15,7 @@ Decisions, by the cost model of `braze.passes.cost` at the traced token count:
 - merge (a prefix to one of the two below): two or more branches open with GEMMs on the fork's
   value, which the gemm-merge pass turns into one GEMM;
 - overlap: running the smaller branch beside the larger would save time by the model; the
-  dual-stream pass (braze.passes.streams, off unless FusionConfig(dual_stream=True)) acts on it,
+  dual-stream pass (braze.passes.streams, on unless FusionConfig(dual_stream=False)) acts on it,
   re-deciding on the graph as gemm-merge left it;
 - serial: overlapping would save too little, or the branches together are bound by bandwidth or
   compute rather than by launches.
@@ -184,8 +184,7 @@ def decide(fork: Fork, device: DeviceModel = REFERENCE) -> Decision:
         return Decision(prefix + "serial", "; ".join(parts), merged)
     # the smallest by estimated time, preferring one that is not part of the merged GEMM
     side = next((b for b in reversed(fork.branches) if b.head not in merged), fork.branches[-1])
-    parts.append(f"the smaller branch beside the larger saves ~{gain * 1e6:.1f} us ({summary}); on two streams "
-                 "only with FusionConfig(dual_stream=True)")
+    parts.append(f"the smaller branch beside the larger saves ~{gain * 1e6:.1f} us ({summary})")
     return Decision(prefix + "overlap", "; ".join(parts), merged, side)
 
 
@@ -215,9 +214,12 @@ class BranchAnalysis(Pass):
                     "branches": branches, "merged": [n.name for n in decision.merged]}
             if decision.side is not None:
                 args["side_stream_nodes"] = [n.name for n in decision.side.nodes if not is_free(n)]
+            reason = decision.reason
+            if decision.side is not None and not ctx.config.dual_stream:
+                reason += "; dual_stream is off, so they stay on one stream"
             ctx.remark("analysis", "independent-branches", fork.fork,
                        f"{len(fork.branches)} independent branches from {describe(fork.fork)} to {join}: "
-                       f"{decision.kind}: {decision.reason}",
+                       f"{decision.kind}: {reason}",
                        ops=tuple(_head_op(b.head) for b in fork.branches), args=args)
 
 

@@ -3,6 +3,7 @@ must stay on one, and that the outlined graph, its branches compiled by Inductor
 
 from __future__ import annotations
 
+import copy
 import operator
 import os
 
@@ -104,9 +105,12 @@ def test_overlapped_branches_compiled_by_inductor_on_cpu_equal_the_original(monk
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_off_by_default_and_outside_the_token_range():
+def test_on_by_default_off_with_one_switch_and_outside_the_token_range():
     gm = aten_graph(two_heavy_branches, *ARGS)
-    assert not run_passes(gm, FusionConfig(), (DualStream,), inputs=ARGS).remarks
+    assert not run_passes(gm, FusionConfig(dual_stream=False), (DualStream,), inputs=ARGS).remarks
+    assert "braze.parallel_branches.default" not in ops(gm)
+    (r,) = run_passes(copy.deepcopy(gm), FusionConfig(), (DualStream,), inputs=ARGS).remarks
+    assert r.kind == "applied" and r.name == "dual-stream"
     narrow = FusionConfig(dual_stream=True, token_ranges={"dual_stream": TokenRange(8, 64)})
     (r,) = run_passes(gm, narrow, (DualStream,), inputs=ARGS).remarks
     assert r.kind == "missed" and "4 tokens is outside the configured range [8, 64]" in r.reason
@@ -443,7 +447,7 @@ def test_deepseek_moe_router_beside_the_shared_expert():
     # the same passes on one stream: what the two-stream graph must equal bit for bit (braze's fused kernels sum
     # in their own order, so the unfused graph is only close)
     serial = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    run_passes(serial, FusionConfig(gemm_merge=True, router=False), inputs=example)
+    run_passes(serial, FusionConfig(gemm_merge=True, dual_stream=False, router=False), inputs=example)
     want = serial(*example)
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     # the router unfused (its three top-ks, gathers and group mask) is the branch whose overlap with the shared
@@ -455,8 +459,7 @@ def test_deepseek_moe_router_beside_the_shared_expert():
     # the routed experts are fused (moe-experts), so the router's branch ends at their op
     assert fork.message == (
         "2 independent branches from `mul_64` (mul.Tensor) to `moe_experts_cpu` (moe_experts_cpu.default): overlap: "
-        "the smaller branch beside the larger saves ~5.7 us (serial ~21.7 us, overlapped ~16.0 us by the model); on "
-        "two streams only with FusionConfig(dual_stream=True)")
+        "the smaller branch beside the larger saves ~5.7 us (serial ~21.7 us, overlapped ~16.0 us by the model)")
     (r,) = [r for r in record.remarks if r.pass_name == "dual-stream"]
     assert r.kind == "applied" and r.location == "layers.1.post_attention_layernorm"
     assert r.message == (
