@@ -26,3 +26,10 @@ case ${1:-default} in
     done
     ;;
 esac
+# `diag`: the dual-stream branches of DeepSeek V3.2's MoE block at T=1 and the code Inductor makes of them
+# (benchmarks/diag/branch_code.py, TORCH_LOGS=output_code).
+if [ "${1:-}" = diag ]; then
+  TORCH_LOGS=output_code timeout 120 python3 benchmarks/diag/branch_code.py --tokens 1 > "$OUT/branch_code.log" 2>&1
+  grep -c "def call\|==== branch" "$OUT/branch_code.log"; grep "^==== \|triton_.*= async_compile\|extern_kernels\|\.run(" \
+    "$OUT/branch_code.log" | cut -c1-200 | head -60
+fi
