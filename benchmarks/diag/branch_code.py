@@ -14,10 +14,11 @@ import torch
 
 import braze
 from braze import models
+from braze.passes import streams as stream_pass
 from braze.runtime import streams as rs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_streams import MoEBlock  # noqa: E402
+from moe_streams import MoEBlock
 
 _seen: set = set()
 _branch = rs._branch
@@ -41,9 +42,7 @@ def main() -> None:
     rs._branch = _spy
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        import braze.passes.streams
-
-        braze.passes.streams.ON_CPU = rs.COMPILE_ON_CPU = True
+        stream_pass.ON_CPU = rs.COMPILE_ON_CPU = True
     model = models.build(args.model, "bench" if device == "cuda" else "tiny", device=device, dtype=torch.bfloat16,
                          max_batch=args.tokens, max_context=8)
     block = MoEBlock(model).eval()
