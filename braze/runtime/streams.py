@@ -80,6 +80,82 @@ def _unb64(text: str) -> object:
     return pickle.loads(base64.b64decode(text))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Arg:
+    """A reference to the value of the `index`-th node, in an encoded graph."""
+
+    index: int
+
+
+def _map(x: object, fn) -> object:
+    """`x` with every Node or _Arg in it (nested in tuples, lists, dicts and slices) replaced by `fn` of it."""
+    if isinstance(x, (torch.fx.Node, _Arg)):
+        return fn(x)
+    if isinstance(x, tuple):
+        return tuple(_map(y, fn) for y in x)
+    if isinstance(x, list):
+        return [_map(y, fn) for y in x]
+    if isinstance(x, dict):
+        return {k: _map(v, fn) for k, v in x.items()}
+    if isinstance(x, slice):
+        return slice(_map(x.start, fn), _map(x.stop, fn), _map(x.step, fn))
+    return x
+
+
+def _target_ref(target: object) -> tuple:
+    if isinstance(target, str):  # placeholder, output
+        return ("str", target)
+    if isinstance(target, torch._ops.OpOverload):
+        return ("op", target._schema.name, target._overloadname)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return ("hop", target.name())
+    return ("py", target.__module__, target.__qualname__)  # operator.getitem and the like
+
+
+def _load_target(ref: tuple) -> object:
+    kind, *rest = ref
+    if kind == "str":
+        return rest[0]
+    if kind == "op":
+        ns, name = rest[0].split("::")
+        return getattr(getattr(getattr(torch.ops, ns), name), rest[1])
+    if kind == "hop":
+        return getattr(torch.ops.higher_order, rest[0])
+    obj = importlib.import_module(rest[0])
+    for part in rest[1].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def encode_graph(gm: torch.fx.GraphModule) -> str:
+    """An outlined branch, node by node. Not GraphModule's own pickle: loading one traces its code again with
+    torch.fx's symbolic tracer, which runs each call that reads no graph value (`empty`, `full`) and keeps the
+    result as a constant tensor; a Triton kernel's output buffer made so reaches Inductor as a graph input,
+    which it must copy before every launch (two copy kernels per router call, seen on the H200)."""
+    index: dict[torch.fx.Node, int] = {}
+    nodes = []
+    for n in gm.graph.nodes:
+        assert n.op in ("placeholder", "call_function", "output"), f"{n.op} node {n.name} in an outlined branch"
+        nodes.append((n.op, _target_ref(n.target), _map(n.args, lambda a: _Arg(index[a])),
+                      _map(dict(n.kwargs), lambda a: _Arg(index[a])), n.name))
+        index[n] = len(index)
+    return _b64({"format": 2, "nodes": nodes})
+
+
+def decode_graph(text: str) -> torch.fx.GraphModule:
+    """The GraphModule `encode_graph` encoded: the same nodes, no call run."""
+    doc = _unb64(text)
+    if not isinstance(doc, dict) or doc.get("format") != 2:
+        raise ValueError("braze::parallel_branches: a spec from another braze version (its branches are not "
+                         "encoded node by node); clear Inductor's cache (TORCHINDUCTOR_CACHE_DIR) and recompile")
+    g = torch.fx.Graph()
+    env: list[torch.fx.Node] = []
+    for op, target, args, kwargs, name in doc["nodes"]:
+        env.append(g.create_node(op, _load_target(target), _map(args, lambda a: env[a.index]),
+                                 _map(kwargs, lambda a: env[a.index]), name=name))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
 @dataclasses.dataclass
 class TritonCalls:
     """The kernels and constants an outlined graph's Triton calls number from 0: `kernels[i]` is a
@@ -172,7 +248,7 @@ class _Bound:
     the entries before every call and enters them again after a `torch._dynamo.reset()` emptied the table."""
 
     def __init__(self, text: str, calls: TritonCalls) -> None:
-        self.gm = _unb64(text)
+        self.gm = decode_graph(text)
         self.local = [(n, n.kwargs["kernel_idx"], n.kwargs["constant_args_idx"]) for n in _triton_nodes(self.gm)]
         self.calls = calls
         self.entries: list[tuple[int, object, int, object]] = []
@@ -209,7 +285,7 @@ def encode_spec(main: torch.fx.GraphModule, side: torch.fx.GraphModule, main_inp
     and the Triton kernels and constants each subgraph's calls number from 0."""
     calls = {"main": dataclasses.asdict(main_calls or TritonCalls()),
              "side": dataclasses.asdict(side_calls or TritonCalls())}
-    doc = {"main": _b64(main), "side": _b64(side), "main_inputs": main_inputs, "side_inputs": side_inputs,
+    doc = {"main": encode_graph(main), "side": encode_graph(side), "main_inputs": main_inputs, "side_inputs": side_inputs,
            "outputs": outputs, "triton": calls}
     return json.dumps(doc, sort_keys=True)
 

@@ -304,6 +304,38 @@ def test_a_spec_runs_in_another_process():
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_a_buffer_the_branch_creates_stays_a_call_in_the_spec():
+    """A Triton kernel's output buffer made inside the branch (`empty`, as a traced braze op makes it) must stay
+    a call when the op loads the spec: GraphModule's own pickle traced the code again and turned it into a
+    constant tensor, which Inductor then passed in as an input and copied before every launch."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(8)
+    out = g.call_function(torch.ops.aten.empty.memory_format, ([8],),
+                          {"dtype": torch.float32, "device": torch.device("cpu"), "pin_memory": False})
+    k = g.call_function(triton_kernel_wrapper_functional, kwargs={
+        "kernel_idx": kernel_side_table.add_kernel(braze.testing.double_kernel),
+        "constant_args_idx": kernel_side_table.add_constant_args({"n": 8, "BLOCK": 64}),
+        "grid": [(1, 1, 1)], "tma_descriptor_metadata": {}, "kwargs": {"x_ptr": x, "out_ptr": out},
+        "tensors_to_clone": ["out_ptr"]})
+    r = g.call_function(operator.getitem, (k, "out_ptr"))
+    r.meta["val"] = torch.empty(8)
+    g.output((r,))
+    main, *_, calls = outline(tuple(n for n in g.nodes if n.op == "call_function"))
+    side = torch.fx.symbolic_trace(lambda y: (y + 1.0,))
+    meta = [{"shape": [8], "stride": [1], "dtype": "float32"}] * 2
+    spec = streams.encode_spec(main, side, [0], [0], meta, calls)
+    import json
+
+    loaded = streams.decode_graph(json.loads(spec)["main"])
+    assert not [n for n in loaded.graph.nodes if n.op == "get_attr"]
+    assert [n.target for n in loaded.graph.nodes if n.op == "call_function"][0] == torch.ops.aten.empty.memory_format
+    got, plus_one = torch.ops.braze.parallel_branches(spec, [torch.arange(8.0)])
+    assert torch.equal(got, torch.arange(8.0) * 2) and torch.equal(plus_one, torch.arange(8.0) + 1)
+
+
 def test_a_kernel_no_other_process_can_find_is_not_outlined():
     """A kernel made at run time (not a module-level `@triton.jit` function), or a wrapper whose hooks would not
     survive the trip, keeps its branch on one stream, with the reason."""
