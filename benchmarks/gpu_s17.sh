@@ -33,3 +33,16 @@ if [ "${1:-}" = diag ]; then
   grep -c "def call\|==== branch" "$OUT/branch_code.log"; grep "^==== \|triton_.*= async_compile\|extern_kernels\|\.run(" \
     "$OUT/branch_code.log" | cut -c1-200 | head -60
 fi
+# `verify`: after the spec encodes branches node by node and the fork's dtype casts stay outside: the dual-stream
+# GPU tests, the side branch's kernels (diag), DeepSeek V3.2's MoE block and step at T=1 with and without.
+if [ "${1:-}" = verify ]; then
+  timeout 60 python3 -m pytest -q -p no:logging -p no:cacheprovider tests/passes/test_streams_gpu.py 2>&1 \
+    | tee "$OUT/tests.log" | tail -1
+  TORCH_LOGS=output_code timeout 60 python3 benchmarks/diag/branch_code.py --tokens 1 > "$OUT/branch_code.log" 2>&1
+  grep "^==== branch\|\.run(\|extern_kernels\.\w*(" "$OUT/branch_code.log" | sed 's/.*output_code\] //' | cut -c1-110
+  echo "diag: $((SECONDS - t0)) s"
+  timeout 60 python3 benchmarks/moe_streams.py --model deepseek-v3.2 --size bench --tokens 1 \
+    --out "$OUT/results/moe_streams_deepseek-v3.2.json" 2>&1 | tee "$OUT/regions.log" | grep "MoE block\|Error"
+  echo "regions: $((SECONDS - t0)) s"; keep
+  bench deepseek-v3.2 1 braze,braze-no-streams bench_ds.log
+fi

@@ -13,6 +13,8 @@ rewrite is provably the same computation:
   reads the other branch's outputs) moves before the branches' first node, and a tensor the graph
   creates from nothing (`full`, `iota`, `scalar_tensor`) that only one branch reads moves into that
   branch. Anything else computed late is left in place, and the branches stay on one stream;
+- a dtype cast of the fork's value that opens a branch stays in the outer graph (and moves before the
+  branches if need be) where a generated kernel computes that value: Inductor computes it there;
 - the token count lies in `FusionConfig.token_ranges['dual_stream']` (default [1, 64]: above it the
   branches' GEMMs approach compute-bound and each fills the GPU alone);
 - no node of either branch is already part of another outlined pair;
@@ -37,7 +39,7 @@ from braze.runtime.streams import TritonCalls, encode_spec, kernel_ref
 
 from .base import Pass, PassContext
 from .branches import Branch, Fork, decide, find_forks
-from .cost import device_model, is_free
+from .cost import device_model, is_extern, is_free
 from .rewrite import graph_fake_mode
 
 prims = torch.ops.prims
@@ -119,12 +121,32 @@ _CREATION = (aten.full.default, aten.zeros.default, aten.ones.default, aten.empt
 
 def _movable(node: Node, before: int, order: dict[Node, int], inside: set[Node]) -> bool:
     """Whether `node` (outside the branches) can be computed before position `before` by moving it and the
-    nodes it needs there: a pure view, slice or getitem, or a creation op, of earlier or movable values."""
+    nodes it needs there: a pure view, slice, getitem or dtype cast, or a creation op, of earlier or movable
+    values."""
     if node in inside or node.op != "call_function" or _mutates(node):
         return False
-    if not (is_free(node) or node.target in _CREATION):
+    if not (is_free(node) or node.target in _CREATION or node.target in _CASTS):
         return False
     return all(order[a] < before or _movable(a, before, order, inside) for a in node.all_input_nodes)
+
+
+# dtype casts: pure and cheap, fused by Inductor into the kernel that computes their input
+_CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+
+
+def without_fused_casts(branch: Branch, fork: Node) -> Branch:
+    """`branch` without the dtype casts of the fork's value it opens with, where a kernel Inductor generates
+    computes that value: left in the outer graph, the cast is computed by that kernel (DeepSeek V3.2's norm
+    writes the hidden state in bf16 and, for the router, in fp32); outlined, it would be a kernel of its own,
+    one more per overlapped layer on the H200."""
+    if fork.op != "call_function" or is_free(fork) or is_extern(fork):
+        return branch
+    inside = set(branch.nodes)
+    casts = {n for n in fork.users if n in inside and n.target in _CASTS and n.all_input_nodes == [fork]}
+    rest = tuple(n for n in branch.nodes if n not in casts)
+    if not casts or not any(n.op == "call_function" and not is_free(n) for n in rest):
+        return branch
+    return Branch(rest[0], rest, branch.cost)
 
 
 def with_created_inputs(branch: Branch, others: set[Node]) -> Branch:
@@ -166,7 +188,7 @@ def schedule(main: Branch, side: Branch) -> tuple[list[Node], str]:
         u = min(early, key=order.__getitem__)
         late = max(ready_at, key=lambda a: (ready_at[a], order[a]))
         return [], (f"{describe(u)} uses a branch value before {describe(late)}, which a branch reads, "
-                    "is computed (braze moves only views and creation ops of earlier values)")
+                    "is computed (braze moves only views, dtype casts and creation ops of earlier values)")
     # The op reads its inputs at `ready`, the branches read them anywhere up to their last node: no write in
     # place into their storage may fall in between (a cache written by another op, say).
     lo, hi = min(first, ready), max(max(order[n] for n in inside), ready)
@@ -251,8 +273,8 @@ class DualStream(Pass):
             side = decision.side
             main = next(b for b in fork.branches if b is not side)
             try:
-                main = with_created_inputs(main, set(side.nodes))
-                side = with_created_inputs(side, set(main.nodes))
+                main = with_created_inputs(without_fused_casts(main, fork.fork), set(side.nodes))
+                side = with_created_inputs(without_fused_casts(side, fork.fork), set(main.nodes))
                 why = self._why_not(fork, main, side, taken, ctx)
                 hoist, why = ([], why) if why else schedule(main, side)
                 prepared = None if why else self._prepare(graph, main, side)
