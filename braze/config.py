@@ -110,12 +110,12 @@ class FusionConfig:
         and the chains behind those GEMMs need no launch before them.
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
         model (with the card's measured constants, passes/cost.py CARDS) says it pays, both branches
-        compiled by Inductor. On an H200 (results README, session 15) it takes 0.7% / 1.2% off DeepSeek
-        V3.2's step at T=1 / 8, 4.2% / 2.9% off Qwen 3.5's at T=8 / 64 and 4.2% / 2.6% off MiniMax M2.5's,
-        and changes nothing where it does not act. CUDA graphs only. Its cost is compile time: each distinct
-        overlapped pair of branches compiles apart at the first call (identical layers share one spec, so two
-        compiles per model in the bench configs); the first call with merging and dual-stream is -8% to +19% of
-        it without them on an H200 (results README, session 17), within the 20% braze allows a pass.
+        compiled by Inductor; graphs on CUDA only. On an H200 (results README, session 17) it takes 0.9% /
+        2.7% off DeepSeek V3.2's step at T=1 / 8, 4.5% / 3.1% off Qwen 3.5's at T=8 / 64 and 4.4% / 2.5% off
+        MiniMax M2.5's (8-14 µs per overlapped MoE block), and changes nothing where it does not act. Its cost
+        is compile time: each distinct overlapped pair of branches compiles apart at the first call (identical
+        layers share one spec: two compiles per model in the bench configs); the first call with merging and
+        dual-stream measured -8% to +19% of it without them, within the 20% braze allows a pass.
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
         TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). On CUDA the
         all-reduce + norm is fused only where every launch the graph can see takes the one-shot
