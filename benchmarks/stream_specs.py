@@ -12,11 +12,9 @@ after the first the lines of its main and side graphs' code that differ from the
 from __future__ import annotations
 
 import argparse
-import base64
 import difflib
 import json
 import os
-import pickle
 import tempfile
 
 # fresh caches: a cached compile would skip braze's passes and record no spec
@@ -31,7 +29,9 @@ from braze.passes import streams as stream_pass  # noqa: E402
 
 
 def code(spec: str, which: str) -> list[str]:
-    return pickle.loads(base64.b64decode(json.loads(spec)[which])).code.splitlines()
+    from braze.runtime.streams import decode_graph
+
+    return decode_graph(json.loads(spec)[which]).code.splitlines()
 
 
 def main() -> None:

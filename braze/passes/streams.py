@@ -39,7 +39,7 @@ from braze.runtime.streams import TritonCalls, encode_spec, kernel_ref
 
 from .base import Pass, PassContext
 from .branches import Branch, Fork, decide, find_forks
-from .cost import device_model, is_extern, is_free
+from .cost import device_model, is_extern, is_free, is_reduction
 from .rewrite import graph_fake_mode
 
 prims = torch.ops.prims
@@ -134,15 +134,30 @@ def _movable(node: Node, before: int, order: dict[Node, int], inside: set[Node])
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 
 
+def _is_dtype_cast(node: Node) -> bool:
+    """A cast that changes the dtype only (an `_to_copy` to another device or layout is not one)."""
+    if node.target is prims.convert_element_type.default:
+        return True
+    return node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}
+
+
+def _generated(node: Node) -> bool:
+    """A pointwise op or a reduction, which Inductor computes in a kernel it generates (and can fuse a cast
+    into), rather than a fallback or an extern call."""
+    if node.op != "call_function" or is_free(node) or is_extern(node):
+        return False
+    return torch.Tag.pointwise in getattr(node.target, "tags", ()) or is_reduction(node)
+
+
 def without_fused_casts(branch: Branch, fork: Node) -> Branch:
     """`branch` without the dtype casts of the fork's value it opens with, where a kernel Inductor generates
     computes that value: left in the outer graph, the cast is computed by that kernel (DeepSeek V3.2's norm
     writes the hidden state in bf16 and, for the router, in fp32); outlined, it would be a kernel of its own,
     one more per overlapped layer on the H200."""
-    if fork.op != "call_function" or is_free(fork) or is_extern(fork):
+    if not _generated(fork):
         return branch
     inside = set(branch.nodes)
-    casts = {n for n in fork.users if n in inside and n.target in _CASTS and n.all_input_nodes == [fork]}
+    casts = {n for n in fork.users if n in inside and _is_dtype_cast(n) and n.all_input_nodes == [fork]}
     rest = tuple(n for n in branch.nodes if n not in casts)
     if not casts or not any(n.op == "call_function" and not is_free(n) for n in rest):
         return branch
@@ -193,6 +208,9 @@ def schedule(main: Branch, side: Branch) -> tuple[list[Node], str]:
     # place into their storage may fall in between (a cache written by another op, say).
     lo, hi = min(first, ready), max(max(order[n] for n in inside), ready)
     roots = {_root(a): a for a in external}
+    # a moved cast copies its input earlier than it did: a write in place into that input in between would
+    # now come after the copy (a view moved instead still sees the write, through the storage it shares)
+    roots.update({_root(x): h for h in hoist if h.target in _CASTS for x in h.all_input_nodes})
     for m in graph.nodes:
         if lo < order[m] < hi and m not in inside and _mutates(m):
             hit = next((roots[_root(x)] for x in m.all_input_nodes if _root(x) in roots), None)

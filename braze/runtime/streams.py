@@ -87,9 +87,17 @@ class _Arg:
     index: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """An operator passed as an argument (`with_effects(token, op, ...)`), by reference: operators do not pickle."""
+
+    ref: tuple
+
+
 def _map(x: object, fn) -> object:
-    """`x` with every Node or _Arg in it (nested in tuples, lists, dicts and slices) replaced by `fn` of it."""
-    if isinstance(x, (torch.fx.Node, _Arg)):
+    """`x` with every Node, _Arg, operator or _Op in it (nested in tuples, lists, dicts and slices) replaced by
+    `fn` of it."""
+    if isinstance(x, (torch.fx.Node, _Arg, _Op, torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
         return fn(x)
     if isinstance(x, tuple):
         return tuple(_map(y, fn) for y in x)
@@ -134,10 +142,13 @@ def encode_graph(gm: torch.fx.GraphModule) -> str:
     which it must copy before every launch (two copy kernels per router call, seen on the H200)."""
     index: dict[torch.fx.Node, int] = {}
     nodes = []
+
+    def enc(a: object) -> object:
+        return _Arg(index[a]) if isinstance(a, torch.fx.Node) else _Op(_target_ref(a))
+
     for n in gm.graph.nodes:
         assert n.op in ("placeholder", "call_function", "output"), f"{n.op} node {n.name} in an outlined branch"
-        nodes.append((n.op, _target_ref(n.target), _map(n.args, lambda a: _Arg(index[a])),
-                      _map(dict(n.kwargs), lambda a: _Arg(index[a])), n.name))
+        nodes.append((n.op, _target_ref(n.target), _map(n.args, enc), _map(dict(n.kwargs), enc), n.name))
         index[n] = len(index)
     return _b64({"format": 2, "nodes": nodes})
 
@@ -150,9 +161,12 @@ def decode_graph(text: str) -> torch.fx.GraphModule:
                          "encoded node by node); clear Inductor's cache (TORCHINDUCTOR_CACHE_DIR) and recompile")
     g = torch.fx.Graph()
     env: list[torch.fx.Node] = []
+
+    def dec(a: _Arg | _Op) -> object:
+        return env[a.index] if isinstance(a, _Arg) else _load_target(a.ref)
+
     for op, target, args, kwargs, name in doc["nodes"]:
-        env.append(g.create_node(op, _load_target(target), _map(args, lambda a: env[a.index]),
-                                 _map(kwargs, lambda a: env[a.index]), name=name))
+        env.append(g.create_node(op, _load_target(target), _map(args, dec), _map(kwargs, dec), name=name))
     return torch.fx.GraphModule(torch.nn.Module(), g)
 
 

@@ -336,6 +336,21 @@ def test_a_buffer_the_branch_creates_stays_a_call_in_the_spec():
     assert torch.equal(got, torch.arange(8.0) * 2) and torch.equal(plus_one, torch.arange(8.0) + 1)
 
 
+def test_a_spec_encodes_operators_passed_as_arguments():
+    """`with_effects(token, op, ...)` passes an operator as an argument; operators do not pickle, so the spec
+    names them as it names node targets."""
+    g = torch.fx.Graph()
+    token, x = g.placeholder("token"), g.placeholder("x")
+    call = g.call_function(torch.ops.higher_order.with_effects, (token, torch.ops.aten.mm.default, x, [x]),
+                           {"op": torch.ops.higher_order.triton_kernel_wrapper_functional, "s": slice(0, 2)})
+    g.output((call,))
+    loaded = streams.decode_graph(streams.encode_graph(torch.fx.GraphModule(torch.nn.Module(), g)))
+    (got,) = [n for n in loaded.graph.nodes if n.op == "call_function"]
+    assert got.target is torch.ops.higher_order.with_effects and got.args[1] is torch.ops.aten.mm.default
+    assert [a.name for a in (got.args[0], got.args[2], got.args[3][0])] == ["token", "x", "x"]
+    assert got.kwargs == {"op": torch.ops.higher_order.triton_kernel_wrapper_functional, "s": slice(0, 2)}
+
+
 def test_a_kernel_no_other_process_can_find_is_not_outlined():
     """A kernel made at run time (not a module-level `@triton.jit` function), or a wrapper whose hooks would not
     survive the trip, keeps its branch on one stream, with the reason."""
@@ -442,6 +457,62 @@ def test_a_weight_written_in_place_between_fork_and_use_keeps_the_branches_on_on
     assert r.reason == ("`mul__tensor` (mul_.Tensor) writes in place into `permute_4` (permute.default), which a branch "
                         "reads, between where the branches would run and where they ran")
     torch.testing.assert_close(gm(*fresh()), want, rtol=0, atol=0)
+
+
+def test_a_cast_of_the_fork_stays_outside_only_where_a_generated_kernel_computes_the_fork():
+    from braze.passes.branches import Branch
+    from braze.passes.cost import Cost
+    from braze.passes.streams import without_fused_casts
+
+    def f(x, w):
+        h = x * 2.0  # pointwise: Inductor's kernel can write the fp64 copy too
+        m = x @ w  # a GEMM: the cast would be a kernel of its own either way
+        return h.to(torch.float64).exp(), m.to(torch.float64).exp()
+
+    gm = aten_graph(f, torch.randn(4, 4), torch.randn(4, 4))
+    casts = [n for n in gm.graph.nodes if n.target is torch.ops.prims.convert_element_type.default]
+    for cast in casts:
+        branch = Branch(cast, (cast, *cast.users), Cost())
+        kept = without_fused_casts(branch, cast.args[0])
+        assert kept == (branch if cast.args[0].target is torch.ops.aten.mm.default else
+                        Branch(next(iter(cast.users)), tuple(cast.users), Cost()))
+    with gm.graph.inserting_after(casts[0]):  # to another device: not a dtype cast, it stays in the branch
+        moved = gm.graph.call_function(torch.ops.aten._to_copy.default, (casts[0].args[0],), {"device": "meta"})
+    branch = Branch(moved, (moved, *casts[0].users), Cost())
+    assert without_fused_casts(branch, casts[0].args[0]) == branch
+
+
+def _late_cast_branches(x, wa, wb, wc, scale):
+    """two_heavy_branches, the smaller branch scaled by `scale` cast to fp32 just before its use."""
+    h = x * 2.0
+    a = F.linear(F.linear(h, wa).softmax(-1), wc).softmax(-1)
+    a = F.linear(a.softmax(-1), wc.t()).softmax(-1).cumsum(-1)
+    b = torch.softmax(F.linear(h.tanh(), wb), -1).cumsum(-1)
+    b = (b - b.mean(-1, keepdim=True)).softmax(-1).cumsum(-1) * scale.to(torch.float32)
+    return a.sum(-1) + b.sum(-1), b
+
+
+def test_a_cast_moves_before_the_branches_unless_its_input_is_written_in_place_in_between():
+    """A dtype cast of an earlier value moves before the branches like a view, but it copies: moved before a
+    write in place into its input it would read the old value, so then the branches stay on one stream."""
+    args = ARGS + (torch.randn(32, dtype=torch.bfloat16),)
+    fresh = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    gm = aten_graph(_late_cast_branches, *args)
+    want = gm(*fresh())
+    (r,) = run_passes(copy.deepcopy(gm), ON, (DualStream,), inputs=args).remarks
+    assert r.kind == "applied"  # the cast, computed after the branches' first node, moved before it
+    scale = [n for n in gm.graph.nodes if n.op == "placeholder"][4]
+    cast = next(n for n in scale.users if n.target is torch.ops.prims.convert_element_type.default)
+    with gm.graph.inserting_before(cast):
+        gm.graph.call_function(torch.ops.aten.mul_.Tensor, (scale, 3.0)).meta["val"] = scale.meta["val"]
+    gm.recompile()
+    want = gm(*fresh())
+    (r,) = run_passes(gm, ON, (DualStream,), inputs=args).remarks
+    assert (r.kind, r.name) == ("missed", "dual-stream")
+    assert r.reason == (f"`mul__tensor` (mul_.Tensor) writes in place into `{cast.name}` (convert_element_type.default), "
+                        "which a branch reads, between where the branches would run and where they ran")
+    for g, w in zip(gm(*fresh()), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @settings(max_examples=8, deadline=None)
