@@ -26,6 +26,7 @@ from torch import nn
 
 import braze
 from braze import models
+from braze.bench_device import capture_cuda_graph
 from braze.models.moe import MoE
 from braze.passes import branches
 
@@ -61,20 +62,6 @@ def _forced(on: bool):
             yield
     finally:
         branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE = saved
-
-
-def _capture(step) -> torch.cuda.CUDAGraph:
-    """One call of `step` captured in a CUDA graph (after two calls outside it for lazy initialization)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 def _interleaved_us(graphs: dict[str, torch.cuda.CUDAGraph], rounds: int = 10, replays: int = 50) -> dict:
@@ -118,7 +105,7 @@ def run(model_name: str, size: str, tokens: list[int], device: str) -> list[dict
                        "dual_stream": [r.message for r in braze.report(be).applied if r.name == "dual-stream"],
                        "dual_stream_missed": [r.reason for r in braze.report(be).missed if r.name == "dual-stream"]}
                 if device == "cuda":  # captured now, timed below beside the other variants
-                    graphs[variant] = _capture(lambda step=step, h=h: step(h))
+                    graphs[variant] = capture_cuda_graph(lambda step=step, h=h: step(h))
             rows.append(row)
             by_variant[variant] = row
         if graphs:

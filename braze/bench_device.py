@@ -141,13 +141,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats
 # ----------------------------------------------------------------------------
 
 
-def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Timing:
-    """Capture one step in a CUDA graph and time `replays` replays with device events, back to back after
-    `warmup` replays. The step's weights (hundreds of MB and up) exceed L2, so replays read HBM as a
-    real decode step does; caches written in place are rewritten at the same slots each replay."""
+def capture_cuda_graph(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """One call of `step` captured in a CUDA graph, after two calls outside it on a side stream (lazy
+    initialization: cuBLAS workspaces, kernel loading, braze's first-call branch compiles)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # lazy init (cuBLAS workspaces, kernel loading) outside the capture
+    with torch.cuda.stream(stream):
         for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(stream)
@@ -156,6 +155,14 @@ def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Ti
     # thread_local: other threads (the NCCL watchdog under TP) may query the device during the capture
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
+    return graph
+
+
+def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Timing:
+    """Capture one step in a CUDA graph and time `replays` replays with device events, back to back after
+    `warmup` replays. The step's weights (hundreds of MB and up) exceed L2, so replays read HBM as a
+    real decode step does; caches written in place are rewritten at the same slots each replay."""
+    graph = capture_cuda_graph(step)
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()
