@@ -119,6 +119,10 @@ _CREATION = (aten.full.default, aten.zeros.default, aten.ones.default, aten.empt
              prims.iota.default)
 
 
+# dtype casts: pure and cheap, fused by Inductor into the kernel that computes their input
+_CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+
+
 def _movable(node: Node, before: int, order: dict[Node, int], inside: set[Node]) -> bool:
     """Whether `node` (outside the branches) can be computed before position `before` by moving it and the
     nodes it needs there: a pure view, slice, getitem or dtype cast, or a creation op, of earlier or movable
@@ -128,10 +132,6 @@ def _movable(node: Node, before: int, order: dict[Node, int], inside: set[Node])
     if not (is_free(node) or node.target in _CREATION or node.target in _CASTS):
         return False
     return all(order[a] < before or _movable(a, before, order, inside) for a in node.all_input_nodes)
-
-
-# dtype casts: pure and cheap, fused by Inductor into the kernel that computes their input
-_CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 
 
 def _is_dtype_cast(node: Node) -> bool:
