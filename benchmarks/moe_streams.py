@@ -26,7 +26,7 @@ from torch import nn
 
 import braze
 from braze import models
-from braze.bench_device import capture_cuda_graph
+from braze.bench_device import capture_cuda_graph, replay_timeline
 from braze.models.moe import MoE
 from braze.passes import branches
 
@@ -111,6 +111,8 @@ def run(model_name: str, size: str, tokens: list[int], device: str) -> list[dict
         if graphs:
             for variant, us in _interleaved_us(graphs).items():
                 by_variant[variant]["us"] = us
+            for variant, graph in graphs.items():  # busy / idle / overlapped time of one replay
+                by_variant[variant]["timeline"] = replay_timeline(graph).to_dict()
         for row in by_variant.values():
             print(json.dumps(row), flush=True)
         del graphs

@@ -371,6 +371,8 @@ def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapsho
             snapshot.restore()
             ctx.barrier()
             row["time"] = dev.time_cuda_graph(step, s.warmup, s.replays).to_dict()
+            snapshot.restore()
+            row["timeline"] = _graph_timeline(step, row)
             row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(ctx.device)
             row["extra_mem_bytes"] = row["peak_mem_bytes"] - base
         else:
@@ -400,6 +402,16 @@ def _count_kernels(step, row: dict) -> dict | None:
         row["kernels_error"] = "the profiler saw no CUDA kernels (no CUPTI activity on this machine?)"
         return None
     return count.to_dict()
+
+
+def _graph_timeline(step, row: dict) -> dict | None:
+    """Busy, idle and overlapped time inside one CUDA-graph replay (`bench_device.graph_timeline`), or None with
+    the reason in row["timeline_error"]."""
+    try:
+        return dev.graph_timeline(step).to_dict()
+    except Exception as e:
+        row["timeline_error"] = f"{type(e).__name__}: {e}"[:500]
+        return None
 
 
 def _release(device: torch.device) -> None:

@@ -272,6 +272,117 @@ def count_cuda_kernels(step: Callable[[], object]) -> KernelCount:
                        {k: round(v, 3) for k, v in time_us.most_common()}, round(copy_us, 3))
 
 
+@dataclass(frozen=True)
+class Timeline:
+    """Where the device's time goes inside one CUDA-graph replay of a step, from the profiler's kernel records
+    (start, end, stream). `span_us` runs from the first kernel's start to the last one's end; `busy_us` is the
+    time at least one kernel runs, `idle_us` the rest of the span (launch gaps between dependent kernels and
+    waits); `overlap_us` is the time two or more kernels run at once (kernels on the second stream beside the
+    first), `kernel_us` the kernels' summed durations (= busy + the overlap counted once per extra kernel)."""
+
+    span_us: float
+    busy_us: float
+    idle_us: float
+    overlap_us: float
+    kernel_us: float
+    kernels: int
+    streams: dict[str, int]  # stream id -> kernels on it, most kernels first
+    side_kernel_us: float  # summed durations of the kernels that are not on the stream with the most kernels
+    side_hidden_us: float  # of those, the time the main stream was busy too
+    longest_gaps: list[tuple[float, str, str]]  # (idle µs, kernel before, kernel after), largest first, at most 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timeline_of(records: list[tuple[int, int, int, str]]) -> Timeline:
+    """The `Timeline` of kernel records (start ns, end ns, stream, name)."""
+    if not records:
+        raise ValueError("no kernel records: the profiler saw nothing of the replay")
+    records = sorted(records)
+    streams = Counter(str(r[2]) for r in records)
+    main = streams.most_common(1)[0][0]
+
+    def union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out: list[list[int]] = []
+        for a, b in sorted(spans):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return [(a, b) for a, b in out]
+
+    def covered(spans: list[tuple[int, int]], a: int, b: int) -> int:
+        return sum(max(0, min(b, y) - max(a, x)) for x, y in spans)
+
+    busy = union([(a, b) for a, b, _, _ in records])
+    busy_ns = sum(b - a for a, b in busy)
+    kernel_ns = sum(b - a for a, b, _, _ in records)
+    # time covered by two or more kernels: sweep over start (+1) / end (-1) events
+    events = sorted([(a, 1) for a, _, _, _ in records] + [(b, -1) for _, b, _, _ in records])
+    overlap_ns, depth, last = 0, 0, events[0][0]
+    for t, step in events:
+        if depth >= 2:
+            overlap_ns += t - last
+        depth, last = depth + step, t
+    main_busy = union([(a, b) for a, b, s, _ in records if str(s) == main])
+    side = [(a, b) for a, b, s, _ in records if str(s) != main]
+    side_ns = sum(b - a for a, b in side)
+    hidden_ns = sum(covered(main_busy, a, b) for a, b in side)
+    # gaps between consecutive busy intervals, named by the kernel that ended last and the one that starts next
+    gaps = []
+    for (_, end), (start, _) in zip(busy, busy[1:], strict=False):
+        before = max((r for r in records if r[1] <= end), key=lambda r: r[1])
+        after = min((r for r in records if r[0] >= start), key=lambda r: r[0])
+        gaps.append((round((start - end) / 1e3, 3), before[3], after[3]))
+    gaps.sort(key=lambda g: -g[0])
+    span_ns = max(b for _, b, _, _ in records) - records[0][0]
+    return Timeline(round(span_ns / 1e3, 3), round(busy_ns / 1e3, 3), round((span_ns - busy_ns) / 1e3, 3),
+                    round(overlap_ns / 1e3, 3), round(kernel_ns / 1e3, 3), len(records), dict(streams.most_common()),
+                    round(side_ns / 1e3, 3), round(hidden_ns / 1e3, 3), gaps[:8])
+
+
+def _is_sync_record(name: str) -> bool:
+    """The profiler's CUDA synchronization records (CUPTI's sync activity, by kineto's names for its kinds): not
+    device work. Kernels, memcpys and memsets are."""
+    return name in ("Event Sync", "Stream Wait Event", "Stream Sync", "Context Sync", "Unknown")
+
+
+def graph_timeline(step: Callable[[], object], replays: int = 5) -> Timeline:
+    """The `Timeline` of `step` captured in a CUDA graph (`replay_timeline`)."""
+    graph = capture_cuda_graph(step)
+    try:
+        return replay_timeline(graph, replays)
+    finally:
+        del graph
+
+
+def replay_timeline(graph: torch.cuda.CUDAGraph, replays: int = 5) -> Timeline:
+    """The `Timeline` of a captured graph's replay: `replays` replays are profiled one at a time (each in its own
+    profiler session, after warm-up replays outside it) and the one with the median span is kept. The profiler
+    records kernels without tracing CPU launches, so the span stays close to the graph's timed step; the bench
+    reports both."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    lines = []
+    for _ in range(replays):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        records = [(e.start_ns(), e.end_ns(), e.device_resource_id(), e.name())
+                   for e in prof.profiler.kineto_results.events()
+                   if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0
+                   and not _is_sync_record(e.name())]
+        if records:
+            lines.append(timeline_of(records))
+    if not lines:
+        raise RuntimeError("the profiler saw no kernel of the CUDA-graph replay")
+    return sorted(lines, key=lambda t: t.span_us)[len(lines) // 2]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -88,7 +88,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {T} | {label} | {_us(t)} | {vs} | {_us(floor['floor_s'])} | {t / floor['floor_s']:.2f} | "
                      f"{kern} | {bz} | {_fmt(r.get('compile_s'), '.1f')} | {mem} | {err} | "
                      f"{_fmt(c.get('top1_agree'), '.3f')} | {_verdict(r)} |")
-    lines += ["", *_checks(doc), *_floor_table(doc), "", *_time_table(doc), *_braze_section(doc), *_failures(doc)]
+    lines += ["", *_checks(doc), *_floor_table(doc), "", *_time_table(doc), *_timeline_table(doc),
+              *_braze_section(doc), *_failures(doc)]
     return "\n".join(lines) + "\n"
 
 
@@ -171,6 +172,30 @@ def _time_table(doc: dict) -> list[str]:
             f"`{n[:70]}{'…' if len(n) > 70 else ''}` {us:.1f} µs × {r['kernels']['names'].get(n, 0)}"
             for n, us in longest))
     return lines + ["", "Longest kernels (µs summed over launches × launches):", "", *tops, ""]
+
+
+def _timeline_table(doc: dict) -> list[str]:
+    """Busy, idle and overlapped time inside one CUDA-graph replay of each row's step (`graph_timeline`)."""
+    rows = [r for r in doc["rows"] if r.get("timeline")]
+    if not rows:
+        return []
+    lines = ["## Inside the CUDA graph", "",
+             "One replay of the step's CUDA graph under the profiler (the median span of 5): `span` from the first "
+             "kernel's start to the last one's end, `busy` the time some kernel runs, `idle` the rest (launch gaps "
+             "and waits), `overlap` the time two or more kernels run at once; `side` the summed time of kernels "
+             "off the main stream and, in parentheses, how much of it ran while the main stream was busy.", "",
+             "| T | variant | step µs | span µs | busy µs | idle µs | overlap µs | side µs (hidden) | kernels | "
+             "largest gap |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        t = r["timeline"]
+        gap = t["longest_gaps"][0] if t["longest_gaps"] else None
+        gap_cell = f"{gap[0]:.1f} µs before `{gap[2][:50]}`" if gap else "-"
+        lines.append(f"| {r['tokens']} | {VARIANT_LABEL.get(r['variant'], r['variant'])} | "
+                     f"{r['time']['median_s'] * 1e6:.1f} | {t['span_us']:.1f} | {t['busy_us']:.1f} | "
+                     f"{t['idle_us']:.1f} | {t['overlap_us']:.1f} | {t['side_kernel_us']:.1f} "
+                     f"({t['side_hidden_us']:.1f}) | {t['kernels']} | {gap_cell} |")
+    return lines + [""]
 
 
 def _braze_section(doc: dict) -> list[str]:

@@ -171,8 +171,35 @@ def test_gpu_shaped_results_render(tmp_path):
     # the eager row's device time by kind: 40 GEMVs and 80 Inductor kernels, 563 µs busy
     assert "## Where the time goes" in md and "| 563.0 |" in md and "400.0 (40)" in md and "160.0 (80)" in md
     assert "`gemv` 400.0 µs × 40" in md
+    braze_row["timeline"] = {"span_us": 900.0, "busy_us": 860.0, "idle_us": 40.0, "overlap_us": 12.5,
+                             "kernel_us": 872.5, "kernels": 80, "streams": {"7": 74, "13": 6}, "side_kernel_us": 20.0,
+                             "side_hidden_us": 12.5, "longest_gaps": [[3.2, "gemv", "triton_poi_fused_0"]]}
+    md = markdown(doc)
+    assert "## Inside the CUDA graph" in md
+    assert "| 900.0 | 860.0 | 40.0 | 12.5 | 20.0 (12.5) | 80 | 3.2 µs before `triton_poi_fused_0` |" in md
     paths = write_results(doc, tmp_path / "gpu", "fake")
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size for p in paths)
+
+
+def test_timeline_of_kernel_records():
+    from braze.bench_device import _is_sync_record, timeline_of
+
+    us = 1000  # records are in ns
+    # main stream 7: a [0, 10), b [12, 20), c [20, 30), d [35, 40); side stream 9: s1 [13, 18), s2 [28, 33)
+    records = [(0, 10 * us, 7, "a"), (12 * us, 20 * us, 7, "b"), (20 * us, 30 * us, 7, "c"), (35 * us, 40 * us, 7, "d"),
+               (13 * us, 18 * us, 9, "s1"), (28 * us, 33 * us, 9, "s2")]
+    t = timeline_of(records[::-1])  # any order
+    assert t.span_us == 40.0 and t.kernels == 6 and t.streams == {"7": 4, "9": 2}
+    assert t.busy_us == 10 + 21 + 5 and t.idle_us == 40 - 36  # busy: [0,10) [12,33) [35,40)
+    assert t.overlap_us == 5 + 2 and t.kernel_us == 43.0  # s1 inside b, s2 overlaps c for 2
+    assert t.side_kernel_us == 10.0 and t.side_hidden_us == 7.0
+    assert t.longest_gaps == [(2.0, "a", "b"), (2.0, "s2", "d")]
+    one = timeline_of([(0, 5 * us, 3, "x")])
+    assert (one.span_us, one.busy_us, one.idle_us, one.overlap_us, one.side_kernel_us, one.longest_gaps) == (
+        5.0, 5.0, 0.0, 0.0, 0.0, [])
+    with pytest.raises(ValueError, match="no kernel records"):
+        timeline_of([])
+    assert _is_sync_record("Stream Wait Event") and not _is_sync_record("triton_poi_fused_sync_0")
 
 
 def test_dense_moe_switches_every_moe_and_restores():

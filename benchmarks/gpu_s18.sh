@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 18's single-GPU calls (one H200). Results are appended to $OUT/results.tar after each step.
+# `verify`: session 17's review fixes (spec encoding, casts kept outside) on the GPU: the dual-stream and
+# GEMM-merge GPU tests, the side branch's kernels, DeepSeek V3.2's MoE block and step at T=1 with and without
+# dual-stream, now with each CUDA graph's timeline (busy / idle / overlapped time, bench_device.graph_timeline);
+# MiniMax M2.5 at T=8 with stock Inductor beside braze (does stock miss the same router near-ties?).
+# `default`: the three models' steps at T=1/8/64 with and without dual-stream, with timelines.
+# Usage: BRAZE_COMMIT=<sha> [TOTAL_S=<s>] bash benchmarks/gpu_s18.sh verify|default
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+case ${1:-verify} in
+  verify)
+    timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py \
+      tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -3
+    echo "tests: $((SECONDS - t0)) s"
+    TORCH_LOGS=output_code timeout 60 python3 benchmarks/diag/branch_code.py --tokens 1 > "$OUT/branch_code.log" 2>&1
+    grep "^==== branch\|\.run(\|extern_kernels\.\w*(" "$OUT/branch_code.log" | sed 's/.*output_code\] //' | cut -c1-110
+    echo "diag: $((SECONDS - t0)) s"
+    timeout 100 python3 benchmarks/moe_streams.py --model deepseek-v3.2 --size bench --tokens 1 \
+      --out "$OUT/results/moe_streams_deepseek-v3.2.json" 2>&1 | tee "$OUT/regions.log" | grep "MoE block\|Error"
+    echo "regions: $((SECONDS - t0)) s"; keep
+    bench deepseek-v3.2 1 braze,braze-no-streams bench_ds.log
+    bench minimax-m2.5 8 inductor,braze bench_mm.log
+    ;;
+  default)
+    bench deepseek-v3.2 1,8,64 braze,braze-no-streams bench_ds.log
+    bench qwen3.5 1,8,64 braze,braze-no-streams bench_qwen.log
+    bench minimax-m2.5 1,8,64 braze,braze-no-streams bench_mm.log
+    ;;
+esac
