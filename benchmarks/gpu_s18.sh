@@ -28,3 +28,19 @@ case ${1:-verify} in
     bench minimax-m2.5 1,8,64 braze,braze-no-streams bench_mm.log
     ;;
 esac
+# `priority`: the side stream at the device's highest priority (braze.runtime.streams.SIDE_PRIORITY) against the
+# default: the MoE blocks alone (interleaved, each variant's kernel timeline kept) and DeepSeek V3.2's step at
+# T=1, its variants in two orders (is one-after-the-other timing still biased with the 0.25 s warm-up?).
+if [ "${1:-}" = priority ]; then
+  for mt in deepseek-v3.2:1,8 qwen3.5:8 minimax-m2.5:8; do
+    [ "$(left)" -gt 200 ] || break
+    timeout 150 python3 benchmarks/moe_streams.py --model "${mt%%:*}" --size bench --tokens "${mt##*:}" \
+      --out "$OUT/results/moe_streams_${mt%%:*}.json" 2>&1 | tee -a "$OUT/regions.log" | grep "MoE block\|Error"
+    echo "regions $mt: $((SECONDS - t0)) s"; keep
+  done
+  bench deepseek-v3.2 1 braze-no-streams,braze,braze-side-high bench_ds.log
+  timeout $(($(left) - 10)) python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
+    --variants braze-side-high,braze,braze-no-streams --budget-s $(($(left) - 40)) --out "$OUT/results/reversed" \
+    2>&1 | tee "$OUT/bench_ds_reversed.log" | grep "deepseek\|done"
+  echo "reversed: $((SECONDS - t0)) s"; keep
+fi

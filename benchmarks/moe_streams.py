@@ -9,7 +9,9 @@ This is the per-layer time of the region dual-stream acts on in the decode step 
 router on the side stream beside the shared expert; see braze/passes/STREAMS_DESIGN.md). Variants:
 `braze-no-streams` (one stream), `braze` (the defaults: dual-stream where the cost model says it pays),
 `braze-streams-forced` (every fork overlapped, even where the cost model says serial, to check that
-decision). On CPU (no streams) it
+decision), `braze-side-high` (the defaults with the side stream at the device's highest priority). Each
+variant's row has the timeline of one replay (`bench_device.replay_timeline`, every kernel's start and
+stream). On CPU (no streams) it
 only checks that both compiles agree with eager and prints what braze decided.
 """
 
@@ -25,9 +27,12 @@ import torch
 from torch import nn
 
 import braze
+import braze.runtime.streams
 from braze import models
 from braze.bench_device import capture_cuda_graph, replay_timeline
 from braze.models.moe import MoE
+
+VARIANTS = ("braze-no-streams", "braze", "braze-streams-forced", "braze-side-high")
 from braze.passes import branches
 
 
@@ -64,6 +69,17 @@ def _forced(on: bool):
         branches.MIN_GAIN_S, branches.MIN_GAIN_SHARE = saved
 
 
+@contextlib.contextmanager
+def _side_priority(variant: str):
+    """The side stream at the device's highest priority for `braze-side-high` (kept by the kernels captured)."""
+    saved = braze.runtime.streams.SIDE_PRIORITY
+    braze.runtime.streams.SIDE_PRIORITY = "high" if variant == "braze-side-high" else saved
+    try:
+        yield
+    finally:
+        braze.runtime.streams.SIDE_PRIORITY = saved
+
+
 def _interleaved_us(graphs: dict[str, torch.cuda.CUDAGraph], rounds: int = 10, replays: int = 50) -> dict:
     """Median µs per replay of each graph, timed in rounds that rotate which graph goes first: a graph timed
     right after a compile reads ~10 µs slow on the H200 (clocks still low), which one-after-the-other
@@ -94,11 +110,11 @@ def run(model_name: str, size: str, tokens: list[int], device: str) -> list[dict
         with torch.no_grad():
             want = block(h)
         graphs, by_variant = {}, {}
-        for variant in ("braze-no-streams", "braze", "braze-streams-forced"):
+        for variant in VARIANTS:
             torch._dynamo.reset()
             be = braze.backend(braze.FusionConfig(dual_stream=variant != "braze-no-streams"))
             step = torch.compile(block, backend=be, dynamic=False, fullgraph=True)
-            with torch.no_grad(), _forced(variant.endswith("forced")):
+            with torch.no_grad(), _forced(variant.endswith("forced")), _side_priority(variant):
                 got = step(h)
                 row = {"model": model_name, "tokens": t, "variant": variant,
                        "rel_err_vs_eager": ((got.float() - want.float()).norm() / want.float().norm()).item(),
@@ -112,7 +128,7 @@ def run(model_name: str, size: str, tokens: list[int], device: str) -> list[dict
             for variant, us in _interleaved_us(graphs).items():
                 by_variant[variant]["us"] = us
             for variant, graph in graphs.items():  # busy / idle / overlapped time of one replay
-                by_variant[variant]["timeline"] = replay_timeline(graph).to_dict()
+                by_variant[variant]["timeline"] = replay_timeline(graph, keep_records=True).to_dict()
         for row in by_variant.values():
             print(json.dumps(row), flush=True)
         del graphs
@@ -137,9 +153,11 @@ def main() -> None:
         us = {r["variant"]: r.get("us") for r in rows if r["tokens"] == t}
         if us.get("braze") and us.get("braze-no-streams"):
             one, chosen, forced = us["braze-no-streams"], us["braze"], us["braze-streams-forced"]
+            high = us["braze-side-high"]
             print(f"{args.model} T={t}: MoE block {one:.1f} us on one stream, {chosen:.1f} us with dual-stream as "
                   f"the cost model decides ({chosen - one:+.1f} us), {forced:.1f} us with every fork overlapped "
-                  f"({forced - one:+.1f} us)")
+                  f"({forced - one:+.1f} us), {high:.1f} us as decided with the side stream at high priority "
+                  f"({high - one:+.1f} us)")
     if args.out:
         env = {"torch": torch.__version__, "card": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         with open(args.out, "w") as f:

@@ -370,7 +370,8 @@ def _run_variant(variant: str, variants: Variants, batch, snapshot: CacheSnapsho
             row["kernels"] = _count_kernels(step, row)
             snapshot.restore()
             ctx.barrier()
-            row["time"] = dev.time_cuda_graph(step, s.warmup, s.replays).to_dict()
+            row["time"] = dev.time_cuda_graph(step, s.warmup, s.replays,
+                                              agree=lambda n: max(ctx.gather(n))).to_dict()
             snapshot.restore()
             row["timeline"] = _graph_timeline(step, row)
             row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(ctx.device)
@@ -479,8 +480,8 @@ def _stem(name: str, s: Settings, ctx: Context) -> str:
 
 
 def _meta(s: Settings, ctx: Context) -> dict:
-    timing = (f"CUDA graph of one decode step, median of {s.replays} replays after {s.warmup} warm-up replays, "
-              "device events" if ctx.device.type == "cuda" else dev.CPU_TIMING)
+    timing = (f"CUDA graph of one decode step, median of {s.replays} replays after {s.warmup} warm-up replays "
+              f"(and at least {dev.MIN_WARMUP_S} s of them), device events" if ctx.device.type == "cuda" else dev.CPU_TIMING)
     return {**ctx.env, "command": s.command, "tp": ctx.world, "copy_bandwidth_GBps": ctx.copy_bw / 1e9,
             "matmul_bf16_TFLOPs": ctx.matmul_rate / 1e12 if ctx.matmul_rate else None, "timing": timing,
             "tolerance": s.tol,

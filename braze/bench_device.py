@@ -6,6 +6,8 @@ Every timer takes `step`, a zero-argument callable that runs one decode step.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import platform
 import statistics
@@ -158,14 +160,42 @@ def capture_cuda_graph(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Timing:
+# Warm-up replays last at least this long: a graph timed right after a compile (seconds with the GPU idle) read
+# ~10 µs slow at MoE-block scale on the H200 with a fixed 10 warm-up replays (2 ms of them); a GPU that was
+# idle may run at lower clocks for a while (the likely cause, not measured).
+MIN_WARMUP_S = 0.25
+
+
+def warm_up(graph: torch.cuda.CUDAGraph, replays: int, min_s: float = MIN_WARMUP_S,
+            agree: Callable[[int], int] | None = None) -> int:
+    """Replay `graph` `replays` times, then 10 more to time one, then as many as make at least `min_s` seconds
+    in all; returns the replays run. Under TP `agree` maps this rank's extra count to the one all ranks use (the
+    largest): a graph with collectives must be replayed as often on every rank."""
+    def replay(n: int) -> None:
+        for i in range(n):
+            graph.replay()
+            if i % 10 == 9:  # keep the host within 10 replays of the device
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+
+    replay(replays)
+    t0 = time.perf_counter()
+    replay(10)
+    per = (time.perf_counter() - t0) / 10
+    extra = math.ceil(max(0.0, min_s - (replays + 10) * per) / per) if per > 0 else 0
+    extra = agree(extra) if agree is not None else extra
+    replay(extra)
+    return replays + 10 + extra
+
+
+def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int,
+                    agree: Callable[[int], int] | None = None) -> Timing:
     """Capture one step in a CUDA graph and time `replays` replays with device events, back to back after
-    `warmup` replays. The step's weights (hundreds of MB and up) exceed L2, so replays read HBM as a
-    real decode step does; caches written in place are rewritten at the same slots each replay."""
+    `warmup` replays and at least `MIN_WARMUP_S` of them. The step's weights (hundreds of MB and up) exceed L2,
+    so replays read HBM as a real decode step does; caches written in place are rewritten at the same slots
+    each replay."""
     graph = capture_cuda_graph(step)
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
+    warmup = warm_up(graph, warmup, agree=agree)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
     for start, end in events:
         start.record()
@@ -175,7 +205,7 @@ def time_cuda_graph(step: Callable[[], object], warmup: int, replays: int) -> Ti
     samples = [start.elapsed_time(end) / 1e3 for start, end in events]
     del graph
     method = (f"CUDA graph of one decode step, median of {replays} back-to-back replays after {warmup} "
-              "warm-up replays, device events")
+              f"warm-up replays (at least {MIN_WARMUP_S} s of them), device events")
     return _quantiles(samples, method)
 
 
@@ -290,13 +320,15 @@ class Timeline:
     side_kernel_us: float  # summed durations of the kernels that are not on the stream with the most kernels
     side_hidden_us: float  # of those, the time the main stream was busy too
     longest_gaps: list[tuple[float, str, str]]  # (idle µs, kernel before, kernel after), largest first, at most 8
+    # every kernel as (start µs from the first one's start, µs, stream, name), when asked for (small graphs)
+    records: list[tuple[float, float, str, str]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def timeline_of(records: list[tuple[int, int, int, str]]) -> Timeline:
-    """The `Timeline` of kernel records (start ns, end ns, stream, name)."""
+def timeline_of(records: list[tuple[int, int, int, str]], keep_records: bool = False) -> Timeline:
+    """The `Timeline` of kernel records (start ns, end ns, stream, name); with `keep_records`, the records too."""
     if not records:
         raise ValueError("no kernel records: the profiler saw nothing of the replay")
     records = sorted(records)
@@ -331,7 +363,7 @@ def timeline_of(records: list[tuple[int, int, int, str]]) -> Timeline:
     hidden_ns = sum(covered(main_busy, a, b) for a, b in side)
     # gaps between consecutive busy intervals, named by the kernel that ended last and the one that starts next
     gaps = []
-    for (_, end), (start, _) in zip(busy, busy[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(busy):
         before = max((r for r in records if r[1] <= end), key=lambda r: r[1])
         after = min((r for r in records if r[0] >= start), key=lambda r: r[0])
         gaps.append((round((start - end) / 1e3, 3), before[3], after[3]))
@@ -339,7 +371,9 @@ def timeline_of(records: list[tuple[int, int, int, str]]) -> Timeline:
     span_ns = max(b for _, b, _, _ in records) - records[0][0]
     return Timeline(round(span_ns / 1e3, 3), round(busy_ns / 1e3, 3), round((span_ns - busy_ns) / 1e3, 3),
                     round(overlap_ns / 1e3, 3), round(kernel_ns / 1e3, 3), len(records), dict(streams.most_common()),
-                    round(side_ns / 1e3, 3), round(hidden_ns / 1e3, 3), gaps[:8])
+                    round(side_ns / 1e3, 3), round(hidden_ns / 1e3, 3), gaps[:8],
+                    [(round((a - records[0][0]) / 1e3, 3), round((b - a) / 1e3, 3), str(st), name)
+                     for a, b, st, name in records] if keep_records else None)
 
 
 def _is_sync_record(name: str) -> bool:
@@ -357,7 +391,7 @@ def graph_timeline(step: Callable[[], object], replays: int = 5) -> Timeline:
         del graph
 
 
-def replay_timeline(graph: torch.cuda.CUDAGraph, replays: int = 5) -> Timeline:
+def replay_timeline(graph: torch.cuda.CUDAGraph, replays: int = 5, keep_records: bool = False) -> Timeline:
     """The `Timeline` of a captured graph's replay: `replays` replays are profiled one at a time (each in its own
     profiler session, after warm-up replays outside it) and the one with the median span is kept. The profiler
     records kernels without tracing CPU launches, so the span stays close to the graph's timed step; the bench
@@ -377,7 +411,7 @@ def replay_timeline(graph: torch.cuda.CUDAGraph, replays: int = 5) -> Timeline:
                    if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0
                    and not _is_sync_record(e.name())]
         if records:
-            lines.append(timeline_of(records))
+            lines.append(timeline_of(records, keep_records))
     if not lines:
         raise RuntimeError("the profiler saw no kernel of the CUDA-graph replay")
     return sorted(lines, key=lambda t: t.span_us)[len(lines) // 2]

@@ -9,7 +9,7 @@ from braze.bench_device import KERNEL_KINDS, kernel_time_by_kind
 
 VARIANT_LABEL = {"eager": "eager", "inductor": "stock Inductor", "braze": "braze",
                  "braze-merge": "braze + GEMM merging", "braze-streams": "braze + dual stream",
-                 "braze-no-streams": "braze, one stream",
+                 "braze-no-streams": "braze, one stream", "braze-side-high": "braze, side stream at high priority",
                  "braze-no-decode-gemm": "braze, GEMMs on cuBLAS",
                  "braze-collective": "braze + collective fusions", "braze-no-collective": "braze, no collective fusions",
                  "braze-no-delta": "braze without delta rule", "braze-no-topk": "braze without small-topk"}

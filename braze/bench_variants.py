@@ -18,7 +18,9 @@ VARIANT_SWITCHES = {"braze-merge": {"gemm_merge": True}, "braze-no-merge": {"gem
                     "braze-no-shared": {"moe_shared": False}, "braze-shared": {"moe_shared_max_mb": 1e9},
                     "braze-no-absorb": {"chain_absorb": False},
                     "braze-absorb-any-t": {"token_ranges": {"chain_absorb": (1, None)}}}
-EXTRA_VARIANTS = tuple(VARIANT_SWITCHES)
+# braze variants that change a run-time setting instead (set around every call, so a CUDA-graph capture sees it)
+RUNTIME_SWITCHES = {"braze-side-high": {"SIDE_PRIORITY": "high"}}
+EXTRA_VARIANTS = tuple(VARIANT_SWITCHES) + tuple(RUNTIME_SWITCHES)
 
 
 class Variants:
@@ -62,7 +64,26 @@ def compile_variant(variant: str, model, dynamic: bool | None) -> tuple[object, 
     import braze
 
     backend = braze.backend(braze.FusionConfig(**VARIANT_SWITCHES.get(variant, {})))
-    return torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True), backend
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=True)
+    if variant in RUNTIME_SWITCHES:
+        compiled = _with_runtime(compiled, RUNTIME_SWITCHES[variant])
+    return compiled, backend
+
+
+def _with_runtime(fn, settings: dict):
+    """`fn` with braze.runtime.streams' module settings replaced for the length of each call."""
+    import braze.runtime.streams as streams
+
+    def call(*args):
+        saved = {k: getattr(streams, k) for k in settings}
+        for k, v in settings.items():
+            setattr(streams, k, v)
+        try:
+            return fn(*args)
+        finally:
+            for k, v in saved.items():
+                setattr(streams, k, v)
+    return call
 
 
 def dynamo_limits():

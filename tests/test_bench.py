@@ -194,6 +194,9 @@ def test_timeline_of_kernel_records():
     assert t.overlap_us == 5 + 2 and t.kernel_us == 43.0  # s1 inside b, s2 overlaps c for 2
     assert t.side_kernel_us == 10.0 and t.side_hidden_us == 7.0
     assert t.longest_gaps == [(2.0, "a", "b"), (2.0, "s2", "d")]
+    assert t.records is None
+    kept = timeline_of(records, keep_records=True).records
+    assert kept[0] == (0.0, 10.0, "7", "a") and kept[2] == (13.0, 5.0, "9", "s1") and len(kept) == 6
     one = timeline_of([(0, 5 * us, 3, "x")])
     assert (one.span_us, one.busy_us, one.idle_us, one.overlap_us, one.side_kernel_us, one.longest_gaps) == (
         5.0, 5.0, 0.0, 0.0, 0.0, [])
@@ -328,3 +331,26 @@ def test_kernel_kinds_from_names():
                              {"braze_x": 5.0, "triton_poi_y": 6.0, "gemv2T_kernel": 20.0}, copy_us=1.5)
     assert by == {"braze": {"us": 5.0, "kernels": 2}, "Inductor Triton": {"us": 6.0, "kernels": 3},
                   "GEMM": {"us": 20.0, "kernels": 1}, "memcpy/memset": {"us": 1.5, "kernels": None}}
+
+
+def test_warm_up_lasts_min_s_and_every_rank_agrees(monkeypatch):
+    import time as _time
+
+    from braze import bench_device
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            self.replays += 1
+            _time.sleep(0.001)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    g = Graph()
+    t0 = _time.perf_counter()
+    n = bench_device.warm_up(g, 5, min_s=0.05)
+    assert n == g.replays and n >= 15 and _time.perf_counter() - t0 >= 0.045
+    # under TP every rank replays the count `agree` returns (the largest extra count over ranks)
+    g = Graph()
+    n = bench_device.warm_up(g, 5, min_s=0.0, agree=lambda extra: extra + 7)
+    assert n == g.replays == 5 + 10 + 7

@@ -61,15 +61,23 @@ _compiled: dict[tuple, object] = {}
 # branch compiles done by this process and the seconds they took (read by benchmarks/branches_compile_time.py)
 COMPILE_STATS = {"compiles": 0, "seconds": 0.0}
 _lock = threading.Lock()
-_side_streams: dict[int, torch.cuda.Stream] = {}
+_side_streams: dict[tuple[int, str], torch.cuda.Stream] = {}
+# The side stream's priority: "normal" (the default stream's) or "high" (the device's highest: its pending
+# thread blocks are scheduled before the current stream's as SMs free up). A CUDA graph keeps the priority of
+# the stream each kernel was captured on (torch instantiates graphs with per-node priorities).
+SIDE_PRIORITY = "normal"
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one side stream braze uses on `device` (created on first use; not one per site)."""
+    """The one side stream braze uses on `device` at `SIDE_PRIORITY` (created on first use; not one per site)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
+    key = (index, SIDE_PRIORITY)
+    if key not in _side_streams:
+        if SIDE_PRIORITY not in ("normal", "high"):
+            raise ValueError(f"SIDE_PRIORITY must be 'normal' or 'high', not {SIDE_PRIORITY!r}")
+        # torch maps a priority beyond the device's range to the nearest one it has: -100 is the highest
+        _side_streams[key] = torch.cuda.Stream(device=index, priority=-100 if SIDE_PRIORITY == "high" else 0)
+    return _side_streams[key]
 
 
 def _b64(obj: object) -> str:
