@@ -44,3 +44,13 @@ if [ "${1:-}" = priority ]; then
     2>&1 | tee "$OUT/bench_ds_reversed.log" | grep "deepseek\|done"
   echo "reversed: $((SECONDS - t0)) s"; keep
 fi
+# `pairing`: the shared expert beside the router + routed experts, paired by hand (benchmarks/diag/moe_pairing.py),
+# against braze's block on one stream and with dual-stream as decided (router beside the shared expert).
+if [ "${1:-}" = pairing ]; then
+  for m in deepseek-v3.2 qwen3.5; do
+    [ "$(left)" -gt 120 ] || break
+    timeout $(($(left) - 5)) python3 benchmarks/diag/moe_pairing.py --model "$m" --tokens 1,8,64 \
+      --out "$OUT/results/moe_pairing_$m.json" 2>&1 | tee -a "$OUT/pairing.log" | grep "T=\|Error"
+    echo "pairing $m: $((SECONDS - t0)) s"; keep
+  done
+fi
