@@ -289,7 +289,7 @@ class DualStream(Pass):
                            suggestion="compile for a CUDA device", ops=("fork",))
                 continue
             side = decision.side
-            main = next(b for b in fork.branches if b is not side)
+            main = decision.main or next(b for b in fork.branches if b is not side)
             try:
                 main = with_created_inputs(without_fused_casts(main, fork.fork), set(side.nodes))
                 side = with_created_inputs(without_fused_casts(side, fork.fork), set(main.nodes))
