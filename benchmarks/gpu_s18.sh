@@ -54,3 +54,18 @@ if [ "${1:-}" = pairing ]; then
     echo "pairing $m: $((SECONDS - t0)) s"; keep
   done
 fi
+# `pairs`: after the branch analysis learned pairings (a branch beside the rest of its region: the shared expert
+# beside the router and the routed experts): the dual-stream and GEMM-merge GPU tests, the MoE blocks alone and
+# the steps of DeepSeek V3.2 and Qwen 3.5 (MiniMax M2.5 has no shared expert: nothing changes there).
+if [ "${1:-}" = pairs ]; then
+  timeout 170 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py \
+    tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -3
+  echo "tests: $((SECONDS - t0)) s"
+  for mt in deepseek-v3.2:1,8,64 qwen3.5:1,8,64; do
+    timeout 120 python3 benchmarks/moe_streams.py --model "${mt%%:*}" --size bench --tokens "${mt##*:}" \
+      --out "$OUT/results/moe_streams_${mt%%:*}.json" 2>&1 | tee -a "$OUT/regions.log" | grep "MoE block\|Error"
+    echo "regions $mt: $((SECONDS - t0)) s"; keep
+  done
+  bench deepseek-v3.2 1,8 braze,braze-no-streams bench_ds.log
+  bench qwen3.5 8,64 braze,braze-no-streams bench_qwen.log
+fi

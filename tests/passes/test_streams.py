@@ -612,9 +612,9 @@ def shared_beside_routed(x, wg, wbig, ws1, ws2, buf=None):
     return routed[:, :256] + shared
 
 
-def _pairing_args(n: int, in_place: bool = False) -> tuple:
-    return (torch.randn(1, 256), frozen(8, 256, seed=1), frozen(n, 256, seed=2), frozen(16384, 256, seed=3),
-            frozen(256, 16384, seed=4), *((torch.zeros(1, 8),) if in_place else ()))
+def _pairing_args(n: int, in_place: bool = False, shared: int = 16384) -> tuple:
+    return (torch.randn(1, 256), frozen(8, 256, seed=1), frozen(n, 256, seed=2), frozen(shared, 256, seed=3),
+            frozen(256, shared, seed=4), *((torch.zeros(1, 8),) if in_place else ()))
 
 
 def test_the_shared_expert_runs_beside_the_router_and_the_routed_work():

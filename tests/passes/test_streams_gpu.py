@@ -14,7 +14,7 @@ import braze
 from braze.runtime.streams import side_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_streams import MOE_ARGS, moe_layer, two_heavy_branches
+from test_streams import MOE_ARGS, _pairing_args, moe_layer, shared_beside_routed, two_heavy_branches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,6 +24,9 @@ REPLAYS = 200
 def _args(fn=two_heavy_branches):
     if fn is moe_layer:  # the router (topk, sorts) beside the shared expert, as in DeepSeek V3.2's MoE
         return [MOE_ARGS[0].cuda()] + [torch.nn.Parameter(w.data.cuda(), requires_grad=False) for w in MOE_ARGS[1:]]
+    if fn is shared_beside_routed:  # the shared expert (128 MB) beside the router and a 256 MB routed GEMM
+        args = _pairing_args(262144, shared=65536)
+        return [args[0].cuda()] + [torch.nn.Parameter(w.data.cuda(), requires_grad=False) for w in args[1:]]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, generator=g)
     ws = [torch.nn.Parameter(torch.randn(*s, generator=g), requires_grad=False) for s in ((64, 16), (32, 16), (16, 64))]
@@ -50,12 +53,15 @@ def _tensors(out) -> tuple[torch.Tensor, ...]:
     return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
 
-@pytest.mark.parametrize("fn", [two_heavy_branches, moe_layer], ids=["softmax-chains", "moe-router-shared"])
+@pytest.mark.parametrize("fn", [two_heavy_branches, moe_layer, shared_beside_routed],
+                         ids=["softmax-chains", "moe-router-shared", "shared-beside-rest"])
 def test_dual_stream_replays_are_identical_and_match_single_stream(fn):
     args = _args(fn)
     be, graph, out = _captured(True, args, fn)
-    applied = [r.name for r in braze.report(be).applied]
-    assert applied.count("dual-stream") == 1, applied  # (the MoE case's router top-k is also small-topk's)
+    applied = [r for r in braze.report(be).applied if r.name == "dual-stream"]
+    assert len(applied) == 1, applied  # (the MoE case's router top-k is also small-topk's)
+    # on the H200 and the reference model alike the shared expert goes beside the router and the routed GEMM
+    assert ("beside the rest of the region" in applied[0].message) == (fn is shared_beside_routed), applied[0].message
     _, graph1, out1 = _captured(False, args, fn)
     out, out1 = _tensors(out), _tensors(out1)
     graph1.replay()
