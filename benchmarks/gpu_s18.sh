@@ -69,3 +69,18 @@ if [ "${1:-}" = pairs ]; then
   bench deepseek-v3.2 1,8 braze,braze-no-streams bench_ds.log
   bench qwen3.5 8,64 braze,braze-no-streams bench_qwen.log
 fi
+# `final`: after the pair's estimate covers only the two branches it outlines and pairings are offered for the
+# largest branch only: the dual-stream GPU tests, the MoE blocks (DeepSeek V3.2 T=1/8/64, Qwen 3.5 T=8/64) and
+# the steps of DeepSeek V3.2 (T=1/8) and Qwen 3.5 (T=8/64), with and without dual-stream.
+if [ "${1:-}" = final ]; then
+  timeout 120 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py 2>&1 \
+    | tee "$OUT/tests.log" | grep -v Warn | tail -2
+  echo "tests: $((SECONDS - t0)) s"
+  for mt in deepseek-v3.2:1,8,64 qwen3.5:8,64; do
+    timeout 100 python3 benchmarks/moe_streams.py --model "${mt%%:*}" --size bench --tokens "${mt##*:}" \
+      --out "$OUT/results/moe_streams_${mt%%:*}.json" 2>&1 | tee -a "$OUT/regions.log" | grep "MoE block\|Error"
+    echo "regions $mt: $((SECONDS - t0)) s"; keep
+  done
+  bench deepseek-v3.2 1,8 braze,braze-no-streams bench_ds.log
+  bench qwen3.5 8,64 braze,braze-no-streams bench_qwen.log
+fi

@@ -636,7 +636,7 @@ def test_the_shared_expert_runs_beside_the_router_and_the_routed_work():
         "6 nodes from `mm_2` (mm.default) run on the side stream beside 11 nodes from `tanh` (tanh.default) (both "
         "compiled by Inductor); the branch from `mm_2` (mm.default) beside the rest of the region (11 nodes from "
         "`tanh` (tanh.default) up to `add_1` (add.Tensor)) saves ~10.0 us (serial ~44.2 us, overlapped ~34.2 us by "
-        "the model; the single branches beside each other: ~4.0 us)")
+        "the model; the smallest branch beside the largest: ~4.0 us)")
     args_ = dict(r.args)
     assert args_["stream1"] == ["mm_2", "neg", "exp_1", "add", "div_1", "mm_3"]  # the shared expert
     assert args_["stream0"] == [n.name for n in p.rest.nodes]  # router, join, routed GEMM on the current stream
