@@ -109,13 +109,16 @@ class FusionConfig:
         run as a kernel of its own (DeepSeek V3.2's q_c norm), inside their decode kernel: no kernel for the norm,
         and the chains behind those GEMMs need no launch before them.
     dual_stream: run the smaller of two independent branches on a side CUDA stream where the cost
-        model (with the card's measured constants, passes/cost.py CARDS) says it pays, both branches
-        compiled by Inductor; graphs on CUDA only. On an H200 (results README, session 17) it takes 0.9% /
-        2.7% off DeepSeek V3.2's step at T=1 / 8, 4.5% / 3.1% off Qwen 3.5's at T=8 / 64 and 4.4% / 2.5% off
-        MiniMax M2.5's (8-14 µs per overlapped MoE block), and changes nothing where it does not act. Its cost
-        is compile time: each distinct overlapped pair of branches compiles apart at the first call (identical
-        layers share one spec: two compiles per model in the bench configs); the first call with merging and
-        dual-stream measured -8% to +19% of it without them, within the 20% braze allows a pass.
+        model (with the card's measured constants, passes/cost.py CARDS) says it pays, or the largest branch
+        beside the rest of its region where that pays more (DeepSeek V3.2's shared expert beside router and
+        routed experts at T=1; the dense experts beside router and shared expert from T=8); both sides compiled
+        by Inductor; graphs on CUDA only. On an H200 (results README, session 18) it takes 1.4% / 4.3% off
+        DeepSeek V3.2's step at T=1 / 8, 6.9% / 6.1% off Qwen 3.5's at T=8 / 64, and 4.4% / 2.5% off MiniMax
+        M2.5's (session 17); 11-32 µs per overlapped MoE block; it changes nothing where it does not act. Its cost
+        is compile time: each distinct overlapped pair compiles apart at the first call (identical layers share
+        one spec: two compiles per model in the bench configs); the first call with merging and dual-stream
+        measured -8% to +19% of it without them in session 17, within the 20% braze allows a pass (not measured
+        again since the rest of a region is outlined, session 18).
     collective: fuse all-reduce -> residual add -> RMSNorm (-> FP8 quant), and the
         TP-reduced norms whose variances are all-reduced (MiniMax-M2.5's QK-norm). On CUDA the
         all-reduce + norm is fused only where every launch the graph can see takes the one-shot

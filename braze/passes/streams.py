@@ -1,6 +1,8 @@
 """Dual-stream scheduling: where the cost model says overlapping two independent branches pays, both are
-outlined into subgraphs that Inductor compiles, and one `braze::parallel_branches` call runs the smaller
-on the side stream beside the larger (braze.runtime.streams; one side stream per device).
+outlined into subgraphs that Inductor compiles, and one `braze::parallel_branches` call runs one on the side
+stream beside the other (braze.runtime.streams; one side stream per device): the smaller branch beside the
+larger, or the largest branch beside the rest of its region (`branches.Pairing`: every node that depends on the
+other branches and not on it, their joins among themselves included), whichever the model says saves more.
 
 Runs after gemm-merge, on the graph as it will execute, and decides with the branch analysis's
 cost model (`braze.passes.branches.decide`). A fork's two branches are outlined only when the
