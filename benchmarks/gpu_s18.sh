@@ -10,15 +10,11 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 case ${1:-verify} in
   verify)
-    timeout 150 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py \
-      tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -3
-    echo "tests: $((SECONDS - t0)) s"
+    gpu_tests 150 tests/passes/test_streams_gpu.py tests/passes/test_gemm_merge_gpu.py
     TORCH_LOGS=output_code timeout 60 python3 benchmarks/diag/branch_code.py --tokens 1 > "$OUT/branch_code.log" 2>&1
     grep "^==== branch\|\.run(\|extern_kernels\.\w*(" "$OUT/branch_code.log" | sed 's/.*output_code\] //' | cut -c1-110
     echo "diag: $((SECONDS - t0)) s"
-    timeout 100 python3 benchmarks/moe_streams.py --model deepseek-v3.2 --size bench --tokens 1 \
-      --out "$OUT/results/moe_streams_deepseek-v3.2.json" 2>&1 | tee "$OUT/regions.log" | grep "MoE block\|Error"
-    echo "regions: $((SECONDS - t0)) s"; keep
+    regions 100 deepseek-v3.2:1
     bench deepseek-v3.2 1 braze,braze-no-streams bench_ds.log
     bench minimax-m2.5 8 inductor,braze bench_mm.log
     ;;
@@ -32,12 +28,7 @@ esac
 # default: the MoE blocks alone (interleaved, each variant's kernel timeline kept) and DeepSeek V3.2's step at
 # T=1, its variants in two orders (is one-after-the-other timing still biased with the 0.25 s warm-up?).
 if [ "${1:-}" = priority ]; then
-  for mt in deepseek-v3.2:1,8 qwen3.5:8 minimax-m2.5:8; do
-    [ "$(left)" -gt 200 ] || break
-    timeout 150 python3 benchmarks/moe_streams.py --model "${mt%%:*}" --size bench --tokens "${mt##*:}" \
-      --out "$OUT/results/moe_streams_${mt%%:*}.json" 2>&1 | tee -a "$OUT/regions.log" | grep "MoE block\|Error"
-    echo "regions $mt: $((SECONDS - t0)) s"; keep
-  done
+  REGIONS_ARGS=--side-high regions 150 deepseek-v3.2:1,8 qwen3.5:8 minimax-m2.5:8
   bench deepseek-v3.2 1 braze-no-streams,braze,braze-side-high bench_ds.log
   timeout $(($(left) - 10)) python3 -m braze bench --model deepseek-v3.2 --size bench --tokens 1 --shapes static \
     --variants braze-side-high,braze,braze-no-streams --budget-s $(($(left) - 40)) --out "$OUT/results/reversed" \
@@ -58,14 +49,8 @@ fi
 # beside the router and the routed experts): the dual-stream and GEMM-merge GPU tests, the MoE blocks alone and
 # the steps of DeepSeek V3.2 and Qwen 3.5 (MiniMax M2.5 has no shared expert: nothing changes there).
 if [ "${1:-}" = pairs ]; then
-  timeout 170 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py \
-    tests/passes/test_gemm_merge_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -v Warn | tail -3
-  echo "tests: $((SECONDS - t0)) s"
-  for mt in deepseek-v3.2:1,8,64 qwen3.5:1,8,64; do
-    timeout 120 python3 benchmarks/moe_streams.py --model "${mt%%:*}" --size bench --tokens "${mt##*:}" \
-      --out "$OUT/results/moe_streams_${mt%%:*}.json" 2>&1 | tee -a "$OUT/regions.log" | grep "MoE block\|Error"
-    echo "regions $mt: $((SECONDS - t0)) s"; keep
-  done
+  gpu_tests 170 tests/passes/test_streams_gpu.py tests/passes/test_gemm_merge_gpu.py
+  regions 120 deepseek-v3.2:1,8,64 qwen3.5:1,8,64
   bench deepseek-v3.2 1,8 braze,braze-no-streams bench_ds.log
   bench qwen3.5 8,64 braze,braze-no-streams bench_qwen.log
 fi
@@ -73,14 +58,8 @@ fi
 # largest branch only: the dual-stream GPU tests, the MoE blocks (DeepSeek V3.2 T=1/8/64, Qwen 3.5 T=8/64) and
 # the steps of DeepSeek V3.2 (T=1/8) and Qwen 3.5 (T=8/64), with and without dual-stream.
 if [ "${1:-}" = final ]; then
-  timeout 120 python3 -m pytest -q -p no:logging -p no:cacheprovider -rs tests/passes/test_streams_gpu.py 2>&1 \
-    | tee "$OUT/tests.log" | grep -v Warn | tail -2
-  echo "tests: $((SECONDS - t0)) s"
-  for mt in deepseek-v3.2:1,8,64 qwen3.5:8,64; do
-    timeout 100 python3 benchmarks/moe_streams.py --model "${mt%%:*}" --size bench --tokens "${mt##*:}" \
-      --out "$OUT/results/moe_streams_${mt%%:*}.json" 2>&1 | tee -a "$OUT/regions.log" | grep "MoE block\|Error"
-    echo "regions $mt: $((SECONDS - t0)) s"; keep
-  done
+  gpu_tests 120 tests/passes/test_streams_gpu.py
+  regions 100 deepseek-v3.2:1,8,64 qwen3.5:8,64
   bench deepseek-v3.2 1,8 braze,braze-no-streams bench_ds.log
   bench qwen3.5 8,64 braze,braze-no-streams bench_qwen.log
 fi

@@ -135,52 +135,22 @@ def _full_labels(f: Node, heads: list[Node], order: dict[Node, int]) -> dict[Nod
     """Each node of the fork's region with the set of branches it depends on, walked past the first join until
     every branch has met every other (no node depends on some branches only and has unwalked users). None
     when a node that depends on some branches only leaves the fork's layer, or the region is too long."""
+    walked = _labelled(f, heads, order, collapse=False)
+    return None if walked is None else walked[0]
+
+
+def _labelled(f: Node, heads: list[Node], order: dict[Node, int],
+              collapse: bool) -> tuple[dict[Node, frozenset[int]], Node | None] | None:
+    """One forward walk from the fork's heads (each a branch, numbered in graph order) labelling each node with
+    the branches it depends on, and the first node that depends on two (the join). With `collapse`, a node on
+    two or more branches is labelled `_JOINED` and the walk ends once no single-branch node has unwalked users;
+    else labels are full sets and it ends once no node on some branches only has. None when such a node leaves
+    the fork's layer (not a local region) or the walk passes MAX_SPAN graph positions."""
     layer = layer_of(module_path(f))
     seeds = {h: i for i, h in enumerate(sorted(heads, key=order.__getitem__))}
     full = frozenset(seeds.values())
     labels: dict[Node, frozenset[int]] = {}
-    pending: dict[Node, int] = {}  # nodes on some branches only -> users not yet walked
-    heap = [(order[h], h.name, h) for h in seeds]
-    heapq.heapify(heap)
-    queued = set(seeds)
-    seeds_left = len(seeds)
-    start = order[f]
-    while heap:
-        pos, _, n = heapq.heappop(heap)
-        if pos - start > MAX_SPAN:
-            return None
-        lab = {seeds[n]} if n in seeds else set()
-        seeds_left -= n in seeds
-        for inp in n.all_input_nodes:
-            lab |= labels.get(inp, frozenset())
-            if inp in pending:
-                pending[inp] -= 1
-                if pending[inp] == 0:
-                    del pending[inp]
-        partial = frozenset(lab) != full
-        path = module_path(n)
-        outside = bool(path) and layer_of(path) != layer
-        if partial and outside and n.op != "output":
-            return None
-        labels[n] = frozenset(lab)
-        if partial and n.users:
-            pending[n] = len(n.users)
-        if not pending and not seeds_left:
-            break
-        # a node on every branch is walked on while others may still meet its users: they then depend on all
-        if partial or not outside:
-            for u in n.users:
-                if u not in queued:
-                    queued.add(u)
-                    heapq.heappush(heap, (order[u], u.name, u))
-    return labels
-
-
-def _walk(f: Node, heads: list[Node], order: dict[Node, int]) -> Fork | None:
-    layer = layer_of(module_path(f))
-    seeds = {h: i for i, h in enumerate(sorted(heads, key=order.__getitem__))}
-    labels: dict[Node, frozenset[int]] = {}
-    pending: dict[Node, int] = {}  # single-branch nodes -> users not yet walked
+    pending: dict[Node, int] = {}  # nodes still tracked (single-branch, or on some branches only) -> unwalked users
     heap = [(order[h], h.name, h) for h in seeds]
     heapq.heapify(heap)
     queued = set(seeds)
@@ -194,32 +164,40 @@ def _walk(f: Node, heads: list[Node], order: dict[Node, int]) -> Fork | None:
         lab = {seeds[n]} if n in seeds else set()
         seeds_left -= n in seeds
         for inp in n.all_input_nodes:
-            got = labels.get(inp)
-            if got is not None:
-                lab |= got
+            lab |= labels.get(inp, frozenset())
             if inp in pending:
                 pending[inp] -= 1
                 if pending[inp] == 0:
                     del pending[inp]
-        single = len(lab) == 1 and _JOINED not in lab
+        many = len(lab) > 1 or _JOINED in lab
+        tracked = not many if collapse else frozenset(lab) != full
         path = module_path(n)
         outside = bool(path) and layer_of(path) != layer
-        if single and outside:
+        if tracked and outside:
             return None  # a branch leaves the fork's layer before it joins: not a local region
-        labels[n] = frozenset(lab) if single else frozenset({_JOINED})
-        if not single and join is None:
+        labels[n] = frozenset({_JOINED}) if collapse and many else frozenset(lab)
+        if many and join is None:
             join = n
-        if single and n.users:
+        if tracked and n.users:
             pending[n] = len(n.users)
         if not pending and not seeds_left:
-            break  # every single-branch node's users are walked: nothing later can belong to one branch
-        # A joined node's users matter only while single-branch nodes may still meet them, and only in
-        # the fork's layer (outside it, a single-branch user abandons the fork anyway).
-        if single or ((pending or seeds_left) and not outside):
+            break  # every tracked node's users are walked: nothing later can be on some branches only
+        # An untracked node's users matter only while tracked nodes may still meet them, and only in the fork's
+        # layer (outside it, a tracked user abandons the fork anyway).
+        if tracked or ((pending or seeds_left) and not outside):
             for u in n.users:
                 if u not in queued:
                     queued.add(u)
                     heapq.heappush(heap, (order[u], u.name, u))
+    return labels, join
+
+
+def _walk(f: Node, heads: list[Node], order: dict[Node, int]) -> Fork | None:
+    walked = _labelled(f, heads, order, collapse=True)
+    if walked is None:
+        return None
+    labels, join = walked
+    seeds = {h: i for i, h in enumerate(sorted(heads, key=order.__getitem__))}
     members: dict[int, list[Node]] = {i: [] for i in seeds.values()}
     for n, lab in labels.items():
         (i,) = lab
