@@ -175,6 +175,11 @@ def _labelled(f: Node, heads: list[Node], order: dict[Node, int],
         outside = bool(path) and layer_of(path) != layer
         if tracked and outside:
             return None  # a branch leaves the fork's layer before it joins: not a local region
+        if not collapse and outside and (pending or seeds_left):
+            # its users are not walked (below), so a later node reading it through them would keep a partial label
+            # and could join a rest that depends on the side (schedule() refuses such an op, but no pairing is
+            # the honest answer)
+            return None
         labels[n] = frozenset({_JOINED}) if collapse and many else frozenset(lab)
         if many and join is None:
             join = n

@@ -29,6 +29,7 @@ On by default (`FusionConfig(dual_stream=False)` turns it off); STREAMS_DESIGN.m
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import pickle
 
@@ -40,7 +41,7 @@ from braze.patterns.fx import aten, describe, module_path, val
 from braze.runtime.streams import TritonCalls, encode_spec, kernel_ref
 
 from .base import Pass, PassContext
-from .branches import Branch, Fork, decide, find_forks
+from .branches import Branch, Decision, Fork, decide, find_forks
 from .cost import device_model, is_extern, is_free, is_reduction
 from .rewrite import graph_fake_mode
 
@@ -290,14 +291,17 @@ class DualStream(Pass):
                            reason="the graph runs on the CPU, which has no second stream to overlap them on",
                            suggestion="compile for a CUDA device", ops=("fork",))
                 continue
-            side = decision.side
-            main = decision.main or next(b for b in fork.branches if b is not side)
             try:
-                main = with_created_inputs(without_fused_casts(main, fork.fork), set(side.nodes))
-                side = with_created_inputs(without_fused_casts(side, fork.fork), set(main.nodes))
-                why = self._why_not(fork, main, side, taken, ctx)
-                hoist, why = ([], why) if why else schedule(main, side)
-                prepared = None if why else self._prepare(graph, main, side)
+                (main, side, hoist, prepared), why = self._plan(graph, fork, decision, taken, ctx)
+                if why and decision.pairing is not None:
+                    # the rest of the region cannot move into the op: the pair may still (its own checks)
+                    pair = decide(dataclasses.replace(fork, pairings=()), device)
+                    if pair.side is not None:
+                        plan, why_pair = self._plan(graph, fork, pair, taken, ctx)
+                        if not why_pair:
+                            decision = dataclasses.replace(pair, reason=f"{pair.reason}; the largest branch beside "
+                                                           f"the rest of the region would save more, but {why}")
+                            (main, side, hoist, prepared), why = plan, ""
             except Exception as e:
                 ctx.remark("failed", "internal-error", fork.fork, "branches left on one stream after an error in "
                            "braze", reason=f"{type(e).__name__}: {e}", suggestion="report this as a braze bug")
@@ -322,6 +326,19 @@ class DualStream(Pass):
                              "main_head": module_path(main.head)})
             ctx.bump("forks-overlapped")
             ctx.bump("side-stream-nodes", len(side.nodes))
+
+    def _plan(self, graph: Graph, fork: Fork, decision: Decision, taken: set[Node],
+              ctx: PassContext) -> tuple[tuple, str]:
+        """(main, side, nodes to hoist, what `_rewrite` needs) for `decision`'s two sides, and why they cannot be
+        replaced by one op ("" when they can). Changes nothing in the graph."""
+        side = decision.side
+        main = decision.main or next(b for b in fork.branches if b is not side)
+        main = with_created_inputs(without_fused_casts(main, fork.fork), set(side.nodes))
+        side = with_created_inputs(without_fused_casts(side, fork.fork), set(main.nodes))
+        why = self._why_not(fork, main, side, taken, ctx)
+        hoist, why = ([], why) if why else schedule(main, side)
+        prepared = None if why else self._prepare(graph, main, side)
+        return (main, side, hoist, prepared), why
 
     @staticmethod
     def _why_not(fork: Fork, main: Branch, side: Branch, taken: set[Node], ctx: PassContext) -> str:

@@ -664,3 +664,57 @@ def test_a_branch_pairs_with_the_rest_of_the_region_only_where_it_pays_and_can_b
     else:
         assert r.kind == "applied" and ("beside the rest of the region" in r.message) == (n == 65536)
     torch.testing.assert_close(gm(*fresh()), want, rtol=0, atol=0)
+
+
+def _in_layer(gm, outside: set[str] = frozenset()):
+    """Tag every call with a module path in layers.0 (the names in `outside`: layers.1)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.meta["nn_module_stack"] = {"m": ("layers.1.x" if n.name in outside else "layers.0.mlp", torch.nn.Module)}
+
+
+def test_no_pairing_when_a_join_outside_the_layer_could_feed_the_rest():
+    """The shared expert's join with the routed work sits in another layer; a node of the rest reads it through a
+    node the walk does not follow (outside the layer). The rest is then not known: no pairing is offered."""
+    def fn(x, wg, wbig, ws1, ws2):
+        h = x * 2.0
+        r = F.linear(torch.tanh(h), wg).softmax(-1)
+        routed = F.linear(h * r.sum(-1, keepdim=True), wbig)
+        shared = F.linear(F.silu(F.linear(h, ws1)), ws2)
+        joined = routed[:, :256] + shared
+        return joined, (joined * 0.5).sum() + r.sum()  # reads the join (the side) and the router
+
+    args = _pairing_args(65536)
+    gm = aten_graph(fn, *args)
+    join = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor and n.name == "add_1")
+    _in_layer(gm, {join.name})
+    want = gm(*args)
+    (fork,) = find_forks(gm.graph)
+    assert fork.pairings == ()
+    run_passes(gm, ON, (DualStream,), inputs=args)
+    for g, w in zip(gm(*args), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_a_pairing_that_cannot_be_outlined_falls_back_to_the_pair():
+    """The model prefers the shared expert beside the rest, but the rest reads a value computed late (exp(z),
+    not movable): the op cannot sit where its inputs are ready. The router beside the shared expert can."""
+    def fn(x, wg, wbig, ws1, ws2, z):
+        h = x * 2.0
+        r = F.linear(torch.tanh(h), wg).softmax(-1)
+        shared = F.linear(F.silu(F.linear(h, ws1)), ws2)
+        early = r.sum() + shared.sum()  # the router meets the shared expert early
+        routed = F.linear(h * r.sum(-1, keepdim=True) + torch.exp(z), wbig)
+        return routed[:, :256] + shared + early
+
+    args = (*_pairing_args(65536), torch.randn(1, 256))
+    gm = aten_graph(fn, *args)
+    want = gm(*args)
+    (fork,) = find_forks(gm.graph)
+    assert decide(fork).pairing is not None
+    (r,) = run_passes(gm, ON, (DualStream,), inputs=args).remarks
+    assert r.kind == "applied" and r.name == "dual-stream", r.reason
+    assert "the smaller branch beside the larger saves" in r.message
+    assert "the largest branch beside the rest of the region would save more, but " in r.message
+    assert "uses a branch value before" in r.message  # schedule()'s reason for the pairing
+    torch.testing.assert_close(gm(*args), want, rtol=0, atol=0)
