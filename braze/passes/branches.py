@@ -67,7 +67,7 @@ class Fork:
     fork: Node
     branches: tuple[Branch, ...]  # the branches that launch kernels, largest estimated time first
     join: Node | None  # the first node that reads two branches (None: they meet only at the output)
-    pairings: tuple[Pairing, ...] = ()  # each branch beside the rest of the region, where that differs
+    pairings: tuple[Pairing, ...] = ()  # the largest branch beside the rest of the region, where that differs
 
 
 def effective_users(node: Node) -> list[Node]:
@@ -102,9 +102,9 @@ def find_forks(graph: Graph) -> list[Fork]:
 
 
 def _with_pairings(fork: Fork, heads: list[Node], order: dict[Node, int]) -> Fork:
-    """`fork` with its pairings: for each branch, the rest of the region beside it, where the rest holds more
-    than one other branch's work (with two branches the rest is the other branch: no new pairing) and both
-    sides could be outlined (no write in place, no collective, static shapes)."""
+    """`fork` with its pairing: the largest branch beside the rest of the region (`decide` says why only the
+    largest), where the rest holds more than one other branch's work (with two branches the rest is the other
+    branch: no new pairing) and both sides could be outlined (no write in place, no collective, static shapes)."""
     from .streams import why_not_outlined  # (streams imports this module)
 
     if len(heads) < 3:
@@ -114,7 +114,7 @@ def _with_pairings(fork: Fork, heads: list[Node], order: dict[Node, int]) -> For
         return fork
     seeds = {h: i for i, h in enumerate(sorted(heads, key=order.__getitem__))}
     pairings = []
-    for branch in fork.branches:
+    for branch in fork.branches[:1]:
         i = seeds[branch.head]
         rest = sorted((n for n, lab in labels.items() if lab and i not in lab and n.op != "output"),
                       key=order.__getitem__)
@@ -253,14 +253,12 @@ def decide(fork: Fork, device: DeviceModel = REFERENCE) -> Decision:
     summary = f"serial ~{serial * 1e6:.1f} us, overlapped ~{overlapped * 1e6:.1f} us by the model"
     prefix = "merge+" if merged else ""
     # The largest branch beside the rest of the region, where that saves at least MIN_GAIN_S more than the pair
-    # (it outlines more of the graph: a larger branch to compile, for a gain the model sees). Only the largest:
-    # its long weight stream leaves SMs and bandwidth for the rest's small kernels on the other stream. A middle
-    # branch beside the rest first meets the rest's small kernels (graph order) and measured worse on an H200:
-    # DeepSeek V3.2's MoE at T=8, shared expert beside router + dense experts -9.8 us against -17.6 for the
-    # router beside the dense experts (results README, session 18).
+    # (it outlines more of the graph: a larger branch to compile, for a gain the model sees). Only the largest
+    # (`_with_pairings` offers no other): its long weight stream leaves SMs and bandwidth for the rest's small
+    # kernels on the other stream. A middle branch beside the rest first meets the rest's small kernels (graph
+    # order) and measured worse on an H200: DeepSeek V3.2's MoE at T=8, shared expert beside router + dense
+    # experts -9.8 us against -17.6 for the router beside the dense experts (results README, session 18).
     for p in fork.pairings:
-        if p.side is not fork.branches[0]:
-            continue
         p_serial, p_overlapped = _overlap((p.side, p.rest), device)
         p_gain = p_serial - p_overlapped
         if p_gain < max(gain, 0.0) + MIN_GAIN_S or p_gain < MIN_GAIN_S or p_gain < MIN_GAIN_SHARE * p_serial:
