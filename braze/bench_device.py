@@ -384,11 +384,7 @@ def _is_sync_record(name: str) -> bool:
 
 def graph_timeline(step: Callable[[], object], replays: int = 5) -> Timeline:
     """The `Timeline` of `step` captured in a CUDA graph (`replay_timeline`)."""
-    graph = capture_cuda_graph(step)
-    try:
-        return replay_timeline(graph, replays)
-    finally:
-        del graph
+    return replay_timeline(capture_cuda_graph(step), replays)
 
 
 def replay_timeline(graph: torch.cuda.CUDAGraph, replays: int = 5, keep_records: bool = False) -> Timeline:

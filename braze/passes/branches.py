@@ -109,9 +109,10 @@ def _with_pairings(fork: Fork, heads: list[Node], order: dict[Node, int]) -> For
 
     if len(heads) < 3:
         return fork
-    labels = _full_labels(fork.fork, heads, order)
-    if labels is None:
+    walked = _labelled(fork.fork, heads, order, collapse=False)  # past the first join, until all branches meet
+    if walked is None:
         return fork
+    labels = walked[0]
     seeds = {h: i for i, h in enumerate(sorted(heads, key=order.__getitem__))}
     pairings = []
     for branch in fork.branches[:1]:
@@ -129,14 +130,6 @@ def _with_pairings(fork: Fork, heads: list[Node], order: dict[Node, int]) -> For
                    default=None)
         pairings.append(Pairing(branch, rest_branch, None if join is None or join.op == "output" else join))
     return Fork(fork.fork, fork.branches, fork.join, tuple(pairings))
-
-
-def _full_labels(f: Node, heads: list[Node], order: dict[Node, int]) -> dict[Node, frozenset[int]] | None:
-    """Each node of the fork's region with the set of branches it depends on, walked past the first join until
-    every branch has met every other (no node depends on some branches only and has unwalked users). None
-    when a node that depends on some branches only leaves the fork's layer, or the region is too long."""
-    walked = _labelled(f, heads, order, collapse=False)
-    return None if walked is None else walked[0]
 
 
 def _labelled(f: Node, heads: list[Node], order: dict[Node, int],
